@@ -1,0 +1,1 @@
+"""Leaf utilities: the typed registry of BAGUALU_* variables, logging, lazy imports."""
