@@ -1,0 +1,78 @@
+"""Decoder building blocks: RMSNorm, grouped-query attention with RoPE, the decoder layer.
+
+Legend: B batch, S sequence, D model dim, H heads, G KV heads, Dh head dim.
+Parameter names match Hugging Face so checkpoints map by renaming only a few MoE keys.
+Kernels come from ``bagualu.ops.kernel`` so a platform can replace any of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from bagualu.models.config import ModelConfig
+from bagualu.moe import MLP, MoE
+from bagualu.ops import kernel
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernel("rms_norm")(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, G, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
+        self.H, self.G, self.Dh = H, G, Dh
+        self.scale = Dh**-0.5
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3-style: RMSNorm over each head's features, before RoPE
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                mask_BSS: torch.Tensor | None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.H, self.Dh)
+        k = self.k_proj(x_BSD).view(B, S, self.G, self.Dh)
+        v = self.v_proj(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHSDh, k_BGSDh = kernel("apply_rope")(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
+        o_BHSDh = kernel("attention")(q_BHSDh, k_BGSDh, v, mask_BSS, self.scale)
+        return self.o_proj(o_BHSDh.transpose(1, 2).reshape(B, S, self.H * self.Dh))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.window = cfg.window(index)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(index):
+            m = cfg.moe
+            self.mlp = MoE(
+                cfg.hidden_size, m.ffn_dim, m.num_experts, m.top_k, router=m.router,
+                norm_topk_prob=m.norm_topk_prob, num_groups=m.num_groups, topk_groups=m.topk_groups,
+                routed_scaling_factor=m.routed_scaling_factor, num_shared_experts=m.num_shared_experts,
+                shared_ffn_dim=m.shared_ffn_dim, shared_expert_gate=m.shared_expert_gate,
+            )
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+
+    def forward(self, x_BSD, cos_sin, mask_BSS):
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_sin, mask_BSS)
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))

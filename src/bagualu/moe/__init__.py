@@ -1,0 +1,8 @@
+"""FastMoE core: routers (gates), stacked experts, sort-based local dispatch, the ``MoE`` block."""
+
+from bagualu.moe.experts import Experts
+from bagualu.moe.layer import MoE
+from bagualu.moe.mlp import MLP
+from bagualu.moe.router import ROUTERS, Router, RouterOutput
+
+__all__ = ["MoE", "MLP", "Experts", "Router", "RouterOutput", "ROUTERS"]

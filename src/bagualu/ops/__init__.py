@@ -1,0 +1,9 @@
+"""Operator library: reference (PyTorch) versions are the spec; platforms may provide faster kernels.
+
+``kernel("rms_norm")`` returns the current platform's kernel for an op when its ``kernel_backends``
+names one, else the reference from ``ops.reference``.
+"""
+
+from bagualu.ops.registry import kernel, reference_names
+
+__all__ = ["kernel", "reference_names"]

@@ -1,0 +1,69 @@
+"""Reference operators: the specification every fast kernel is tested against.
+
+Numerics follow Hugging Face ``transformers`` exactly (same casts, same order of operations), because
+the models' parity tests compare against it at 1e-5 relative in fp32.
+
+Legend: B batch, S sequence, T tokens, D model dim, F FFN dim, H heads, G KV heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast back before the weight multiply (Llama/HF order)."""
+    dtype = x.dtype
+    h = x.float()
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Tensor, sin_BSDh: torch.Tensor):
+    """Rotary embedding in the "rotate half" (NeoX) layout; cos/sin broadcast over heads.
+
+    Only the first ``cos.shape[-1]`` features rotate (partial rotary); the rest pass through.
+    """
+    cos = cos_BSDh.unsqueeze(1)
+    sin = sin_BSDh.unsqueeze(1)
+    r = cos.shape[-1]
+    if r == q_BHSDh.shape[-1]:
+        return q_BHSDh * cos + _rotate_half(q_BHSDh) * sin, k_BGSDh * cos + _rotate_half(k_BGSDh) * sin
+    qr, qp = q_BHSDh[..., :r], q_BHSDh[..., r:]
+    kr, kp = k_BGSDh[..., :r], k_BGSDh[..., r:]
+    q = torch.cat((qr * cos + _rotate_half(qr) * sin, qp), dim=-1)
+    k = torch.cat((kr * cos + _rotate_half(kr) * sin, kp), dim=-1)
+    return q, k
+
+
+def attention(
+    q_BHSDh: torch.Tensor,
+    k_BGSDh: torch.Tensor,
+    v_BGSDh: torch.Tensor,
+    mask_BSS: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention with grouped KV heads; ``mask`` is boolean (True = attend) or None for causal.
+
+    Returns ``[B, H, S, Dh]``. KV heads are repeated (as HF's ``repeat_kv``) rather than using SDPA's
+    ``enable_gqa``, so the math kernel sees the same shapes as the reference implementation.
+    """
+    H, G = q_BHSDh.shape[1], k_BGSDh.shape[1]
+    if H != G:
+        k_BGSDh = k_BGSDh.repeat_interleave(H // G, dim=1)
+        v_BGSDh = v_BGSDh.repeat_interleave(H // G, dim=1)
+    if mask_BSS is None:
+        return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, attn_mask=mask_BSS.unsqueeze(1), scale=scale)

@@ -1,0 +1,55 @@
+"""Resolve an operator to the current platform's kernel, or to the reference.
+
+A platform names its kernels by dotted path (``Platform.kernel_backends``) so vendor code is imported
+only when that platform is chosen. Resolution happens on first use and is cached per (platform, op);
+a kernel that fails to import falls back to the reference with a warning, never an exception, so a
+model always runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from bagualu.ops import reference
+from bagualu.utils.lazy import import_dotted
+from bagualu.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+_REFERENCE: dict[str, Callable] = {
+    "rms_norm": reference.rms_norm,
+    "silu_mul": reference.silu_mul,
+    "apply_rope": reference.apply_rope,
+    "attention": reference.attention,
+}
+
+
+def reference_names() -> list[str]:
+    return sorted(_REFERENCE)
+
+
+@functools.cache
+def _resolve(platform_name: str, op: str) -> Callable:
+    from bagualu.platform import get_platform
+
+    path = get_platform(platform_name).kernel_backends.get(op)
+    if path is None:
+        return _REFERENCE[op]
+    try:
+        fn = import_dotted(path)
+    except Exception as e:  # a broken vendor kernel must not break the model
+        log.warning("kernel %r for op %r on platform %r failed to load (%s); using the reference", path, op,
+                    platform_name, e)
+        return _REFERENCE[op]
+    log.debug("op %r -> %s (platform %s)", op, path, platform_name)
+    return fn
+
+
+def kernel(op: str) -> Callable:
+    """The callable for ``op`` on the current platform (same signature as ``ops.reference.<op>``)."""
+    if op not in _REFERENCE:
+        raise KeyError(f"unknown op {op!r}; known ops: {reference_names()}")
+    from bagualu.platform import current_platform
+
+    return _resolve(current_platform().name, op)
