@@ -1,0 +1,1 @@
+"""L8: the ``bagualu`` command line. ``main.py`` dispatches to one module per subcommand."""
