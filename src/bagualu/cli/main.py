@@ -15,6 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 COMMANDS: list[str] = [
     "bagualu.cli.info",
+    "bagualu.cli.init_model",
+    "bagualu.cli.generate",
 ]
 
 
