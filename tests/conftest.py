@@ -1,4 +1,32 @@
+"""Test tiers by directory (unit / dist / gpu / e2e) and visible skips for the GPU tier."""
+
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_models.py and other shared helpers
+
+TIERS = ("unit", "dist", "gpu", "e2e")
+
+
+def _has_accelerator() -> tuple[bool, str]:
+    from bagualu.platform import usable_platforms
+
+    accel = [p.name for p in usable_platforms() if p.device_type != "cpu"]
+    return (True, ", ".join(accel)) if accel else (False, "no accelerator platform is available on this machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_skip = None
+    for item in items:
+        tier = Path(item.fspath).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+        if tier == "gpu" or item.get_closest_marker("gpu"):
+            if gpu_skip is None:
+                ok, why = _has_accelerator()
+                gpu_skip = None if ok else pytest.mark.skip(reason=f"gpu tier: {why}")
+                gpu_skip = gpu_skip or False
+            if gpu_skip:
+                item.add_marker(gpu_skip)
