@@ -1,10 +1,17 @@
 """SwiGLU experts stored as stacked weights, run over the contiguous per-expert slices of a dispatch.
 
-Legend: E experts, D model dim, F expert FFN dim, N routed rows (sorted by expert).
+Legend: E experts (local to this rank), D model dim, F expert FFN dim, N routed rows (sorted by expert).
 
 Weights: ``gate_proj [E, F, D]``, ``up_proj [E, F, D]``, ``down_proj [E, D, F]`` — the per-expert
 ``nn.Linear`` layout stacked, so a Hugging Face checkpoint's ``experts.{e}.*`` tensors load by index
-and expert parallelism can shard the leading dim.
+and expert parallelism shards the leading dim.
+
+The compute is one ``autograd.Function`` (``SwiGLUExperts``) rather than autograd over a Python loop:
+- every stacked weight always gets a gradient (zeros for experts that saw no token), which the
+  bucketed gradient synchronisation relies on — autograd over slices would skip an idle shard;
+- backward recomputes ``silu(g) * u`` from the saved pre-activations instead of saving it (one [N, F]
+  buffer less per layer), and runs the three weight-gradient GEMMs per expert straight into slices of
+  the stacked gradients (no per-expert allocation, no ``cat``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,57 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bagualu.ops import kernel
+
+def _slices(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+class SwiGLUExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
+        N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
+        g_NF = x_ND.new_empty(N, F_)
+        u_NF = x_ND.new_empty(N, F_)
+        for e, s, t in _slices(counts):
+            torch.mm(x_ND[s:t], w_gate_EFD[e].t(), out=g_NF[s:t])
+            torch.mm(x_ND[s:t], w_up_EFD[e].t(), out=u_NF[s:t])
+        a_NF = F.silu(g_NF).mul_(u_NF)
+        y_ND = x_ND.new_empty(N, w_down_EDF.shape[1])
+        for e, s, t in _slices(counts):
+            torch.mm(a_NF[s:t], w_down_EDF[e].t(), out=y_ND[s:t])
+        ctx.save_for_backward(x_ND, g_NF, u_NF, w_gate_EFD, w_up_EFD, w_down_EDF)
+        ctx.counts = counts
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x_ND, g_NF, u_NF, w_gate, w_up, w_down = ctx.saved_tensors
+        counts = ctx.counts
+        dy_ND = dy_ND.contiguous()
+        sig = torch.sigmoid(g_NF)
+        silu = g_NF * sig
+        a_NF = silu * u_NF
+        da_NF = torch.empty_like(g_NF)
+        dw_down = torch.zeros_like(w_down)
+        for e, s, t in _slices(counts):
+            torch.mm(dy_ND[s:t], w_down[e], out=da_NF[s:t])
+            torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=dw_down[e])
+        du_NF = da_NF * silu
+        # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        dg_NF = da_NF.mul_(u_NF).mul_(sig.mul_(1 + g_NF * (1 - sig)))
+        dx_ND = torch.zeros_like(x_ND) if ctx.needs_input_grad[0] else None
+        dw_gate, dw_up = torch.zeros_like(w_gate), torch.zeros_like(w_up)
+        for e, s, t in _slices(counts):
+            if dx_ND is not None:
+                torch.mm(dg_NF[s:t], w_gate[e], out=dx_ND[s:t])
+                dx_ND[s:t].addmm_(du_NF[s:t], w_up[e])
+            torch.mm(dg_NF[s:t].t(), x_ND[s:t], out=dw_gate[e])
+            torch.mm(du_NF[s:t].t(), x_ND[s:t], out=dw_up[e])
+        return dx_ND, dw_gate, dw_up, dw_down, None
 
 
 class Experts(nn.Module):
@@ -24,19 +81,11 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Apply expert e to its slice of ``x_ND``; rows must be grouped by expert in ascending order."""
-        # Host sync (named): slicing needs the counts on the host. One per layer call.
-        counts = counts_E.tolist()
-        silu_mul = kernel("silu_mul")
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            x = x_ND[start : start + n]
-            h = silu_mul(F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e]))
-            outs.append(F.linear(h, self.down_proj[e]))
-            start += n
-        if not outs:
-            return x_ND.new_zeros(0, self.dim)
-        return torch.cat(outs, dim=0)
+    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Apply expert e to its slice of ``x_ND``; rows grouped by expert in ascending order.
+
+        ``counts`` is a host list (rows per expert): the caller's one host sync per layer.
+        """
+        if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
+            raise ValueError(f"counts {counts} do not describe {x_ND.shape[0]} rows over {self.num_experts} experts")
+        return SwiGLUExperts.apply(x_ND, self.gate_proj, self.up_proj, self.down_proj, counts)

@@ -65,7 +65,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         r = self.gate(x_TD)
         d = make_dispatch(r.experts_TK, self.num_experts)
-        y_ND = self.experts(permute(x_TD, d), d.counts_E)
+        # Host sync (named): the experts slice rows by count. One per layer call.
+        y_ND = self.experts(permute(x_TD, d), d.counts_E.tolist())
         y_TD = unpermute_combine(y_ND, r.weights_TK, d, x_TD.shape[0])
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)
