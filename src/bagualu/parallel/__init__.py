@@ -1,0 +1,51 @@
+"""Apply parallelism to a model given a mesh. One documented order:
+
+1. expert parallelism: every ``MoE`` layer keeps its ``ep`` shard of experts (the rest is freed);
+2. replicas agree: replicated parameters are broadcast from rank 0, expert shards from dp rank 0;
+3. MoDa gradient synchronisation hooks (``grad_sync.py``).
+
+Model code knows nothing of this; ``parallelize`` returns the same module, changed in place, with
+``model.grad_sync`` (``no_sync()`` for gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from bagualu.comm.mesh import Axis, Mesh
+from bagualu.moe.layer import MoE
+from bagualu.parallel.grad_sync import GradSync, install_grad_sync
+
+
+def parallelize(model: nn.Module, mesh: Mesh, *, bucket_bytes: int = 25 << 20) -> nn.Module:
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        if m.num_experts % mesh.ep:
+            raise ValueError(f"num_experts={m.num_experts} is not divisible by ep={mesh.ep}; "
+                             f"choose ep among the divisors of {m.num_experts}")
+    for m in moes:
+        if mesh.ep > 1:
+            m.shard_experts(mesh.ep_rank, mesh.ep, mesh.group(Axis.EP))
+    expert_params = {id(p) for m in moes for p in m.experts.parameters()}
+    if mesh.world_size > 1:
+        _broadcast_replicas(model, mesh, expert_params)
+    model.grad_sync = install_grad_sync(
+        model, expert_params=expert_params, expert_group=mesh.group(Axis.DP), world_group=mesh.world_group
+        if mesh.world_size > 1 else None, world=mesh.world_size, bucket_bytes=bucket_bytes)
+    return model
+
+
+@torch.no_grad()
+def _broadcast_replicas(model: nn.Module, mesh: Mesh, expert_params: set[int]) -> None:
+    dp_group = mesh.group(Axis.DP)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in expert_params:
+            if dp_group is not None:
+                dist.broadcast(t, src=mesh.ep_rank, group=dp_group)  # global rank of dp rank 0 of this shard
+        else:
+            dist.broadcast(t, src=0, group=mesh.world_group)
+
+
+__all__ = ["parallelize", "GradSync"]
