@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: machine facts, interleaved timing, the table and --json output."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def machine_facts() -> dict:
+    from bagualu.platform import current_platform
+
+    plat = current_platform()
+    return {
+        "load_avg_1m": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+        "platform": plat.name,
+        "allocator": "glibc malloc" + (f" (MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']})"
+                                       if "MALLOC_MMAP_THRESHOLD_" in os.environ else " (defaults)"),
+        "copy_GBps": plat.peak_memory_bandwidth() / 1e9,
+        "gemm_fp32_GFLOPs": plat.peak_flops(torch.float32) / 1e9,
+        "gemm_bf16_GFLOPs": plat.peak_flops(torch.bfloat16) / 1e9 if plat.supports_dtype(torch.bfloat16) else None,
+    }
+
+
+def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, alternating them (ours, peer, ours, peer, ...)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "-" if v is None else str(v)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
