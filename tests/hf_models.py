@@ -10,6 +10,10 @@ transformers = __import__("pytest").importorskip("transformers")
 
 V = 256
 COMMON = dict(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+MLA_COMMON = dict(COMMON, num_key_value_heads=4)  # MLA expands its latent to one key/value per head
+# DeepSeek-V3's own long-context RoPE (yarn; mscale_all_dim also rescales the softmax), shrunk
+DS_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+           "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}
 
 
 def hf_configs() -> dict[str, "transformers.PretrainedConfig"]:
@@ -36,12 +40,39 @@ def hf_configs() -> dict[str, "transformers.PretrainedConfig"]:
                                         n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
                                         routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
                                         **COMMON),
+        # MLA with q compression, interleaved rope, sigmoid routing in 4 groups, a dense first layer, yarn
+        "deepseek_v3": T.DeepseekV3Config(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                          n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                          first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
+                                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                          max_position_embeddings=64, rope_parameters=DS_YARN, **MLA_COMMON),
+        "deepseek_v3-half-rope": T.DeepseekV3Config(intermediate_size=96, moe_intermediate_size=32,
+                                                    n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                                    n_group=1, topk_group=1, norm_topk_prob=False,
+                                                    first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+                                                    qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=16,
+                                                    rope_interleave=False, attention_bias=True, **MLA_COMMON),
+        # DeepSeek-V2-Lite-like: no q compression; V2's complex-number rope and group-limited softmax routing
+        "deepseek_v2": T.DeepseekV2Config(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                          n_shared_experts=2, num_experts_per_tok=3, topk_method="group_limited_greedy",
+                                          n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                                          first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=24,
+                                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, **MLA_COMMON),
+        "deepseek_v2-greedy-yarn": T.DeepseekV2Config(intermediate_size=96, moe_intermediate_size=32,
+                                                      n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                                      topk_method="greedy", q_lora_rank=32, kv_lora_rank=24,
+                                                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                                      max_position_embeddings=64, rope_parameters={
+                                                          **DS_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+                                                      **MLA_COMMON),
     }
 
 
 ARCH_OF = {"llama": "llama", "llama-tied-bias": "llama", "llama3-rope": "llama", "mixtral": "mixtral",
            "mixtral-sliding": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
-           "qwen3_moe-no-renorm": "qwen3_moe", "deepseek-style": "dots1"}
+           "qwen3_moe-no-renorm": "qwen3_moe", "deepseek-style": "dots1", "deepseek_v3": "deepseek_v3",
+           "deepseek_v3-half-rope": "deepseek_v3", "deepseek_v2": "deepseek_v2",
+           "deepseek_v2-greedy-yarn": "deepseek_v2"}
 
 
 def make_hf_model(config, seed: int = 0):

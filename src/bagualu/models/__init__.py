@@ -6,7 +6,7 @@
     tok = bagualu.models.load_tokenizer("path/to/hf_dir")
 """
 
-from bagualu.models.config import ModelConfig, MoEConfig, RopeConfig
+from bagualu.models.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from bagualu.models.errors import ModelLoadError
 from bagualu.models.hf.config import ARCHS
 from bagualu.models.hf.load import from_pretrained
@@ -30,5 +30,5 @@ def load_tokenizer(path):
 
 SUPPORTED_ARCHS = tuple(ARCHS)
 
-__all__ = ["CausalLM", "ModelConfig", "MoEConfig", "RopeConfig", "ModelLoadError", "from_pretrained",
+__all__ = ["CausalLM", "ModelConfig", "MoEConfig", "MLAConfig", "RopeConfig", "ModelLoadError", "from_pretrained",
            "from_config", "load_tokenizer", "SUPPORTED_ARCHS"]

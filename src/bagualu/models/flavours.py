@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bagualu.models.config import ModelConfig, MoEConfig
+from bagualu.models.config import MLAConfig, ModelConfig, MoEConfig
 
 BYTE_VOCAB = 320  # 256 bytes + 3 specials, padded to a multiple of 64
 
@@ -32,6 +32,12 @@ FLAVOURS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-deepseek": lambda: _tiny(arch="dots1", qk_norm=True, moe=MoEConfig(
         num_experts=16, top_k=4, ffn_dim=64, router="sigmoid_bias", num_groups=4, topk_groups=2,
         routed_scaling_factor=2.5, num_shared_experts=2), moe_layers=(False, True, True, True)),
+    # DeepSeek-V3's layout shrunk: MLA (q and kv compressed, 16 of 48 query/key features rotated), one shared
+    # expert, sigmoid routing over 4 groups, a dense first layer
+    "tiny-deepseek-v3": lambda: _tiny(arch="deepseek_v3", num_kv_heads=4, mla=MLAConfig(
+        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32), moe=MoEConfig(
+        num_experts=16, top_k=4, ffn_dim=64, router="sigmoid_bias", num_groups=4, topk_groups=2,
+        routed_scaling_factor=2.5, num_shared_experts=1), moe_layers=(False, True, True, True)),
 }
 
 

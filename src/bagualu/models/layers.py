@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, grouped-query attention with RoPE, the decoder layer.
+"""Decoder building blocks: grouped-query attention with RoPE, the decoder layer (GQA or MLA attention).
 
 Legend: B batch, S sequence, D model dim, H heads, G KV heads, Dh head dim.
 Parameter names match Hugging Face so checkpoints map by renaming only a few MoE keys.
@@ -11,18 +11,12 @@ import torch
 import torch.nn as nn
 
 from bagualu.models.config import ModelConfig
+from bagualu.models.mla import MLAttention
+from bagualu.models.norm import RMSNorm
 from bagualu.moe import MLP, MoE
 from bagualu.ops import kernel
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernel("rms_norm")(x, self.weight, self.eps)
+__all__ = ["RMSNorm", "Attention", "DecoderLayer"]
 
 
 class Attention(nn.Module):
@@ -60,7 +54,7 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.window = cfg.window(index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = MLAttention(cfg) if cfg.mla is not None else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(index):
             m = cfg.moe

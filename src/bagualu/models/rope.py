@@ -31,7 +31,8 @@ def _llama3(r: RopeConfig, dim: int, max_pos: int) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times (also MLA's softmax scale)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -41,9 +42,9 @@ def _yarn(r: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
     attention_factor = r.attention_factor
     if attention_factor is None:
         if r.mscale and r.mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, r.mscale) / _yarn_mscale(factor, r.mscale_all_dim)
+            attention_factor = yarn_mscale(factor, r.mscale) / yarn_mscale(factor, r.mscale_all_dim)
         else:
-            attention_factor = _yarn_mscale(factor)
+            attention_factor = yarn_mscale(factor)
 
     def corr_dim(rot: float) -> float:
         return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(r.theta))
@@ -69,7 +70,7 @@ def inv_freq_and_scale(cfg: ModelConfig, seq_len: int | None = None) -> tuple[to
 
 def _inv_freq_and_scale(cfg: ModelConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     r = cfg.rope
-    dim = int(cfg.dim_head * r.partial_rotary_factor)
+    dim = cfg.rope_dim
     max_pos = cfg.max_position_embeddings
     if r.type == "default":
         return _base_inv_freq(r.theta, dim), 1.0
@@ -93,8 +94,13 @@ class Rotary:
         self.cfg = cfg
         self.inv_freq, self.scale = inv_freq_and_scale(cfg)
         self._on: dict[torch.device, torch.Tensor] = {}
+        # DeepSeek-V2 rotates in fp32 with fp32 tables whatever the model dtype; others use the model's
+        self.fp32 = cfg.mla is not None and cfg.mla.rope_complex
 
     def __call__(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``[B, S, rope_dim]`` in ``dtype`` (fp32 for DeepSeek-V2's complex rotation)."""
+        if self.fp32:
+            dtype = torch.float32
         inv_freq = self.inv_freq
         if self.cfg.rope.type == "dynamic":
             seq_len = int(position_ids_BS.max()) + 1  # host sync (named): NTK base depends on length

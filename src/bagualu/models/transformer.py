@@ -1,4 +1,4 @@
-"""``CausalLM``: the decoder-only model family (Llama, Mixtral, Qwen2/3-MoE, DeepSeek-style MoE).
+"""``CausalLM``: the decoder-only model family (Llama, Mixtral, Qwen2/3-MoE, dots1, DeepSeek-V2/V3 with MLA).
 
 Legend: B batch, S sequence, D model dim, V vocab.
 

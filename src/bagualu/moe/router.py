@@ -1,6 +1,6 @@
 """Routers (gates): score tokens against experts and pick the top-k.
 
-Legend: T tokens, D model dim, E experts, K top-k.
+Legend: T tokens, D model dim, E experts, K top-k, n expert groups.
 
 Each router returns ``RouterOutput`` with fp32 weights; numerics follow the Hugging Face model that uses
 the same rule, so loaded checkpoints reproduce ``transformers`` logits:
@@ -10,7 +10,11 @@ the same rule, so loaded checkpoints reproduce ``transformers`` logits:
 - ``topk_softmax``: top-k logits, softmax over just those (mathematically softmax_topk with renorm).
 - ``sigmoid_bias``: DeepSeek-V3's sigmoid scores; a per-expert bias (``e_score_correction_bias``, updated
   outside the gradient for aux-loss-free balancing) shifts the *choice* but not the weights; optional
-  group-limited choice (``num_groups``/``topk_groups``) and ``routed_scaling_factor``.
+  group-limited choice (``num_groups``/``topk_groups``; a group scores the sum of its two best experts)
+  and ``routed_scaling_factor``.
+- ``softmax_group``: DeepSeek-V2's fp32 softmax scores (fp32 logits too); with ``num_groups > 1`` only
+  experts of the ``topk_groups`` best groups may be chosen, a group scoring its best expert
+  ("group_limited_greedy"; one group is plain "greedy"); weights scaled by ``routed_scaling_factor``.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias", "softmax_group")
 
 
 @dataclass(frozen=True)
 class RouterOutput:
-    logits_TE: torch.Tensor  # raw router logits (model dtype, fp32 for sigmoid_bias)
+    logits_TE: torch.Tensor  # raw router logits (model dtype; fp32 for sigmoid_bias and softmax_group)
     weights_TK: torch.Tensor  # fp32 combine weights
     experts_TK: torch.Tensor  # int64 expert ids
 
@@ -72,6 +76,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         if self.name == "sigmoid_bias":
             return self._sigmoid_bias(x_TD)
+        if self.name == "softmax_group":
+            return self._softmax_group(x_TD)
         logits_TE = F.linear(x_TD, self.weight)
         K = self.top_k
         if self.name == "topk_softmax":
@@ -90,13 +96,30 @@ class Router(nn.Module):
         if self.num_groups > 1:
             T, E, n = choice_TE.shape[0], self.num_experts, self.num_groups
             # a group's score is the sum of its two best experts (DeepSeek-V3)
-            group_scores = choice_TE.view(T, n, E // n).topk(min(2, E // n), dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=self.topk_groups, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-            keep_TE = group_mask.unsqueeze(-1).expand(T, n, E // n).reshape(T, E).bool()
-            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+            group_scores_Tn = choice_TE.view(T, n, E // n).topk(min(2, E // n), dim=-1)[0].sum(dim=-1)
+            choice_TE = choice_TE.masked_fill(~self._keep_best_groups(group_scores_Tn), float("-inf"))
         experts_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=False)[1]
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return RouterOutput(logits_TE, weights_TK * self.routed_scaling_factor, experts_TK)
+
+    def _softmax_group(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.softmax(dim=-1)
+        if self.num_groups > 1:
+            T, E, n = scores_TE.shape[0], self.num_experts, self.num_groups
+            # a group's score is its best expert (DeepSeek-V2); excluded experts score 0, as transformers
+            group_scores_Tn = scores_TE.view(T, n, E // n).max(dim=-1).values
+            scores_TE = scores_TE.masked_fill(~self._keep_best_groups(group_scores_Tn), 0.0)
+        weights_TK, experts_TK = torch.topk(scores_TE, k=self.top_k, dim=-1, sorted=False)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return RouterOutput(logits_TE, weights_TK * self.routed_scaling_factor, experts_TK)
+
+    def _keep_best_groups(self, group_scores_Tn: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[T, E]``: True for the experts of each token's ``topk_groups`` best-scoring groups."""
+        T, n = group_scores_Tn.shape
+        group_idx = torch.topk(group_scores_Tn, k=self.topk_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores_Tn).scatter_(1, group_idx, 1.0)
+        return group_mask.unsqueeze(-1).expand(T, n, self.num_experts // n).reshape(T, self.num_experts).bool()

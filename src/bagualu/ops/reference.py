@@ -3,7 +3,8 @@
 Numerics follow Hugging Face ``transformers`` exactly (same casts, same order of operations), because
 the models' parity tests compare against it at 1e-5 relative in fp32.
 
-Legend: B batch, S sequence, T tokens, D model dim, F FFN dim, H heads, G KV heads, Dh head dim.
+Legend: B batch, S sequence, T tokens, D model dim, F FFN dim, H heads, G KV heads, Dh head dim,
+Dr rotated features per head (MLA's rope slice), Dv value width.
 """
 
 from __future__ import annotations
@@ -48,6 +49,42 @@ def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Ten
     return q, k
 
 
+def apply_rope_interleaved(q_BHSDr: torch.Tensor, k_BGSDr: torch.Tensor, cos_BSDr: torch.Tensor,
+                           sin_BSDr: torch.Tensor):
+    """Rotary embedding on adjacent pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek's layout), in the input dtype.
+
+    The output is de-interleaved (rotated evens, then rotated odds), as ``transformers``' deepseek_v3:
+    q and k are permuted alike, so q.k is unchanged and no re-interleaving copy is paid.
+    ``cos``/``sin`` are the usual ``cat(freqs, freqs)`` tables; their first half is the per-pair angle.
+    """
+    half = cos_BSDr.shape[-1] // 2
+    cos = cos_BSDr[..., :half].unsqueeze(1)
+    sin = sin_BSDr[..., :half].unsqueeze(1)
+
+    def rot(x):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    return rot(q_BHSDr), rot(k_BGSDr)
+
+
+def apply_rope_complex(q_BHSDr: torch.Tensor, k_BGSDr: torch.Tensor, cos_BSDr: torch.Tensor,
+                       sin_BSDr: torch.Tensor):
+    """DeepSeek-V2's rotation: adjacent pairs as complex numbers times ``cos + i sin``, in fp32.
+
+    The result stays interleaved and is cast back to the input dtype; pass fp32 ``cos``/``sin`` to
+    match ``transformers`` in bf16 (its ``freqs_cis`` are never cast to the model dtype).
+    """
+    half = cos_BSDr.shape[-1] // 2
+    f = torch.complex(cos_BSDr[..., :half].float(), sin_BSDr[..., :half].float()).unsqueeze(1)
+
+    def rot(x):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * f).flatten(-2).type_as(x)
+
+    return rot(q_BHSDr), rot(k_BGSDr)
+
+
 def attention(
     q_BHSDh: torch.Tensor,
     k_BGSDh: torch.Tensor,
@@ -57,8 +94,9 @@ def attention(
 ) -> torch.Tensor:
     """Softmax attention with grouped KV heads; ``mask`` is boolean (True = attend) or None for causal.
 
-    Returns ``[B, H, S, Dh]``. KV heads are repeated (as HF's ``repeat_kv``) rather than using SDPA's
-    ``enable_gqa``, so the math kernel sees the same shapes as the reference implementation.
+    Returns ``[B, H, S, Dv]``; values may be narrower than queries and keys (MLA; SDPA allows it). KV heads
+    are repeated (as HF's ``repeat_kv``) rather than using SDPA's ``enable_gqa``, so the math kernel sees
+    the same shapes as the reference implementation.
     """
     H, G = q_BHSDh.shape[1], k_BGSDh.shape[1]
     if H != G:

@@ -21,6 +21,8 @@ _REFERENCE: dict[str, Callable] = {
     "rms_norm": reference.rms_norm,
     "silu_mul": reference.silu_mul,
     "apply_rope": reference.apply_rope,
+    "apply_rope_interleaved": reference.apply_rope_interleaved,
+    "apply_rope_complex": reference.apply_rope_complex,
     "attention": reference.attention,
 }
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bagualu.models.config import ModelConfig, MoEConfig
+from bagualu.models.config import MLAConfig, ModelConfig, MoEConfig
+from bagualu.models.hf import deepseek
 from bagualu.models.hf.rope import parse_rope, rope_to_hf
+
+
+def _no_mla(raw: dict) -> None:
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +31,15 @@ class ArchSpec:
     qkv_bias: Callable[[dict], bool] = lambda raw: bool(raw.get("attention_bias", False))
     o_bias: Callable[[dict], bool] = lambda raw: bool(raw.get("attention_bias", False))
     layer_types: Callable[[dict, int], tuple[str, ...] | None] = lambda raw, n: None
+    parse_mla: Callable[[dict], MLAConfig | None] = _no_mla
+    extra_to_hf: Callable[[ModelConfig], dict] = lambda c: {}  # keys beyond the common ones and the MoE's
+    # checkpoints may hold multi-token-prediction layers after the last decoder layer (DeepSeek-V3 ships
+    # one); loading skips them with a warning, since the model runs only the decoder layers
+    mtp_layers: bool = False
+
+    @property
+    def uses_mla(self) -> bool:
+        return self.parse_mla is not _no_mla
 
 
 def _num_experts(raw: dict, default: int) -> int:
@@ -124,6 +138,12 @@ ARCHS: dict[str, ArchSpec] = {
                  parse_moe=_qwen3_moe, moe_to_hf=_qwen_layers_to_hf, qk_norm=True, layer_types=_window_layers),
         ArchSpec(model_type="dots1", architecture="Dots1ForCausalLM", default_theta=10000.0,
                  parse_moe=_dots1_moe, moe_to_hf=_dots1_to_hf, qk_norm=True, layer_types=_window_layers),
+        ArchSpec(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", default_theta=10000.0,
+                 parse_moe=deepseek.parse_moe_v2, moe_to_hf=deepseek.moe_v2_to_hf, parse_mla=deepseek.parse_mla_v2,
+                 extra_to_hf=deepseek.v2_extra_to_hf),
+        ArchSpec(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", default_theta=10000.0,
+                 parse_moe=deepseek.parse_moe_v3, moe_to_hf=deepseek.moe_v3_to_hf, parse_mla=deepseek.parse_mla_v3,
+                 extra_to_hf=deepseek.v3_extra_to_hf, mtp_layers=True),
     ]
 }
 
@@ -145,15 +165,20 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         window, layer_types = None, None
     if layer_types is not None and "sliding_attention" not in layer_types:
         window, layer_types = None, None
+    heads = raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads") or heads
+    mla = spec.parse_mla(raw)
+    if mla is not None:  # the latent expands to one key/value per head; num_key_value_heads plays no part
+        kv_heads = heads
     return ModelConfig(
         arch=mt,
         vocab_size=raw["vocab_size"],
         hidden_size=raw["hidden_size"],
         intermediate_size=raw.get("intermediate_size", 0),
         num_layers=n,
-        num_heads=raw["num_attention_heads"],
-        num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        head_dim=raw.get("head_dim"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=None if mla is not None else raw.get("head_dim"),  # MLA's head_dim key is its rope width
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         rope=parse_rope(raw, spec.default_theta),
@@ -166,6 +191,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         layer_types=layer_types,
         moe=moe,
         moe_layers=moe_layers,
+        mla=mla,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
@@ -179,6 +205,10 @@ _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_f
 def config_to_hf(c: ModelConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A config.json dict in the transformers 4.x dialect (which 5.x also reads)."""
     spec = ARCHS[c.arch]
+    if (c.mla is not None) != spec.uses_mla:
+        mla_archs = [a for a, s in ARCHS.items() if s.uses_mla]
+        raise ValueError(f"arch={c.arch!r} {'does not use' if c.mla is not None else 'needs'} MLA attention "
+                         f"(mla={c.mla}); MLA architectures: {', '.join(mla_archs)}")
     out = {k: v for k, v in (extra or {}).items() if k not in _ROPE_KEYS}
     out.update(
         architectures=[spec.architecture], model_type=c.arch, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -207,4 +237,5 @@ def config_to_hf(c: ModelConfig, extra: dict[str, Any] | None = None) -> dict[st
             out["use_sliding_window"] = False
     if c.moe is not None:
         out.update(spec.moe_to_hf(c))
+    out.update(spec.extra_to_hf(c))
     return out

@@ -8,13 +8,14 @@ tensor that is missing, unexpected or mis-shaped is an error naming the file and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from bagualu.models.config import ModelConfig
 from bagualu.models.errors import ModelLoadError
-from bagualu.models.hf.config import parse_config
+from bagualu.models.hf.config import ARCHS, parse_config
 from bagualu.models.hf.safetensors_io import checkpoint_files, iter_tensors
 from bagualu.models.hf.weights import IGNORED, hf_to_targets
 from bagualu.models.transformer import CausalLM
@@ -23,6 +24,7 @@ from bagualu.utils.logging import get_logger
 log = get_logger(__name__)
 
 CONFIG = "config.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: str) -> torch.dtype:
@@ -92,10 +94,19 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     filled: dict[str, int] = {}  # name -> slices filled (experts count slices; others count 1)
+    mtp: set[int] = set()  # checkpoint layers past num_hidden_layers that were skipped
+
+    def skip(hf_name: str) -> bool:
+        if IGNORED.search(hf_name):
+            return True
+        m = _LAYER.match(hf_name) if ARCHS[cfg.arch].mtp_layers else None
+        if m and int(m[1]) >= cfg.num_layers:
+            mtp.add(int(m[1]))
+            return True
+        return False
+
     with torch.no_grad():
-        for fname, hf_name, t in iter_tensors(path, files):
-            if IGNORED.search(hf_name):
-                continue
+        for fname, hf_name, t in iter_tensors(path, files, skip=skip):
             for tgt in hf_to_targets(cfg.arch, hf_name, tuple(t.shape)):
                 if tgt.name not in params:
                     raise ModelLoadError(path, fname, f"holds unexpected tensor {hf_name!r} for a {cfg.arch} "
@@ -109,6 +120,10 @@ def from_pretrained(path: str | Path, *, device: torch.device | str | None = Non
                                          f"config.json implies {tuple(dst.shape)}")
                 dst.copy_(src)
                 filled[tgt.name] = filled.get(tgt.name, 0) + (1 if tgt.expert is not None else dst.shape[0])
+    if mtp:
+        log.warning("%s: skipped checkpoint layers %s past num_hidden_layers=%d (multi-token-prediction modules, "
+                    "which bagualu does not run; a model saved from this one will not have them)",
+                    path, sorted(mtp), cfg.num_layers)
     _check_complete(path, files, model, params, filled)
     model.source_dir = path
     model.eval()

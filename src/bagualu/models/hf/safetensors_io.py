@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -56,8 +56,9 @@ def checkpoint_files(path: Path) -> list[str]:
     raise ModelLoadError(path, SINGLE, f"is missing (and there is no {INDEX}); no weights to load")
 
 
-def iter_tensors(path: Path, files: Iterable[str], device: str = "cpu") -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor of every file."""
+def iter_tensors(path: Path, files: Iterable[str], device: str = "cpu",
+                 skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor of every file, except names ``skip`` accepts (never read)."""
     for f in files:
         try:
             handle = safe_open(str(path / f), framework="pt", device=device)
@@ -65,7 +66,8 @@ def iter_tensors(path: Path, files: Iterable[str], device: str = "cpu") -> Itera
             raise ModelLoadError(path, f, f"is not a readable safetensors file ({e})") from None
         with handle as h:
             for name in h.keys():
-                yield f, name, h.get_tensor(name)
+                if skip is None or not skip(name):
+                    yield f, name, h.get_tensor(name)
 
 
 def write_sharded(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int) -> list[str]:

@@ -42,6 +42,8 @@ NAME_MAPS: dict[str, NameMap] = {
     "qwen2_moe": NameMap(renames=((".mlp.shared_experts.", ".mlp.shared_expert."),)),
     "qwen3_moe": NameMap(),
     "dots1": NameMap(),
+    "deepseek_v2": NameMap(),
+    "deepseek_v3": NameMap(),
 }
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
