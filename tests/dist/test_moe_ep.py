@@ -1,5 +1,6 @@
 """Expert parallelism × data parallelism reproduces one process on the concatenated batch (fp32, 1e-5):
-outputs, the mean loss, every gradient after the MoDa synchronisation, and the per-expert counts."""
+outputs, the mean loss, aux losses, every gradient after the MoDa synchronisation, per-expert counts
+and dropped routes — for every router, dropless and capacity modes, with and without shared experts."""
 
 from __future__ import annotations
 
@@ -14,20 +15,25 @@ from test_torchrun_forward import free_port
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).parent / "workers" / "moe_ep.py"
-ROUTERS = ["softmax_topk", "topk_softmax", "sigmoid_bias"]
+ROUTERS = ["softmax_topk", "topk_softmax", "sigmoid_bias", "softmax_group", "noisy_topk", "gshard", "switch"]
 
 
 def torchrun(nproc: int, out: Path, cases: list[dict]) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKER), str(out), json.dumps(cases)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("nproc,ep,dp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
 def test_ep_dp_matches_single_process(tmp_path, nproc, ep, dp):
-    cases = [{"ep": ep, "dp": dp, "router": r, "shared": s} for r in ROUTERS for s in (0, 1)]
-    for res in torchrun(nproc, tmp_path / "out.json", cases):
-        for key in ("out", "loss", "grad", "x_grad"):
+    cases = [{"ep": ep, "dp": dp, "router": r, "shared": s, "capacity": c}
+             for r in ROUTERS for s in (0, 1) for c in (None, 0.75)]
+    results = torchrun(nproc, tmp_path / "out.json", cases)
+    assert len(results) == len(cases)
+    for res in results:
+        for key in ("out", "loss", "grad", "x_grad", "aux"):
             assert res[key] < 1e-5, res
+        if res["capacity"] is not None:
+            assert res["dropped"] > 0, f"capacity 0.75 should drop routes: {res}"

@@ -1,12 +1,20 @@
-"""``MoE``: router + stacked experts + optional shared experts, with a sort-based local dispatch.
+"""``MoE``: router + stacked experts + optional shared experts, locally or expert-parallel.
 
-Legend: T tokens, D model dim, E experts, K top-k, N = T*K routed rows.
+Legend: T tokens, D model dim, E experts, K top-k, N routed rows.
 
     x_TD --router--> (weights_TK, experts_TK) --sort--> x_ND --experts--> y_ND --weight, sum--> y_TD
       \\--shared experts (optionally scaled by sigmoid(shared_expert_gate(x)))-------------------/+
 
-After each call the layer keeps ``last_tokens_per_expert`` (int64 [E]) and the router logits, so
-training can compute balancing losses and users can watch expert load.
+Dropless by default. With ``capacity_factor`` (implied by the ``gshard``/``switch`` routers) each expert
+takes at most ⌈factor · T · K / E⌉ routes of its dispatch group — the tokens that meet at one expert
+instance: the whole batch in one process, the EP group's concatenated batch under expert parallelism —
+earlier tokens first; dropped routes contribute nothing and are counted in ``last_dropped``.
+
+After each call the layer keeps ``last_tokens_per_expert`` (routes the router chose, [E]),
+``last_dropped`` and, in training, ``last_aux_losses``: the Switch/GShard load-balancing loss
+E · Σ_e f_e · P_e (f_e = routes to e per token, P_e = mean router probability) and the router z-loss
+mean(logsumexp(logits)²). Under ``parallelize`` the balancing statistics are summed over all ranks, so
+every rank's loss sees the global batch exactly as one process would.
 """
 
 from __future__ import annotations
@@ -14,11 +22,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bagualu.moe.dispatch import make_dispatch, permute, unpermute_combine
+from bagualu.comm.all_reduce import all_reduce_sum
+from bagualu.moe.dispatch import capacity, kept_routes, make_dispatch, permute, unpermute_combine
 from bagualu.moe.ep import expert_parallel
 from bagualu.moe.experts import Experts
 from bagualu.moe.mlp import MLP
-from bagualu.moe.router import Router
+from bagualu.moe.router import CAPACITY_ROUTERS, Router
 
 
 class MoE(nn.Module):
@@ -29,28 +38,21 @@ class MoE(nn.Module):
     ``shared_expert_gate=True`` scales it by a learned sigmoid gate per token (Qwen2-MoE).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        ffn_dim: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        router: str = "softmax_topk",
-        norm_topk_prob: bool = True,
-        num_groups: int = 1,
-        topk_groups: int = 1,
-        routed_scaling_factor: float = 1.0,
-        num_shared_experts: int = 0,
-        shared_ffn_dim: int | None = None,
-        shared_expert_gate: bool = False,
-    ):
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, *, router: str = "softmax_topk",
+                 norm_topk_prob: bool = True, num_groups: int = 1, topk_groups: int = 1,
+                 routed_scaling_factor: float = 1.0, num_shared_experts: int = 0, shared_ffn_dim: int | None = None,
+                 shared_expert_gate: bool = False, capacity_factor: float | None = None, jitter: float = 1e-2,
+                 seed: int = 0):
         super().__init__()
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
-        self.gate = Router(
-            dim, num_experts, top_k, name=router, norm_topk_prob=norm_topk_prob, num_groups=num_groups,
-            topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
-        )
+        self.gate = Router(dim, num_experts, top_k, name=router, norm_topk_prob=norm_topk_prob,
+                           num_groups=num_groups, topk_groups=topk_groups,
+                           routed_scaling_factor=routed_scaling_factor, jitter=jitter, seed=seed)
+        if capacity_factor is None:
+            capacity_factor = CAPACITY_ROUTERS.get(router)
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be positive (or None for dropless)")
+        self.capacity_factor = capacity_factor
         self.experts = Experts(num_experts, dim, ffn_dim)
         if shared_ffn_dim is None:
             shared_ffn_dim = num_shared_experts * ffn_dim
@@ -60,7 +62,11 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
         self.last_tokens_per_expert: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
-        self.ep, self.ep_rank, self.ep_group = 1, 0, None  # set by shard_experts
+        self.last_dropped: torch.Tensor | None = None
+        self.last_aux_losses: dict[str, torch.Tensor] = {}
+        # set by shard_experts / parallelize
+        self.ep, self.ep_rank, self.ep_group = 1, 0, None
+        self.data_rank, self.stats_group, self.stats_world = 0, None, 1
 
     def shard_experts(self, ep_rank: int, ep: int, group) -> None:
         """Keep experts ``[ep_rank * e, (ep_rank + 1) * e)`` (e = E / ep) and free the others.
@@ -83,15 +89,25 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
-        r = self.gate(x_TD)
+        T = x_TD.shape[0]
+        token_T = self.data_rank * T + torch.arange(T, device=x.device)
+        r = self.gate(x_TD, token_T)
         if self.ep > 1:
-            y_TD, counts_E = expert_parallel(x_TD, r, self.experts, self.num_experts, self.ep, self.ep_group)
+            y_TD, counts_E, dropped = expert_parallel(x_TD, r, self.experts, self.num_experts, self.ep,
+                                                      self.ep_group, self.capacity_factor)
         else:
             d = make_dispatch(r.experts_TK, self.num_experts)
             counts_E = d.counts_E
             # Host sync (named): the experts slice rows by count. One per layer call.
-            y_ND = self.experts(permute(x_TD, d), counts_E.tolist())
-            y_TD = unpermute_combine(y_ND, r.weights_TK, d, x_TD.shape[0])
+            counts = counts_E.tolist()
+            kept = counts
+            if self.capacity_factor is not None:
+                c = capacity(self.capacity_factor, T, self.top_k, self.num_experts)
+                kept = [min(n, c) for n in counts]
+            route_N = kept_routes(d, counts, kept)
+            y_ND = self.experts(permute(x_TD, route_N, self.top_k), kept)
+            y_TD = unpermute_combine(y_ND, r.weights_TK, route_N, T)
+            dropped = sum(counts) - sum(kept)
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
@@ -99,4 +115,17 @@ class MoE(nn.Module):
             y_TD = y_TD + s_TD
         self.last_tokens_per_expert = counts_E.detach()
         self.last_router_logits = r.logits_TE.detach()
+        self.last_dropped = torch.tensor(dropped)
+        if self.training:
+            self.last_aux_losses = self._aux_losses(r.logits_TE, counts_E, T)
         return y_TD.reshape(shape)
+
+    def _aux_losses(self, logits_TE: torch.Tensor, counts_E: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
+        E = self.num_experts
+        up = torch.promote_types(logits_TE.dtype, torch.float32)
+        probs_TE = torch.softmax(logits_TE.to(up), dim=-1)
+        stats = all_reduce_sum(torch.cat([counts_E.to(up), probs_TE.sum(0)]), self.stats_group)
+        tokens = T * self.stats_world
+        f_E, p_E = stats[:E] / tokens, stats[E:] / tokens
+        z = torch.logsumexp(logits_TE.to(up), dim=-1).square().mean()
+        return {"load_balance": E * (f_E * p_E).sum(), "z_loss": z}

@@ -105,3 +105,28 @@ def attention(
     if mask_BSS is None:
         return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, attn_mask=mask_BSS.unsqueeze(1), scale=scale)
+
+
+def moe_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, w_gate_EFD: torch.Tensor,
+                w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, capacity: int | None = None):
+    """Brute-force routed SwiGLU experts: token by token, choice by choice (the MoE layer's oracle).
+
+    A route with expert id -1 is dropped by the router; with ``capacity`` an expert takes its first
+    ``capacity`` routes in (token, choice) order and drops the rest. Returns ``(y_TD, dropped)``.
+    """
+    y_TD = torch.zeros_like(x_TD)
+    taken: dict[int, int] = {}
+    dropped = 0
+    for t in range(x_TD.shape[0]):
+        for k in range(experts_TK.shape[1]):
+            e = int(experts_TK[t, k])
+            if e < 0:
+                continue
+            if capacity is not None and taken.get(e, 0) >= capacity:
+                dropped += 1
+                continue
+            taken[e] = taken.get(e, 0) + 1
+            x = x_TD[t]
+            h = F.silu(w_gate_EFD[e] @ x) * (w_up_EFD[e] @ x)
+            y_TD[t] += (weights_TK[t, k] * (w_down_EDF[e] @ h)).to(x_TD.dtype)
+    return y_TD, dropped

@@ -1,6 +1,7 @@
 """Apply parallelism to a model given a mesh. One documented order:
 
-1. expert parallelism: every ``MoE`` layer keeps its ``ep`` shard of experts (the rest is freed);
+1. expert parallelism: every ``MoE`` layer keeps its ``ep`` shard of experts (the rest is freed), routes
+   with noise keyed on global token indices and sums its balancing statistics over all ranks;
 2. replicas agree: replicated parameters are broadcast from rank 0, expert shards from dp rank 0;
 3. MoDa gradient synchronisation hooks (``grad_sync.py``).
 
@@ -28,6 +29,10 @@ def parallelize(model: nn.Module, mesh: Mesh, *, bucket_bytes: int = 25 << 20) -
     for m in moes:
         if mesh.ep > 1:
             m.shard_experts(mesh.ep_rank, mesh.ep, mesh.group(Axis.EP))
+        # routing noise keyed on global token index; balancing statistics over the global batch
+        m.data_rank = mesh.rank
+        m.stats_group = mesh.world_group if mesh.world_size > 1 else None
+        m.stats_world = mesh.world_size
     expert_params = {id(p) for m in moes for p in m.experts.parameters()}
     if mesh.world_size > 1:
         _broadcast_replicas(model, mesh, expert_params)
