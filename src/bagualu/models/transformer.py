@@ -101,6 +101,17 @@ class CausalLM(nn.Module):
             x_BSD = layer(x_BSD, cos_sin, masks[layer.window])
         return self.model.norm(x_BSD)
 
+    def on_moefy(self, settings: dict) -> None:
+        """After ``bagualu.moe.moefy``: describe the upcycled model; a Llama becomes a Mixtral-style model."""
+        import dataclasses
+
+        from bagualu.models.config import MoEConfig
+
+        moe = MoEConfig(num_experts=settings["num_experts"], top_k=settings["top_k"], ffn_dim=settings["ffn_dim"],
+                        router=settings["router"], norm_topk_prob=settings.get("norm_topk_prob", True))
+        arch = "mixtral" if self.config.arch == "llama" else self.config.arch
+        self.config = dataclasses.replace(self.config, arch=arch, moe=moe, moe_layers=(True,) * self.config.num_layers)
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation (normal(0, std) matrices, unit norms, zero biases), as HF's ``_init_weights``."""

@@ -4,5 +4,6 @@ from bagualu.moe.experts import Experts
 from bagualu.moe.layer import MoE
 from bagualu.moe.mlp import MLP
 from bagualu.moe.router import ROUTERS, Router, RouterOutput
+from bagualu.moe.upcycle import moefy
 
-__all__ = ["MoE", "MLP", "Experts", "Router", "RouterOutput", "ROUTERS"]
+__all__ = ["moefy", "MoE", "MLP", "Experts", "Router", "RouterOutput", "ROUTERS"]

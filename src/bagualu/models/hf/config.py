@@ -209,6 +209,7 @@ def config_to_hf(c: ModelConfig, extra: dict[str, Any] | None = None) -> dict[st
         mla_archs = [a for a, s in ARCHS.items() if s.uses_mla]
         raise ValueError(f"arch={c.arch!r} {'does not use' if c.mla is not None else 'needs'} MLA attention "
                          f"(mla={c.mla}); MLA architectures: {', '.join(mla_archs)}")
+    _check_expressible(c)
     out = {k: v for k, v in (extra or {}).items() if k not in _ROPE_KEYS}
     out.update(
         architectures=[spec.architecture], model_type=c.arch, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -239,3 +240,24 @@ def config_to_hf(c: ModelConfig, extra: dict[str, Any] | None = None) -> dict[st
         out.update(spec.moe_to_hf(c))
     out.update(spec.extra_to_hf(c))
     return out
+
+
+def _check_expressible(c: ModelConfig) -> None:
+    """Refuse to write a config.json that would make transformers build a different model."""
+    problems = []
+    if c.arch == "llama" and c.moe is not None:
+        problems.append("a Llama checkpoint cannot hold MoE layers (an upcycled Llama saves as mixtral)")
+    if c.arch == "mixtral":
+        if c.qkv_bias or c.o_bias:
+            problems.append("Mixtral has no attention biases")
+        m = c.moe
+        if m is not None and not (m.router in ("softmax_topk", "topk_softmax") and
+                                  (m.norm_topk_prob or m.router == "topk_softmax")):
+            problems.append(f"Mixtral routes softmax → top-k → renormalise, not router={m.router!r} "
+                            f"with norm_topk_prob={m.norm_topk_prob}")
+        if m is not None and (m.shared_ffn_dim or m.num_shared_experts):
+            problems.append("Mixtral has no shared experts")
+        if c.moe_layers is not None and not all(c.moe_layers):
+            problems.append("every Mixtral layer is an MoE layer")
+    if problems:
+        raise ValueError(f"cannot save as {c.arch!r}: " + "; ".join(problems))
