@@ -37,3 +37,22 @@ def test_ep_dp_matches_single_process(tmp_path, nproc, ep, dp):
             assert res[key] < 1e-5, res
         if res["capacity"] is not None:
             assert res["dropped"] > 0, f"capacity 0.75 should drop routes: {res}"
+
+
+@pytest.mark.parametrize("nproc,ep,dp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
+def test_fastermoe_shadowing_and_smart_schedule_match_single_process(tmp_path, nproc, ep, dp):
+    """Shadowing (forced: the 2 hottest; and by the cost model) and the pipelined schedule change how
+    the work is done, never the result."""
+    cases = [{"ep": ep, "dp": dp, "router": r, "shared": 1, "capacity": c, "shadow": sh, "schedule": sc,
+              "skew": True}
+             for r in ("softmax_topk", "sigmoid_bias", "gshard") for c in (None, 0.75)
+             for sh in ("off", 2, "auto") for sc in ("all_to_all", "pipelined", "auto")
+             if not (sh == "off" and sc == "all_to_all")]
+    results = torchrun(nproc, tmp_path / "out.json", cases)
+    for res in results:
+        for key in ("out", "loss", "grad", "x_grad", "aux"):
+            assert res[key] < 1e-5, res
+        # forced shadows always happen; the cost model shadows when the hot experts are not already
+        # clipped by capacity (with capacity 0.75 the load is flat and shadowing would not pay)
+        if res["shadow"] == 2 or (res["shadow"] == "auto" and res["capacity"] is None):
+            assert res["shadowed"] > 0, f"expected hot experts to be shadowed: {res}"

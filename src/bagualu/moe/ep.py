@@ -1,32 +1,36 @@
 """The expert-parallel data path: tokens travel to the rank that owns their expert and back.
 
-Legend: T tokens, D model dim, E experts (global), e = E / ep local experts, K top-k, N routes sent,
-R rows received, ep = ranks in the expert-parallel group.
+Legend: T tokens, D model dim, E experts (global), e = E / ep local experts, K top-k, R rows received.
 
-    route → counts_E → exchange counts (the one host sync) → permute by destination (sort by expert:
-    experts are contiguous per rank, so expert order is destination order) → all-to-all →
-    regroup by local expert → [capacity: keep each expert's first C rows] → experts → scatter back
-    (dropped rows give zeros) → all-to-all back → un-permute, weight, sum
+    route → counts_E → all-gather the count matrix (the one host sync) → plan (capacity, shadows; the
+    same on every rank, ``ep_plan.py``) → permute my kept routes by destination (expert order is
+    destination order) → exchange → experts → exchange back → [+ shadowed experts, computed here with
+    broadcast weights] → un-permute, weight, sum
 
-Rows arrive ordered by (source rank, local expert); the experts want (local expert, source rank):
+Two exchange schedules with identical results: ``all_to_all`` (one collective each way; rows arrive
+(source, expert)-major and are regrouped expert-major for the experts) and ``pipelined`` (FasterMoE's
+smart schedule, ``pipeline.py``).
 
     arrived:  [s0:e0 | s0:e1 | s1:e0 | s1:e1]   →   regrouped: [s0:e0 | s1:e0 | s0:e1 | s1:e1]
 
-Within one expert the rows are in global token order (source rank, then token), exactly the order one
-process sees the concatenated batch in — so capacity drops the same routes. Capacity is decided by
-the receiver (it alone sees every source's count), which keeps the count exchange the only host sync;
-the cost is that dropped rows still travel. The exchanged counts carry each source's token count, from
-which the receiver computes the group capacity.
+Within one expert rows keep global token order (source rank, then token): the single-process order of
+the concatenated batch, which is why capacity drops exactly the routes one process would drop.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from bagualu.comm.all_to_all import all_to_all, exchange_counts_sync
-from bagualu.moe.dispatch import capacity, first_rows, make_dispatch, permute, unpermute_combine
-from bagualu.moe.experts import Experts
+from bagualu.comm.all_to_all import all_to_all
+from bagualu.moe.dispatch import first_rows, make_dispatch, permute, unpermute_combine
+from bagualu.moe.ep_plan import EPPlan, ShadowCost, choose_schedule, make_plan
+from bagualu.moe.experts import Experts, SwiGLUExperts
+from bagualu.moe.pipeline import PipelinedExperts
 from bagualu.moe.router import RouterOutput
+from bagualu.moe.shadow import shadow_weights
+
+SCHEDULES = ("all_to_all", "pipelined", "auto")
 
 
 def regroup_index(counts_se: torch.Tensor, total: int) -> torch.Tensor:
@@ -40,36 +44,53 @@ def regroup_index(counts_se: torch.Tensor, total: int) -> torch.Tensor:
     return seg_start + offset_in_seg
 
 
-def expert_parallel(x_TD: torch.Tensor, r: RouterOutput, experts: Experts, num_experts: int, ep: int, group,
-                    capacity_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(combined output ``[T, D]``, this rank's routes per global expert ``[E]``, routes dropped here)."""
-    T, K = x_TD.shape[0], r.experts_TK.shape[-1]
-    e = num_experts // ep
-    d = make_dispatch(r.experts_TK, num_experts)
-    send_se = d.counts_E.view(ep, e)
-    tokens = torch.full((ep, 1), T, dtype=send_se.dtype, device=send_se.device)
-    send = torch.cat([send_se, tokens], dim=1)  # [dest rank, e + 1]: counts per expert, then T
-    recv = exchange_counts_sync(send, group)  # [source rank, e + 1]
-    # Host sync (named): split sizes for the exchange and the experts' slices. The layer's only one.
-    send_rows, recv_full = torch.stack([send, recv]).tolist()
-    recv_rows = [row[:e] for row in recv_full]
-    send_rows = [row[:e] for row in send_rows]
-    group_tokens = sum(row[e] for row in recv_full)
-    send_splits = [sum(row) for row in send_rows]
-    recv_splits = [sum(row) for row in recv_rows]
-    local_counts = [sum(recv_rows[s][j] for s in range(ep)) for j in range(e)]
-    kept = local_counts
-    if capacity_factor is not None:
-        c = capacity(capacity_factor, group_tokens, K, num_experts)
-        kept = [min(n, c) for n in local_counts]
-    R, N = sum(recv_splits), sum(send_splits)
+def gather_counts_sync(counts_E: torch.Tensor, T: int, group, ep: int) -> tuple[list[list[int]], list[int]]:
+    """All ranks' routes per expert and token counts. Host sync (named): the MoE layer's only one."""
+    mine = torch.cat([counts_E, counts_E.new_tensor([T])])
+    rows = [torch.empty_like(mine) for _ in range(ep)]
+    dist.all_gather(rows, mine, group=group)
+    m = torch.stack(rows).tolist()
+    return [row[:-1] for row in m], [row[-1] for row in m]
 
-    route_N = d.order_R[:N]
-    x_RD = all_to_all(permute(x_TD, route_N, K), send_splits, recv_splits, group)
-    idx = regroup_index(recv[:, :e], R)
-    if kept != local_counts:
-        idx = idx.index_select(0, first_rows(local_counts, kept, idx.device))
-    y_kept = experts(x_RD.index_select(0, idx), kept)
-    y_RD = y_kept.new_zeros(R, y_kept.shape[-1]).index_copy(0, idx, y_kept)
-    y_ND = all_to_all(y_RD, recv_splits, send_splits, group)
-    return unpermute_combine(y_ND, r.weights_TK, route_N, T), d.counts_E, sum(local_counts) - sum(kept)
+
+def _exchange_all_to_all(x_send, experts: Experts, plan: EPPlan, group) -> torch.Tensor:
+    ep = plan.ep
+    send_splits = [sum(plan.send_counts(d)) for d in range(ep)]
+    recv_rows = [plan.recv_counts(s) for s in range(ep)]
+    recv_splits = [sum(row) for row in recv_rows]
+    R = sum(recv_splits)
+    x_RD = all_to_all(x_send, send_splits, recv_splits, group)
+    idx = regroup_index(torch.tensor(recv_rows, device=x_send.device), R)
+    local_counts = [sum(recv_rows[s][j] for s in range(ep)) for j in range(plan.e)]
+    y = experts(x_RD.index_select(0, idx), local_counts)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(R, device=idx.device)
+    return all_to_all(y.index_select(0, inv), recv_splits, send_splits, group)
+
+
+def expert_parallel(x_TD: torch.Tensor, r: RouterOutput, experts: Experts, num_experts: int, ep: int, group, *,
+                    ep_rank: int, capacity_factor: float | None = None, shadow: str | int = "off",
+                    schedule: str = "all_to_all", cost: ShadowCost | None = None):
+    """(combined output ``[T, D]``, this rank's routes per global expert ``[E]``, plan)."""
+    T, K = x_TD.shape[0], r.experts_TK.shape[-1]
+    d = make_dispatch(r.experts_TK, num_experts)
+    counts, tokens = gather_counts_sync(d.counts_E, T, group, ep)
+    plan = make_plan(counts, tokens, ep_rank, top_k=K, capacity_factor=capacity_factor, shadow=shadow, cost=cost)
+    mine = counts[ep_rank]
+    routes = d.order_R.index_select(0, first_rows(mine, plan.exchanged(ep_rank), d.order_R.device))
+    x_send = permute(x_TD, routes, K)
+    if schedule == "auto":
+        schedule = choose_schedule(plan, cost)
+    if schedule == "pipelined":
+        y = PipelinedExperts.apply(x_send, experts.gate_proj, experts.up_proj, experts.down_proj, plan, group)
+    elif schedule == "all_to_all":
+        y = _exchange_all_to_all(x_send, experts, plan, group)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if plan.shadow:
+        sh_kept = plan.shadowed(ep_rank)
+        sh_routes = d.order_R.index_select(0, first_rows(mine, sh_kept, d.order_R.device))
+        w = shadow_weights(experts, plan.shadow, ep_rank, group)
+        y_sh = SwiGLUExperts.apply(permute(x_TD, sh_routes, K), *w, [sh_kept[x] for x in plan.shadow])
+        routes, y = torch.cat([routes, sh_routes]), torch.cat([y, y_sh])
+    return unpermute_combine(y, r.weights_TK, routes, T), d.counts_E, plan

@@ -29,48 +29,61 @@ def _slices(counts: list[int]):
         start += n
 
 
+def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
+    """``(y_ND, saved)``: expert e applied to its slice; ``saved`` is what ``experts_backward`` needs."""
+    N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
+    g_NF = x_ND.new_empty(N, F_)
+    u_NF = x_ND.new_empty(N, F_)
+    for e, s, t in _slices(counts):
+        torch.mm(x_ND[s:t], w_gate_EFD[e].t(), out=g_NF[s:t])
+        torch.mm(x_ND[s:t], w_up_EFD[e].t(), out=u_NF[s:t])
+    a_NF = F.silu(g_NF).mul_(u_NF)
+    y_ND = x_ND.new_empty(N, w_down_EDF.shape[1])
+    for e, s, t in _slices(counts):
+        torch.mm(a_NF[s:t], w_down_EDF[e].t(), out=y_ND[s:t])
+    return y_ND, (x_ND, g_NF, u_NF)
+
+
+def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need_dx: bool = True):
+    """``(dx_ND, dw_gate, dw_up, dw_down)`` for one ``experts_forward`` call (dx None unless ``need_dx``)."""
+    x_ND, g_NF, u_NF = saved
+    dy_ND = dy_ND.contiguous()
+    sig = torch.sigmoid(g_NF)
+    silu = g_NF * sig
+    a_NF = silu * u_NF
+    da_NF = torch.empty_like(g_NF)
+    dw_down = torch.zeros_like(w_down)
+    for e, s, t in _slices(counts):
+        torch.mm(dy_ND[s:t], w_down[e], out=da_NF[s:t])
+        torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=dw_down[e])
+    du_NF = da_NF * silu
+    # d silu(g)/dg = sig * (1 + g * (1 - sig))
+    dg_NF = da_NF.mul_(u_NF).mul_(sig.mul_(1 + g_NF * (1 - sig)))
+    dx_ND = torch.zeros_like(x_ND) if need_dx else None
+    dw_gate, dw_up = torch.zeros_like(w_gate), torch.zeros_like(w_up)
+    for e, s, t in _slices(counts):
+        if dx_ND is not None:
+            torch.mm(dg_NF[s:t], w_gate[e], out=dx_ND[s:t])
+            dx_ND[s:t].addmm_(du_NF[s:t], w_up[e])
+        torch.mm(dg_NF[s:t].t(), x_ND[s:t], out=dw_gate[e])
+        torch.mm(du_NF[s:t].t(), x_ND[s:t], out=dw_up[e])
+    return dx_ND, dw_gate, dw_up, dw_down
+
+
 class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
-        N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
-        g_NF = x_ND.new_empty(N, F_)
-        u_NF = x_ND.new_empty(N, F_)
-        for e, s, t in _slices(counts):
-            torch.mm(x_ND[s:t], w_gate_EFD[e].t(), out=g_NF[s:t])
-            torch.mm(x_ND[s:t], w_up_EFD[e].t(), out=u_NF[s:t])
-        a_NF = F.silu(g_NF).mul_(u_NF)
-        y_ND = x_ND.new_empty(N, w_down_EDF.shape[1])
-        for e, s, t in _slices(counts):
-            torch.mm(a_NF[s:t], w_down_EDF[e].t(), out=y_ND[s:t])
-        ctx.save_for_backward(x_ND, g_NF, u_NF, w_gate_EFD, w_up_EFD, w_down_EDF)
+        y_ND, saved = experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts)
+        ctx.save_for_backward(*saved, w_gate_EFD, w_up_EFD, w_down_EDF)
         ctx.counts = counts
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, g_NF, u_NF, w_gate, w_up, w_down = ctx.saved_tensors
-        counts = ctx.counts
-        dy_ND = dy_ND.contiguous()
-        sig = torch.sigmoid(g_NF)
-        silu = g_NF * sig
-        a_NF = silu * u_NF
-        da_NF = torch.empty_like(g_NF)
-        dw_down = torch.zeros_like(w_down)
-        for e, s, t in _slices(counts):
-            torch.mm(dy_ND[s:t], w_down[e], out=da_NF[s:t])
-            torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=dw_down[e])
-        du_NF = da_NF * silu
-        # d silu(g)/dg = sig * (1 + g * (1 - sig))
-        dg_NF = da_NF.mul_(u_NF).mul_(sig.mul_(1 + g_NF * (1 - sig)))
-        dx_ND = torch.zeros_like(x_ND) if ctx.needs_input_grad[0] else None
-        dw_gate, dw_up = torch.zeros_like(w_gate), torch.zeros_like(w_up)
-        for e, s, t in _slices(counts):
-            if dx_ND is not None:
-                torch.mm(dg_NF[s:t], w_gate[e], out=dx_ND[s:t])
-                dx_ND[s:t].addmm_(du_NF[s:t], w_up[e])
-            torch.mm(dg_NF[s:t].t(), x_ND[s:t], out=dw_gate[e])
-            torch.mm(du_NF[s:t].t(), x_ND[s:t], out=dw_up[e])
-        return dx_ND, dw_gate, dw_up, dw_down, None
+        grads = experts_backward((x_ND, g_NF, u_NF), w_gate, w_up, w_down, ctx.counts, dy_ND,
+                                 need_dx=ctx.needs_input_grad[0])
+        return (*grads, None)
 
 
 class Experts(nn.Module):

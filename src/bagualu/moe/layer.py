@@ -42,7 +42,7 @@ class MoE(nn.Module):
                  norm_topk_prob: bool = True, num_groups: int = 1, topk_groups: int = 1,
                  routed_scaling_factor: float = 1.0, num_shared_experts: int = 0, shared_ffn_dim: int | None = None,
                  shared_expert_gate: bool = False, capacity_factor: float | None = None, jitter: float = 1e-2,
-                 seed: int = 0):
+                 seed: int = 0, shadow: str | int = "off", schedule: str = "all_to_all"):
         super().__init__()
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.gate = Router(dim, num_experts, top_k, name=router, norm_topk_prob=norm_topk_prob,
@@ -53,6 +53,13 @@ class MoE(nn.Module):
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be positive (or None for dropless)")
         self.capacity_factor = capacity_factor
+        if not (shadow in ("off", "auto") or (isinstance(shadow, int) and shadow >= 0)):
+            raise ValueError(f"shadow={shadow!r} must be 'off', 'auto' (cost model) or a number of hot experts")
+        if schedule not in ("all_to_all", "pipelined", "auto"):
+            raise ValueError(f"schedule={schedule!r} must be 'all_to_all', 'pipelined' or 'auto' (cost model)")
+        self.shadow, self.schedule = shadow, schedule  # used under expert parallelism
+        self.cost = None  # ShadowCost, measured by parallelize when a choice is 'auto'
+        self.last_shadowed: tuple[int, ...] = ()
         self.experts = Experts(num_experts, dim, ffn_dim)
         if shared_ffn_dim is None:
             shared_ffn_dim = num_shared_experts * ffn_dim
@@ -93,8 +100,10 @@ class MoE(nn.Module):
         token_T = self.data_rank * T + torch.arange(T, device=x.device)
         r = self.gate(x_TD, token_T)
         if self.ep > 1:
-            y_TD, counts_E, dropped = expert_parallel(x_TD, r, self.experts, self.num_experts, self.ep,
-                                                      self.ep_group, self.capacity_factor)
+            y_TD, counts_E, plan = expert_parallel(
+                x_TD, r, self.experts, self.num_experts, self.ep, self.ep_group, ep_rank=self.ep_rank,
+                capacity_factor=self.capacity_factor, shadow=self.shadow, schedule=self.schedule, cost=self.cost)
+            dropped, self.last_shadowed = plan.dropped, plan.shadow
         else:
             d = make_dispatch(r.experts_TK, self.num_experts)
             counts_E = d.counts_E

@@ -33,6 +33,8 @@ def parallelize(model: nn.Module, mesh: Mesh, *, bucket_bytes: int = 25 << 20) -
         m.data_rank = mesh.rank
         m.stats_group = mesh.world_group if mesh.world_size > 1 else None
         m.stats_world = mesh.world_size
+    if mesh.ep > 1 and any("auto" in (m.shadow, m.schedule) for m in moes):
+        _install_cost_models(moes, mesh)
     expert_params = {id(p) for m in moes for p in m.experts.parameters()}
     if mesh.world_size > 1:
         _broadcast_replicas(model, mesh, expert_params)
@@ -40,6 +42,26 @@ def parallelize(model: nn.Module, mesh: Mesh, *, bucket_bytes: int = 25 << 20) -
         model, expert_params=expert_params, expert_group=mesh.group(Axis.DP), world_group=mesh.world_group
         if mesh.world_size > 1 else None, world=mesh.world_size, bucket_bytes=bucket_bytes)
     return model
+
+
+def _install_cost_models(moes: list[MoE], mesh: Mesh) -> None:
+    """FasterMoE's cost model inputs: measured all-to-all bandwidth, the platform's expert FLOP/s."""
+    from bagualu.comm.bandwidth import all_to_all_bandwidth
+    from bagualu.moe.ep_plan import ShadowCost
+    from bagualu.platform import current_platform
+
+    plat = current_platform()
+    group = mesh.group(Axis.EP)
+    link_bw = all_to_all_bandwidth(group, device=plat.current_device())
+    dtype = moes[0].experts.gate_proj.dtype
+    # every rank of the EP group must plan identically: agree on the slowest rank's figure
+    flops = torch.tensor([0.7 * plat.peak_flops(dtype)], dtype=torch.float64)
+    dist.all_reduce(flops, op=dist.ReduceOp.MIN, group=group)
+    for m in moes:
+        size = m.experts.gate_proj.element_size()
+        D, F_ = m.dim, m.experts.ffn_dim
+        m.cost = ShadowCost(row_bytes=4 * D * size, row_flops=18 * D * F_, expert_bytes=3 * D * F_ * size,
+                            link_bw=link_bw, flops=float(flops))
 
 
 @torch.no_grad()

@@ -23,17 +23,28 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def case(ep: int, dp: int, router: str, shared: int, capacity: float | None, steps: int = 2) -> dict:
+def case(ep: int, dp: int, router: str, shared: int, capacity: float | None, shadow="off",
+         schedule: str = "all_to_all", skew: bool = False, steps: int = 2) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     top_k = {"switch": 1, "gshard": 2}.get(router, 2)
     torch.manual_seed(0)
     ref = MoE(D, F, num_experts=E, top_k=top_k, router=router, num_shared_experts=shared, capacity_factor=capacity,
-              num_groups=2 if router in ("sigmoid_bias", "softmax_group") else 1, topk_groups=1, seed=5)
+              num_groups=2 if router in ("sigmoid_bias", "softmax_group") else 1, topk_groups=1, seed=5,
+              shadow=shadow, schedule=schedule)
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.5)
     if router == "sigmoid_bias":
         ref.gate.e_score_correction_bias.normal_(0, 0.1)
+    if skew:  # make experts 0 and 5 hot, so shadowing them pays off
+        with torch.no_grad():
+            ref.gate.weight[0] += 2.0
+            ref.gate.weight[5] += 1.5
     model = parallelize(copy.deepcopy(ref), make_mesh(dp=dp, ep=ep))
+    if shadow == "auto":  # a link slow enough that moving hot experts' tokens costs more than their weights
+        from bagualu.moe.ep_plan import ShadowCost
+        model.cost = ShadowCost(row_bytes=64 * D, row_flops=18 * D * F, expert_bytes=12 * D * F, link_bw=1e8,
+                                flops=1e10)
+    shadowed = 0
     worst = {k: 0.0 for k in ("out", "loss", "grad", "x_grad", "aux")}
     total_dropped = 0
     use_aux = ref.capacity_factor is None  # with capacity (given or implied), statistics are per dispatch group
@@ -86,7 +97,8 @@ def case(ep: int, dp: int, router: str, shared: int, capacity: float | None, ste
         assert torch.equal(counts, counts_ref), (counts, counts_ref)
         assert int(dropped) == dropped_ref, (int(dropped), dropped_ref)
         total_dropped += dropped_ref
-    return {**worst, "dropped": total_dropped}
+        shadowed += len(model.last_shadowed)
+    return {**worst, "dropped": total_dropped, "shadowed": shadowed}
 
 
 def main(out_file: str, cases_json: str) -> None:
