@@ -156,3 +156,7 @@ def test_construction_errors_name_the_values():
         MoE(D, FF, E, 2, capacity_factor=0)
     with pytest.raises(ValueError, match="num_experts=8 is not divisible by num_groups=3"):
         MoE(D, FF, E, 2, router="sigmoid_bias", num_groups=3)
+    with pytest.raises(ValueError, match="shadow='hot' must be 'off', 'auto'"):
+        MoE(D, FF, E, 2, shadow="hot")
+    with pytest.raises(ValueError, match="schedule='ring' must be 'all_to_all', 'pipelined' or 'auto'"):
+        MoE(D, FF, E, 2, schedule="ring")
