@@ -18,12 +18,17 @@ def machine_facts() -> dict:
         "load_avg_1m": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
         "platform": plat.name,
-        "allocator": "glibc malloc" + (f" (MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']})"
-                                       if "MALLOC_MMAP_THRESHOLD_" in os.environ else " (defaults)"),
+        "allocator": allocator(),
         "copy_GBps": plat.peak_memory_bandwidth() / 1e9,
         "gemm_fp32_GFLOPs": plat.peak_flops(torch.float32) / 1e9,
         "gemm_bf16_GFLOPs": plat.peak_flops(torch.bfloat16) / 1e9 if plat.supports_dtype(torch.bfloat16) else None,
     }
+
+
+def allocator() -> str:
+    from bagualu.memory import host_allocator
+
+    return host_allocator.describe() + " (same for ours and the peer: one process)"
 
 
 def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[str, float]:

@@ -67,7 +67,13 @@ def main() -> None:
     ap.add_argument("--impls", default="eager,grouped_mm,batched_mm",
                     help="transformers experts implementations to compare against")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's defaults (large tensors page-faulted on every call, for both sides)")
     args = ap.parse_args()
+    if not args.default_malloc:
+        from bagualu.memory.host_allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()
     facts = machine_facts()
     print("machine:", facts)
     rows, headline = [], []

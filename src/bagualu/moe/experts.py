@@ -16,9 +16,13 @@ The compute is one ``autograd.Function`` (``SwiGLUExperts``) rather than autogra
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bagualu.memory import workspace
 
 
 def _slices(counts: list[int]):
@@ -29,37 +33,62 @@ def _slices(counts: list[int]):
         start += n
 
 
-def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
-    """``(y_ND, saved)``: expert e applied to its slice; ``saved`` is what ``experts_backward`` needs."""
+def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], keep: bool = True):
+    """``(y_ND, saved)``: expert e applied to its slice; ``saved`` is what ``experts_backward`` needs.
+
+    The pre-activations in ``saved`` come from the workspace pool; the caller hands them back with
+    ``release_when_freed(ctx, saved)`` once nothing can backpropagate through them any more. Without
+    ``keep`` nothing is saved.
+    """
     N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
-    g_NF = x_ND.new_empty(N, F_)
-    u_NF = x_ND.new_empty(N, F_)
+    g_NF = workspace.take((N, F_), x_ND.dtype, x_ND.device)
+    u_NF = workspace.take((N, F_), x_ND.dtype, x_ND.device)
     for e, s, t in _slices(counts):
         torch.mm(x_ND[s:t], w_gate_EFD[e].t(), out=g_NF[s:t])
         torch.mm(x_ND[s:t], w_up_EFD[e].t(), out=u_NF[s:t])
-    a_NF = F.silu(g_NF).mul_(u_NF)
+    if keep:  # a = silu(g) · u in a pool buffer; g stays for the backward
+        a_NF = torch.sigmoid(g_NF, out=workspace.take((N, F_), x_ND.dtype, x_ND.device)).mul_(g_NF).mul_(u_NF)
+    else:
+        a_NF = F.silu(g_NF, inplace=True).mul_(u_NF)
     y_ND = x_ND.new_empty(N, w_down_EDF.shape[1])
     for e, s, t in _slices(counts):
         torch.mm(a_NF[s:t], w_down_EDF[e].t(), out=y_ND[s:t])
-    return y_ND, (x_ND, g_NF, u_NF)
+    if keep:
+        workspace.give(a_NF)
+        return y_ND, (x_ND, g_NF, u_NF)
+    workspace.give(g_NF, u_NF)
+    return y_ND, None
+
+
+def release_when_freed(ctx, *saved) -> None:
+    """Return saved pre-activations to the pool when the autograd node ``ctx`` dies — after the last
+    backward through it (so ``retain_graph=True`` and double backward stay correct), or when the graph
+    is dropped without one."""
+    acts = [t for sv in saved if sv is not None for t in sv[1:]]
+    weakref.finalize(ctx, workspace.give, *acts)
 
 
 def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need_dx: bool = True):
-    """``(dx_ND, dw_gate, dw_up, dw_down)`` for one ``experts_forward`` call (dx None unless ``need_dx``)."""
+    """``(dx_ND, dw_gate, dw_up, dw_down)`` for one ``experts_forward`` call (dx None unless ``need_dx``).
+
+    ``saved`` is only read (a retained graph may backpropagate again); temporaries come from the pool.
+    """
     x_ND, g_NF, u_NF = saved
     dy_ND = dy_ND.contiguous()
-    sig = torch.sigmoid(g_NF)
-    silu = g_NF * sig
-    a_NF = silu * u_NF
-    da_NF = torch.empty_like(g_NF)
+    shape, dt, dev = g_NF.shape, g_NF.dtype, g_NF.device
+    sig = torch.sigmoid(g_NF, out=workspace.take(shape, dt, dev))
+    silu = torch.mul(g_NF, sig, out=workspace.take(shape, dt, dev))
+    a_NF = torch.mul(silu, u_NF, out=workspace.take(shape, dt, dev))
+    da_NF = workspace.take(shape, dt, dev)
     dw_down = torch.zeros_like(w_down)
     for e, s, t in _slices(counts):
         torch.mm(dy_ND[s:t], w_down[e], out=da_NF[s:t])
         torch.mm(dy_ND[s:t].t(), a_NF[s:t], out=dw_down[e])
-    du_NF = da_NF * silu
-    # d silu(g)/dg = sig * (1 + g * (1 - sig))
-    dg_NF = da_NF.mul_(u_NF).mul_(sig.mul_(1 + g_NF * (1 - sig)))
-    dx_ND = torch.zeros_like(x_ND) if need_dx else None
+    du_NF = torch.mul(da_NF, silu, out=a_NF)  # a is no longer needed
+    # d silu(g)/dg = sig + silu · (1 − sig), built in silu's buffer without touching sig
+    dsilu = torch.addcmul(silu, silu, sig, value=-1, out=silu).add_(sig)
+    dg_NF = da_NF.mul_(u_NF).mul_(dsilu)  # da is no longer needed
+    dx_ND = x_ND.new_empty(x_ND.shape) if need_dx else None
     dw_gate, dw_up = torch.zeros_like(w_gate), torch.zeros_like(w_up)
     for e, s, t in _slices(counts):
         if dx_ND is not None:
@@ -67,21 +96,29 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
             dx_ND[s:t].addmm_(du_NF[s:t], w_up[e])
         torch.mm(dg_NF[s:t].t(), x_ND[s:t], out=dw_gate[e])
         torch.mm(du_NF[s:t].t(), x_ND[s:t], out=dw_up[e])
+    if dx_ND is not None and sum(counts) < x_ND.shape[0]:
+        dx_ND[sum(counts):] = 0
+    workspace.give(sig, dsilu, du_NF, dg_NF)
     return dx_ND, dw_gate, dw_up, dw_down
 
 
 class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
-        y_ND, saved = experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts)
-        ctx.save_for_backward(*saved, w_gate_EFD, w_up_EFD, w_down_EDF)
+        keep = any(ctx.needs_input_grad)
+        y_ND, saved = experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts, keep=keep)
+        if keep:
+            # pool buffers live on ctx (not save_for_backward) and go back to the pool when it dies
+            ctx.acts = saved[1:]
+            release_when_freed(ctx, saved)
+            ctx.save_for_backward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF)
         ctx.counts = counts
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, g_NF, u_NF, w_gate, w_up, w_down = ctx.saved_tensors
-        grads = experts_backward((x_ND, g_NF, u_NF), w_gate, w_up, w_down, ctx.counts, dy_ND,
+        x_ND, w_gate, w_up, w_down = ctx.saved_tensors
+        grads = experts_backward((x_ND, *ctx.acts), w_gate, w_up, w_down, ctx.counts, dy_ND,
                                  need_dx=ctx.needs_input_grad[0])
         return (*grads, None)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bagualu.moe.ep_plan import EPPlan
-from bagualu.moe.experts import experts_backward, experts_forward
+from bagualu.moe.experts import experts_backward, experts_forward, release_when_freed
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -93,6 +93,7 @@ class PipelinedExperts(torch.autograd.Function):
 
         y_send = _rounds(plan, x_send_ND, make_recv, compute, 0, group)
         ctx.plan, ctx.group, ctx.saved = plan, group, saved
+        release_when_freed(ctx, *saved.values())
         ctx.save_for_backward(w_gate, w_up, w_down)
         return y_send if y_send is not None else x_send_ND.new_empty(0, D)
 
@@ -104,7 +105,7 @@ class PipelinedExperts(torch.autograd.Function):
         dw = [torch.zeros_like(w_gate), torch.zeros_like(w_up), torch.zeros_like(w_down)]
 
         def compute(src, dy_recv):
-            dx, *g = experts_backward(ctx.saved.pop(src), w_gate, w_up, w_down, plan.recv_counts(src), dy_recv)
+            dx, *g = experts_backward(ctx.saved[src], w_gate, w_up, w_down, plan.recv_counts(src), dy_recv)
             for acc, gi in zip(dw, g):
                 acc += gi
             return dx
