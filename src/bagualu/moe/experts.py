@@ -36,8 +36,8 @@ def _slices(counts: list[int]):
 def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], keep: bool = True):
     """``(y_ND, saved)``: expert e applied to its slice; ``saved`` is what ``experts_backward`` needs.
 
-    The pre-activations in ``saved`` come from the workspace pool; the caller hands them back with
-    ``release_when_freed(ctx, saved)`` once nothing can backpropagate through them any more. Without
+    The pre-activations in ``saved`` (``saved[1:]``) come from the workspace pool; the caller hands them
+    back with ``release_when_freed`` once nothing can backpropagate through them any more. Without
     ``keep`` nothing is saved.
     """
     N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
@@ -60,15 +60,14 @@ def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], k
     return y_ND, None
 
 
-def release_when_freed(ctx, *saved) -> None:
-    """Return saved pre-activations to the pool when the autograd node ``ctx`` dies — after the last
-    backward through it (so ``retain_graph=True`` and double backward stay correct), or when the graph
-    is dropped without one."""
-    acts = [t for sv in saved if sv is not None for t in sv[1:]]
-    weakref.finalize(ctx, workspace.give, *acts)
+def release_when_freed(ctx, *pool_tensors: torch.Tensor) -> None:
+    """Return pool tensors when the autograd node ``ctx`` dies — after the last backward through it (so
+    ``retain_graph=True`` and double backward stay correct), or when the graph is dropped without one."""
+    weakref.finalize(ctx, workspace.give, *pool_tensors)
 
 
-def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need_dx: bool = True):
+def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need_dx: bool = True,
+                     dx_out: torch.Tensor | None = None):
     """``(dx_ND, dw_gate, dw_up, dw_down)`` for one ``experts_forward`` call (dx None unless ``need_dx``).
 
     ``saved`` is only read (a retained graph may backpropagate again); temporaries come from the pool.
@@ -88,7 +87,7 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
     # d silu(g)/dg = sig + silu · (1 − sig), built in silu's buffer without touching sig
     dsilu = torch.addcmul(silu, silu, sig, value=-1, out=silu).add_(sig)
     dg_NF = da_NF.mul_(u_NF).mul_(dsilu)  # da is no longer needed
-    dx_ND = x_ND.new_empty(x_ND.shape) if need_dx else None
+    dx_ND = (dx_out if dx_out is not None else x_ND.new_empty(x_ND.shape)) if need_dx else None
     dw_gate, dw_up = torch.zeros_like(w_gate), torch.zeros_like(w_up)
     for e, s, t in _slices(counts):
         if dx_ND is not None:
@@ -110,7 +109,7 @@ class SwiGLUExperts(torch.autograd.Function):
         if keep:
             # pool buffers live on ctx (not save_for_backward) and go back to the pool when it dies
             ctx.acts = saved[1:]
-            release_when_freed(ctx, saved)
+            release_when_freed(ctx, *saved[1:])
             ctx.save_for_backward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF)
         ctx.counts = counts
         return y_ND

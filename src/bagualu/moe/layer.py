@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from bagualu.comm.all_reduce import all_reduce_sum
-from bagualu.moe.dispatch import capacity, kept_routes, make_dispatch, permute, unpermute_combine
+from bagualu.moe.dispatch import capacity, kept_routes, make_dispatch
+from bagualu.moe.local import LocalExperts
 from bagualu.moe.ep import expert_parallel
 from bagualu.moe.experts import Experts
 from bagualu.moe.mlp import MLP
@@ -114,8 +115,9 @@ class MoE(nn.Module):
                 c = capacity(self.capacity_factor, T, self.top_k, self.num_experts)
                 kept = [min(n, c) for n in counts]
             route_N = kept_routes(d, counts, kept)
-            y_ND = self.experts(permute(x_TD, route_N, self.top_k), kept)
-            y_TD = unpermute_combine(y_ND, r.weights_TK, route_N, T)
+            w_N = r.weights_TK.reshape(-1).index_select(0, route_N)
+            ex = self.experts
+            y_TD = LocalExperts.apply(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj, route_N // self.top_k, kept)
             dropped = sum(counts) - sum(kept)
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)

@@ -93,7 +93,7 @@ class PipelinedExperts(torch.autograd.Function):
 
         y_send = _rounds(plan, x_send_ND, make_recv, compute, 0, group)
         ctx.plan, ctx.group, ctx.saved = plan, group, saved
-        release_when_freed(ctx, *saved.values())
+        release_when_freed(ctx, *[t for sv in saved.values() for t in sv[1:]])
         ctx.save_for_backward(w_gate, w_up, w_down)
         return y_send if y_send is not None else x_send_ND.new_empty(0, D)
 
