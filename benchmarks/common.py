@@ -28,7 +28,7 @@ def machine_facts() -> dict:
 def allocator() -> str:
     from bagualu.memory import host_allocator
 
-    return host_allocator.describe() + " (same for ours and the peer: one process)"
+    return host_allocator.describe() + " (same for ours and the peer)"
 
 
 def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[str, float]:

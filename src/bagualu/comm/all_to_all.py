@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bagualu.comm.timing import blocked
+
 
 def exchange_counts_sync(send_counts: torch.Tensor, group) -> torch.Tensor:
     """All-to-all of a small int64 tensor ``[world, ...]`` (row r goes to rank r); returns what arrives.
@@ -25,7 +27,9 @@ def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[i
                     async_op: bool = False):
     """Raw exchange (no autograd). With ``async_op`` returns ``(out, work)``."""
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group, async_op=async_op)
+    with blocked():
+        work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group,
+                                      async_op=async_op)
     return (out, work) if async_op else out
 
 

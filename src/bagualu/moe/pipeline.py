@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bagualu.comm.timing import blocked
 from bagualu.moe.ep_plan import EPPlan
 from bagualu.moe.experts import experts_backward, experts_forward, release_when_freed
 
@@ -63,8 +64,9 @@ def _rounds(plan: EPPlan, a_send, make_recv, compute, tag0: int, group):
         recv, works = pending
         if i + 1 < ep:
             pending = post(i + 1)
-        for w in works:
-            w.wait()
+        with blocked():
+            for w in works:
+                w.wait()
         out = compute(src, recv)
         if back is None:
             back = out.new_empty(a_send.shape[0], *out.shape[1:])
@@ -73,8 +75,9 @@ def _rounds(plan: EPPlan, a_send, make_recv, compute, tag0: int, group):
             mine.copy_(out)
         else:
             works_back += _swap(out, src, mine, dst, group, tag0 + 2 * i + 1)
-    for w in works_back:
-        w.wait()
+    with blocked():
+        for w in works_back:
+            w.wait()
     return back
 
 

@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end at toy sizes (they are scripts, so only a run proves they work).
+
+No timing is asserted — only that each prints its table and headline and writes its --json.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_moe_layer_benchmark_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "moe_layer.py"), "--tokens", "64", "--reps", "1", "--shapes",
+                        "E64", "--dtypes", "float32", "--impls", "eager,grouped_mm", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "headline: bagualu MoE layer vs best transformers experts implementation" in p.stdout
+    res = json.loads(out.read_text())
+    assert res["geomean_ratio"] > 0 and {r["impl"] for r in res["rows"]} >= {"bagualu", "hf grouped_mm"}
+
+
+def test_moe_ep_benchmark_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "moe_ep.py"), "--tokens", "64", "--reps", "1", "--dim", "64",
+                        "--ffn", "128", "--dtypes", "float32", "--no-deepspeed", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline float32: bagualu EP=2" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"bagualu (all_to_all)", "bagualu (pipelined)"}
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["impl"].startswith("bagualu"))
