@@ -87,7 +87,7 @@ def deepspeed_layer(args, dtype):
 
 def worker(args):
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, _world = dist.get_rank(), dist.get_world_size()
     if not args.default_malloc:
         from bagualu.memory.host_allocator import tune_glibc_malloc
 

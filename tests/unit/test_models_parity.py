@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import ARCH_OF, V, hf_configs, make_hf_model, rel_err, save_hf_model, transformers
+from hf_models import ARCH_OF, V, hf_configs, rel_err, save_hf_model, transformers
 
 import bagualu.models as bm
 

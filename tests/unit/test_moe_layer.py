@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bagualu.moe import ROUTERS, MoE
 from bagualu.moe.noise import normal, uniform
@@ -105,7 +104,7 @@ def test_gradients_match_autograd_over_oracle(router):
 
 
 def test_load_balance_loss_equals_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     m = make("softmax_topk", 2)

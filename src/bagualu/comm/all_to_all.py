@@ -13,24 +13,12 @@ import torch.distributed as dist
 from bagualu.comm.timing import blocked
 
 
-def exchange_counts_sync(send_counts: torch.Tensor, group) -> torch.Tensor:
-    """All-to-all of a small int64 tensor ``[world, ...]`` (row r goes to rank r); returns what arrives.
-
-    Not a host sync by itself; callers ``.tolist()`` the result — that is the layer's one host sync.
-    """
-    recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
-    return recv
-
-
-def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
-                    async_op: bool = False):
-    """Raw exchange (no autograd). With ``async_op`` returns ``(out, work)``."""
+def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    """Raw exchange (no autograd)."""
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     with blocked():
-        work = dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group,
-                                      async_op=async_op)
-    return (out, work) if async_op else out
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    return out
 
 
 class _AllToAll(torch.autograd.Function):
