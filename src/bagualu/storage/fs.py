@@ -1,0 +1,46 @@
+"""Filesystem access through fsspec: local directories by default, any fsspec URL (s3://, gs://, ...)
+where its driver is installed. Writes are atomic: to a temporary name, then one rename, so a reader (or
+a crash) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from typing import Iterator
+
+import fsspec
+
+
+def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fs, path)`` for a local path or an fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+@contextlib.contextmanager
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> Iterator:
+    """Open ``path`` for writing; it appears under its name only if the block finishes without error."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
