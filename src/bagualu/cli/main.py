@@ -18,6 +18,7 @@ COMMANDS: list[str] = [
     "bagualu.cli.init_model",
     "bagualu.cli.generate",
     "bagualu.cli.data",
+    "bagualu.cli.train",
 ]
 
 
@@ -49,7 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     With no command, prints the help and returns 0 (as ``pip`` and ``docker`` do).
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: dict[str, str] = {}
+    if argv and argv[0] == "train":  # --section.key=value overrides are free-form: split them off first
+        from bagualu.cli.train import split_overrides
+
+        try:
+            argv, overrides = split_overrides(argv)
+        except ValueError as e:
+            parser.error(str(e))
     args = parser.parse_args(argv)
+    args.overrides = overrides
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

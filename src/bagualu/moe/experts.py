@@ -25,6 +25,20 @@ import torch.nn.functional as F
 from bagualu.memory import workspace
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast compute dtype active for ``x``'s device, if any (custom Functions see fp32 otherwise)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def cast_for_autocast(x, *weights):
+    """Inputs in the autocast dtype (fp32 master weights → bf16 compute), or unchanged without autocast."""
+    dt = autocast_dtype(x)
+    if dt is None or dt == x.dtype and all(w.dtype == dt for w in weights):
+        return (x, *weights)
+    return (x.to(dt), *(w.to(dt) for w in weights))
+
+
 def _slices(counts: list[int]):
     start = 0
     for e, n in enumerate(counts):
@@ -104,6 +118,8 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
 class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
+        ctx.dtypes = (x_ND.dtype, w_gate_EFD.dtype, w_up_EFD.dtype, w_down_EDF.dtype)
+        x_ND, w_gate_EFD, w_up_EFD, w_down_EDF = cast_for_autocast(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF)
         keep = any(ctx.needs_input_grad)
         y_ND, saved = experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts, keep=keep)
         if keep:
@@ -117,9 +133,9 @@ class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, w_gate, w_up, w_down = ctx.saved_tensors
-        grads = experts_backward((x_ND, *ctx.acts), w_gate, w_up, w_down, ctx.counts, dy_ND,
+        grads = experts_backward((x_ND, *ctx.acts), w_gate, w_up, w_down, ctx.counts, dy_ND.to(x_ND.dtype),
                                  need_dx=ctx.needs_input_grad[0])
-        return (*grads, None)
+        return (*(g if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
 
 
 class Experts(nn.Module):

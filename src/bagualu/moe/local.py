@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 
 from bagualu.memory import workspace
-from bagualu.moe.experts import experts_backward, experts_forward, release_when_freed
+from bagualu.moe.experts import cast_for_autocast, experts_backward, experts_forward, release_when_freed
 
 
 class LocalExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_N, w_gate, w_up, w_down, token_N, counts: list[int]):
+        ctx.dtypes = (x_TD.dtype, w_N.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
+        x_TD, w_gate, w_up, w_down = cast_for_autocast(x_TD, w_gate, w_up, w_down)
         N, (T, D) = token_N.shape[0], x_TD.shape
         keep = any(ctx.needs_input_grad)
         x_ND = torch.index_select(x_TD, 0, token_N, out=workspace.take((N, D), x_TD.dtype, x_TD.device))
@@ -41,7 +43,7 @@ class LocalExperts(torch.autograd.Function):
         w_N, w_gate, w_up, w_down, token_N = ctx.saved_tensors
         x_ND, y_ND, g_NF, u_NF = ctx.acts
         (N, D), dt, dev = x_ND.shape, x_ND.dtype, x_ND.device
-        dy_ND = torch.index_select(dout_TD.contiguous(), 0, token_N, out=workspace.take((N, D), dt, dev))
+        dy_ND = torch.index_select(dout_TD.to(dt).contiguous(), 0, token_N, out=workspace.take((N, D), dt, dev))
         dw_N = None
         if ctx.needs_input_grad[1]:
             prod = torch.mul(dy_ND, y_ND, out=workspace.take((N, D), dt, dev))
@@ -53,4 +55,5 @@ class LocalExperts(torch.autograd.Function):
                                                           dy_ND, need_dx=True, dx_out=dx_out)
         dx_TD = torch.zeros(ctx.T, D, dtype=dt, device=dev).index_add_(0, token_N, dx_ND)
         workspace.give(dy_ND, dx_out)
-        return dx_TD, dw_N, dw_gate, dw_up, dw_down, None, None
+        grads = (dx_TD, dw_N, dw_gate, dw_up, dw_down)
+        return (*(g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)), None, None)

@@ -18,11 +18,16 @@ from bagualu.storage.token_shards import TokenDataset
 
 class TokenSampler:
     def __init__(self, dataset: TokenDataset, seq_len: int, global_batch: int, *, seed: int = 0, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, holdout: int = 0, split: str = "train"):
+        """``holdout`` windows at the end of the dataset are kept out of ``split="train"`` and are the
+        whole of ``split="eval"`` (in order, no shuffling)."""
         if global_batch % world:
             raise ValueError(f"global_batch={global_batch} is not divisible by world size {world}; "
                              f"choose a multiple of {world}")
-        self.windows = (len(dataset) - 1) // seq_len
+        total = (len(dataset) - 1) // seq_len
+        self.first = total - holdout if split == "eval" else 0
+        self.windows = holdout if split == "eval" else total - holdout
+        self.shuffle = split == "train"
         if self.windows < global_batch:
             raise ValueError(f"the dataset holds {len(dataset)} tokens: {self.windows} windows of {seq_len + 1}, "
                              f"fewer than one global batch of {global_batch}; use more data or smaller batches")
@@ -37,7 +42,9 @@ class TokenSampler:
 
     def _permutation(self) -> np.ndarray:
         if self._perm is None or self._perm[0] != self.epoch:
-            self._perm = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.windows))
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.windows) if self.shuffle \
+                else np.arange(self.windows)
+            self._perm = (self.epoch, order + self.first)
         return self._perm[1]
 
     def next_batch(self) -> torch.Tensor:

@@ -1,0 +1,23 @@
+"""The worker entry point of ``bagualu train`` (``python -m bagualu.train.entry ...``): what every rank runs."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bagualu.cli.train import build_config, parser, split_overrides
+    from bagualu.launch import adopt_slurm_env
+    from bagualu.train.loop import train
+
+    adopt_slurm_env()
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser().parse_args(rest)
+    args.overrides = overrides
+    cfg, run_dir = build_config(args)
+    train(cfg, run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The training loop: one process of a (possibly distributed) run. Started by ``bagualu train`` directly,
+by the elastic launcher (``--nproc``), by ``torchrun`` or under Slurm — it reads its rank from the env.
+
+Per optimizer step: ``grad_accum`` micro-batches (gradient sync only on the last, ``GradSync.no_sync``),
+loss = cross-entropy + aux_loss_coef · Σ load-balance + z_loss_coef · Σ z-loss, global-norm clipping
+(expert shards' squares summed over the EP group), AdamW with warmup + cosine. Rank 0 shows a progress
+bar, appends ``log.jsonl``, and at the end writes the eval loss, ``training.png`` and a Hugging Face
+export (``RUN_DIR/hf``) with the experts of every rank merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bagualu.comm import Axis, make_mesh
+from bagualu.models import from_config, load_tokenizer
+from bagualu.moe import MoE
+from bagualu.parallel import parallelize
+from bagualu.platform import current_platform
+from bagualu.storage import TokenDataset
+from bagualu.train.config import RunConfig, to_dict
+from bagualu.train.memory import check_fits
+from bagualu.train.sampler import TokenSampler
+from bagualu.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _dist_setup():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(current_platform().dist_backend)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> Path:
+    path = Path(cfg.data.path) if cfg.data.path else run_dir / "data"
+    if rank == 0 and not (path / "manifest.json").exists():
+        if cfg.data.path:
+            raise FileNotFoundError(f"data.path={cfg.data.path} is not a prepared dataset (no manifest.json); "
+                                    f"run `bagualu data prepare FILES... --out {cfg.data.path}`")
+        from bagualu.train.corpus import stdlib_files
+        from bagualu.train.data import prepare
+
+        log.info("preparing the default corpus (this Python's standard library) into %s", path)
+        prepare(stdlib_files(int(cfg.data.corpus_mb * (1 << 20))), path, vocab_size=cfg.data.vocab_size)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def _lr_lambda(t: "TrainConfig"):  # noqa: F821
+    def f(step: int) -> float:
+        if step < t.warmup:
+            return (step + 1) / t.warmup
+        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _lm_loss(model, ids: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(ids[:, :-1])
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    aux = ce.new_zeros(())
+    for m in model.modules():
+        if isinstance(m, MoE) and m.last_aux_losses:
+            aux = aux + t.aux_loss_coef * m.last_aux_losses["load_balance"] + t.z_loss_coef * m.last_aux_losses["z_loss"]
+    return ce, aux
+
+
+def _clip(model, max_norm: float, mesh) -> float:
+    expert = {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
+    sq = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq[0 if id(p) in expert else 1] += p.grad.detach().double().square().sum().cpu()
+    if mesh.group(Axis.EP) is not None:  # shards differ across the EP group; replicas agree after sync
+        dist.all_reduce(sq[:1], group=mesh.group(Axis.EP))
+    norm = float(sq.sum().sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def _imbalance(model) -> float:
+    """max/mean routed tokens per expert, averaged over MoE layers (1.0 = perfectly balanced)."""
+    vals = []
+    for m in model.modules():
+        if isinstance(m, MoE) and m.last_tokens_per_expert is not None:
+            c = m.last_tokens_per_expert.double()
+            if dist.is_initialized():
+                dist.all_reduce(c)
+            vals.append(float(c.max() / c.mean().clamp_min(1e-9)))
+    return sum(vals) / len(vals) if vals else 1.0
+
+
+def train(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """Run training; returns the final metrics (on every rank)."""
+    rank, world = _dist_setup()
+    plat = current_platform()
+    device = plat.current_device()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    data_dir = _prepare_data(cfg, run_dir, rank)
+    ds = TokenDataset(str(data_dir))
+    vocab = -(-ds.vocab_size // 64) * 64
+    tok = load_tokenizer(data_dir)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    is_moe = model_cfg.moe is not None
+    ep = cfg.parallel.ep or (world if is_moe else 1)
+    if world % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the world size {world}")
+    check_fits(model_cfg, t, ep=ep, platform=plat)
+    compute_dtype = torch.bfloat16 if t.dtype == "bfloat16" or (
+        t.dtype == "auto" and plat.supports_dtype(torch.bfloat16)) else None
+    model = from_config(model_cfg, device=device, dtype="float32", seed=t.seed)
+    shadow = int(cfg.parallel.shadow) if cfg.parallel.shadow.isdigit() else cfg.parallel.shadow
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.shadow, m.schedule = shadow, cfg.parallel.schedule
+    mesh = make_mesh(dp=world // ep, ep=ep)
+    model = parallelize(model, mesh)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t))
+    micro = t.global_batch // t.grad_accum
+    holdout = t.eval_windows
+    sampler = TokenSampler(ds, t.seq_len, micro, seed=t.seed, rank=rank, world=world, holdout=holdout)
+    if rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("training %s: %.1fM parameters on rank 0 (ep=%d, dp=%d, world=%d), %s, %d steps of %d × %d tokens",
+                 model_cfg.arch, n_params / 1e6, ep, world // ep, world,
+                 "bf16 autocast" if compute_dtype else "fp32", t.steps, t.global_batch, t.seq_len)
+    autocast = (lambda: torch.autocast(device.type, dtype=compute_dtype)) if compute_dtype else contextlib.nullcontext
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    log_f = open(run_dir / "log.jsonl", "a") if rank == 0 else None
+    history = []
+    tokens_per_step = t.global_batch * t.seq_len
+    for step in range(t.steps):
+        t0 = time.perf_counter()
+        total = torch.zeros(2, dtype=torch.float64)
+        for k in range(t.grad_accum):
+            ids = sampler.next_batch().to(device)
+            sync = contextlib.nullcontext() if k == t.grad_accum - 1 else model.grad_sync.no_sync()
+            with sync:
+                with autocast():
+                    ce, aux = _lm_loss(model, ids, t)
+                ((ce + aux) / t.grad_accum).backward()
+            total += torch.stack([ce.detach(), aux.detach()]).double().cpu() / t.grad_accum
+        norm = _clip(model, t.grad_clip, mesh)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+            total /= world
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": float(total[0]), "aux_loss": float(total[1]), "lr": sched.get_last_lr()[0],
+               "grad_norm": norm, "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+        if is_moe and (step % t.log_every == 0 or step == t.steps - 1):
+            rec["expert_imbalance"] = _imbalance(model)
+        history.append(rec)
+        if rank == 0:
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            imbalance=f"{rec.get('expert_imbalance', 1.0):.2f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    eval_loss = evaluate(model, ds, t, holdout, rank, world, device, autocast)
+    result = {"final_loss": history[-1]["loss"], "eval_loss": eval_loss, "steps": t.steps,
+              "tokens_per_s": sum(h["tokens_per_s"] for h in history[1:]) / max(1, len(history) - 1)}
+    from bagualu.train.export import export_hf
+
+    export_hf(model, mesh, model_cfg, tok, run_dir / "hf", rank)
+    if rank == 0:
+        log_f.write(json.dumps({"eval_loss": eval_loss, **result}) + "\n")
+        log_f.close()
+        from bagualu.train.plot import plot_history
+
+        plot_history(history, run_dir / "training.png", title=f"{model_cfg.arch}, eval loss {eval_loss:.3f}")
+        log.info("done: final loss %.4f, eval loss %.4f, %.0f tokens/s; run dir %s", result["final_loss"],
+                 eval_loss, result["tokens_per_s"], run_dir)
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, ds, t, holdout, rank, world, device, autocast) -> float:
+    """Mean cross-entropy over the held-out windows (the same set whatever the world size)."""
+    model.eval()
+    per_rank = max(1, holdout // world)
+    sampler = TokenSampler(ds, t.seq_len, per_rank * world, rank=rank, world=world, holdout=holdout, split="eval")
+    with autocast():
+        ce, _ = _lm_loss(model, sampler.next_batch().to(device), t)
+    loss = torch.tensor([float(ce)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+        loss /= world
+    model.train()
+    return float(loss)
