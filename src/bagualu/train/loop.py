@@ -28,7 +28,7 @@ from bagualu.moe import MoE
 from bagualu.parallel import parallelize
 from bagualu.platform import current_platform
 from bagualu.storage import TokenDataset
-from bagualu.train.config import RunConfig, to_dict
+from bagualu.train.config import RunConfig, TrainConfig, to_dict
 from bagualu.train.memory import check_fits
 from bagualu.train.sampler import TokenSampler
 from bagualu.utils.logging import get_logger
@@ -59,7 +59,7 @@ def _prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> Path:
     return path
 
 
-def _lr_lambda(t: "TrainConfig"):  # noqa: F821
+def _lr_lambda(t: TrainConfig):
     def f(step: int) -> float:
         if step < t.warmup:
             return (step + 1) / t.warmup
