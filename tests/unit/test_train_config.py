@@ -19,9 +19,9 @@ def test_recipes_and_overrides():
         assert recipe(name).model.num_layers > 0
     cfg = apply_overrides(recipe("tiny-moe"), {"train.lr": "3e-4", "train.steps": 7, "train.warmup": 1,
                                                "model.num_layers": "2",
-                                               "train.activation_checkpointing": "true", "model.head_dim": "none"})
-    assert (cfg.train.lr, cfg.train.steps, cfg.model.num_layers, cfg.train.activation_checkpointing) == \
-        (3e-4, 7, 2, True)
+                                               "model.qk_norm": "true", "model.head_dim": "none"})
+    assert (cfg.train.lr, cfg.train.steps, cfg.model.num_layers, cfg.model.qk_norm, cfg.model.head_dim) == \
+        (3e-4, 7, 2, True, None)
     with pytest.raises(ValueError, match="unknown setting 'train.nope'; train has:"):
         apply_overrides(cfg, {"train.nope": 1})
     with pytest.raises(ValueError, match="unknown setting 'bogus.x'"):

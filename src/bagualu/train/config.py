@@ -33,7 +33,6 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_windows: int = 64
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "seq_len", "grad_accum"):
