@@ -21,7 +21,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                                                    "(default runs/RECIPE)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes to launch (default: one per accelerator, or 2 on a CPU machine)")
-    p.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group on failure")
+    p.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group on failure "
+                                                                 "(each restart resumes from the last checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --run-dir")
 
 
 def register(subparsers) -> None:
@@ -91,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
         from bagualu.train.loop import train
 
         try:
-            train(cfg, run_dir)
-        except (ValueError, MemoryError, FileNotFoundError) as e:
+            train(cfg, run_dir, resume=args.resume)
+        except (ValueError, MemoryError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
     argv = [args.recipe, "--run-dir", str(run_dir)] + (["--config", args.config] if args.config else [])
+    argv += ["--resume"] if args.resume else []
     argv += [f"--{k}={v}" for k, v in (getattr(args, "overrides", {}) or {}).items()]
     return launch_local("bagualu.train.entry", argv, nproc=args.nproc or default_nproc(),
                         max_restarts=args.max_restarts)

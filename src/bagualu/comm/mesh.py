@@ -28,6 +28,7 @@ class Mesh:
     rank: int
     groups: dict  # Axis -> ProcessGroup | None
     world_group: object | None
+    device_mesh: object | None = None  # the torch DeviceMesh (None without torch.distributed)
 
     @property
     def world_size(self) -> int:
@@ -71,4 +72,39 @@ def make_mesh(*, dp: int = 1, ep: int = 1) -> Mesh:
     dm = init_device_mesh(current_platform().device_type, (dp, ep), mesh_dim_names=(Axis.DP.value, Axis.EP.value))
     groups = {Axis.DP: dm.get_group(Axis.DP.value) if dp > 1 else None,
               Axis.EP: dm.get_group(Axis.EP.value) if ep > 1 else None}
-    return Mesh(dp=dp, ep=ep, rank=dist.get_rank(), groups=groups, world_group=dist.group.WORLD)
+    return Mesh(dp=dp, ep=ep, rank=dist.get_rank(), groups=groups, world_group=dist.group.WORLD, device_mesh=dm)
+
+
+def side_group(backend: str = "gloo"):
+    """A process group over all ranks for background collectives (asynchronous checkpoint writes), so
+    they never interleave with the training step's collectives on the default group. Collective: every
+    rank must call it, in the same order. None without torch.distributed."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.new_group(backend=backend)
+
+
+def init_distributed(backend: str) -> tuple[int, int]:
+    """Join the job started by a launcher (torchrun, the elastic agent, Slurm via ``launch.slurm``);
+    returns ``(rank, world_size)`` — ``(0, 1)`` for a single process.
+
+    Under the elastic agent every attempt gets its own key prefix in the agent's store. Without it
+    (torch 2.13, gloo) a restarted group reads the dead attempt's addresses and fails with "connection
+    refused" — elastic recovery would never recover.
+    """
+    import datetime
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank = int(os.environ["RANK"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=datetime.timedelta(seconds=300))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"bagualu/attempt-{attempt}", store), rank=rank,
+                                world_size=world)
+    else:
+        dist.init_process_group(backend)
+    return rank, world

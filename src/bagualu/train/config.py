@@ -33,6 +33,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_windows: int = 64
+    checkpoint_every: int = 100  # steps between checkpoints; 0 = never
+    checkpoint_keep: int = 3
+    checkpoint_async: bool = True
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "seq_len", "grad_accum"):

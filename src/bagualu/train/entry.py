@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(rest)
     args.overrides = overrides
     cfg, run_dir = build_config(args)
-    train(cfg, run_dir)
+    train(cfg, run_dir, resume=args.resume)
     return 0
 
 

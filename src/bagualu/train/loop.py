@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bagualu.checkpoint import CheckpointManager, TrainingState
 from bagualu.comm import Axis, make_mesh
+from bagualu.comm.mesh import init_distributed
 from bagualu.models import from_config, load_tokenizer
 from bagualu.moe import MoE
 from bagualu.parallel import parallelize
@@ -37,10 +39,7 @@ log = get_logger(__name__)
 
 
 def _dist_setup():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(current_platform().dist_backend)
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return init_distributed(current_platform().dist_backend)
 
 
 def _prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> Path:
@@ -106,8 +105,26 @@ def _imbalance(model) -> float:
     return sum(vals) / len(vals) if vals else 1.0
 
 
-def train(cfg: RunConfig, run_dir: str | Path) -> dict:
-    """Run training; returns the final metrics (on every rank)."""
+def _resume_point(ckpt, state, rank: int) -> int:
+    """Load the newest valid checkpoint (chosen and verified by rank 0); returns the step to continue after."""
+    path = ckpt.latest() if rank == 0 else None
+    if dist.is_initialized():
+        box = [str(path) if path else None]
+        dist.broadcast_object_list(box, src=0)
+        path = Path(box[0]) if box[0] else None
+    if path is None:
+        log.info("no committed checkpoint to resume from: starting at step 0")
+        return 0
+    sd = state.state_dict(0)
+    ckpt.load(sd, path)
+    step = state.apply_loaded(sd)
+    log.info("resumed from %s (step %d)", path, step)
+    return step
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
+    """Run training; returns the final metrics (on every rank). ``resume``: continue from the newest valid
+    checkpoint (also automatic after an elastic restart)."""
     rank, world = _dist_setup()
     plat = current_platform()
     device = plat.current_device()
@@ -144,6 +161,13 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     micro = t.global_batch // t.grad_accum
     holdout = t.eval_windows
     sampler = TokenSampler(ds, t.seq_len, micro, seed=t.seed, rank=rank, world=world, holdout=holdout)
+    ckpt = CheckpointManager(run_dir, keep=t.checkpoint_keep, async_save=t.checkpoint_async) \
+        if t.checkpoint_every else None
+    state = TrainingState(model, opt, sched, sampler, mesh)
+    start = 0
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if ckpt is not None and (resume or restarted):
+        start = _resume_point(ckpt, state, rank)
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
@@ -155,11 +179,11 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     if rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     log_f = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     history = []
     tokens_per_step = t.global_batch * t.seq_len
-    for step in range(t.steps):
+    for step in range(start, t.steps):
         t0 = time.perf_counter()
         total = torch.zeros(2, dtype=torch.float64)
         for k in range(t.grad_accum):
@@ -189,10 +213,14 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                             imbalance=f"{rec.get('expert_imbalance', 1.0):.2f}", refresh=False)
             bar.update(1)
+        if ckpt is not None and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
+            ckpt.save(step + 1, state.state_dict(step + 1))
+    if ckpt is not None:
+        ckpt.finish()
     if bar is not None:
         bar.close()
     eval_loss = evaluate(model, ds, t, holdout, rank, world, device, autocast)
-    result = {"final_loss": history[-1]["loss"], "eval_loss": eval_loss, "steps": t.steps,
+    result = {"final_loss": history[-1]["loss"] if history else float("nan"), "eval_loss": eval_loss, "steps": t.steps,
               "tokens_per_s": sum(h["tokens_per_s"] for h in history[1:]) / max(1, len(history) - 1)}
     from bagualu.train.export import export_hf
 
