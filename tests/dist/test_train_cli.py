@@ -1,5 +1,7 @@
-"""``bagualu train`` as a user runs it: 2 processes with EP=2 follow one process step for step (fp32),
-and the run directory holds the log, the plot and a Hugging Face export transformers loads."""
+"""``bagualu train`` as a user runs it: 2 processes with EP=2 follow one process step for step (fp32) —
+the EP=2 run with activation checkpointing (its recompute repeats the all-to-all inside backward), the
+single process without — and the run directory holds the log, the plot and a Hugging Face export
+transformers loads."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def train(run_dir: Path, *args: str) -> list[dict]:
 
 
 def test_ep2_run_matches_single_process_and_exports(tmp_path):
-    ep2 = train(tmp_path / "ep2", "--nproc", "2", "--data.corpus_mb=0.5")
+    ep2 = train(tmp_path / "ep2", "--nproc", "2", "--data.corpus_mb=0.5", "--train.activation_checkpointing=true")
     one = train(tmp_path / "one", "--nproc", "1", f"--data.path={tmp_path / 'ep2' / 'data'}")
     steps2, steps1 = [r for r in ep2 if "step" in r], [r for r in one if "step" in r]
     assert len(steps2) == len(steps1) == 5

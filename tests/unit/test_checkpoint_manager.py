@@ -1,9 +1,15 @@
-"""CheckpointManager in one process: atomic commit with a manifest, retention, verification, errors."""
+"""CheckpointManager in one process: atomic commit with a manifest, retention, verification, errors —
+including a full disk during a synchronous and during an asynchronous (background) write."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+
 import pytest
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from bagualu.checkpoint import CheckpointManager
 
@@ -11,39 +17,92 @@ pytestmark = pytest.mark.unit
 
 
 def test_commit_keep_load_and_verify(tmp_path, caplog):
-    m = CheckpointManager(tmp_path, keep=2, async_save=False)
+    m = CheckpointManager(tmp_path / "checkpoints", keep=2, async_save=False)
     for step in (1, 2, 3):
-        m.save(step, {"w": torch.full((4,), float(step)), "step": step})
+        m.save(step, {"w": torch.full((4,), float(step)), "step": step}, files={"extra.json": b"{}"})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000002", "step-00000003"]
     latest = m.latest()
-    assert latest.name == "step-00000003" and (latest / "manifest.json").is_file()
+    assert os.path.basename(latest) == "step-00000003" and os.path.isfile(os.path.join(latest, "manifest.json"))
+    assert open(os.path.join(latest, "extra.json")).read() == "{}"
     sd = {"w": torch.zeros(4), "step": 0}
     m.load(sd, latest)
     assert torch.equal(sd["w"], torch.full((4,), 3.0)) and sd["step"] == 3
-    f = next(p for p in latest.iterdir() if p.suffix == ".distcp")
+    f = next(p for p in (tmp_path / "checkpoints" / "step-00000003").iterdir() if p.suffix == ".distcp")
     f.write_bytes(b"x" + f.read_bytes()[1:])
-    assert m.latest().name == "step-00000002"
+    assert os.path.basename(m.latest()) == "step-00000002"
     assert "does not match its checksum" in caplog.text and "step-00000003" in caplog.text
+
+
+def test_async_save_in_one_process_commits_at_finish(tmp_path):
+    m = CheckpointManager(tmp_path, async_save=True)
+    w = torch.arange(6.0)
+    m.save(5, {"w": w})
+    w.add_(100)  # the step goes on while the write runs: the checkpoint holds the staged copy
+    m.finish()
+    sd = {"w": torch.zeros(6)}
+    m.load(sd, m.latest())
+    assert torch.equal(sd["w"], torch.arange(6.0))
 
 
 def test_unwritable_directory_is_a_clear_error(tmp_path):
     (tmp_path / "run").write_text("a file where the run directory should be")  # fails even for root
     with pytest.raises(RuntimeError, match="cannot create the checkpoint directory .*run/checkpoints"):
-        CheckpointManager(tmp_path / "run")
+        CheckpointManager(tmp_path / "run" / "checkpoints")
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    m = CheckpointManager(tmp_path, async_save=False)
+class _FullDisk:
+    """A buffered file on a disk that fills up after ``room`` bytes: as with write(2) behind a buffer, the
+    writes succeed and the flush at close fails with ENOSPC."""
+
+    def __init__(self, f, room: int = 64):
+        self.f, self.room, self.written = f, room, 0
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def write(self, b):
+        self.written += len(b)
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+        if self.written > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _full_disk_writes(monkeypatch):
+    """Every file DCP's writer opens fills the disk after 64 bytes."""
+    real = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with real(self, path, mode) as f:
+            if "w" not in mode:
+                yield f
+                return
+            disk = _FullDisk(f)
+            yield disk
+            disk.close()
+
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_names_the_directory_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, async_save):
+    m = CheckpointManager(tmp_path / "ckpt", async_save=async_save)
     m.save(1, {"w": torch.ones(2)})
-    import torch.distributed.checkpoint as dcp
-
-    def full_disk(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(dcp, "save", full_disk)
-    with pytest.raises(RuntimeError, match=r"writing checkpoint step-00000002.tmp failed .*No space left on device"
-                                           r".*step-00000001 is intact"):
-        m.save(2, {"w": torch.ones(2)})
-    assert m.latest().name == "step-00000001"
-    assert not (tmp_path / "checkpoints" / "step-00000002.tmp").exists()
+    m.finish()
+    _full_disk_writes(monkeypatch)
+    pattern = (r"writing checkpoint step-00000002.tmp to .*ckpt failed .*No space left on device.*"
+               r"step-00000001 is intact — free space on .*ckpt")
+    with pytest.raises(RuntimeError, match=pattern):
+        m.save(2, {"w": torch.full((2,), 2.0)})
+        m.finish()  # async: the background write's failure surfaces at the commit
+    monkeypatch.undo()
+    latest = m.latest()
+    assert os.path.basename(latest) == "step-00000001" and m.check(latest) is None
+    assert not (tmp_path / "ckpt" / "step-00000002.tmp").exists()
+    sd = {"w": torch.zeros(2)}
+    m.load(sd, latest)
+    assert torch.equal(sd["w"], torch.ones(2))

@@ -38,6 +38,8 @@ def test_tiny_moe_size_and_memory_check():
     cfg = recipe("tiny-moe")
     est = estimate_bytes(cfg.model, cfg.train, ep=2)
     assert 8e6 < est["params"] < 30e6
+    ac = apply_overrides(cfg, {"train.activation_checkpointing": "true"})
+    assert estimate_bytes(ac.model, ac.train, ep=2)["activation_bytes"] < est["activation_bytes"] / 3
     big = recipe("mixtral-8x7b")
     with pytest.raises(MemoryError, match=r"needs about \d+\.\d GiB per cpu device .* Use more devices"):
         check_fits(big.model, big.train, ep=1, platform=CpuPlatform, world=1)

@@ -1,42 +1,51 @@
-"""Checkpoint directories: atomic commits, asynchronous writes, verified discovery, retention.
+"""Checkpoint directories: atomic commits, asynchronous writes, verified discovery, retention — on a local
+disk or an object store (any fsspec URL: ``s3://bucket/run/checkpoints``).
 
-    RUN_DIR/checkpoints/step-00000300/   .metadata, __<rank>_0.distcp ..., manifest.json (written last)
-    RUN_DIR/checkpoints/step-00000400.tmp/   being written (or torn by a crash: ignored, cleaned up)
+    CKPT_DIR/step-00000300/       .metadata, __<rank>_0.distcp ..., extra files, manifest.json (written last)
+    CKPT_DIR/step-00000400.tmp/   local disk: being written (or torn by a crash: ignored, cleaned up)
 
-A save writes into ``step-N.tmp``; with ``async_save`` DCP stages the tensors to host memory and writes
-in a background thread, so the training step continues. The commit happens at the next save (or at
-``finish``): every rank's write must be complete (a barrier), then rank 0 writes ``manifest.json`` with a
-sha256 per file and renames the directory. A directory without a valid manifest — or whose files do not
-match it — is never resumed from: ``latest`` skips it with a warning naming it. Only the newest ``keep``
-committed checkpoints stay. A failed write (full disk, unwritable directory) raises a clear error and
-leaves the committed checkpoints untouched.
+A save writes the DCP shards (every rank its own); with ``async_save`` DCP stages the tensors to host
+memory and writes in a background thread, so the training step continues. The commit happens at the
+next save (or at ``finish``): every rank's write must be complete (a barrier), then rank 0 writes the
+extra files (model config, tokenizer) and ``manifest.json`` with a sha256 per file.
+
+The commit marker differs by storage, because object stores have no rename:
+- local disk: everything goes to ``step-N.tmp``; the manifest is written (fsynced) last and the directory
+  is renamed to ``step-N`` — one atomic rename, so ``step-N`` is always complete;
+- object store (S3 ...): everything goes straight to ``step-N/``; ``manifest.json`` is one PUT (atomic on
+  S3) issued after every other object is written, so *the manifest is the commit marker*: a ``step-N/``
+  without one is a torn write. Renaming would be a copy of every object, not atomic, and twice the traffic.
+
+Either way a directory without a valid manifest — or whose files do not match it — is never resumed
+from: ``latest`` skips it with a warning naming it. Only the newest ``keep`` committed checkpoints stay.
+A failed write (full disk, unwritable directory, unreachable store) raises an error naming the
+directory and leaves the committed checkpoints untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
-from pathlib import Path
+import warnings
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from bagualu.comm.mesh import side_group
+from bagualu.storage.fs import filesystem, is_local, join
 from bagualu.utils.logging import get_logger
 
 log = get_logger(__name__)
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
+FORMAT = "bagualu-checkpoint/1"
+_STEP = re.compile(r"^step-(\d{8})(\.tmp)?$")
 
 
 def _barrier() -> None:
@@ -44,118 +53,256 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without torch.distributed that it assumes one process — which we chose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# DCP raises CheckpointException, a BaseException (not an Exception), carrying each rank's error
+_FAILURES = (Exception, CheckpointException)
+
+
+def _brief(e: BaseException) -> str:
+    """The root cause of a failed write, one line. DCP wraps each rank's exception (with its traceback)
+    in a CheckpointException; the OSError inside says more than the wrapper."""
+    if isinstance(e, CheckpointException):
+        for rank, failure in e.failures.items():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def storage_reader(url: str):
+    """The DCP reader for a checkpoint directory (local path or fsspec URL)."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        return FileSystemReader(path)
+    from torch.distributed.checkpoint import FsspecReader
+
+    return FsspecReader(url)
+
+
+def storage_writer(url: str):
+    fs, path = filesystem(url)
+    if is_local(fs):
+        return FileSystemWriter(path)
+    from torch.distributed.checkpoint import FsspecWriter
+
+    return FsspecWriter(url)
+
+
+def step_of(path: str) -> int:
+    m = _STEP.match(os.path.basename(str(path).rstrip("/")))
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step-NNNNNNNN)")
+    return int(m[1])
+
+
+def list_checkpoints(url: str) -> list[tuple[int, str, bool]]:
+    """``(step, path, torn)`` for every checkpoint directory under ``url``, oldest first; ``torn``: never
+    committed (a ``.tmp`` directory, or one without ``manifest.json``). Paths are URLs for object stores."""
+    fs, root = filesystem(url)
+    base_url = str(url).rstrip("/") if "://" in str(url) else root
+    fs.invalidate_cache(root)  # another process (or rank) may have written since this process last listed
+    if not fs.isdir(root):
+        return []
+    out = []
+    for p in fs.ls(root, detail=False):
+        name = os.path.basename(p.rstrip("/"))
+        m = _STEP.match(name)
+        if m is None or not fs.isdir(p):
+            continue
+        torn = bool(m[2]) or not fs.exists(join(p, MANIFEST))
+        out.append((int(m[1]), join(base_url, name), torn))
+    return sorted(out, key=lambda e: (e[0], not e[2]))
+
+
+def check_checkpoint(url: str) -> str | None:
+    """None if checkpoint ``url`` is complete and its files match the manifest; else what is wrong."""
+    fs, d = filesystem(url)
+    m = join(d, MANIFEST)
+    if not fs.exists(m):
+        return "no manifest.json (torn write)"
+    try:
+        files = json.loads(fs.cat_file(m))["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    for name, digest in files.items():
+        f = join(d, name)
+        if not fs.isfile(f):
+            return f"{name} is missing"
+        if _sha256(fs, f) != digest:
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.dir = Path(run_dir) / "checkpoints"
+    """Checkpoints of one run under ``directory`` (a local path or fsspec URL). Collective methods must be
+    called by every rank in the same order."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.fs, self.path = filesystem(directory)
+        self.url = str(directory).rstrip("/") if "://" in str(directory) else self.path
+        self.local = is_local(self.fs)
         self.keep, self.async_save = keep, async_save
-        self._pending: tuple[int, Path, object] | None = None
+        self._pending: tuple[int, str, object, dict[str, bytes]] | None = None
         self.group = side_group()  # DCP's planning collectives run here, off the training step's group
         if _rank() == 0:
             try:
-                self.dir.mkdir(parents=True, exist_ok=True)
+                self.fs.makedirs(self.path, exist_ok=True)
             except OSError as e:
-                raise RuntimeError(f"cannot create the checkpoint directory {self.dir}: {e}") from None
+                raise RuntimeError(f"cannot create the checkpoint directory {self.url}: {e}; choose a writable "
+                                   f"directory (--run-dir or train.checkpoint_dir)") from None
         _barrier()
 
-    def _name(self, step: int) -> Path:
-        return self.dir / f"step-{step:08d}"
+    # ---- names ------------------------------------------------------------------------------------------
+    def _url(self, name: str) -> str:
+        return join(self.url, name)
 
-    def save(self, step: int, state_dict: dict) -> None:
-        """Start writing ``state_dict`` as step ``step`` (collective); commits the previous save first."""
+    def _path(self, name: str) -> str:
+        return join(self.path, name)
+
+    @staticmethod
+    def _name(step: int) -> str:
+        return f"step-{step:08d}"
+
+    # ---- save / commit ------------------------------------------------------------------------------------
+    def save(self, step: int, state_dict: dict, files: dict[str, bytes] | None = None) -> None:
+        """Start writing ``state_dict`` as step ``step`` (collective); commits the previous save first.
+        ``files``: small extra files (name → bytes) rank 0 writes into the checkpoint before its manifest."""
         self.finish()
-        tmp = self.dir / f"step-{step:08d}.tmp"
+        name = self._name(step) + (".tmp" if self.local else "")
+        if _rank() == 0 and self.fs.exists(self._path(name)):  # a torn leftover (or an older try) of this step
+            self.fs.rm(self._path(name), recursive=True)
         t0 = time.perf_counter()
         try:
-            if self.async_save and dist.is_initialized():
-                self._pending = (step, tmp, dcp.async_save(state_dict, checkpoint_id=str(tmp),
-                                                           process_group=self.group))
-            else:
-                dcp.save(state_dict, checkpoint_id=str(tmp), process_group=self.group)
-                self._pending = (step, tmp, None)
-                self.finish()
-        except Exception as e:
-            self._abort(tmp, e)
+            writer = storage_writer(self._url(name))
+            with _quiet_single_process():
+                self._start(step, name, writer, state_dict, files or {})
+        except _FAILURES as e:
+            self._abort(name, e)
         log.debug("checkpoint %d: %s in %.2fs", step, "staged" if self.async_save else "written",
                   time.perf_counter() - t0)
+        if not self.async_save:
+            self.finish()
+
+    def _start(self, step, name, writer, state_dict, files) -> None:
+        if self.async_save:
+            fut = dcp.async_save(state_dict, storage_writer=writer, process_group=self.group,
+                                 no_dist=not dist.is_initialized())
+        else:
+            dcp.save(state_dict, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
+            fut = None
+        self._pending = (step, name, fut, files)
 
     def finish(self) -> None:
         """Wait for the pending write on every rank and commit it (collective)."""
         if self._pending is None:
             return
-        step, tmp, fut = self._pending
+        step, name, fut, files = self._pending
         self._pending = None
         try:
             if fut is not None:
                 fut.result()
-        except Exception as e:
-            self._abort(tmp, e)
+        except _FAILURES as e:
+            self._abort(name, e)
         _barrier()
         if _rank() == 0:
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = {"step": step, "files": files, "world_size": dist.get_world_size() if dist.is_initialized()
-                        else 1, "time": time.time()}
-            with open(tmp / (MANIFEST + ".part"), "w") as f:
-                json.dump(manifest, f, indent=1)
+            try:
+                self._commit(step, name, files)
+            except OSError as e:
+                self._abort(name, e)
+
+    def _commit(self, step: int, name: str, files: dict[str, bytes]) -> None:
+        d = self._path(name)
+        for fname, data in files.items():
+            self.fs.pipe_file(join(d, fname), data)
+        self.fs.invalidate_cache(d)
+        digests = {os.path.basename(p): _sha256(self.fs, p) for p in sorted(self.fs.ls(d, detail=False))
+                   if self.fs.isfile(p) and os.path.basename(p) != MANIFEST}
+        manifest = json.dumps({"format": FORMAT, "step": step, "files": digests, "time": time.time(),
+                               "world_size": dist.get_world_size() if dist.is_initialized() else 1}, indent=1)
+        final = self._path(self._name(step))
+        if self.local:
+            part = join(d, MANIFEST + ".part")
+            with open(part, "w") as f:
+                f.write(manifest)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp / (MANIFEST + ".part"), tmp / MANIFEST)
-            final = self._name(step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-            log.info("checkpoint committed: %s", final)
+            os.replace(part, join(d, MANIFEST))
+            if os.path.exists(final):
+                self.fs.rm(final, recursive=True)
+            os.replace(d, final)
+        else:
+            self.fs.pipe_file(join(d, MANIFEST), manifest.encode())  # the commit: one atomic PUT, last
+        self._prune()
+        log.info("checkpoint committed: %s", self._url(self._name(step)))
 
-    def _abort(self, tmp: Path, e: Exception):
+    def _abort(self, name: str, e: Exception):
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                self.fs.rm(self._path(name), recursive=True)
+            except Exception:  # noqa: BLE001 - best effort; discovery ignores torn directories anyway
+                pass
         last = self.latest(verify=False)
-        raise RuntimeError(f"writing checkpoint {tmp.name} failed ({type(e).__name__}: {e}); the last committed "
-                           f"checkpoint {last.name if last else '(none)'} is intact — free disk space or fix the "
-                           f"permissions of {self.dir}") from e
+        free = ""
+        if self.local:  # a full disk often surfaces as a serializer error ("unexpected pos"): say how full it is
+            with contextlib.suppress(OSError):
+                free = f" ({shutil.disk_usage(self.path).free / (1 << 20):.0f} MiB free there)"
+        raise RuntimeError(f"writing checkpoint {name} to {self.url} failed ({_brief(e)}); the "
+                           f"last committed checkpoint {os.path.basename(last) if last else '(none)'} is intact — "
+                           f"free space on (or fix the permissions of) {self.url}{free} and resume with --resume") \
+            from e
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        entries = self.entries()
+        done = [path for _, path, torn in entries if not torn]
         for old in done[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for torn in self.dir.glob("step-*.tmp"):
-            shutil.rmtree(torn, ignore_errors=True)
+            self.fs.rm(self._strip(old), recursive=True)
+        for _, path, torn in entries:  # no write is in flight during a commit: anything uncommitted is torn
+            if torn:
+                self.fs.rm(self._strip(path), recursive=True)
 
-    def latest(self, verify: bool = True) -> Path | None:
+    def _strip(self, url: str) -> str:
+        return filesystem(url)[1] if not self.local else url
+
+    # ---- discovery ----------------------------------------------------------------------------------------
+    def entries(self) -> list[tuple[int, str, bool]]:
+        return list_checkpoints(self.url)
+
+    def latest(self, verify: bool = True) -> str | None:
         """The newest committed checkpoint whose files match its manifest (others are skipped, with a warning)."""
-        if not self.dir.exists():
-            return None
-        for d in sorted((p for p in self.dir.glob("step-*") if p.is_dir()), reverse=True):
-            if d.name.endswith(".tmp"):
-                log.warning("skipping torn checkpoint %s (its write never committed)", d)
+        for _, path, torn in reversed(self.entries()):
+            if torn:
+                log.warning("skipping torn checkpoint %s (its write never committed: no manifest.json)", path)
                 continue
-            problem = self.check(d) if verify else None
+            problem = self.check(path) if verify else None
             if problem is None:
-                return d
-            log.warning("skipping checkpoint %s: %s", d, problem)
+                return path
+            log.warning("skipping checkpoint %s: %s", path, problem)
         return None
 
     @staticmethod
-    def check(d: Path) -> str | None:
-        m = d / MANIFEST
-        if not m.is_file():
-            return "no manifest.json (torn write)"
-        try:
-            files = json.loads(m.read_text())["files"]
-        except (ValueError, KeyError) as e:
-            return f"unreadable manifest ({e})"
-        for name, digest in files.items():
-            f = d / name
-            if not f.is_file():
-                return f"{name} is missing"
-            if _sha256(f) != digest:
-                return f"{name} does not match its checksum (corrupt)"
-        return None
+    def check(url: str) -> str | None:
+        return check_checkpoint(url)
 
-    def load(self, state_dict: dict, path: Path) -> None:
+    def load(self, state_dict: dict, path: str) -> None:
         """Fill ``state_dict`` in place from checkpoint ``path`` (collective; reshards as needed)."""
-        dcp.load(state_dict, checkpoint_id=str(path), process_group=self.group)
+        with _quiet_single_process():
+            dcp.load(state_dict, storage_reader=storage_reader(str(path)), process_group=self.group,
+                     no_dist=not dist.is_initialized())

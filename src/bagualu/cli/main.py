@@ -19,6 +19,7 @@ COMMANDS: list[str] = [
     "bagualu.cli.generate",
     "bagualu.cli.data",
     "bagualu.cli.train",
+    "bagualu.cli.export",
 ]
 
 

@@ -130,6 +130,8 @@ class CausalLM(nn.Module):
                     p.normal_(0.0, std, generator=g)
             elif isinstance(m, Router):
                 m.weight.normal_(0.0, std, generator=g)
+                if hasattr(m, "w_noise"):  # noisy_topk: zero noise weights, as Shazeer et al. start
+                    m.w_noise.zero_()
                 if hasattr(m, "e_score_correction_bias"):
                     m.e_score_correction_bias.zero_()
         self.tie_weights()

@@ -1,6 +1,10 @@
 """Filesystem access through fsspec: local directories by default, any fsspec URL (s3://, gs://, ...)
 where its driver is installed. Writes are atomic: to a temporary name, then one rename, so a reader (or
-a crash) never sees half a file.
+a crash) never sees half a file (on object stores a single-object PUT is itself atomic).
+
+S3-compatible stores: ``s3fs`` reads the usual AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for a non-AWS endpoint such as MinIO or moto), or
+fsspec's own ``FSSPEC_S3_<KEY>`` variables (``FSSPEC_S3_ENDPOINT_URL``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for a URL with a protocol other than ``file://`` (``s3://bucket/x``), False for a local path."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Local filesystems have an atomic directory rename; object stores do not."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints; 0 = never
     checkpoint_keep: int = 3
     checkpoint_async: bool = True
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, ~1 more forward)
+    checkpoint_dir: str = ""  # a local path or fsspec URL (s3://bucket/run/ckpt); empty: RUN_DIR/checkpoints
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "seq_len", "grad_accum"):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bagualu.checkpoint import CheckpointManager, TrainingState
+from bagualu.checkpoint.export import checkpoint_files
 from bagualu.comm import Axis, make_mesh
 from bagualu.comm.mesh import init_distributed
 from bagualu.models import from_config, load_tokenizer
@@ -30,6 +31,7 @@ from bagualu.moe import MoE
 from bagualu.parallel import parallelize
 from bagualu.platform import current_platform
 from bagualu.storage import TokenDataset
+from bagualu.train.activation_checkpointing import apply_activation_checkpointing
 from bagualu.train.config import RunConfig, TrainConfig, to_dict
 from bagualu.train.memory import check_fits
 from bagualu.train.sampler import TokenSampler
@@ -67,7 +69,9 @@ def _lr_lambda(t: TrainConfig):
     return f
 
 
-def _lm_loss(model, ids: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(model, ids: torch.Tensor, t: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cross-entropy, weighted MoE aux losses)`` of one micro-batch ``ids [B, S + 1]``; the step's loss is
+    their sum."""
     logits = model(ids[:, :-1])
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     aux = ce.new_zeros(())
@@ -109,9 +113,9 @@ def _resume_point(ckpt, state, rank: int) -> int:
     """Load the newest valid checkpoint (chosen and verified by rank 0); returns the step to continue after."""
     path = ckpt.latest() if rank == 0 else None
     if dist.is_initialized():
-        box = [str(path) if path else None]
+        box = [path]
         dist.broadcast_object_list(box, src=0)
-        path = Path(box[0]) if box[0] else None
+        path = box[0]
     if path is None:
         log.info("no committed checkpoint to resume from: starting at step 0")
         return 0
@@ -152,6 +156,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
             m.shadow, m.schedule = shadow, cfg.parallel.schedule
     mesh = make_mesh(dp=world // ep, ep=ep)
     model = parallelize(model, mesh)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -161,9 +167,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     micro = t.global_batch // t.grad_accum
     holdout = t.eval_windows
     sampler = TokenSampler(ds, t.seq_len, micro, seed=t.seed, rank=rank, world=world, holdout=holdout)
-    ckpt = CheckpointManager(run_dir, keep=t.checkpoint_keep, async_save=t.checkpoint_async) \
-        if t.checkpoint_every else None
+    ckpt = CheckpointManager(t.checkpoint_dir or run_dir / "checkpoints", keep=t.checkpoint_keep,
+                             async_save=t.checkpoint_async) if t.checkpoint_every else None
     state = TrainingState(model, opt, sched, sampler, mesh)
+    ckpt_files = checkpoint_files(model_cfg, tok) if ckpt is not None and rank == 0 else None
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if ckpt is not None and (resume or restarted):
@@ -191,7 +198,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
             sync = contextlib.nullcontext() if k == t.grad_accum - 1 else model.grad_sync.no_sync()
             with sync:
                 with autocast():
-                    ce, aux = _lm_loss(model, ids, t)
+                    ce, aux = lm_loss(model, ids, t)
                 ((ce + aux) / t.grad_accum).backward()
             total += torch.stack([ce.detach(), aux.detach()]).double().cpu() / t.grad_accum
         norm = _clip(model, t.grad_clip, mesh)
@@ -214,7 +221,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
                             imbalance=f"{rec.get('expert_imbalance', 1.0):.2f}", refresh=False)
             bar.update(1)
         if ckpt is not None and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
-            ckpt.save(step + 1, state.state_dict(step + 1))
+            ckpt.save(step + 1, state.state_dict(step + 1), files=ckpt_files)
     if ckpt is not None:
         ckpt.finish()
     if bar is not None:
@@ -243,7 +250,7 @@ def evaluate(model, ds, t, holdout, rank, world, device, autocast) -> float:
     per_rank = max(1, holdout // world)
     sampler = TokenSampler(ds, t.seq_len, per_rank * world, rank=rank, world=world, holdout=holdout, split="eval")
     with autocast():
-        ce, _ = _lm_loss(model, sampler.next_batch().to(device), t)
+        ce, _ = lm_loss(model, sampler.next_batch().to(device), t)
     loss = torch.tensor([float(ce)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(loss)

@@ -3,7 +3,8 @@
     parameters on a device = replicated parameters + expert parameters / ep
     state bytes  = parameters × (4 fp32 weights + 4 grads + 8 AdamW moments)
     activations  ≈ micro-batch tokens per device × hidden × layers × 34 bytes (bf16; ×2 in fp32),
-                   the usual transformer estimate (no activation checkpointing yet)
+                   the usual transformer estimate; with activation checkpointing one layer's worth plus
+                   every layer's input (tokens × hidden × 2 bytes, ×2 in fp32)
 
 An estimate, deliberately on the high side; the error says what to change.
 """
@@ -31,8 +32,12 @@ def estimate_bytes(cfg: ModelConfig, train, *, ep: int, world: int = 1) -> dict[
     params = replicated + expert / ep
     state = params * 16
     tokens = train.global_batch // train.grad_accum // max(1, world) * train.seq_len
-    per_layer = tokens * cfg.hidden_size * (34 if train.dtype != "float32" else 68)
-    acts = per_layer * cfg.num_layers
+    scale = 1 if train.dtype != "float32" else 2
+    per_layer = tokens * cfg.hidden_size * 34 * scale
+    if getattr(train, "activation_checkpointing", False):
+        acts = per_layer + tokens * cfg.hidden_size * 2 * scale * cfg.num_layers
+    else:
+        acts = per_layer * cfg.num_layers
     return {"params": params, "state_bytes": state, "activation_bytes": acts, "total_bytes": state + acts}
 
 
@@ -49,5 +54,5 @@ def check_fits(cfg: ModelConfig, train, *, ep: int, platform, world: int | None 
             f"({est['params'] / 1e9:.2f}B parameters there: {est['state_bytes'] / gib:.1f} GiB of weights, grads and "
             f"AdamW state + {est['activation_bytes'] / gib:.1f} GiB of activations), but a device has "
             f"{total / gib:.1f} GiB. Use more devices with expert parallelism (--nproc, parallel.ep), a smaller "
-            f"train.global_batch or train.seq_len, or a smaller recipe")
+            f"train.global_batch or train.seq_len, train.activation_checkpointing=true, or a smaller recipe")
     return est
