@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from bagualu.ops import reference
+from bagualu.ops import paged_kv, reference
 from bagualu.utils.lazy import import_dotted
 from bagualu.utils.logging import get_logger
 
@@ -24,6 +24,8 @@ _REFERENCE: dict[str, Callable] = {
     "apply_rope_interleaved": reference.apply_rope_interleaved,
     "apply_rope_complex": reference.apply_rope_complex,
     "attention": reference.attention,
+    "write_kv": paged_kv.write_kv,
+    "paged_attention": paged_kv.paged_attention,
 }
 
 

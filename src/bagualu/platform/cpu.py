@@ -1,8 +1,9 @@
 """The host CPU as a platform: always available, lowest built-in priority, gloo for collectives.
 
-It is the reference every other platform is compared with, so it declares no kernel back-ends: the
-``ops`` reference functions are its kernels. Memory figures come from ``/proc/meminfo`` capped by a
-cgroup-v2 limit when the process runs in a container with one (what a planner can really use).
+It is the reference every other platform is compared with, so most of its kernels are the ``ops``
+reference functions; it names a C++ kernel only where the reference is too slow to serve with (paged-KV
+decode attention, built on first use, else the reference). Memory figures come from ``/proc/meminfo``
+capped by a cgroup-v2 limit when the process runs in a container with one (what a planner can really use).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class CpuPlatform(Platform):
     device_type: ClassVar[str] = "cpu"
     dist_backend: ClassVar[str] = "gloo"
     priority: ClassVar[int] = 0
-    kernel_backends: ClassVar[dict[str, str]] = {}
+    kernel_backends: ClassVar[dict[str, str]] = {
+        "paged_attention": "bagualu.ops.paged_attention_cpu:paged_attention",
+    }
 
     @classmethod
     def is_available(cls) -> bool:

@@ -62,6 +62,12 @@ VARIABLES: dict[str, EnvVar] = {
             default=lambda: False,
             help="Never run micro-benchmarks for platform figures; use the built-in table instead.",
         ),
+        EnvVar(
+            name="BAGUALU_NO_NATIVE",
+            parse=_bool,
+            default=lambda: False,
+            help="Never compile or load bagualu's C++ CPU kernels; their ops use the PyTorch reference (debugging).",
+        ),
     ]
 }
 
