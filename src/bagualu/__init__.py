@@ -14,10 +14,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("cli", "models", "moe", "ops", "platform", "utils")
+_SUBMODULES = ("cli", "engine", "models", "moe", "ops", "platform", "utils")
+_ENGINE_NAMES = ("LLM", "SamplingParams", "EngineConfig")
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"bagualu.{name}")
+    if name in _ENGINE_NAMES:  # bagualu.LLM / bagualu.SamplingParams, as vllm.LLM
+        return getattr(importlib.import_module("bagualu.engine"), name)
     raise AttributeError(f"module 'bagualu' has no attribute {name!r}")

@@ -35,16 +35,31 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_BSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                mask_BSS: torch.Tensor | None) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.H, self.Dh)
-        k = self.k_proj(x_BSD).view(B, S, self.G, self.Dh)
-        v = self.v_proj(x_BSD).view(B, S, self.G, self.Dh).transpose(1, 2)
+    def qkv_tokens(self, x_TD: torch.Tensor, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor):
+        """Projections of a flat run of tokens, normed and rotated: ``q [T, H, Dh]``, ``k``/``v [T, G, Dh]``.
+
+        The serving engine calls this directly (its tokens are a varlen batch over a paged KV cache);
+        ``forward`` calls it on the flattened batch, so both paths share every operation.
+        """
+        T = x_TD.shape[0]
+        q = self.q_proj(x_TD).view(T, self.H, self.Dh)
+        k = self.k_proj(x_TD).view(T, self.G, self.Dh)
+        v = self.v_proj(x_TD).view(T, self.G, self.Dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q_BHSDh, k_BGSDh = kernel("apply_rope")(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
-        o_BHSDh = kernel("attention")(q_BHSDh, k_BGSDh, v, mask_BSS, self.scale)
+        # as [B=T, heads, S=1, Dh] with cos/sin [T, 1, Dr], the rope kernel rotates each token in place
+        q, k = kernel("apply_rope")(q.unsqueeze(2), k.unsqueeze(2), cos_TDr.unsqueeze(1), sin_TDr.unsqueeze(1))
+        return q.squeeze(2), k.squeeze(2), v
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                mask_BSS: torch.Tensor | None) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        cos, sin = cos_sin
+        q, k, v = self.qkv_tokens(x_BSD.reshape(B * S, D), cos.reshape(B * S, -1), sin.reshape(B * S, -1))
+        q_BHSDh = q.view(B, S, self.H, self.Dh).transpose(1, 2)
+        k_BGSDh = k.view(B, S, self.G, self.Dh).transpose(1, 2)
+        v_BGSDh = v.view(B, S, self.G, self.Dh).transpose(1, 2)
+        o_BHSDh = kernel("attention")(q_BHSDh, k_BGSDh, v_BGSDh, mask_BSS, self.scale)
         return self.o_proj(o_BHSDh.transpose(1, 2).reshape(B, S, self.H * self.Dh))
 
 

@@ -50,10 +50,16 @@ def _resolve(platform_name: str, op: str) -> Callable:
     return fn
 
 
-def kernel(op: str) -> Callable:
-    """The callable for ``op`` on the current platform (same signature as ``ops.reference.<op>``)."""
+def kernel(op: str, platform: str | None = None) -> Callable:
+    """The callable for ``op`` on ``platform`` (default: the current one); same signature as the reference.
+
+    ``platform`` names where the data is, when that is not the current platform's device: the serving
+    engine's R-workers attend over KV caches in host memory on a GPU machine, so they ask for ``"cpu"``.
+    """
     if op not in _REFERENCE:
         raise KeyError(f"unknown op {op!r}; known ops: {reference_names()}")
-    from bagualu.platform import current_platform
+    if platform is None:
+        from bagualu.platform import current_platform
 
-    return _resolve(current_platform().name, op)
+        platform = current_platform().name
+    return _resolve(platform, op)

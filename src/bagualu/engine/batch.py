@@ -1,0 +1,105 @@
+"""``StepInputs``: the flat tensors one micro-batch of a step needs, built from the scheduler's batch.
+
+Legend: T tokens of the micro-batch, S sequences, M max blocks per sequence, W KV pools (R-workers).
+
+A micro-batch's tokens are laid out sequence after sequence, and sequences are grouped by the pool
+that holds their KV, so pool ``w``'s tokens are the contiguous rows ``pool_tokens[w]`` and its
+sequences ``pool_seqs[w]`` — an R-worker gets one slice of q/k/v and returns one slice of the output:
+
+    tokens:  [ seq0: p p p p | seq1: d | seq2: d ][ seq3: p p | seq4: d ]
+              \\---------- pool 0 -------------/  \\------ pool 1 -----/
+
+Everything here is built on the host (lists → tensors once per step), never per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bagualu.engine.request import Request
+
+
+@dataclass
+class PoolSlice:
+    """One pool's part of a micro-batch: attention metadata in that pool's block ids."""
+
+    tokens: tuple[int, int]  # rows [a, b) of the micro-batch's tokens
+    seqs: tuple[int, int]  # sequences [a, b)
+    block_tables_SM: torch.Tensor  # int32
+    context_lens_S: torch.Tensor  # int32
+    query_start_loc_S1: torch.Tensor  # int32, relative to the slice's first token
+    slot_mapping_T: torch.Tensor  # int64
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens[1] - self.tokens[0]
+
+    @property
+    def kv_tokens(self) -> int:
+        """Keys the slice's attention reads: the R-part's work."""
+        return int(self.context_lens_S.sum()) if self.context_lens_S.numel() else 0
+
+
+@dataclass
+class StepInputs:
+    requests: list[Request]
+    input_ids_T: torch.Tensor
+    positions_T: torch.Tensor
+    logits_rows: list[int]  # token rows whose logits are sampled (a sequence's last token, when due)
+    due: list[Request]  # the requests those rows belong to
+    pools: list[PoolSlice]  # one per pool (empty slices included), in pool order
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids_T.shape[0]
+
+
+def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], block_ids: list[list[int]],
+                 num_pools: int, block_size: int, device: torch.device) -> StepInputs:
+    """Flatten one micro-batch (its requests already sorted by pool)."""
+    ids: list[int] = []
+    pos_parts, slot_parts = [], []
+    logits_rows, due = [], []
+    seq_bounds = [0] * (num_pools + 1)  # sequence index where each pool starts
+    tok_bounds = [0] * (num_pools + 1)
+    t = 0
+    pool_of = [r.pool for r in reqs]
+    for i, (r, start, n, blocks) in enumerate(zip(reqs, starts, counts, block_ids)):
+        ids.extend(r.token_ids_slice(start, start + n))
+        p = np.arange(start, start + n, dtype=np.int64)
+        b = np.asarray(blocks, dtype=np.int64)
+        pos_parts.append(p)
+        slot_parts.append(b[p // block_size] * block_size + p % block_size)
+        t += n
+        if start + n == r.num_tokens:
+            logits_rows.append(t - 1)
+            due.append(r)
+        seq_bounds[r.pool + 1] = i + 1
+        tok_bounds[r.pool + 1] = t
+    for w in range(1, num_pools + 1):  # empty pools inherit the previous bound
+        seq_bounds[w] = max(seq_bounds[w], seq_bounds[w - 1])
+        tok_bounds[w] = max(tok_bounds[w], tok_bounds[w - 1])
+    assert pool_of == sorted(pool_of), "requests of a micro-batch must be sorted by pool"
+    positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, np.int64)
+    slots = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
+    pools = []
+    for w in range(num_pools):
+        s0, s1 = seq_bounds[w], seq_bounds[w + 1]
+        t0, t1 = tok_bounds[w], tok_bounds[w + 1]
+        nseq = s1 - s0
+        max_blocks = max((len(block_ids[i]) for i in range(s0, s1)), default=1)
+        bt = np.zeros((nseq, max_blocks), dtype=np.int32)
+        for j, i in enumerate(range(s0, s1)):
+            bt[j, :len(block_ids[i])] = block_ids[i]
+        ctx = np.array([starts[i] + counts[i] for i in range(s0, s1)], dtype=np.int32)
+        qsl = np.zeros(nseq + 1, dtype=np.int32)
+        np.cumsum([counts[i] for i in range(s0, s1)], out=qsl[1:])
+        pools.append(PoolSlice(tokens=(t0, t1), seqs=(s0, s1), block_tables_SM=torch.from_numpy(bt),
+                               context_lens_S=torch.from_numpy(ctx), query_start_loc_S1=torch.from_numpy(qsl),
+                               slot_mapping_T=torch.from_numpy(slots[t0:t1].copy())))
+    return StepInputs(requests=reqs, input_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
+                      positions_T=torch.from_numpy(positions).to(device), logits_rows=logits_rows, due=due,
+                      pools=pools)

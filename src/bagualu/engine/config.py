@@ -1,0 +1,72 @@
+"""``EngineConfig``: every knob of the serving engine, validated on construction.
+
+``LLM(model_dir, **options)`` and ``bagualu serve --option`` both build one. The KV cache is sized by
+``num_kv_blocks`` (per pool) when given, else by ``kv_cache_memory`` bytes in total (split evenly over the
+R-workers' pools), else by a default: a quarter of the device's free memory, at most 4 GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bagualu.engine.scheduler import ADMISSION_POLICIES, SchedulerConfig
+
+ATTENTION_MODES = ("in_process", "r_workers")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    dtype: str | None = None
+    """Compute and KV dtype (float32, bfloat16, float16); None = the checkpoint's."""
+    device: str | None = None
+    """Where the S-part runs; None = the current platform's device."""
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    max_model_len: int | None = None
+    """Context limit (prompt + output); None = the model's max_position_embeddings."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    prefix_caching: bool = True
+    admission: str | None = None
+    """``greedy`` or ``steady`` (see ``engine.scheduler``); None = steady with R-workers, else greedy."""
+    kv_target: float = 1.0
+    r_workers: int = 0
+    """0 = the R-part runs in-process on the device; N > 0 = N CPU worker processes own the KV cache."""
+    r_worker_threads: int | None = None
+    """Threads per R-worker (None = an even share of the CPU cores not left to the S-part)."""
+    micro_batches: int | None = None
+    """Micro-batches per step (None = 2 with R-workers, so S and R overlap, else 1)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size={self.block_size} must be one of 8, 16, 32, 64, 128")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
+        if self.r_workers < 0:
+            raise ValueError(f"r_workers={self.r_workers} must be >= 0 (0 = attention in-process)")
+        if self.r_worker_threads is not None and self.r_worker_threads < 1:
+            raise ValueError(f"r_worker_threads={self.r_worker_threads} must be >= 1")
+        if self.micro_batches is not None and self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches={self.micro_batches} must be 1 or 2")
+        if self.admission is not None and self.admission not in ADMISSION_POLICIES:
+            raise ValueError(f"admission={self.admission!r} is not one of {ADMISSION_POLICIES}")
+        self.scheduler_config()  # validates the scheduler's share
+
+    @property
+    def attention_mode(self) -> str:
+        return "r_workers" if self.r_workers else "in_process"
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.micro_batches or (2 if self.r_workers else 1)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        admission = self.admission or ("steady" if self.r_workers else "greedy")
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               admission=admission, kv_target=self.kv_target)

@@ -1,0 +1,302 @@
+"""``EngineCore``: requests in, one ``step()`` at a time, outputs out — scheduler + runner + sampler.
+
+One step: the scheduler picks ``{request: n_tokens}`` under the token budget (and preempts if KV blocks
+ran out) → the batch is split into micro-batches (two with R-workers, balanced in tokens and KV) and
+flattened → the runner runs the model, the R-part through the attention back-end → requests whose
+tokens are all computed sample their next token → stop checks and incremental detokenisation →
+finished requests free their blocks.
+
+A user request with ``n > 1`` becomes ``n`` sequences ``{id}#{i}`` that share the prompt (and, through
+the prefix cache, its KV blocks once the first has computed them); outputs are grouped back by id.
+Not thread-safe: ``AsyncEngine`` drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bagualu.engine.attention import KVSpec, LocalAttention
+from bagualu.engine.batch import StepInputs, build_inputs
+from bagualu.engine.config import EngineConfig
+from bagualu.engine.detokenizer import Detokenizer
+from bagualu.engine.kv_manager import KVManager
+from bagualu.engine.metrics import EngineMetrics
+from bagualu.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from bagualu.engine.params import SamplingParams
+from bagualu.engine.request import Request
+from bagualu.engine.runner import ModelRunner, check_supported
+from bagualu.engine.sampler import sample
+from bagualu.engine.scheduler import ScheduledBatch, Scheduler
+from bagualu.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_KV_MEMORY_CAP = 4 << 30
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (too long, bad parameters, duplicate id): the client's error."""
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Request]
+    detoks: list[Detokenizer]
+    arrival_time: float
+    num_cached_tokens: int = 0
+    done: bool = False
+    changed: bool = field(default=False)
+
+
+def _kv_spec(model, cfg: EngineConfig, num_blocks: int) -> KVSpec:
+    mc = model.config
+    return KVSpec(num_layers=mc.num_layers, num_blocks=num_blocks, block_size=cfg.block_size,
+                  num_kv_heads=mc.num_kv_heads, head_dim=mc.dim_head, dtype=model.dtype,
+                  windows=tuple(layer.window for layer in model.model.layers),
+                  scale=model.model.layers[0].self_attn.scale)
+
+
+def _num_blocks(model, cfg: EngineConfig, num_pools: int, device: torch.device) -> int:
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    per_block = _kv_spec(model, cfg, 1).bytes_per_block
+    total = cfg.kv_cache_memory
+    if total is None:
+        from bagualu.platform import current_platform
+
+        kv_device = torch.device("cpu") if cfg.r_workers else device
+        plat = current_platform()
+        free, _ = plat.memory_info() if kv_device.type == plat.device_type else (0, 0)
+        if kv_device.type == "cpu" and not free:
+            from bagualu.platform.cpu import host_memory
+
+            free = host_memory()[0]
+        total = min(free // 4, DEFAULT_KV_MEMORY_CAP)
+        # never more than every sequence at full context could use
+        max_len = min(cfg.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        total = min(total, cfg.max_num_seqs * -(-max_len // cfg.block_size) * per_block)
+    n = total // num_pools // per_block
+    if n < 1:
+        raise ValueError(f"kv_cache_memory={total} bytes holds no KV block of {per_block} bytes per pool; "
+                         f"raise kv_cache_memory or lower block_size")
+    return n
+
+
+class EngineCore:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        check_supported(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        mc = model.config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_pools = max(cfg.r_workers, 1)
+        self.num_blocks = _num_blocks(model, cfg, num_pools, model.device)
+        self.kv_spec = _kv_spec(model, cfg, self.num_blocks)
+        if cfg.r_workers:
+            from bagualu.engine.rworkers import RWorkerAttention
+
+            self.backend = RWorkerAttention(
+                self.kv_spec, cfg.r_workers, heads=mc.num_heads, max_tokens=cfg.max_num_batched_tokens,
+                max_seqs=cfg.max_num_seqs, max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
+                micro_batches=cfg.num_micro_batches, threads=cfg.r_worker_threads, device=model.device)
+        else:
+            self.backend = LocalAttention(self.kv_spec, model.device)
+        self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
+        self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
+        self.runner = ModelRunner(model, self.backend)
+        self.metrics = EngineMetrics()
+        self.generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+        eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        self._groups: dict[str, _Group] = {}
+        self._group_of: dict[str, _Group] = {}  # sequence id -> its user request
+        log.info("engine: %s %s, KV %d blocks x %d tokens per pool, %d pool(s) (%s), %.1f MiB of KV",
+                 mc.arch, model.dtype, self.num_blocks, cfg.block_size, num_pools, cfg.attention_mode,
+                 self.num_blocks * num_pools * self.kv_spec.bytes_per_block / 2**20)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    *, arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        V = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise RequestError(f"prompt token ids must lie in [0, {V}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len}; "
+                               f"shorten the prompt")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
+                               f"model's context of {self.max_model_len}; lower max_tokens or the prompt")
+        pool_tokens = self.num_blocks * self.config.block_size
+        if len(ids) + 1 > pool_tokens:
+            raise RequestError(f"the prompt has {len(ids)} tokens but a KV pool holds only {pool_tokens}; "
+                               f"give the engine more KV memory (kv_cache_memory / num_kv_blocks)")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs, detoks = [], []
+        for i in range(params.n):
+            p = params
+            if params.n > 1 and params.seed is not None:
+                import dataclasses
+
+                p = dataclasses.replace(params, seed=params.seed + i)
+            sid = request_id if params.n == 1 else f"{request_id}#{i}"
+            seqs.append(Request(request_id=sid, prompt_token_ids=list(ids), params=p,
+                                eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                                arrival_time=arrival))
+            detoks.append(Detokenizer(self.tokenizer, stop=params.stop,
+                                      include_stop=params.include_stop_str_in_output,
+                                      skip_special_tokens=params.skip_special_tokens))
+        g = _Group(request_id, text, list(ids), seqs, detoks, arrival)
+        self._groups[request_id] = g
+        for s in seqs:
+            self._group_of[s.request_id] = g
+            self.scheduler.add(s)
+        self.metrics.prompt_tokens += len(ids) * params.n
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; False if it is unknown or already finished."""
+        g = self._groups.get(request_id)
+        if g is None or g.done:
+            return False
+        for s in g.seqs:
+            if not s.finished:
+                self.scheduler.abort(s)
+                self.metrics.requests_finished["abort"] += 1
+        g.changed = True
+        return True
+
+    def has_unfinished(self) -> bool:
+        return any(not g.done for g in self._groups.values())
+
+    @property
+    def num_requests(self) -> int:
+        return sum(not g.done for g in self._groups.values())
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run, sample; returns the outputs of requests that changed (finished ones once)."""
+        batch = self.scheduler.schedule()
+        self.metrics.preemptions += len(batch.preempted)
+        if batch.requests:
+            mbs = self._micro_batches(batch)
+            logits = self.runner.execute(mbs)
+            due = self.scheduler.advance(batch)
+            self.metrics.computed_tokens += batch.total_tokens
+            rows = [lg for lg in logits if lg is not None]
+            due_order = [r for st in mbs for r in st.due]
+            assert len(due_order) == len(due)
+            if rows:
+                sampled = sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator)
+                now = time.monotonic()
+                for req, s in zip(due_order, sampled):
+                    self._accept(req, s, now)
+        self._update_gauges()
+        return self._collect()
+
+    def _micro_batches(self, batch: ScheduledBatch) -> list[StepInputs]:
+        n_mb = min(self.config.num_micro_batches, len(batch))
+        order = list(range(len(batch)))
+        groups: list[list[int]] = [[] for _ in range(n_mb)]
+        if n_mb == 1:
+            groups[0] = order
+        else:  # balance tokens (S-part) first, then keys read (R-part)
+            load = [(0, 0)] * n_mb
+            order.sort(key=lambda i: (batch.num_tokens[i], batch.start[i]), reverse=True)
+            for i in order:
+                m = min(range(n_mb), key=lambda j: load[j])
+                groups[m].append(i)
+                load[m] = (load[m][0] + batch.num_tokens[i], load[m][1] + batch.start[i] + batch.num_tokens[i])
+        out = []
+        for g in groups:
+            g.sort(key=lambda i: (batch.requests[i].pool, i))
+            reqs = [batch.requests[i] for i in g]
+            out.append(build_inputs(reqs, [batch.start[i] for i in g], [batch.num_tokens[i] for i in g],
+                                    [self.kv.block_ids(r.request_id) for r in reqs], len(self.kv.pools),
+                                    self.config.block_size, self.model.device))
+        return out
+
+    def _accept(self, req: Request, s, now: float) -> None:
+        req.append_token(s.token, now)
+        self.metrics.generation_tokens += 1
+        if req.params.logprobs is not None:
+            req.sampled_logprobs.append(s.logprob)
+            top = dict(s.top or {})
+            top.setdefault(s.token, s.logprob)
+            req.logprobs.append(top)
+        g = self._group_of[req.request_id]
+        g.changed = True
+        finished = req.check_stop_token()
+        det = g.detoks[g.seqs.index(req)]
+        hit = det.update(req.output_token_ids)
+        if hit is not None and not finished:
+            req.finish("stop", hit)
+            finished = True
+        if finished:
+            self.scheduler.finish(req)
+            self.metrics.requests_finished[req.finish_reason] += 1
+            self._observe(req, now)
+
+    def _observe(self, req: Request, now: float) -> None:
+        m = self.metrics
+        if req.first_token_time is not None:
+            m.ttft.observe(req.first_token_time - req.arrival_time)
+            n = len(req.output_token_ids)
+            if n > 1:
+                m.tpot.observe((req.last_token_time - req.first_token_time) / (n - 1))
+        m.e2e.observe(now - req.arrival_time)
+
+    def _update_gauges(self) -> None:
+        m, s = self.metrics, self.scheduler
+        m.num_running, m.num_waiting = len(s.running), len(s.waiting)
+        m.kv_usage = self.kv.usage()
+        m.prefix_cache_hit_rate = self.kv.prefix_hit_rate()
+        m.record_step(s.live_kv_tokens())
+
+    def _collect(self) -> list[RequestOutput]:
+        outs = []
+        for rid, g in list(self._groups.items()):
+            if not g.changed:
+                continue
+            g.changed = False
+            out = self._output(g)
+            outs.append(out)
+            if out.finished:
+                g.done = True
+                del self._groups[rid]
+                for s in g.seqs:
+                    self._group_of.pop(s.request_id, None)
+        return outs
+
+    def _output(self, g: _Group) -> RequestOutput:
+        comps = []
+        for i, (s, d) in enumerate(zip(g.seqs, g.detoks)):
+            want_lp = s.params.logprobs is not None
+            comps.append(CompletionOutput(
+                index=i, text=d.text, token_ids=list(s.output_token_ids), finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason, logprobs=list(s.logprobs) if want_lp else None,
+                token_logprobs=list(s.sampled_logprobs) if want_lp else None, stream_upto=d.stream_upto(s.finished)))
+        first = [s.first_token_time for s in g.seqs if s.first_token_time is not None]
+        finished = all(s.finished for s in g.seqs)
+        metrics = RequestMetrics(arrival_time=g.arrival_time, first_token_time=min(first) if first else None,
+                                 finished_time=time.monotonic() if finished else None,
+                                 num_preemptions=sum(s.num_preemptions for s in g.seqs))
+        return RequestOutput(request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids,
+                             outputs=comps, finished=finished, metrics=metrics)
+
+    def close(self) -> None:
+        self.backend.close()

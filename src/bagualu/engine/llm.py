@@ -1,0 +1,104 @@
+"""``LLM``: the offline API — load a model directory, generate for a list of prompts, in vLLM's convention.
+
+    llm = bagualu.LLM("path/to/hf_dir", r_workers=2)
+    outs = llm.generate(["Hello", [1, 2, 3]], bagualu.SamplingParams(max_tokens=32, temperature=0))
+    outs[0].text, outs[0].token_ids, outs[0].outputs[0].finish_reason
+
+Options are ``EngineConfig`` fields. Outputs come back in prompt order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from bagualu.engine.config import EngineConfig
+from bagualu.engine.core import EngineCore
+from bagualu.engine.outputs import RequestOutput
+from bagualu.engine.params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """A string, a list of token ids, or a list of either → a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]
+    for p in prompts:
+        if not (isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p))):
+            raise TypeError(f"a prompt must be a string or a list of token ids; got {type(p).__name__}")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+class LLM:
+    def __init__(self, model: str, *, tokenizer: str | None = None, **options):
+        from bagualu.models import from_pretrained, load_tokenizer
+
+        config = EngineConfig(**options)
+        m = from_pretrained(model, device=config.device, dtype=config.dtype)
+        tok = load_tokenizer(tokenizer or model)
+        self.engine = EngineCore(m, tok, config)
+        self.tokenizer = tok
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **options) -> "LLM":
+        """An engine over an already-loaded ``CausalLM`` (tests, notebooks)."""
+        self = cls.__new__(cls)
+        self.engine = EngineCore(model, tokenizer, EngineConfig(**options))
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+        return self
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+                 | None = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = normalize_prompts(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts; give one or one each")
+        ids = []
+        for p, sp in zip(prompts, params):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, p, sp)
+            ids.append(rid)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req", dynamic_ncols=True)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    m = self.engine.metrics
+                    bar.set_postfix(running=m.num_running, waiting=m.num_waiting, kv=f"{m.kv_usage:.0%}",
+                                    refresh=False)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            self.engine.step()  # drain the aborted outputs
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[r] for r in ids]
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,85 @@
+"""``ModelRunner``: one engine step through the model — the S-part here, the R-part in a back-end.
+
+Legend: T tokens of a micro-batch, D model dim, H heads, G KV heads, Dh head dim, R rows to sample, V vocab.
+
+Per decoder layer ``l`` and micro-batch ``m``::
+
+    pre(l, m):   h = input_norm(x);  q, k, v = qkv_tokens(h, rope)      -> backend.submit(l, m, q, k, v)
+    post(l, m):  o = backend.wait(l, m);  x += o_proj(o);  x += mlp(post_norm(x))
+
+and the loop interleaves micro-batches so that while the back-end attends micro-batch 1 of layer l the
+runner computes post(l, 0) and pre(l+1, 0) — FastDecode's ping-pong of S and R::
+
+    S: pre(0,0) pre(0,1) | post(0,0) pre(1,0) | post(0,1) pre(1,1) | post(1,0) pre(2,0) | ...
+    R:        R(0,0)      R(0,1)               R(1,0)               R(1,1)
+
+With the in-process back-end ``submit`` computes at once and one micro-batch is used.
+The model is only read (its modules are called); it knows nothing of paging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bagualu.engine.batch import StepInputs
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def check_supported(model) -> None:
+    cfg = model.config
+    if cfg.mla is not None:
+        raise UnsupportedModelError(
+            f"{cfg.arch} uses multi-head latent attention (MLA), which the serving engine does not page yet; "
+            "serve a grouped-query-attention model (Llama, Mixtral, Qwen2/3-MoE, dots1) or use the reference "
+            "decoder (bagualu.models.generate)")
+
+
+class ModelRunner:
+    def __init__(self, model, backend):
+        check_supported(model)
+        self.model = model
+        self.backend = backend
+        self.layers = list(model.model.layers)
+        cfg = model.config
+        self.H, self.Dh = cfg.num_heads, cfg.dim_head
+
+    @torch.inference_mode()
+    def execute(self, mbs: list[StepInputs]) -> list[torch.Tensor | None]:
+        """Run one step over its micro-batches; returns, per micro-batch, the logits ``[R, V]`` (fp32) of
+        its ``logits_rows`` (None when it samples nothing)."""
+        m = self.model
+        live = [i for i, st in enumerate(mbs) if st.num_tokens]
+        xs: dict[int, torch.Tensor] = {}
+        rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in live:
+            st = mbs[i]
+            self.backend.prepare(i, st)
+            xs[i] = m.model.embed_tokens(st.input_ids_T)
+            cos, sin = m.rotary(st.positions_T.unsqueeze(0), xs[i].dtype)
+            rope[i] = (cos[0], sin[0])
+            self._pre(0, i, xs[i], rope[i])
+        L = len(self.layers)
+        for l, layer in enumerate(self.layers):
+            for i in live:
+                o_THDh = self.backend.wait(l, i)
+                x = xs[i]
+                x = x + layer.self_attn.o_proj(o_THDh.reshape(x.shape[0], self.H * self.Dh))
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                xs[i] = x
+                if l + 1 < L:
+                    self._pre(l + 1, i, x, rope[i])
+        out: list[torch.Tensor | None] = [None] * len(mbs)
+        for i in live:
+            rows = mbs[i].logits_rows
+            if rows:
+                h = m.model.norm(xs[i][torch.tensor(rows, device=xs[i].device)])
+                out[i] = m.lm_head(h).float()
+        return out
+
+    def _pre(self, l: int, i: int, x_TD: torch.Tensor, rope) -> None:
+        layer = self.layers[l]
+        q, k, v = layer.self_attn.qkv_tokens(layer.input_layernorm(x_TD), *rope)
+        self.backend.submit(l, i, q, k, v)

@@ -1,0 +1,112 @@
+"""``sample``: next tokens for a batch of rows, each with its own ``SamplingParams``.
+
+Legend: R rows (requests due a token this step), V vocabulary.
+
+Order (vLLM's and HF's): ``min_tokens`` masking of EOS/stop tokens → repetition penalty → presence/frequency penalties → temperature → top-k →
+top-p → min-p → draw. Greedy rows take the argmax of the penalised logits. A random row draws by the
+exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` — the same distribution as ``multinomial(p)`` but a
+row's noise is one independent draw of V values from *its own* generator when it has a seed, so a
+seeded request gets the same tokens whatever else shares the batch. Work that no row needs (penalty
+bookkeeping, the sort behind top-k/top-p) is skipped.
+
+Log-probabilities are of the model's raw distribution (``log_softmax`` of the logits before any
+penalty or temperature), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bagualu.engine.request import Request
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: float | None = None  # of ``token`` under the raw distribution, when asked
+    top: dict[int, float] | None = None  # the ``logprobs`` most likely tokens, when asked
+
+
+def _apply_penalties(logits_RV: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+    V = logits_RV.shape[1]
+    for i in rows:
+        r, p = reqs[i], reqs[i].params
+        row = logits_RV[i]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), dtype=torch.long)
+            seen = seen[seen < V]
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+            counts = torch.bincount(torch.tensor(r.output_token_ids, dtype=torch.long), minlength=V)[:V]
+            row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filter(logits_RV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) the tokens top-k / top-p / min-p exclude; at least the best token always survives."""
+    sorted_RV, idx_RV = logits_RV.sort(dim=-1, descending=True)
+    V = logits_RV.shape[1]
+    ranks = torch.arange(V, device=logits_RV.device)
+    k = torch.where(top_k > 0, top_k, V).clamp_max(V)
+    drop_RV = ranks[None, :] >= k[:, None]
+    probs_RV = torch.softmax(sorted_RV, dim=-1)
+    cum_RV = probs_RV.cumsum(-1)
+    drop_RV |= (cum_RV - probs_RV) >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
+    drop_RV |= probs_RV < (min_p[:, None] * probs_RV[:, :1])
+    drop_RV[:, 0] = False
+    sorted_RV = sorted_RV.masked_fill(drop_RV, float("-inf"))
+    return torch.empty_like(logits_RV).scatter_(1, idx_RV, sorted_RV)
+
+
+@torch.inference_mode()
+def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Generator | None = None) -> list[Sampled]:
+    """One token per row. ``logits_RV`` may be modified in place; it is converted to fp32 on the CPU side
+    of the caller's choosing (the engine passes the LM head's output)."""
+    R, V = logits_RV.shape
+    logits_RV = logits_RV.float()
+    params = [r.params for r in reqs]
+    want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw_lp = torch.log_softmax(logits_RV[want_lp], dim=-1) if want_lp else None
+    pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
+    if pen_rows:
+        _apply_penalties(logits_RV, reqs, pen_rows)
+    for i, r in enumerate(reqs):  # min_tokens: the tokens that would end the sequence cannot be drawn yet
+        if len(r.output_token_ids) < r.params.min_tokens:
+            banned = [t for t in r.stop_token_ids_all() if t < V]
+            if banned:
+                logits_RV[i, banned] = float("-inf")
+    tokens = torch.empty(R, dtype=torch.long)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        tokens[greedy] = logits_RV[greedy].argmax(-1).cpu() if len(greedy) < R else logits_RV.argmax(-1).cpu()
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if rand:
+        x_RV = logits_RV[rand] if len(rand) < R else logits_RV
+        temps = torch.tensor([params[i].temperature for i in rand], dtype=torch.float32, device=x_RV.device)
+        x_RV = x_RV / temps[:, None]
+        if any(params[i].needs_filters for i in rand):
+            dev = x_RV.device
+            x_RV = _filter(x_RV, torch.tensor([params[i].top_k for i in rand], device=dev),
+                           torch.tensor([params[i].top_p for i in rand], dtype=torch.float32, device=dev),
+                           torch.tensor([params[i].min_p for i in rand], dtype=torch.float32, device=dev))
+        probs_RV = torch.softmax(x_RV, dim=-1)
+        q_RV = torch.empty_like(probs_RV)
+        unseeded = [j for j, i in enumerate(rand) if reqs[i].generator is None]
+        if unseeded:
+            q_RV[unseeded] = torch.empty(len(unseeded), V, device=q_RV.device).exponential_(generator=generator)
+        for j, i in enumerate(rand):
+            g = reqs[i].generator
+            if g is not None:
+                q_RV[j] = torch.empty(V).exponential_(generator=g).to(q_RV.device)
+        tokens[rand] = (probs_RV / q_RV).argmax(-1).cpu()
+    out = [Sampled(int(t)) for t in tokens.tolist()]  # host sync (named): the tokens go to the host
+    for j, i in enumerate(want_lp):
+        lp = raw_lp[j]
+        out[i].logprob = float(lp[out[i].token])
+        k = params[i].logprobs
+        if k:
+            vals, ids = lp.topk(k)
+            out[i].top = dict(zip(ids.tolist(), vals.tolist()))
+    return out

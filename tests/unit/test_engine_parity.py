@@ -1,0 +1,77 @@
+"""The engine's greedy tokens equal transformers' ``generate``, token for token (fp32).
+
+Mixed prompt lengths in one batch, prompts that share prefixes, and every engine mode that changes the
+data path: prefix caching on/off, chunked prefill (a tiny token budget), preemption by recompute
+(a tiny KV cache), steady admission. Public API only: ``bagualu.LLM`` on a Hugging Face directory.
+"""
+
+import pytest
+import torch
+
+import bagualu
+from hf_models import hf_configs, save_hf_model
+from bagualu.models.byte_tokenizer import byte_level_tokenizer
+
+MAX_NEW = 12
+ARCHS = ["llama", "mixtral", "qwen2_moe", "mixtral-sliding"]
+
+
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(3, 256, (37,), generator=g).tolist()
+    ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 17, 33, 1, 48)]
+    return ps + [shared + [7, 8], shared + [9], shared[:32]]
+
+
+@pytest.fixture(scope="module")
+def case(request, tmp_path_factory):
+    name = request.param
+    path = tmp_path_factory.mktemp(name)
+    hf = save_hf_model(hf_configs()[name], path)
+    byte_level_tokenizer().save(path)
+    refs = []
+    for p in prompts():
+        out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)
+        refs.append(out[0, len(p):].tolist())
+    return path, refs
+
+
+MODES = {
+    "default": dict(),
+    "no-prefix-cache": dict(prefix_caching=False),
+    "chunked-prefill": dict(max_num_batched_tokens=16),
+    "preemption": dict(num_kv_blocks=6, block_size=16),
+    "steady": dict(admission="steady", num_kv_blocks=8),
+    "r-workers": dict(r_workers=2),
+    "r-workers-preemption": dict(r_workers=2, admission="greedy", num_kv_blocks=4, max_num_batched_tokens=32),
+}
+
+
+# every mode on llama; the other architectures (MoE, sliding window) in the default and preemption modes
+CASES = [("llama", m) for m in MODES] + [(a, m) for a in ARCHS[1:] for m in ("default", "preemption")] + [
+    ("mixtral-sliding", "r-workers")]
+
+
+@pytest.mark.parametrize("case,mode", CASES, indirect=["case"])
+def test_greedy_equals_transformers(case, mode):
+    path, refs = case
+    llm = bagualu.LLM(str(path), **MODES[mode])
+    params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
+    outs = llm.generate(prompts(), params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == refs
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    m = llm.engine.metrics
+    if mode.endswith("preemption"):
+        assert m.preemptions > 0
+    if mode == "default":  # a second round finds the first round's blocks in the prefix cache
+        before = llm.engine.kv.hit_tokens
+        again = llm.generate(prompts()[-3:], params, use_tqdm=False)
+        assert [o.token_ids for o in again] == refs[-3:]
+        assert llm.engine.kv.hit_tokens - before == 32 + 32 + 16  # full 16-token blocks, last token recomputed
+    if mode == "no-prefix-cache":
+        assert llm.engine.kv.prefix_hit_rate() == 0
+    assert m.num_running == 0 and m.kv_usage == 0
+    if mode.startswith("r-workers"):
+        assert llm.engine.config.attention_mode == "r_workers" and len(llm.engine.kv.pools) == 2
+        assert all(p.num_used == 0 for p in llm.engine.kv.pools)
+    llm.close()
