@@ -38,6 +38,7 @@ namespace {
 
 constexpr int kRowTile = 16;          // query rows per work item
 constexpr int64_t kMinSplitKeys = 256;  // do not split a context into slices shorter than this
+constexpr double kMinParallelWork = 1 << 18;  // rows x keys x Dh below which one thread does it all
 
 enum DType : int { F32 = 0, BF16 = 1 };
 
@@ -81,8 +82,12 @@ void from_f32(const float* src, int64_t n, int dtype, void* dst) {
   for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
 }
 
+// Online-softmax step of one row over its scores s[a:e) of one block: s becomes p = exp(s - m'),
+// (m, l) are updated, and the factor exp(m - m') the row's accumulator must be scaled by is returned.
+inline float softmax_step(float* s, int64_t a, int64_t e, float& m, float& l);
+
 #if BGL_AVX2
-// exp for x <= 0 (scores minus their max) and above; Cephes' polynomial, ~1 ulp, clamped to finite range.
+// exp for scores minus their max (and above); Cephes' polynomial, ~1 ulp, clamped to the finite range.
 inline __m256 exp256(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -100,13 +105,6 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// lane i = horizontal sum of a[i]
-inline __m256 hsum8(const __m256* a) {
-  __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -114,64 +112,149 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// acc[0:8*NC] = acc * alpha + sum_{j in [a,b)} p[j] * V[j, 0:8*NC]  (row stride ld)
-template <int NC>
-inline void pv_tile(float* acc, const float* V, int64_t ld, const float* p, int64_t a, int64_t b, float alpha) {
-  __m256 r[NC];
-  const __m256 al = _mm256_set1_ps(alpha);
-#pragma GCC unroll 8
-  for (int c = 0; c < NC; ++c) r[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), al);
-  for (int64_t j = a; j < b; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    const float* v = V + j * ld;
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) r[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), r[c]);
-  }
-#pragma GCC unroll 8
-  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + 8 * c, r[c]);
+// lane i = horizontal sum of a[i], i < 4
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
-#endif
 
-// s[j] = scale * q . K[j] for j in [a, b); s has room for 8 floats past b.
-void scores(const float* q, const float* K, int64_t Dh, int64_t a, int64_t b, float scale, float* s) {
-#if BGL_AVX2
-  const int64_t Dv = Dh & ~int64_t(7);
-  for (int64_t j = a; j < b; j += 8) {
-    const float* kp[8];
-    for (int jj = 0; jj < 8; ++jj) kp[jj] = K + std::min(j + jj, b - 1) * Dh;  // extra lanes repeat key b-1
-    __m256 acc[8];
-    for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < Dv; c += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + c);
+// 8 consecutive cache values widened to fp32 (bf16 -> fp32 is a 16-bit shift)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// Register tiles: RT query rows of one KV group share every K/V vector they load (GQA packing), so the
+// widening of bf16 and the loads are paid once per group, not per head. Tile sizes keep the
+// accumulators plus the loaded vectors within the 16 ymm registers.
+template <int RT> constexpr int kKeysPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
+template <int RT> constexpr int kChunksPerTile = RT == 1 ? 8 : (RT == 2 ? 4 : (RT == 3 ? 3 : 2));
+
+// s[r * ss + j] = scale * q_r . K[j] for the RT rows (q rows Dh apart) and keys j in [a, e); s has room
+// for kKeysPerTile entries past e (extra lanes repeat key e-1).
+template <int RT, typename T>
+void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
+  constexpr int JT = kKeysPerTile<RT>;
+  static_assert((RT * JT) % 4 == 0, "tiles reduce in fours");
+  for (int64_t j = a; j < e; j += JT) {
+    const T* kp[JT];
+    for (int jj = 0; jj < JT; ++jj) kp[jj] = K + std::min(j + jj, e - 1) * Dh;
+    __m256 acc[RT * JT];
+    for (int x = 0; x < RT * JT; ++x) acc[x] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < Dh; c += 8) {
+      __m256 kv[JT];
 #pragma GCC unroll 8
-      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[jj] + c), acc[jj]);
-    }
-    __m256 r = hsum8(acc);
-    if (Dv < Dh) {
-      alignas(32) float tail[8];
-      for (int jj = 0; jj < 8; ++jj) {
-        float t = 0.f;
-        for (int64_t c = Dv; c < Dh; ++c) t += q[c] * kp[jj][c];
-        tail[jj] = t;
+      for (int jj = 0; jj < JT; ++jj) kv[jj] = load8(kp[jj] + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < RT; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * Dh + c);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < JT; ++jj) acc[r * JT + jj] = _mm256_fmadd_ps(qv, kv[jj], acc[r * JT + jj]);
       }
-      r = _mm256_add_ps(r, _mm256_load_ps(tail));
     }
-    _mm256_storeu_ps(s + j, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+    alignas(16) float sums[RT * JT];
+    for (int x = 0; x < RT * JT; x += 4)
+      _mm_store_ps(sums + x, _mm_mul_ps(hsum4(acc[x], acc[x + 1], acc[x + 2], acc[x + 3]), _mm_set1_ps(scale)));
+    for (int r = 0; r < RT; ++r)
+      for (int jj = 0; jj < JT; ++jj) s[r * ss + j + jj] = sums[r * JT + jj];
   }
-#else
-  for (int64_t j = a; j < b; ++j) {
-    const float* k = K + j * Dh;
-    float t = 0.f;
-    for (int64_t c = 0; c < Dh; ++c) t += q[c] * k[c];
-    s[j] = t * scale;
-  }
-#endif
 }
 
-// Online-softmax update of one row with the scores s[a:b) of one block (p overwrites s).
-void softmax_pv(float* s, const float* V, int64_t Dh, int64_t a, int64_t b, float& m, float& l, float* acc) {
+// acc_r[c0 : c0+8NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+8NC] for the RT rows.
+template <int RT, int NC, typename T>
+void pv_tile(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
+             const float* alpha, int64_t c0) {
+  __m256 r_[RT * NC];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    const __m256 al = _mm256_set1_ps(alpha[r]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * Dh + c0 + 8 * c), al);
+  }
+  for (int64_t j = a; j < e; ++j) {
+    const T* v = V + j * Dh + c0;
+    __m256 vv[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) vv[c] = load8(v + 8 * c);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      const __m256 pj = _mm256_broadcast_ss(p + r * ss + j);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_fmadd_ps(pj, vv[c], r_[r * NC + c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + r * Dh + c0 + 8 * c, r_[r * NC + c]);
+}
+
+template <int RT, typename T>
+void pv_group(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
+              const float* alpha) {
+  constexpr int NC = kChunksPerTile<RT>;
+  int64_t c0 = 0;
+  for (; c0 + 8 * NC <= Dh; c0 += 8 * NC) pv_tile<RT, NC>(acc, V, Dh, p, ss, a, e, alpha, c0);
+  switch ((Dh - c0) / 8) {  // fewer than NC chunks left
+    case 1: pv_tile<RT, 1>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 2: if constexpr (NC > 2) pv_tile<RT, 2>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 3: if constexpr (NC > 3) pv_tile<RT, 3>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 4: if constexpr (NC > 4) pv_tile<RT, 4>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 5: if constexpr (NC > 5) pv_tile<RT, 5>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 6: if constexpr (NC > 6) pv_tile<RT, 6>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 7: if constexpr (NC > 7) pv_tile<RT, 7>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    default: break;
+  }
+}
+
+inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+// Online-softmax step of RT rows over scores s[r * ss + a : e): s becomes p, (m, l) are updated and
+// alpha[r] = exp(m_old - m_new) is what each accumulator must be scaled by. Vectorised over keys; the
+// lanes past e are padded with -inf for the max and masked out of the sum.
+template <int RT>
+void softmax_group(float* s, int64_t ss, int64_t a, int64_t e, float* m, float* l, float* alpha) {
+  const int64_t end8 = a + (e - a + 7) / 8 * 8;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  alignas(32) float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float mn[RT];
+  for (int r = 0; r < RT; ++r) {
+    float* sr = s + r * ss;
+    for (int64_t j = e; j < end8; ++j) sr[j] = ninf;
+    __m256 vmax = _mm256_set1_ps(ninf);
+    for (int64_t j = a; j < end8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + j));
+    mn[r] = std::max(m[r], hmax(vmax));
+    d[r] = m[r] - mn[r];  // -inf on the first block: exp256 clamps it to ~1e-38 times a zero state
+  }
+  _mm256_storeu_ps(d, exp256(_mm256_load_ps(d)));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int r = 0; r < RT; ++r) {
+    float* sr = s + r * ss;
+    const __m256 vm = _mm256_set1_ps(mn[r]);
+    __m256 vs = _mm256_setzero_ps();
+    for (int64_t j = a; j < end8; j += 8) {
+      __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
+      if (j + 8 > e)  // zero the padding lanes
+        x = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(e - j)), lane)));
+      _mm256_storeu_ps(sr + j, x);
+      vs = _mm256_add_ps(vs, x);
+    }
+    alpha[r] = d[r];
+    l[r] = l[r] * d[r] + hsum(vs);
+    m[r] = mn[r];
+  }
+}
+
+#endif  // BGL_AVX2
+
+inline float softmax_step(float* s, int64_t a, int64_t e, float& m, float& l) {
   float mb = -std::numeric_limits<float>::infinity();
-  for (int64_t j = a; j < b; ++j) mb = std::max(mb, s[j]);
+  for (int64_t j = a; j < e; ++j) mb = std::max(mb, s[j]);
   const float mn = std::max(m, mb);
   const float alpha = std::exp(m - mn);  // 0 on the first block (m = -inf)
   float sum = 0.f;
@@ -179,30 +262,37 @@ void softmax_pv(float* s, const float* V, int64_t Dh, int64_t a, int64_t b, floa
 #if BGL_AVX2
   __m256 vs = _mm256_setzero_ps();
   const __m256 vm = _mm256_set1_ps(mn);
-  for (; j + 8 <= b; j += 8) {
-    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-    _mm256_storeu_ps(s + j, e);
-    vs = _mm256_add_ps(vs, e);
+  for (; j + 8 <= e; j += 8) {
+    const __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, x);
+    vs = _mm256_add_ps(vs, x);
   }
   sum = hsum(vs);
 #endif
-  for (; j < b; ++j) {
+  for (; j < e; ++j) {
     s[j] = std::exp(s[j] - mn);
     sum += s[j];
   }
   l = l * alpha + sum;
   m = mn;
-  int64_t c = 0;
-#if BGL_AVX2
-  for (; c + 64 <= Dh; c += 64) pv_tile<8>(acc + c, V + c, Dh, s, a, b, alpha);
-  if (c + 32 <= Dh) pv_tile<4>(acc + c, V + c, Dh, s, a, b, alpha), c += 32;
-  if (c + 16 <= Dh) pv_tile<2>(acc + c, V + c, Dh, s, a, b, alpha), c += 16;
-  if (c + 8 <= Dh) pv_tile<1>(acc + c, V + c, Dh, s, a, b, alpha), c += 8;
-#endif
-  for (; c < Dh; ++c) {
-    float t = acc[c] * alpha;
-    for (int64_t jj = a; jj < b; ++jj) t += s[jj] * V[jj * Dh + c];
-    acc[c] = t;
+  return alpha;
+}
+
+// Portable path (no AVX2, or Dh not a multiple of 8): one row at a time on a block widened to fp32.
+void block_row_generic(const float* q, const float* K, const float* V, int64_t Dh, int64_t a, int64_t e, float scale,
+                       float* s, float& m, float& l, float* acc) {
+  for (int64_t j = a; j < e; ++j) {
+    const float* k = K + j * Dh;
+    float t = 0.f;
+    for (int64_t c = 0; c < Dh; ++c) t += q[c] * k[c];
+    s[j] = t * scale;
+  }
+  const float alpha = softmax_step(s, a, e, m, l);
+  for (int64_t c = 0; c < Dh; ++c) acc[c] *= alpha;
+  for (int64_t j = a; j < e; ++j) {
+    const float pj = s[j];
+    const float* v = V + j * Dh;
+    for (int64_t c = 0; c < Dh; ++c) acc[c] += pj * v[c];
   }
 }
 
@@ -226,58 +316,146 @@ struct Scratch {
   std::vector<float> q, acc, m, l, s, kf, vf;
 };
 
-// Process one work item: all rows of the tile over the keys [kb, ke).
-void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* part_l, float* part_acc) {
-  const int64_t R = A.H / A.G, Dh = A.Dh, B = A.B, sB = B + 8;
-  const int64_t qs = A.qsl[it.s], n = A.qsl[it.s + 1] - qs, L = A.context_lens[it.s];
-  const size_t esz = A.kv_dtype == F32 ? 4 : 2;
-  w.q.resize(kRowTile * Dh); w.acc.assign(kRowTile * Dh, 0.f); w.s.resize(kRowTile * sB + 8);
-  w.m.assign(kRowTile, -std::numeric_limits<float>::infinity()); w.l.assign(kRowTile, 0.f);
-  if (A.kv_dtype != F32) { w.kf.resize(B * Dh); w.vf.resize(B * Dh); }
-  int64_t lo[kRowTile], hi[kRowTile], lo_min = it.ke, hi_max = it.kb;
-  for (int64_t r = 0; r < it.nrows; ++r) {
-    const int64_t row = it.row0 + r, i = row / R, h = it.g * R + row % R, p = L - n + i;
-    const size_t qesz = A.q_dtype == F32 ? 4 : 2;
-    to_f32(static_cast<const char*>(A.q) + ((qs + i) * A.q_stride + h * Dh) * qesz, A.q_dtype, Dh, &w.q[r * Dh]);
-    lo[r] = std::max(it.kb, A.window > 0 ? p - A.window + 1 : int64_t(0));
-    hi[r] = std::min(it.ke, p + 1);
-    lo_min = std::min(lo_min, lo[r]);
-    hi_max = std::max(hi_max, hi[r]);
+// The rows of one work item: fp32 queries, key ranges, online-softmax state, groups of rows that share
+// a key range (the heads of one query token), <= 4 rows each for the register tiles.
+struct Rows {
+  int64_t n, lo[kRowTile], hi[kRowTile], lo_min, hi_max;
+  int64_t grp0[kRowTile], grpn[kRowTile], ngrp;
+};
+
+inline void prefetch_block(const char* k, const char* v, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(k + off);
+    __builtin_prefetch(v + off);
   }
+}
+
+#if BGL_AVX2
+// Vector path. Blocks are taken kStepKeys keys at a time (several small blocks per step), so the
+// per-row softmax bookkeeping (max, rescale of the accumulator) is paid once per step, not per block.
+constexpr int64_t kStepKeys = 64;
+
+template <typename T>
+void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t sB) {
+  const int64_t Dh = A.Dh, B = A.B, KS = std::max<int64_t>(1, kStepKeys / B);
   const int32_t* bt = A.block_tables + it.s * A.M;
-  const int64_t blk_elems = B * Dh, head_off = it.g * blk_elems, bstride = A.G * blk_elems;
-  for (int64_t b = lo_min / B; b * B < hi_max; ++b) {
-    const int64_t j0 = std::max(lo_min, b * B) - b * B, j1 = std::min(hi_max, (b + 1) * B) - b * B;
+  const int64_t blk = B * Dh, head_off = it.g * blk, bstride = A.G * blk;
+  const T* kc = static_cast<const T*>(A.k);
+  const T* vc = static_cast<const T*>(A.v);
+  const int64_t b_end = (R.hi_max + B - 1) / B;
+  static const float ones[4] = {1.f, 1.f, 1.f, 1.f};
+  for (int64_t b0 = R.lo_min / B; b0 < b_end; b0 += KS) {
+    const int64_t b1 = std::min(b_end, b0 + KS);
+    if (BGL_PREFETCH)  // the next step's blocks are elsewhere in memory: start fetching them
+      for (int64_t b = b1; b < std::min(b_end, b1 + KS); ++b) {
+        const int64_t base = int64_t(bt[b]) * bstride + head_off;
+        prefetch_block(reinterpret_cast<const char*>(kc + base), reinterpret_cast<const char*>(vc + base),
+                       blk * int64_t(sizeof(T)));
+      }
+    for (int64_t x = 0; x < R.ngrp; ++x) {
+      const int64_t r = R.grp0[x], rt = R.grpn[x];
+      const int64_t a = std::max(R.lo[r], b0 * B), e = std::min(R.hi[r], b1 * B);  // absolute positions
+      if (a >= e) continue;
+      float* s = &w.s[r * sB];
+      float *m = &w.m[r], *l = &w.l[r], *acc = &w.acc[r * Dh];
+      const float* q = &w.q[r * Dh];
+      for (int64_t b = a / B; b * B < e; ++b) {  // scores of every block of the step
+        const int64_t base = int64_t(bt[b]) * bstride + head_off;
+        const int64_t ja = std::max(a, b * B) - b * B, je = std::min(e, (b + 1) * B) - b * B;
+        float* sb = s + (b - b0) * B;
+        switch (rt) {
+          case 1: qk_group<1>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 2: qk_group<2>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 3: qk_group<3>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          default: qk_group<4>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+        }
+      }
+      float alpha[4];
+      const int64_t sa = a - b0 * B, se = e - b0 * B;
+      switch (rt) {
+        case 1: softmax_group<1>(s, sB, sa, se, m, l, alpha); break;
+        case 2: softmax_group<2>(s, sB, sa, se, m, l, alpha); break;
+        case 3: softmax_group<3>(s, sB, sa, se, m, l, alpha); break;
+        default: softmax_group<4>(s, sB, sa, se, m, l, alpha); break;
+      }
+      for (int64_t b = a / B; b * B < e; ++b) {  // then the values, rescaling the accumulators once
+        const int64_t base = int64_t(bt[b]) * bstride + head_off;
+        const int64_t ja = std::max(a, b * B) - b * B, je = std::min(e, (b + 1) * B) - b * B;
+        const float* pb = s + (b - b0) * B;
+        const float* al = b * B <= a ? alpha : ones;
+        switch (rt) {
+          case 1: pv_group<1>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 2: pv_group<2>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 3: pv_group<3>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          default: pv_group<4>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Portable path (no AVX2, or Dh not a multiple of 8): block by block, widened to fp32, row by row.
+void scan_generic(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t sB) {
+  const int64_t Dh = A.Dh, B = A.B;
+  const size_t esz = A.kv_dtype == F32 ? 4 : 2;
+  const int32_t* bt = A.block_tables + it.s * A.M;
+  const int64_t blk = B * Dh, head_off = it.g * blk, bstride = A.G * blk;
+  for (int64_t b = R.lo_min / B; b * B < R.hi_max; ++b) {
     const int64_t base = int64_t(bt[b]) * bstride + head_off;
     const char* kraw = static_cast<const char*>(A.k) + base * esz;
     const char* vraw = static_cast<const char*>(A.v) + base * esz;
-    if (BGL_PREFETCH && (b + 1) * B < hi_max) {  // the next block is elsewhere in memory: start fetching it
-      const int64_t nb = int64_t(bt[b + 1]) * bstride + head_off;
-      const char* nk = static_cast<const char*>(A.k) + nb * esz;
-      const char* nv = static_cast<const char*>(A.v) + nb * esz;
-      for (int64_t off = 0; off < blk_elems * int64_t(esz); off += 64) {
-        __builtin_prefetch(nk + off);
-        __builtin_prefetch(nv + off);
-      }
-    }
-    const float *K, *V;
-    if (A.kv_dtype == F32) {
-      K = reinterpret_cast<const float*>(kraw);
-      V = reinterpret_cast<const float*>(vraw);
-    } else {
-      to_f32(kraw + j0 * Dh * esz, A.kv_dtype, (j1 - j0) * Dh, &w.kf[j0 * Dh]);
-      to_f32(vraw + j0 * Dh * esz, A.kv_dtype, (j1 - j0) * Dh, &w.vf[j0 * Dh]);
-      K = w.kf.data();
-      V = w.vf.data();
-    }
-    for (int64_t r = 0; r < it.nrows; ++r) {
-      const int64_t a = std::max(lo[r], b * B) - b * B, e = std::min(hi[r], (b + 1) * B) - b * B;
-      if (a >= e) continue;
-      float* s = &w.s[r * sB];
-      scores(&w.q[r * Dh], K, Dh, a, e, A.scale, s);
-      softmax_pv(s, V, Dh, a, e, w.m[r], w.l[r], &w.acc[r * Dh]);
+    if (BGL_PREFETCH && (b + 1) * B < R.hi_max)
+      prefetch_block(static_cast<const char*>(A.k) + (int64_t(bt[b + 1]) * bstride + head_off) * esz,
+                     static_cast<const char*>(A.v) + (int64_t(bt[b + 1]) * bstride + head_off) * esz, blk * esz);
+    const int64_t j0 = std::max(R.lo_min, b * B) - b * B, j1 = std::min(R.hi_max, (b + 1) * B) - b * B;
+    to_f32(kraw + j0 * Dh * esz, A.kv_dtype, (j1 - j0) * Dh, &w.kf[j0 * Dh]);
+    to_f32(vraw + j0 * Dh * esz, A.kv_dtype, (j1 - j0) * Dh, &w.vf[j0 * Dh]);
+    for (int64_t r = 0; r < R.n; ++r) {
+      const int64_t a = std::max(R.lo[r], b * B) - b * B, e = std::min(R.hi[r], (b + 1) * B) - b * B;
+      if (a < e)
+        block_row_generic(&w.q[r * Dh], w.kf.data(), w.vf.data(), Dh, a, e, A.scale, &w.s[r * sB], w.m[r], w.l[r],
+                          &w.acc[r * Dh]);
     }
   }
+}
+
+// Process one work item: all rows of the tile over the keys [kb, ke).
+void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* part_l, float* part_acc) {
+  const int64_t HR = A.H / A.G, Dh = A.Dh, B = A.B;
+  const int64_t qs = A.qsl[it.s], n = A.qsl[it.s + 1] - qs, L = A.context_lens[it.s];
+  const bool simd = BGL_AVX2 && Dh % 8 == 0;
+  const int64_t sB = (simd ? std::max(B, int64_t(64) / B * B) : B) + 8;
+  w.q.resize(kRowTile * Dh); w.acc.assign(kRowTile * Dh, 0.f); w.s.resize(kRowTile * sB + 8);
+  w.m.assign(kRowTile, -std::numeric_limits<float>::infinity()); w.l.assign(kRowTile, 0.f);
+  if (!simd) { w.kf.resize(B * Dh); w.vf.resize(B * Dh); }
+  Rows R;
+  R.n = it.nrows; R.lo_min = it.ke; R.hi_max = it.kb; R.ngrp = 0;
+  for (int64_t r = 0; r < it.nrows; ++r) {
+    const int64_t row = it.row0 + r, i = row / HR, h = it.g * HR + row % HR, p = L - n + i;
+    const size_t qesz = A.q_dtype == F32 ? 4 : 2;
+    to_f32(static_cast<const char*>(A.q) + ((qs + i) * A.q_stride + h * Dh) * qesz, A.q_dtype, Dh, &w.q[r * Dh]);
+    R.lo[r] = std::max(it.kb, A.window > 0 ? p - A.window + 1 : int64_t(0));
+    R.hi[r] = std::min(it.ke, p + 1);
+    R.lo_min = std::min(R.lo_min, R.lo[r]);
+    R.hi_max = std::max(R.hi_max, R.hi[r]);
+  }
+  for (int64_t r = 0; r < it.nrows;) {
+    int64_t n_same = 1;
+    while (r + n_same < it.nrows && R.lo[r + n_same] == R.lo[r] && R.hi[r + n_same] == R.hi[r]) ++n_same;
+    for (int64_t x = 0; x < n_same;) {
+      const int64_t left = n_same - x, take = left <= 4 ? left : (left == 5 || left == 6 ? 3 : 4);
+      R.grp0[R.ngrp] = r + x; R.grpn[R.ngrp++] = take; x += take;
+    }
+    r += n_same;
+  }
+#if BGL_AVX2
+  if (simd && A.kv_dtype == F32) scan_simd<float>(A, it, R, w, sB);
+  else if (simd) scan_simd<uint16_t>(A, it, R, w, sB);
+  else scan_generic(A, it, R, w, sB);
+#else
+  scan_generic(A, it, R, w, sB);
+#endif
   for (int64_t r = 0; r < it.nrows; ++r) {
     float* acc = &w.acc[r * Dh];
     if (it.part >= 0) {
@@ -286,7 +464,7 @@ void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* p
       std::memcpy(part_acc + (it.part + r) * Dh, acc, size_t(Dh) * 4);
       continue;
     }
-    const int64_t row = it.row0 + r, i = row / R, h = it.g * R + row % R;
+    const int64_t row = it.row0 + r, i = row / HR, h = it.g * HR + row % HR;
     const float inv = 1.f / w.l[r];
     for (int64_t c = 0; c < Dh; ++c) acc[c] *= inv;
     const size_t oesz = A.q_dtype == F32 ? 4 : 2;
@@ -387,6 +565,9 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
   }
   // Longest first: with dynamic scheduling that balances uneven context lengths across threads.
   std::sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  double work = 0;
+  for (const Item& x : items) work += x.cost;
+  if (work * double(Dh) < kMinParallelWork) num_threads = 1;  // waking a team costs more than it saves
   std::vector<float> pm(part_rows), pl(part_rows), pacc(part_rows * Dh);
   const int64_t ni = int64_t(items.size()), nm = int64_t(merges.size());
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && ni > 1)
