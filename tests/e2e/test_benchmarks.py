@@ -38,3 +38,16 @@ def test_moe_ep_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} >= {"bagualu (all_to_all)", "bagualu (pipelined)"}
     assert all(r["tokens_per_s"] > 0 for r in rows if r["impl"].startswith("bagualu"))
+
+
+def test_decode_attention_benchmark_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "decode_attention.py"), "--cases", "3x40,1x300", "--reps", "1",
+                        "--min-mib", "1", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline: bagualu paged decode attention vs" in p.stdout
+    res = json.loads(out.read_text())
+    assert {r["impl"] for r in res["rows"]} == {"bagualu paged", "gather+SDPA", "SDPA contiguous"}
+    assert len(res["rows"]) == 3 * 2 * 2 and all(r["KV GB/s"] > 0 for r in res["rows"])
+    assert res["machine"]["copy_GBps_this_run"] > 0 and res["geomean_ratio"] > 0
