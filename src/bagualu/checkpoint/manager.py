@@ -92,7 +92,7 @@ def storage_reader(url: str):
     fs, path = filesystem(url)
     if is_local(fs):
         return FileSystemReader(path)
-    from torch.distributed.checkpoint import FsspecReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # not re-exported in torch 2.13
 
     return FsspecReader(url)
 
@@ -101,7 +101,7 @@ def storage_writer(url: str):
     fs, path = filesystem(url)
     if is_local(fs):
         return FileSystemWriter(path)
-    from torch.distributed.checkpoint import FsspecWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     return FsspecWriter(url)
 
@@ -118,7 +118,7 @@ def list_checkpoints(url: str) -> list[tuple[int, str, bool]]:
     committed (a ``.tmp`` directory, or one without ``manifest.json``). Paths are URLs for object stores."""
     fs, root = filesystem(url)
     base_url = str(url).rstrip("/") if "://" in str(url) else root
-    fs.invalidate_cache(root)  # another process (or rank) may have written since this process last listed
+    fs.invalidate_cache()  # another process (or rank) may have written since this process last listed
     if not fs.isdir(root):
         return []
     out = []

@@ -53,6 +53,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
+    from bagualu.storage import is_url
     from bagualu.train.config import apply_overrides
     from bagualu.train.recipes import recipe
 
@@ -70,7 +71,12 @@ def build_config(args: argparse.Namespace):
                 overrides.update({f"{section}.{k}": v for k, v in values.items()})
     overrides.update(getattr(args, "overrides", {}) or {})
     cfg = apply_overrides(cfg, overrides)
-    return cfg, Path(args.run_dir or f"runs/{args.recipe}")
+    run_dir = args.run_dir or f"runs/{args.recipe}"
+    if is_url(run_dir):
+        raise ValueError(f"--run-dir {run_dir}: the run directory holds the log, plot and export and must be local; "
+                         f"put checkpoints on object storage with --train.checkpoint_dir=URL and data with "
+                         f"--data.path=URL")
+    return cfg, Path(run_dir)
 
 
 def default_nproc() -> int:

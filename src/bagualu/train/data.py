@@ -2,11 +2,13 @@
 tokenizer.json) → token shards with a manifest (``bagualu.storage``), with progress.
 
 The output directory is also a tokenizer directory (tokenizer.json + tokenizer_config.json), so a model
-trained on it saves with the tokenizer it was trained with.
+trained on it saves with the tokenizer it was trained with. It may be a local directory or an fsspec URL
+(``s3://bucket/data``): the shards and the manifest go through ``bagualu.storage``.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from tokenizers import models as tok_models
 
 from bagualu.models.byte_tokenizer import BOS, DEFAULT_CHAT_TEMPLATE, EOS, PAD
 from bagualu.models.tokenizer import Tokenizer, load_tokenizer
+from bagualu.storage.fs import filesystem, is_local, join
 from bagualu.storage.token_shards import ShardWriter
 from bagualu.train.corpus import read_documents
 from bagualu.utils.logging import get_logger
@@ -36,6 +39,31 @@ def train_bpe(files: list[str | Path], vocab_size: int) -> Tokenizer:
     return Tokenizer(backend=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, chat_template=DEFAULT_CHAT_TEMPLATE)
 
 
+def save_tokenizer(tok: Tokenizer, out: str) -> None:
+    """``tok``'s files into ``out`` (a local directory or an fsspec URL)."""
+    fs, path = filesystem(out)
+    fs.makedirs(path, exist_ok=True)
+    if is_local(fs):
+        tok.save(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            fs.put_file(str(f), join(path, f.name))
+
+
+def load_dataset_tokenizer(data: str) -> Tokenizer:
+    """The tokenizer saved with a prepared dataset (local directory or fsspec URL)."""
+    fs, path = filesystem(data)
+    if is_local(fs):
+        return load_tokenizer(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if fs.isfile(join(path, name)):
+                fs.get_file(join(path, name), str(Path(tmp) / name))
+        return load_tokenizer(tmp)
+
+
 def prepare(files: list[str | Path], out: str | Path, *, tokenizer: str | Path | None = None,
             vocab_size: int = 4096, shard_tokens: int = 64 << 20) -> dict:
     """Tokenise ``files`` (one document each) into ``out``; returns the manifest."""
@@ -53,8 +81,7 @@ def prepare(files: list[str | Path], out: str | Path, *, tokenizer: str | Path |
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; documents need a separator (set eos_token in "
                          "tokenizer_config.json)")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    tok.save(out)
+    save_tokenizer(tok, str(out))
     writer = ShardWriter(str(out), vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
                          shard_tokens=shard_tokens, extra={"tokenizer": "tokenizer.json"})
     batch: list[str] = []

@@ -26,13 +26,14 @@ from bagualu.checkpoint import CheckpointManager, TrainingState
 from bagualu.checkpoint.export import checkpoint_files
 from bagualu.comm import Axis, make_mesh
 from bagualu.comm.mesh import init_distributed
-from bagualu.models import from_config, load_tokenizer
+from bagualu.models import from_config
 from bagualu.moe import MoE
 from bagualu.parallel import parallelize
 from bagualu.platform import current_platform
-from bagualu.storage import TokenDataset
+from bagualu.storage import TokenDataset, filesystem, is_url, join
 from bagualu.train.activation_checkpointing import apply_activation_checkpointing
 from bagualu.train.config import RunConfig, TrainConfig, to_dict
+from bagualu.train.data import load_dataset_tokenizer
 from bagualu.train.memory import check_fits
 from bagualu.train.sampler import TokenSampler
 from bagualu.utils.logging import get_logger
@@ -44,17 +45,20 @@ def _dist_setup():
     return init_distributed(current_platform().dist_backend)
 
 
-def _prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> Path:
-    path = Path(cfg.data.path) if cfg.data.path else run_dir / "data"
-    if rank == 0 and not (path / "manifest.json").exists():
-        if cfg.data.path:
-            raise FileNotFoundError(f"data.path={cfg.data.path} is not a prepared dataset (no manifest.json); "
-                                    f"run `bagualu data prepare FILES... --out {cfg.data.path}`")
-        from bagualu.train.corpus import stdlib_files
-        from bagualu.train.data import prepare
+def _prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> str:
+    """The prepared dataset (a local directory or fsspec URL); the default corpus is prepared on first use."""
+    path = cfg.data.path or str(run_dir / "data")
+    if rank == 0:
+        fs, p = filesystem(path)
+        if not fs.exists(join(p, "manifest.json")):
+            if cfg.data.path:
+                raise FileNotFoundError(f"data.path={cfg.data.path} is not a prepared dataset (no manifest.json); "
+                                        f"run `bagualu data prepare FILES... --out {cfg.data.path}`")
+            from bagualu.train.corpus import stdlib_files
+            from bagualu.train.data import prepare
 
-        log.info("preparing the default corpus (this Python's standard library) into %s", path)
-        prepare(stdlib_files(int(cfg.data.corpus_mb * (1 << 20))), path, vocab_size=cfg.data.vocab_size)
+            log.info("preparing the default corpus (this Python's standard library) into %s", path)
+            prepare(stdlib_files(int(cfg.data.corpus_mb * (1 << 20))), path, vocab_size=cfg.data.vocab_size)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -132,14 +136,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     rank, world = _dist_setup()
     plat = current_platform()
     device = plat.current_device()
+    if is_url(run_dir):
+        raise ValueError(f"run_dir={run_dir}: the run directory must be local (checkpoint_dir and data.path may be URLs)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     torch.manual_seed(t.seed)
     data_dir = _prepare_data(cfg, run_dir, rank)
-    ds = TokenDataset(str(data_dir))
+    ds = TokenDataset(data_dir)
     vocab = -(-ds.vocab_size // 64) * 64
-    tok = load_tokenizer(data_dir)
+    tok = load_dataset_tokenizer(data_dir)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, bos_token_id=tok.bos_token_id,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     is_moe = model_cfg.moe is not None
