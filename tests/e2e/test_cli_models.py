@@ -60,6 +60,17 @@ def test_generate_cli_prints_text_and_rate(tmp_path):
     assert "tokens/s" in p.stdout
 
 
+def test_generate_cli_engine_equals_the_reference_decoder(tmp_path):
+    run("init-model", "tiny-llama", str(tmp_path))
+    args = ("generate", str(tmp_path), "--prompt", "def main(", "--prompt", "import os", "--max-tokens", "12")
+    engine = run(*args).stdout
+    ref = run(*args, "--reference").stdout
+    workers = run(*args, "--r-workers", "1").stdout
+    text = lambda out: [ln for ln in out.splitlines() if not ln.startswith("---")]  # noqa: E731
+    assert text(engine) == text(ref) == text(workers)
+    assert "engine, in_process" in engine and "engine, r_workers" in workers and "reference decoder" in ref
+
+
 def test_generate_cli_bad_model_dir_is_a_clear_error(tmp_path):
     p = run("generate", str(tmp_path / "missing"), "--prompt", "x", check=False)
     assert p.returncode == 2 and "does not exist" in p.stderr and str(tmp_path / "missing") in p.stderr

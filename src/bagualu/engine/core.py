@@ -171,7 +171,7 @@ class EngineCore:
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already finished."""
         g = self._groups.get(request_id)
-        if g is None or g.done:
+        if g is None or g.done or all(s.finished for s in g.seqs):
             return False
         for s in g.seqs:
             if not s.finished:
@@ -242,7 +242,7 @@ class EngineCore:
         g.changed = True
         finished = req.check_stop_token()
         det = g.detoks[g.seqs.index(req)]
-        hit = det.update(req.output_token_ids)
+        hit = det.update(req.output_token_ids, final=finished)
         if hit is not None and not finished:
             req.finish("stop", hit)
             finished = True

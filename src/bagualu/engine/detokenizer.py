@@ -29,13 +29,16 @@ class Detokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip_special)
 
-    def update(self, ids: list[int]) -> str | None:
-        """Extend ``text`` with the newest of ``ids`` (all output ids so far). Returns the stop string
-        that matched (text already cut), else None."""
+    def update(self, ids: list[int], final: bool = False) -> str | None:
+        """Extend ``text`` with the newest of ``ids`` (all output ids so far); ``final`` flushes what was
+        held back. Returns the stop string that matched (text already cut), else None."""
         prefix_text = self._decode(ids[self._prefix:self._read])
         new_text = self._decode(ids[self._prefix:])
-        if new_text.endswith("\ufffd") or len(new_text) <= len(prefix_text):
-            return None  # an incomplete character, or a token that adds no text (yet)
+        # a trailing U+FFFD may be a character whose remaining bytes come with the next tokens (at most
+        # 3 more); past that, or at the end, it is what the bytes are and is emitted as such
+        incomplete = new_text.endswith("\ufffd") and len(ids) - self._read < 4
+        if not final and (incomplete or len(new_text) <= len(prefix_text)):
+            return None
         delta = new_text[len(prefix_text):]
         start = max(len(self.text) - self.max_stop_len + 1, 0)
         self.text += delta

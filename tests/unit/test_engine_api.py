@@ -1,0 +1,116 @@
+"""``bagualu.LLM`` as a user drives it: stop strings, EOS, n > 1, seeds, logprobs, aborts, errors."""
+
+import pytest
+import torch
+
+import bagualu
+from bagualu.engine import RequestError
+from bagualu.models.byte_tokenizer import byte_level_tokenizer
+from hf_models import hf_configs, save_hf_model
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    cfg = hf_configs()["llama"]
+    cfg.max_position_embeddings = 96
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 259, 256, 257  # the byte-level tokenizer's
+    save_hf_model(cfg, path)
+    byte_level_tokenizer().save(path)
+    llm = bagualu.LLM(str(path), num_kv_blocks=32)
+    yield llm
+    llm.close()
+
+
+def greedy(max_tokens, **kw):
+    return bagualu.SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+def test_strings_and_token_ids_give_the_same_output(llm):
+    text = "def main():"
+    ids = llm.tokenizer.encode(text)
+    a, b = llm.generate([text, ids], greedy(8, ignore_eos=True), use_tqdm=False)
+    assert a.token_ids == b.token_ids and a.prompt == text and b.prompt is None
+    assert a.text == llm.tokenizer.decode(a.token_ids)
+
+
+def test_stop_string_cuts_the_text_and_ends_the_sequence(llm):
+    full = llm.generate("abc", greedy(24, ignore_eos=True), use_tqdm=False)[0]
+    assert len(full.text) >= 6
+    stop = full.text[3:5]
+    cut = llm.generate("abc", greedy(24, ignore_eos=True, stop=[stop]), use_tqdm=False)[0]
+    at = full.text.find(stop)
+    assert cut.text == full.text[:at]
+    assert cut.outputs[0].finish_reason == "stop" and cut.outputs[0].stop_reason == stop
+    kept = llm.generate("abc", greedy(24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0]
+    assert kept.text == full.text[:at + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    full = llm.generate("xyz", greedy(16, ignore_eos=True), use_tqdm=False)[0]
+    tok = full.token_ids[5]
+    out = llm.generate("xyz", greedy(16, ignore_eos=True, stop_token_ids=[tok]), use_tqdm=False)[0]
+    first = full.token_ids.index(tok)
+    assert out.token_ids == full.token_ids[:first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == tok
+    eos = llm.engine.eos_token_ids[0]
+    logits_bias_prompt = [eos] * 3  # whatever the model says, a sequence that samples EOS stops there
+    o = llm.generate([logits_bias_prompt], greedy(40), use_tqdm=False)[0]
+    assert o.outputs[0].finish_reason == ("stop" if eos in o.token_ids else "length")
+    if eos in o.token_ids:
+        assert o.token_ids[-1] == eos and o.token_ids.count(eos) == 1
+
+
+def test_n_and_seeds(llm):
+    sp = bagualu.SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    a = llm.generate("hello", sp, use_tqdm=False)[0]
+    assert len(a.outputs) == 3 and len({tuple(c.token_ids) for c in a.outputs}) > 1
+    crowd = ["noise one", "noise two", "hello"]
+    params = [bagualu.SamplingParams(temperature=1.0, max_tokens=10)] * 2 + [sp]
+    b = llm.generate(crowd, params, use_tqdm=False)[2]
+    assert [c.token_ids for c in b.outputs] == [c.token_ids for c in a.outputs]  # same seed, other batch
+
+
+def test_logprobs(llm):
+    o = llm.generate("q", greedy(5, logprobs=2, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(o.token_logprobs) == 5 and len(o.logprobs) == 5
+    for tok, lp, top in zip(o.token_ids, o.token_logprobs, o.logprobs):
+        assert tok in top and top[tok] == pytest.approx(lp) and lp <= 0
+        assert lp == pytest.approx(max(top.values()))  # greedy takes the most likely token
+    assert o.cumulative_logprob == pytest.approx(sum(o.token_logprobs))
+
+
+def test_context_limit_and_bad_requests(llm):
+    o = llm.generate([[5] * 90], bagualu.SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                     use_tqdm=False)[0]
+    assert len(o.token_ids) == 96 - 90 and o.outputs[0].finish_reason == "length"
+    with pytest.raises(RequestError, match="context is 96"):
+        llm.generate([[5] * 96], greedy(1), use_tqdm=False)
+    with pytest.raises(RequestError, match="max_tokens=20 plus the prompt's 90 tokens"):
+        llm.generate([[5] * 90], greedy(20), use_tqdm=False)
+    with pytest.raises(RequestError, match="token ids must lie in"):
+        llm.generate([[5, 100000]], greedy(1), use_tqdm=False)
+    with pytest.raises(TypeError, match="string or a list of token ids"):
+        llm.generate([3.5], greedy(1), use_tqdm=False)
+    assert llm.engine.kv.usage() == 0  # nothing leaked
+
+
+def test_abort_frees_blocks(llm):
+    eng = llm.engine
+    eng.add_request("long", "abcdef", greedy(50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.kv.usage() > 0
+    assert eng.abort("long") and not eng.abort("long")
+    outs = eng.step()
+    assert outs and outs[0].finished and outs[0].outputs[0].finish_reason == "abort"
+    assert eng.kv.usage() == 0 and not eng.has_unfinished()
+    assert eng.metrics.requests_finished["abort"] >= 1
+
+
+def test_engine_config_errors():
+    with pytest.raises(ValueError, match="block_size=12"):
+        bagualu.EngineConfig(block_size=12)
+    with pytest.raises(ValueError, match="admission='lifo'"):
+        bagualu.EngineConfig(admission="lifo")
