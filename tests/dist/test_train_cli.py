@@ -55,6 +55,9 @@ def test_train_errors_are_clear(tmp_path):
     assert p.returncode == 2 and "--train.lr needs a value" in p.stderr
     p = subprocess.run([BAGUALU, "train", "--train.nope=1"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "unknown setting 'train.nope'" in p.stderr
+    p = subprocess.run([BAGUALU, "train", "--nproc", "2", "--run-dir", str(tmp_path / "r"), "--data.path=/no/such/data"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "error (rank 0): data.path=/no/such/data is not a prepared dataset" in p.stderr
     p = subprocess.run([BAGUALU, "train", "mixtral-8x7b", "--nproc", "1", "--run-dir", str(tmp_path / "big")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "GiB per cpu device" in p.stderr and "--nproc" in p.stderr

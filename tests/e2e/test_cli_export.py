@@ -1,10 +1,13 @@
 """``bagualu export`` as a user runs it: checkpoints written by 2 ranks with EP=2 (each rank its experts)
 export in one process to a Hugging Face directory whose logits equal the trained model's — in
 ``bagualu.models`` and in ``transformers`` — for the newest or a chosen step; torn, unknown and missing
-checkpoints are clear errors."""
+checkpoints are clear errors; a full disk during an asynchronous checkpoint write stops the run with an
+error naming the directory and leaves the previous checkpoint intact."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 import subprocess
@@ -13,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from hf_models import transformers
 
 import bagualu.models as bm
+from bagualu.checkpoint import CheckpointManager
 from bagualu.cli.main import main
 
 pytestmark = pytest.mark.e2e
@@ -80,3 +85,37 @@ def test_export_errors_name_the_problem(run, tmp_path, capsys, caplog):
     (tmp_path / "empty").mkdir()
     rc, out = bagualu("export", tmp_path / "empty", tmp_path / "out", ok=False, capsys=capsys)
     assert rc == 2 and "no checkpoint in" in out.err and "empty" in out.err
+
+
+def test_full_disk_during_an_async_checkpoint_is_a_clear_error_and_keeps_the_last_one(run, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The disk fills while the background thread writes step 4's shards: `bagualu train` stops with an
+    error naming the directory, and step 2 still verifies and exports."""
+    real = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        if "step-00000004" in str(path) and "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        with real(self, path, mode) as f:
+            yield f
+
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc, out = bagualu("train", "--run-dir", tmp_path / "full", "--nproc", "1", f"--data.path={run.parent / 'data'}",
+                          "--train.steps=4", "--train.warmup=1", "--train.global_batch=4", "--train.seq_len=32",
+                          "--model.num_layers=1", "--train.eval_windows=4", "--train.checkpoint_every=2",
+                          "--train.checkpoint_async=true", ok=False, capsys=capsys)
+    finally:
+        torch.set_num_threads(threads)
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert rc == 2
+    assert f"error: writing checkpoint step-00000004.tmp to {ckpts} failed" in out.err
+    assert "No space left on device" in out.err and "step-00000002 is intact" in out.err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
+    assert CheckpointManager.check(str(ckpts / "step-00000002")) is None
+    monkeypatch.undo()
+    _, out = bagualu("export", tmp_path / "full", tmp_path / "out", capsys=capsys)
+    assert "exported step 2" in out.out

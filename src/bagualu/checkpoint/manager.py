@@ -162,6 +162,8 @@ class CheckpointManager:
         self.keep, self.async_save = keep, async_save
         self._pending: tuple[int, str, object, dict[str, bytes]] | None = None
         self.group = side_group()  # DCP's planning collectives run here, off the training step's group
+        if self.group is None:  # one process by choice: DCP's per-call warning (also from its writer thread) is noise
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         if _rank() == 0:
             try:
                 self.fs.makedirs(self.path, exist_ok=True)

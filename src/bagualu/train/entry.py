@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -15,7 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(rest)
     args.overrides = overrides
     cfg, run_dir = build_config(args)
-    train(cfg, run_dir, resume=args.resume)
+    try:
+        train(cfg, run_dir, resume=args.resume)
+    except (ValueError, MemoryError, FileNotFoundError, RuntimeError) as e:
+        # one line a person can act on (full disk, bad setting...) instead of a traceback per rank; the
+        # elastic agent still sees the failure (and restarts the group when --max-restarts allows)
+        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
