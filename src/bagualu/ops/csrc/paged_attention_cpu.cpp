@@ -572,11 +572,15 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
   const int64_t ni = int64_t(items.size()), nm = int64_t(merges.size());
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && ni > 1)
   {
+    // One barrier per call when nothing is split (each costs a time slice if a thread is descheduled).
     Scratch w;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t x = 0; x < ni; ++x) run_item(A, items[x], w, pm.data(), pl.data(), pacc.data());
-#pragma omp for schedule(static)
-    for (int64_t x = 0; x < nm; ++x) merge(A, merges[x], nsplits[x], pm.data(), pl.data(), pacc.data(), w.s);
+    if (nm > 0) {
+#pragma omp barrier
+#pragma omp for schedule(static) nowait
+      for (int64_t x = 0; x < nm; ++x) merge(A, merges[x], nsplits[x], pm.data(), pl.data(), pacc.data(), w.s);
+    }
   }
   return 0;
 }
