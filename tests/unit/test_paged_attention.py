@@ -83,12 +83,18 @@ def fast():
     return k
 
 
-@pytest.fixture
-def two_threads():
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than waking a team for every op (and keeps this file quick)."""
     old = torch.get_num_threads()
-    torch.set_num_threads(2)  # the context split only happens with > 1 thread
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def two_threads(one_thread):
+    torch.set_num_threads(2)  # the kernel's OpenMP path; the context split only happens with > 1 thread
 
 
 # ---- write_kv and the reference -------------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def test_kernel_batch1_long_context_split(fast, two_threads, dtype, G, window):
     torch.testing.assert_close(fast(*b2.args(), window), paged_kv.paged_attention(*b2.args(), window), **TOL[dtype])
 
 
-def test_kernel_out_buffer_and_strided_q(fast):
+def test_kernel_out_buffer_and_strided_q(fast, two_threads):
     b = Batch([40, 300], [1, 6], H=12, G=4, Dh=64, B=16, dtype=torch.float32, seed=5)
     ref = paged_kv.paged_attention(*b.args())
     out = torch.full_like(b.q, float("nan"))
