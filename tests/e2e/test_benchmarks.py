@@ -51,3 +51,17 @@ def test_decode_attention_benchmark_smoke(tmp_path):
     assert {r["impl"] for r in res["rows"]} == {"bagualu paged", "gather+SDPA", "SDPA contiguous"}
     assert len(res["rows"]) == 3 * 2 * 2 and all(r["KV GB/s"] > 0 for r in res["rows"])
     assert res["machine"]["copy_GBps_this_run"] > 0 and res["geomean_ratio"] > 0
+
+
+def test_serve_benchmark_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--tiny", "--no-hf-continuous", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline: bagualu / transformers static batch" in p.stdout
+    res = json.loads(out.read_text())
+    engines = {r["engine"] for r in res["offline"]}
+    assert engines == {"bagualu in-process", "bagualu r-workers=1", "transformers static batch"}
+    assert all(r["tokens"] == 4 * 8 for r in res["offline"])
+    assert all(0 < r["fraction_of_bound"] for r in res["batch1"])

@@ -1,0 +1,122 @@
+"""Online half of ``benchmarks/serve.py``: ``bagualu serve`` in a subprocess, Poisson arrivals over HTTP.
+
+For each request rate, ``--online-requests`` streamed completions (random token-id prompts, fixed output
+length, no early stop) arrive with exponential gaps; TTFT is the time to the first streamed token and
+TPOT the mean gap between the later ones, both seen by the client. Reported per engine mode (R-part
+in-process, R-workers) as p50/p99 and generated tokens/s over the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(path: Path, dtype: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    exe = str(Path(sys.executable).parent / "bagualu")
+    proc = subprocess.Popen([exe, "serve", str(path), "--port", str(port), "--dtype", dtype, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bagualu serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("bagualu serve did not become healthy within 300 s")
+
+
+async def _one(client, url, model, prompt, out_len, t_arrive) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "min_tokens": out_len, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    stamps = []
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                stamps.append(time.perf_counter())
+    if not stamps:
+        return {"ttft": None, "tpot": None, "tokens": 0}
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    return {"ttft": stamps[0] - t_arrive, "tpot": tpot, "tokens": out_len}
+
+
+async def _load(url, model, prompts, out_len, rate, seed=0) -> tuple[list[dict], float]:
+    import httpx
+
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(prompts) + 4)) as client:
+        tasks = []
+        t0 = time.perf_counter()
+        for p in prompts:
+            tasks.append(asyncio.create_task(_one(client, url, model, p, out_len, time.perf_counter())))
+            await asyncio.sleep(rng.expovariate(rate))
+        res = await asyncio.gather(*tasks)
+    return res, time.perf_counter() - t0
+
+
+def _pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[min(int(q / 100 * len(xs)), len(xs) - 1)] if xs else None
+
+
+def online(args, root: Path, make_model_dir) -> list[dict]:
+    from serve import prompts_for, MODELS
+
+    rows = []
+    for name in args.models:
+        path = make_model_dir(name, root)
+        prompts = prompts_for(args.online_requests, args.prompt_len, MODELS[name]["vocab_size"])
+        modes = {"in-process": []} | {f"r-workers={w}": ["--r-workers", str(w)] for w in args.r_workers}
+        for mode, extra in modes.items():
+            proc, url = _start_server(path, args.dtypes[0], extra)
+            try:
+                import httpx
+
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                asyncio.run(_load(url, model, prompts[:2], 4, 100.0))  # warm-up
+                for rate in args.rates:
+                    res, wall = asyncio.run(_load(url, model, prompts, args.output_len, rate))
+                    ttft = [r["ttft"] for r in res]
+                    tpot = [r["tpot"] for r in res]
+                    rows.append(dict(model=name, rate=rate, engine=mode, requests=len(res),
+                                     ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99), tpot_p50=_pct(tpot, 50),
+                                     tpot_p99=_pct(tpot, 99),
+                                     tokens_per_s=sum(r["tokens"] for r in res) / wall))
+                    print(f"[online {name} {mode} rate={rate}] ttft p50 {rows[-1]['ttft_p50']}, "
+                          f"tpot p50 {rows[-1]['tpot_p50']}", file=sys.stderr)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return rows
+
+
+if __name__ == "__main__":
+    print("run benchmarks/serve.py --online", file=sys.stderr)
+    sys.exit(2)
