@@ -63,6 +63,12 @@ VARIABLES: dict[str, EnvVar] = {
             help="Never run micro-benchmarks for platform figures; use the built-in table instead.",
         ),
         EnvVar(
+            name="BAGUALU_COMPILER_AUTOTUNE",
+            parse=_bool,
+            default=lambda: False,
+            help="PowerFusion: time the best-ranked mappings of each new kernel and keep the fastest (cached on disk).",
+        ),
+        EnvVar(
             name="BAGUALU_NO_NATIVE",
             parse=_bool,
             default=lambda: False,

@@ -1,0 +1,44 @@
+"""``torch.compile(fn, backend="powerfusion")``: the Dynamo back-end entry point.
+
+Registered under the ``torch_dynamo_backends`` entry-point group (pyproject.toml), which Dynamo scans
+when it meets a backend name it does not know, so ``backend="powerfusion"`` works without importing
+``bagualu`` first. The FX graph Dynamo captures goes through AOTAutograd with our decomposition table:
+forward and backward become separate ATen graphs (the min-cut partitioner decides what the forward saves
+and what the backward recomputes — it prefers saving row statistics over whole activations), and each
+is compiled by ``graph.compile_graph``. Inference graphs take the same path without a backward.
+
+``options`` (``torch.compile(..., options={...})``): ``{"partition": "default"}`` uses AOTAutograd's
+default partitioner (save everything the backward reads) instead of min-cut rematerialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def powerfusion(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+
+    from bagualu.compiler.decompositions import decomposition_table
+    from bagualu.compiler.graph import compile_graph
+
+    options = dict(options or {})
+    part = options.pop("partition", "min_cut")
+    if options:
+        raise ValueError(f"unknown powerfusion option(s) {sorted(options)}; known: ['partition']")
+    if part not in ("min_cut", "default"):
+        raise ValueError(f"powerfusion option partition={part!r}; use 'min_cut' or 'default'")
+
+    def compiler(label):
+        def fn(g: torch.fx.GraphModule, inputs):
+            return make_boxed_func(compile_graph(g, inputs, label))
+        return fn
+
+    return aot_module_simplified(
+        gm, example_inputs, fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"), decompositions=decomposition_table(),
+        partition_fn=min_cut_rematerialization_partition if part == "min_cut" else default_partition)

@@ -1,0 +1,531 @@
+"""C++ (OpenMP + SIMD) source for a fusion-IR kernel under a mapping.
+
+One ``extern "C" int64_t name(void* const* bufs, int64_t nthreads)`` per kernel: ``bufs`` holds the
+data pointers of the inputs then the outputs; the return value is non-zero when a gather/scatter index
+was out of range (the caller raises, as ATen would). The row loop is ``omp for`` over the flattened
+outer domain (``Mapping.parallel == "rows"``); each pass is a loop nest over its space with
+``#pragma omp simd`` and reduction clauses on the innermost loop, written so GCC vectorises it: unit
+strides stay affine in the loop variable, conversions and transcendental functions are branch-free
+inline code (``cpp_prelude``), ``cat``/padding branches are removed by splitting the loop into segments.
+Column reductions accumulate into per-thread partial arrays combined after the row loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bagualu.compiler import index as ix
+from bagualu.compiler.codegen import schedule as sch
+from bagualu.compiler.index import Expr, FloorDiv, Indirect, Mod, Var
+from bagualu.compiler.ir import Kernel, Mapping, Space, Value
+
+CT = {"f32": "float", "f64": "double", "i64": "int64_t", "i32": "int32_t", "b8": "bool"}
+ST = {"f32": "float", "bf16": "uint16_t", "f16": "uint16_t", "f64": "double", "i64": "int64_t", "i32": "int32_t",
+      "b8": "uint8_t", "i8": "int8_t", "u8": "uint8_t"}
+IDENT = {("sum", "f"): "0", ("prod", "f"): "1", ("max", "f"): "-INFINITY", ("min", "f"): "INFINITY",
+         ("sum", "i"): "0", ("prod", "i"): "1", ("max", "i"): "INT64_MIN", ("min", "i"): "INT64_MAX",
+         ("any", "b"): "0", ("all", "b"): "1"}
+OMP_RED = {"sum": "+", "prod": "*", "max": "max", "min": "min", "any": "|", "all": "&"}
+
+
+def _cls(dtype: str) -> str:
+    return "f" if dtype in ("f32", "f64") else ("b" if dtype == "b8" else "i")
+
+
+def literal(value, dtype: str) -> str:
+    if dtype == "b8":
+        return "true" if value else "false"
+    if dtype in ("i64", "i32"):
+        return f"((int64_t){int(value)}LL)" if dtype == "i64" else f"((int32_t){int(value)})"
+    v = float(value)
+    suffix = "f" if dtype == "f32" else ""
+    if math.isnan(v):
+        return "NAN" if dtype == "f32" else "((double)NAN)"
+    if math.isinf(v):
+        return ("INFINITY" if v > 0 else "(-INFINITY)") if dtype == "f32" else \
+            ("((double)INFINITY)" if v > 0 else "((double)-INFINITY)")
+    return f"({v.hex()}{suffix})"
+
+
+def c_expr(e: Expr, names: dict[int, str]) -> str:
+    parts = []
+    for a, c in e.terms:
+        if isinstance(a, Var):
+            s = a.name
+        elif isinstance(a, Indirect):
+            s = names[a.value_id]
+        elif isinstance(a, (FloorDiv, Mod)):
+            inner = c_expr(a.expr, names)
+            lo, _ = a.expr.bounds()
+            if isinstance(a, FloorDiv):
+                s = f"(({inner}) / {a.divisor})" if lo >= 0 else f"pf_floordiv({inner}, {a.divisor})"
+            else:
+                s = f"(({inner}) % {a.divisor})" if lo >= 0 else f"pf_mod({inner}, {a.divisor})"
+        else:
+            raise TypeError(a)
+        parts.append(s if c == 1 else f"{c}*{s}")
+    if e.const or not parts:
+        parts.append(f"{e.const}")
+    return "(" + " + ".join(parts) + ")"
+
+
+class _KernelWriter:
+    def __init__(self, k: Kernel, m: Mapping):
+        self.k = k
+        self.m = m
+        self.lines: list[str] = []
+        self.ind = 0
+        self.passes = sch.schedule(k)
+        self.nin = len(k.inputs)
+        self.spans = [1 + sum((s - 1) * st for s, st in zip(b.shape, b.strides)) for b in k.inputs]
+        self.gmemo: dict[int, bool] = {}
+        self.mat_done: set[int] = set()
+        self.seg_id = 0
+        self.indirect_size: dict[int, int] = {}
+        for v in k.values:
+            e = v.attrs.get("expr")
+            if isinstance(e, Expr):
+                for a in e.indirects():
+                    self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
+        for cr in k.col_reduces:
+            for a in cr.index.indirects():
+                self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
+        self.uses_err = bool(self.indirect_size)
+
+    def w(self, s: str) -> None:
+        self.lines.append("  " * self.ind + s)
+
+    # ---- value expressions ------------------------------------------------------------------------
+    def vexpr(self, v: Value, names: dict[int, str]) -> str:
+        op = v.op
+        n = [names.get(a.id) or self.leaf(a, names) for a in v.args]
+        d = v.dtype
+        f32 = d == "f32"
+        if op == "const":
+            return literal(v.attrs["value"], d)
+        if op == "index":
+            return c_expr(v.attrs["expr"], names)
+        if op == "load":
+            k = v.attrs["buf"]
+            e = v.attrs["expr"]
+            ce = c_expr(e, names)
+            lo, hi = e.bounds()
+            if lo < 0 or hi >= self.spans[k]:
+                ce = f"pf_clampi({ce}, {self.spans[k] - 1})"
+            raw = f"in{k}[{ce}]"
+            st = v.attrs["storage"]
+            if st in ("bf16",):
+                return f"pf_bf2f({raw})"
+            if st == "b8":
+                return f"({raw} != 0)"
+            if st in ("i8", "u8"):
+                return f"((int32_t){raw})"
+            return raw
+        if op == "local_load":
+            return f"{v.attrs['local'].name}[{c_expr(v.attrs['expr'], names)}]"
+        if op == "accum":
+            return f"part{v.attrs['cr']}[{c_expr(v.attrs['expr'], names)}]"
+        if op == "cast":
+            to = v.attrs["to"]
+            src = v.args[0].dtype
+            if to == "bf16":
+                return f"pf_round_bf16({n[0]})"
+            if to == "i8":
+                return f"((int32_t)(int8_t)({n[0]}))"
+            if to == "u8":
+                return f"((int32_t)(uint8_t)({n[0]}))"
+            if d == "b8":
+                return f"({n[0]} != 0)"
+            del src
+            return f"(({CT[d]})({n[0]}))"
+        fsuf = "f" if f32 else ""
+        unary = {
+            "neg": f"(-{n[0]})" if op == "neg" else "",
+            "abs": (f"__builtin_fabs{fsuf}({n[0]})" if _cls(d) == "f" else f"({n[0]} < 0 ? -{n[0]} : {n[0]})")
+            if op == "abs" else "",
+            "exp": f"pf_exp({n[0]})" if f32 else f"exp({n[0]})",
+            "expm1": f"expm1{fsuf}({n[0]})", "log": f"log{fsuf}({n[0]})", "log1p": f"log1p{fsuf}({n[0]})",
+            "log2": f"log2{fsuf}({n[0]})", "sqrt": f"__builtin_sqrt{fsuf}({n[0]})",
+            "rsqrt": f"(1.0{fsuf} / __builtin_sqrt{fsuf}({n[0]}))", "reciprocal": f"(1.0{fsuf} / {n[0]})",
+            "sigmoid": f"pf_sigmoid({n[0]})" if f32 else f"pf_sigmoidd({n[0]})",
+            "tanh": f"tanh{fsuf}({n[0]})", "sin": f"sin{fsuf}({n[0]})", "cos": f"cos{fsuf}({n[0]})",
+            "erf": f"erf{fsuf}({n[0]})", "floor": f"__builtin_floor{fsuf}({n[0]})",
+            "ceil": f"__builtin_ceil{fsuf}({n[0]})", "trunc": f"__builtin_trunc{fsuf}({n[0]})",
+            "round": f"__builtin_nearbyint{fsuf}({n[0]})",
+            "sign": (f"pf_sign{'f' if f32 else 'd'}({n[0]})" if _cls(d) == "f"
+                     else f"(({CT[d]})(({n[0]} > 0) - ({n[0]} < 0)))") if op == "sign" else "",
+            "not": f"(!{n[0]})", "isnan": f"({n[0]} != {n[0]})",
+            "relu": f"({n[0]} < 0 ? ({CT[d]})0 : {n[0]})", "square": f"({n[0]} * {n[0]})",
+        }
+        if op in unary:
+            return unary[op]
+        if op in ("add", "sub", "mul", "div"):
+            sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
+            return f"({n[0]} {sym} {n[1]})"
+        if op in ("max", "min"):
+            if _cls(d) == "f":
+                return f"pf_{op}{'f' if f32 else 'd'}({n[0]}, {n[1]})"
+            return f"({n[0]} {'>' if op == 'max' else '<'} {n[1]} ? {n[0]} : {n[1]})"
+        if op == "pow":
+            return f"pow{fsuf}({n[0]}, {n[1]})"
+        if op == "atan2":
+            return f"atan2{fsuf}({n[0]}, {n[1]})"
+        if op in ("eq", "ne", "lt", "le", "gt", "ge"):
+            sym = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
+            return f"({n[0]} {sym} {n[1]})"
+        if op in ("and", "or", "xor"):
+            sym = {"and": "&&", "or": "||", "xor": "!="}[op]
+            return f"({n[0]} {sym} {n[1]})"
+        if op == "where":
+            return f"({n[0]} ? {n[1]} : {n[2]})"
+        raise NotImplementedError(f"C++ code generator: micro-op {op!r}")
+
+    def leaf(self, a: Value, names: dict[int, str]) -> str:
+        if a.op == "const":
+            return literal(a.attrs["value"], a.dtype)
+        raise KeyError(f"value v{a.id} ({a.op}) used before it was computed")
+
+    def define(self, v: Value, names: dict[int, str], name: str | None = None) -> None:
+        if v.id in names or v.op == "const":
+            return
+        name = name or f"v{v.id}"
+        if v.op in sch.ROW_RESULTS:
+            raise KeyError(f"row result v{v.id} used before its pass")
+        self.w(f"const {CT[v.dtype]} {name} = {self.vexpr(v, names)};")
+        names[v.id] = name
+        size = self.indirect_size.get(v.id)
+        if size is not None:
+            self.w(f"err |= (uint64_t){name} >= (uint64_t){size};")
+            alias = f"{name}c"
+            self.w(f"const int64_t {alias} = (uint64_t){name} < (uint64_t){size} ? {name} : 0;")
+            names[v.id] = alias
+
+    # ---- kernel -----------------------------------------------------------------------------------
+    def write(self) -> str:
+        k = self.k
+        self.w(f'extern "C" int64_t {k.name}(void* const* bufs, int64_t nthreads) {{')
+        self.ind += 1
+        for i, b in enumerate(k.inputs):
+            self.w(f"const {ST[b.dtype]}* __restrict in{i} = (const {ST[b.dtype]}*)bufs[{i}];")
+        for i, b in enumerate(k.outputs):
+            self.w(f"{ST[b.dtype]}* __restrict out{i} = ({ST[b.dtype]}*)bufs[{self.nin + i}];")
+        self.w("int64_t err = 0;")
+        gnames: dict[int, str] = {}
+        roots = [it.value for p in self.passes for it in p.items]
+        for v in sch.values_needed(roots):
+            if sch.is_global(v, self.gmemo) and v.op != "const":
+                self.define(v, gnames)
+        tiles = self.m.parallel == "tiles"
+        par = (self.m.parallel == "rows" and k.rows > 1) or tiles
+        self.w(f"const int64_t NT = {'nthreads < 1 ? 1 : nthreads' if par else '1'};")
+        for cr in k.col_reduces:
+            t = CT[cr.value.dtype]
+            self.w(f"{t}* part{cr.id} = ({t}*)malloc(sizeof({t}) * NT * {cr.size});")
+        if par:
+            self.w("#pragma omp parallel num_threads(NT) reduction(|:err)")
+        self.w("{")
+        self.ind += 1
+        self.w(f"const int64_t tid = {'omp_get_thread_num()' if par else '0'};")
+        for cr in k.col_reduces:
+            t = CT[cr.value.dtype]
+            ident = IDENT[(cr.kind, _cls(cr.value.dtype))]
+            self.w(f"{t}* __restrict acc{cr.id} = part{cr.id} + tid * {cr.size};")
+            self.w(f"for (int64_t i = 0; i < {cr.size}; ++i) acc{cr.id}[i] = ({t}){ident};")
+        for vid in sorted(self.m.materialize):
+            v = k.values[vid]
+            sp = k.space_of(v)
+            self.w(f"{CT[v.dtype]}* __restrict mat{vid} = ({CT[v.dtype]}*)malloc(sizeof({CT[v.dtype]}) * {sp.numel});")
+        if tiles:
+            self.emit_tiles(gnames)
+        else:
+            if par:
+                chunk = f", {self.m.row_block}" if self.m.row_block else ""
+                self.w(f"#pragma omp for schedule(static{chunk})")
+            self.w(f"for (int64_t p = 0; p < {k.rows}; ++p) {{")
+            self.ind += 1
+            self.decode_outer()
+            self.mat_done = set()
+            names = dict(gnames)
+            for p in self.passes:
+                self.emit_pass(p, names)
+            self.ind -= 1
+            self.w("}")
+        for vid in sorted(self.m.materialize):
+            self.w(f"free(mat{vid});")
+        self.ind -= 1
+        self.w("}")
+        self.emit_final(gnames)
+        for cr in k.col_reduces:
+            self.w(f"free(part{cr.id});")
+        self.w("return err;")
+        self.ind -= 1
+        self.w("}")
+        return "\n".join(self.lines)
+
+    def emit_tiles(self, gnames: dict[int, str]) -> None:
+        """Pointwise kernels: each pass is its own work-shared loop over (row, outermost space variable)."""
+        for p in self.passes:
+            head = p.space.vars[0]
+            self.w("#pragma omp for schedule(static) collapse(2)")
+            self.w(f"for (int64_t p = 0; p < {self.k.rows}; ++p) {{")
+            self.w(f"  for (int64_t {head.name} = 0; {head.name} < {head.size}; ++{head.name}) {{")
+            self.ind += 2
+            self.decode_outer()
+            self.emit_pass(p, dict(gnames), collapsed=head)
+            self.ind -= 2
+            self.w("  }")
+            self.w("}")
+
+    def decode_outer(self) -> None:
+        stride = 1
+        dec = []
+        for v in reversed(self.k.outer):
+            if stride == 1:
+                dec.append(f"const int64_t {v.name} = p % {v.size};" if v is not self.k.outer[0] else
+                           f"const int64_t {v.name} = p;")
+            elif v is self.k.outer[0]:
+                dec.append(f"const int64_t {v.name} = p / {stride};")
+            else:
+                dec.append(f"const int64_t {v.name} = (p / {stride}) % {v.size};")
+            stride *= v.size
+        for line in reversed(dec):
+            self.w(line)
+        if not self.k.outer:
+            self.w("(void)p;")
+
+    def ensure_row(self, roots: list[Value], names: dict[int, str]) -> None:
+        """Define the row-level values ``roots`` need (outside any inner loop)."""
+        for v in sch.values_needed(roots):
+            if v.id in names or v.op == "const" or v.op in sch.ROW_RESULTS:
+                continue
+            if self.k.space_of(v) is None and v.op != "accum":
+                self.define(v, names)
+
+    def emit_pass(self, p: sch.Pass, names: dict[int, str], collapsed: Var | None = None) -> None:
+        if p.space is None:
+            self.ensure_row([it.value for it in p.items], names)
+            for it in p.items:
+                self.item_effect(it, names, None, top=True)
+            return
+        if p.items[0].kind == "topk":
+            self.emit_topk(p, names)
+            return
+        self.ensure_row([it.value for it in p.items] + self._indirect_roots(p), names)
+        reds = [it for it in p.items if it.kind == "reduce"]
+        scalars = [it for it in p.items if it.kind == "colreduce" and not self._slot_in_loop(it, p.space)]
+        for it in reds:
+            v = it.obj
+            self.w(f"{CT[v.dtype]} v{v.id} = ({CT[v.dtype]}){IDENT[(v.attrs['kind'], _cls(v.dtype))]};")
+            if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
+                self.w(f"int32_t v{v.id}_nan = 0;")
+        for it in scalars:
+            cr = it.obj
+            self.w(f"{CT[cr.value.dtype]} cr{cr.id} = ({CT[cr.value.dtype]}){IDENT[(cr.kind, _cls(cr.value.dtype))]};")
+        clauses = []
+        for it in reds:
+            v = it.obj
+            clauses.append(f"reduction({OMP_RED[v.attrs['kind']]}:v{v.id})")
+            if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
+                clauses.append(f"reduction(|:v{v.id}_nan)")
+        for it in scalars:
+            clauses.append(f"reduction({OMP_RED[it.obj.kind]}:cr{it.obj.id})")
+        simd = not any(it.kind == "colreduce" and it.obj.index.indirects() for it in p.items)
+        if self.uses_err:
+            clauses.append("reduction(|:err)")
+        if self.m.vector:
+            clauses.append(f"simdlen({self.m.vector})")
+        self.emit_loops(p, names, simd, clauses, collapsed)
+        for it in reds:
+            v = it.obj
+            if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
+                self.w(f"if (v{v.id}_nan) v{v.id} = NAN;")
+            names[v.id] = f"v{v.id}"
+        for it in scalars:
+            cr = it.obj
+            slot = c_expr(cr.index, names)
+            self.w(self._combine(f"acc{cr.id}[{slot}]", f"cr{cr.id}", cr.kind, cr.value.dtype))
+
+    def _indirect_roots(self, p: sch.Pass) -> list[Value]:
+        out = []
+        for it in p.items:
+            if it.kind == "colreduce":
+                out += [self.k.values[a.value_id] for a in it.obj.index.indirects()]
+        return out
+
+    def _slot_in_loop(self, it: sch.Item, sp: Space) -> bool:
+        idx = it.obj.index
+        if idx.vars() & set(sp.vars):
+            return True
+        return any(self.k.space_of(self.k.values[a.value_id]) is sp for a in idx.indirects())
+
+    def _combine(self, dst: str, src: str, kind: str, dtype: str) -> str:
+        if kind in ("sum",):
+            return f"{dst} += {src};"
+        if kind == "prod":
+            return f"{dst} *= {src};"
+        if kind in ("max", "min"):
+            if _cls(dtype) == "f":
+                return f"{dst} = pf_{kind}{'f' if dtype == 'f32' else 'd'}({dst}, {src});"
+            return f"{dst} = {src} {'>' if kind == 'max' else '<'} {dst} ? {src} : {dst};"
+        if kind == "any":
+            return f"{dst} = {dst} || {src};"
+        return f"{dst} = {dst} && {src};"
+
+    def emit_loops(self, p: sch.Pass, names: dict[int, str], simd: bool, clauses: list[str],
+                   collapsed: Var | None = None) -> None:
+        sp = p.space
+        outer_vars, inner = [v for v in sp.vars[:-1] if v is not collapsed], sp.vars[-1]
+        for v in outer_vars:
+            self.w(f"for (int64_t {v.name} = 0; {v.name} < {v.size}; ++{v.name}) {{")
+            self.ind += 1
+        roots = [it.value for it in p.items] + self._indirect_roots(p)
+        needed = [v for v in sch.values_needed(roots) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
+        pts = sch.split_points(needed, inner)
+        for lo, hi in sch.segments(inner.size, pts):
+            if pts:
+                self.seg_id += 1
+                seg_var = Var(f"{inner.name}_g{self.seg_id}", hi - lo)
+                spec = sch.Specializer(self.k, {inner: ix.var(seg_var) + lo}, 10_000_000 * self.seg_id)
+                lv = seg_var
+            else:
+                spec = None
+                lv = inner
+            if simd:
+                self.w("#pragma omp simd " + " ".join(clauses))
+            self.w(f"for (int64_t {lv.name} = 0; {lv.name} < {lv.size}; ++{lv.name}) {{")
+            self.ind += 1
+            local = dict(names)
+            flat = self._space_flat(sp, lv, lo if spec else 0)
+            for v in needed:
+                sv = spec.value(v) if spec else v
+                if v.id in self.m.materialize and v.id in self.mat_done:
+                    local[sv.id] = f"mat{v.id}[{flat}]"
+                    continue
+                if sv.op == "const" or sv.id in local:
+                    continue
+                self.define(sv, local)
+                if v.id in self.m.materialize:
+                    self.w(f"mat{v.id}[{flat}] = {local[sv.id]};")
+            for it in p.items:
+                sv = spec.value(it.value) if spec else it.value
+                self.item_effect(it, local, spec, value=sv)
+            self.ind -= 1
+            self.w("}")
+        for v in needed:
+            if v.id in self.m.materialize:
+                self.mat_done.add(v.id)
+        for _ in outer_vars:
+            self.ind -= 1
+            self.w("}")
+
+    def _space_flat(self, sp: Space, lv: Var, lo: int) -> str:
+        e = ix.var(lv) + lo
+        stride = sp.vars[-1].size
+        for v in reversed(sp.vars[:-1]):
+            e = e + ix.var(v) * stride
+            stride *= v.size
+        return c_expr(e, {})
+
+    def item_effect(self, it: sch.Item, names: dict[int, str], spec, value: Value | None = None,
+                    top: bool = False) -> None:
+        v = value or it.value
+        val = names.get(v.id) or self.leaf(v, names)
+        if it.kind == "reduce":
+            r = it.obj
+            kind = r.attrs["kind"]
+            if kind in ("max", "min") and _cls(r.dtype) == "f":
+                cmp = ">" if kind == "max" else "<"
+                self.w(f"v{r.id} = {val} {cmp} v{r.id} ? {val} : v{r.id};")
+                self.w(f"v{r.id}_nan |= ({val} != {val});")
+            elif kind in ("max", "min"):
+                cmp = ">" if kind == "max" else "<"
+                self.w(f"v{r.id} = {val} {cmp} v{r.id} ? {val} : v{r.id};")
+            elif kind == "sum":
+                self.w(f"v{r.id} += {val};")
+            elif kind == "prod":
+                self.w(f"v{r.id} *= {val};")
+            elif kind == "any":
+                self.w(f"v{r.id} |= {val};")
+            else:
+                self.w(f"v{r.id} &= {val};")
+        elif it.kind == "store":
+            st = it.obj
+            e = spec.expr(st.index) if spec else st.index
+            self.w(f"out{st.buf}[{c_expr(e, names)}] = {self._to_storage(val, v.dtype, self.k.outputs[st.buf].dtype)};")
+        elif it.kind == "colreduce":
+            cr = it.obj
+            e = spec.expr(cr.index) if spec else cr.index
+            if top or it.space is None or self._slot_in_loop(it, it.space):
+                self.w(self._combine(f"acc{cr.id}[{c_expr(e, names)}]", val, cr.kind, cr.value.dtype))
+            else:  # one slot per row: a loop-local reduction variable, flushed after the loop
+                self.w(self._combine(f"cr{cr.id}", val, cr.kind, cr.value.dtype))
+
+    def _to_storage(self, val: str, vdt: str, sdt: str) -> str:
+        if sdt == "bf16":
+            return f"pf_f2bf((float)({val}))"
+        if sdt == "b8":
+            return f"(uint8_t)(({val}) != 0)"
+        return f"({ST[sdt]})({val})"
+
+    def emit_topk(self, p: sch.Pass, names: dict[int, str]) -> None:
+        it = p.items[0]
+        t = it.obj
+        k, sp = t.attrs["k"], t.attrs["space"]
+        lv_, li = t.attrs["vals"], t.attrs["idxs"]
+        self.ensure_row([it.value], names)
+        T = CT[t.dtype]
+        self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}]; int64_t n{t.id} = 0;")
+        (var,) = sp.vars
+        self.w(f"for (int64_t {var.name} = 0; {var.name} < {var.size}; ++{var.name}) {{")
+        self.ind += 1
+        local = dict(names)
+        needed = [v for v in sch.values_needed([it.value]) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
+        for v in needed:
+            if v.id in self.m.materialize and v.id in self.mat_done:
+                local[v.id] = f"mat{v.id}[{var.name}]"
+                continue
+            self.define(v, local)
+        x = local.get(it.value.id) or self.leaf(it.value, local)
+        if t.attrs["largest"]:
+            better = lambda a, b: f"(({a}) > ({b}) || (({a}) != ({a}) && ({b}) == ({b})))"  # noqa: E731
+        else:
+            better = lambda a, b: f"(({a}) < ({b}) || (({b}) != ({b}) && ({a}) == ({a})))"  # noqa: E731
+        self.w(f"const {T} x = {x};")
+        self.w("int64_t j;")
+        worst = f"{lv_.name}[{k - 1}]"
+        self.w(f"if (n{t.id} < {k}) j = n{t.id}++; else if ({better('x', worst)}) j = {k - 1}; else continue;")
+        self.w(f"while (j > 0 && {better('x', f'{lv_.name}[j - 1]')}) {{ {lv_.name}[j] = {lv_.name}[j - 1]; "
+               f"{li.name}[j] = {li.name}[j - 1]; --j; }}")
+        self.w(f"{lv_.name}[j] = x; {li.name}[j] = {var.name};")
+        self.ind -= 1
+        self.w("}")
+        names[t.id] = lv_.name
+
+    def emit_final(self, gnames: dict[int, str]) -> None:
+        k = self.k
+        for cr in k.col_reduces:
+            self.w(f"for (int64_t t = 1; t < NT; ++t) for (int64_t i = 0; i < {cr.size}; ++i) "
+                   + self._combine(f"part{cr.id}[i]", f"part{cr.id}[t * {cr.size} + i]", cr.kind, cr.value.dtype))
+        for fs in k.final_stores:
+            names = dict(gnames)
+            if fs.space is not None:
+                (fv,) = fs.space.vars
+                self.w(f"for (int64_t {fv.name} = 0; {fv.name} < {fv.size}; ++{fv.name}) {{")
+                self.ind += 1
+            self.w("{")
+            self.ind += 1
+            for v in sch.values_needed([fs.value]):
+                if v.op != "const" and v.id not in names:
+                    self.define(v, names)
+            val = names.get(fs.value.id) or self.leaf(fs.value, names)
+            self.w(f"out{fs.buf}[{c_expr(fs.index, names)}] = "
+                   f"{self._to_storage(val, fs.value.dtype, k.outputs[fs.buf].dtype)};")
+            self.ind -= 1
+            self.w("}")
+            if fs.space is not None:
+                self.ind -= 1
+                self.w("}")
+
+
+def kernel_source(k: Kernel, m: Mapping) -> str:
+    return _KernelWriter(k, m).write()

@@ -1,0 +1,138 @@
+"""Analytic cost of a kernel under a mapping: bytes moved over bandwidth, weighted ops over peak, overheads.
+
+Shared by every chip: the platform supplies the copy bandwidth and the FLOP/s (``Platform``'s measured,
+cached figures); the code generator supplies what is chip-specific (per-thread cache, SIMD lanes, the
+cost of starting a parallel region). The model is deliberately simple — its job is to rank mappings
+and fusion choices, and measured autotuning corrects it where it is wrong:
+
+- DRAM traffic: every input element the kernel reads, once, and every output element written; a later
+  pass over a row re-reads from DRAM only when the row's working set does not fit the per-thread cache.
+- compute: per element of each pass, the micro-ops it evaluates (transcendentals weighted; libm calls
+  weighted as scalar), at the vector throughput the FLOP/s figure implies; materialising a value trades
+  its recomputation for a local-buffer read.
+- time = max(memory, compute) + the cost of forking threads + a per-row, per-pass overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bagualu.compiler.codegen import schedule as sch
+from bagualu.compiler.ir import Kernel, Mapping, Value
+
+# lane-op weight of each micro-op (an add is 1); libm calls do not vectorise, hence large
+WEIGHT = {"exp": 12, "sigmoid": 16, "div": 4, "sqrt": 4, "rsqrt": 5, "reciprocal": 4, "log": 60, "log1p": 60,
+          "log2": 60, "expm1": 60, "tanh": 60, "sin": 60, "cos": 60, "erf": 60, "pow": 80, "atan2": 80,
+          "load": 1, "const": 0, "index": 1, "local_load": 1, "cast": 1, "where": 1}
+
+
+@dataclass(frozen=True)
+class Machine:
+    bandwidth: float  # bytes/s, whole chip
+    lane_ops: float  # vector lane-operations/s, whole chip
+    threads: int
+    cache_bytes: int  # per thread
+    fork_s: float  # cost of one parallel region
+    row_s: float  # per row and pass bookkeeping
+    call_s: float  # launching one kernel (host-side wrapper, allocation, call)
+
+
+def machine(gen=None) -> Machine:
+    from bagualu.platform import current_platform
+
+    plat = current_platform()
+    bw = plat.peak_memory_bandwidth()
+    flops = plat.peak_flops(torch.float32)
+    return Machine(bandwidth=bw, lane_ops=flops / 2, threads=max(1, torch.get_num_threads()),
+                   cache_bytes=getattr(gen, "cache_bytes", lambda: 512 << 10)(),
+                   fork_s=getattr(gen, "fork_seconds", 4e-6), row_s=getattr(gen, "row_seconds", 15e-9),
+                   call_s=getattr(gen, "call_seconds", 8e-6))
+
+
+def _bytes_per_element(k: Kernel, v: Value) -> int:
+    if v.op == "load":
+        return k.inputs[v.attrs["buf"]].itemsize
+    return 0
+
+
+def traffic(k: Kernel) -> tuple[float, float]:
+    """(bytes read, bytes written) of the minimal traffic: each input and output element once."""
+    read = sum(b.numel * b.itemsize for b in k.inputs)
+    write = sum(b.numel * b.itemsize for b in k.outputs)
+    return float(read), float(write)
+
+
+def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
+    passes = sch.schedule(k)
+    if m.parallel == "tiles":
+        work = min(k.rows * p.space.vars[0].size for p in passes if p.space is not None)
+    else:
+        work = k.rows if m.parallel == "rows" else 1
+    threads = min(mc.threads, work)
+    read, write = traffic(k)
+    # per-row working set of the loads in each space, to decide whether later passes hit the cache
+    row_bytes = {}
+    for p in passes:
+        if p.space is None:
+            continue
+        needed = sch.values_needed([it.value for it in p.items])
+        b = sum(_bytes_per_element(k, v) for v in needed if k.space_of(v) is p.space) * p.space.numel
+        row_bytes[p.space.name] = max(row_bytes.get(p.space.name, 0), b)
+    extra = 0.0
+    seen_space: set[str] = set()
+    ops = 0.0
+    mat_done: set[int] = set()
+    for p in passes:
+        if p.space is None:
+            continue
+        needed = [v for v in sch.values_needed([it.value for it in p.items])
+                  if k.space_of(v) is p.space and v.op not in sch.ROW_RESULTS]
+        if p.space.name in seen_space and row_bytes[p.space.name] > mc.cache_bytes:
+            extra += row_bytes[p.space.name] * k.rows
+        seen_space.add(p.space.name)
+        per_elem = 0.0
+        skip: set[int] = set()
+        for v in reversed(needed):
+            if v.id in skip:
+                skip.update(a.id for a in v.args)
+                continue
+            if v.id in m.materialize and v.id in mat_done:
+                per_elem += 1
+                skip.update(a.id for a in v.args)
+                continue
+            per_elem += WEIGHT.get(v.op, 1)
+        mat_done |= {v.id for v in needed if v.id in m.materialize}
+        per_elem += len(p.items)
+        per_elem += 8 * _unsplit_selects(p, needed)
+        lanes_penalty = 8.0 if p.items[0].kind == "topk" or not _affine(k, p, needed) else 1.0
+        ops += per_elem * p.space.numel * k.rows * lanes_penalty
+    bw = mc.bandwidth * min(1.0, 0.6 * threads) if threads < mc.threads or mc.threads == 1 else mc.bandwidth
+    mem_s = (read + write + extra) / bw
+    vec_bonus = 1.1 if m.vector else 1.0
+    compute_s = ops / (mc.lane_ops * threads / mc.threads) / vec_bonus
+    overhead = mc.call_s + (mc.fork_s if threads > 1 else 0.0) + mc.row_s * k.rows * len(passes) / threads
+    return max(mem_s, compute_s) + overhead
+
+
+def _unsplit_selects(p, needed: list[Value]) -> int:
+    """Index comparisons on the inner variable the code generator cannot remove by splitting the loop."""
+    inner = p.space.vars[-1]
+    cmps = [v for v in needed if v.op in ("lt", "le", "gt", "ge") and v.args[0].op == "index"
+            and inner in v.args[0].attrs["expr"].vars()]
+    split = set(sch.split_points(needed, inner))
+    return sum(1 for v in cmps if not split or not sch.split_points([v], inner))
+
+
+def _affine(k: Kernel, p, needed: list[Value]) -> bool:
+    """Every address in the pass is affine in the innermost loop variable (so the loop vectorises)."""
+    inner = p.space.vars[-1]
+    exprs = [v.attrs["expr"] for v in needed if v.op in ("load", "index", "local_load")]
+    exprs += [it.obj.index for it in p.items if it.kind in ("store", "colreduce")]
+    for e in exprs:
+        if not e.linear_in(inner):
+            return False
+        if any(inner in k.values[a.value_id].deps for a in e.indirects()):
+            return False
+    return True

@@ -1,0 +1,128 @@
+"""The powerfusion ``torch.compile`` back-end: discovery, fallbacks with reasons, shapes, safety nets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bagualu.compiler import explain
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _env(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BAGUALU_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pf-cache"))
+        mp.setenv("BAGUALU_NO_MEASURE", "1")
+        mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
+        torch._dynamo.reset()
+        yield
+
+
+def test_backend_found_by_name_without_importing_bagualu(tmp_path):
+    code = ("import sys, torch\n"
+            "f = torch.compile(lambda x: torch.softmax(x * 2, -1), backend='powerfusion')\n"
+            "x = torch.randn(4, 33)\n"
+            "assert torch.allclose(f(x), torch.softmax(x * 2, -1), atol=1e-6)\n"
+            "assert 'powerfusion' in torch._dynamo.list_backends()\n"
+            "assert 'bagualu.compiler.backend' in sys.modules\n"
+            "print('ok')\n")
+    env = dict(os.environ, BAGUALU_CACHE_DIR=str(tmp_path / "cache"), BAGUALU_NO_MEASURE="1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def test_gemms_stay_aten_and_unsupported_ops_fall_back_with_reasons():
+    w = torch.randn(32, 64)
+
+    def f(x):
+        h = F.silu(x @ w.t()) * 2.0  # mm -> vendor; silu*2 -> fused
+        return torch.cumsum(h, dim=-1) + 1  # cumsum: no lowering -> ATen; + 1 fused
+    x = torch.randn(8, 64)
+    ex = explain(f, x, measure=False)
+    assert "aten.mm.default" in ex.fallback_ops(vendor=True)
+    reasons = {op: r for _, _, op, r, vendor in ex.fallbacks if not vendor}
+    assert reasons.get("aten.cumsum.default") == "no lowering for this op"
+    assert len(ex.kernels) == 2 and "fallbacks to ATen (op: reason)" in str(ex)
+    torch.testing.assert_close(torch.compile(f, backend="powerfusion")(x), f(x))
+
+
+def test_recompiles_per_shape_and_specialises_dynamic_shapes():
+    def f(x):
+        return (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)
+    g = torch.compile(f, backend="powerfusion")
+    for shape in [(4, 16), (7, 16), (7, 40), (3, 5, 40)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(g(x), f(x), atol=1e-5, rtol=1e-5)
+    from bagualu.compiler.report import record
+
+    h = torch.compile(f, backend="powerfusion", dynamic=True)  # symbolic shapes: one specialisation per shape
+    with record(measure=False) as ex:
+        for shape in [(4, 16), (9, 24), (4, 16)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(h(x), f(x), atol=1e-5, rtol=1e-5)
+    assert len(ex.graphs) == 2 and len(ex.kernels) == 2, str(ex)
+
+
+def test_inputs_laid_out_differently_run_the_regions_aten_ops():
+    """Compiled for contiguous inputs; a transposed input of the same shape must still be right."""
+    from bagualu.compiler import graph as G
+    from bagualu.compiler.lower import Region  # noqa: F401
+
+    g = torch.compile(lambda x: torch.exp(x) * 3, backend="powerfusion")
+    x = torch.randn(16, 16)
+    g(x)
+    call = next(k.call for r in reversed(G.REPORTS) for k in r.kernels if k.call is not None)
+    xt = torch.randn(16, 16).t()
+    (out,) = call(xt)
+    torch.testing.assert_close(out, torch.exp(xt) * 3)
+    assert call.warned
+
+
+def test_without_a_code_generator_everything_runs_on_aten(monkeypatch):
+    from bagualu.compiler import graph as G
+
+    monkeypatch.setattr(G, "current_codegen", lambda: (None, "platform 'x' names no compiler code generator"))
+    f = lambda x: F.gelu(x) * x.sum(-1, keepdim=True)  # noqa: E731
+    x = torch.randn(5, 7)
+    ex = explain(f, x, measure=False)
+    assert any("names no compiler code generator" in n for n in ex.notes)
+    torch.testing.assert_close(torch.compile(f, backend="powerfusion")(x), f(x))
+
+
+def test_gather_index_out_of_range_raises_like_aten():
+    def f(x, i):
+        return torch.gather(x * 2, 1, i)
+    x = torch.randn(4, 10)
+    good = torch.randint(0, 10, (4, 3))
+    g = torch.compile(f, backend="powerfusion")
+    torch.testing.assert_close(g(x, good), f(x, good))
+    with pytest.raises(IndexError, match="out of range"):
+        g(x, torch.full((4, 3), 10))
+
+
+def test_training_step_gradients_match_eager():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+
+    def loss_fn(x, t):
+        h = F.layer_norm(F.silu(lin(x)) + x, (64,))
+        return F.cross_entropy(h, t)
+    x, t = torch.randn(32, 64, requires_grad=True), torch.randint(0, 64, (32,))
+    comp = torch.compile(loss_fn, backend="powerfusion")
+    l1 = comp(x, t)
+    g1 = torch.autograd.grad(l1, [x, lin.weight])
+    l2 = loss_fn(x, t)
+    g2 = torch.autograd.grad(l2, [x, lin.weight])
+    torch.testing.assert_close(l1, l2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_option_names_the_known_ones():
+    with pytest.raises(Exception, match="known: \\['partition'\\]"):
+        torch.compile(lambda x: x + 1, backend="powerfusion", options={"bogus": 1})(torch.randn(3))
