@@ -20,6 +20,7 @@ COMMANDS: list[str] = [
     "bagualu.cli.data",
     "bagualu.cli.train",
     "bagualu.cli.export",
+    "bagualu.cli.compile",
 ]
 
 

@@ -113,7 +113,20 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
     vec_bonus = 1.1 if m.vector else 1.0
     compute_s = ops / (mc.lane_ops * threads / mc.threads) / vec_bonus
     overhead = mc.call_s + (mc.fork_s if threads > 1 else 0.0) + mc.row_s * k.rows * len(passes) / threads
-    return max(mem_s, compute_s) + overhead
+    return max(mem_s, compute_s) + overhead + _final_phase(k, mc, threads)
+
+
+def _final_phase(k: Kernel, mc: Machine, threads: int) -> float:
+    """Serial work after the row loop: combining per-thread partials, then the final stores."""
+    secs = sum(cr.size * threads for cr in k.col_reduces) / (mc.lane_ops / mc.threads)
+    one_core_bw = mc.bandwidth * min(1.0, 0.6)
+    for fs in k.final_stores:
+        n = fs.space.numel if fs.space is not None else 1
+        needed = sch.values_needed([fs.value])
+        ops = sum(WEIGHT.get(v.op, 1) for v in needed)
+        nbytes = sum(_bytes_per_element(k, v) for v in needed) + k.outputs[fs.buf].itemsize
+        secs += n * ops / (mc.lane_ops / mc.threads) + n * nbytes / one_core_bw
+    return secs
 
 
 def _unsplit_selects(p, needed: list[Value]) -> int:
