@@ -15,10 +15,12 @@
 // Layout: cache [N blocks][G kv heads][B slots][Dh]; q/out rows of H*Dh with a token stride.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -310,6 +312,7 @@ struct Item {
   int64_t s, g, row0, nrows, kb, ke;  // rows [row0, row0+nrows) of sequence s; keys [kb, ke)
   int64_t part;                       // -1: write out directly; else first row of its partial state
   double cost;
+  int64_t merge;                      // index of the merge this slice belongs to, or -1
 };
 
 struct Scratch {
@@ -551,14 +554,15 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
       for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
         const int64_t nr = std::min<int64_t>(kRowTile, rows - r0);
         if (nsplit == 1) {
-          items.push_back({s, g, r0, nr, 0, L, -1, double(nr) * double(L)});
+          items.push_back({s, g, r0, nr, 0, L, -1, double(nr) * double(L), -1});
           continue;
         }
-        merges.push_back({s, g, r0, nr, 0, L, part_rows, 0.0});
+        merges.push_back({s, g, r0, nr, 0, L, part_rows, 0.0, -1});
         nsplits.push_back(nsplit);
         for (int64_t k = 0; k < nsplit; ++k) {
           const int64_t kb = k * chunk, ke = std::min(L, kb + chunk);
-          items.push_back({s, g, r0, nr, kb, ke, part_rows, double(nr) * double(std::max<int64_t>(0, ke - kb))});
+          items.push_back({s, g, r0, nr, kb, ke, part_rows, double(nr) * double(std::max<int64_t>(0, ke - kb)),
+                           int64_t(merges.size()) - 1});
           part_rows += nr;
         }
       }
@@ -569,17 +573,20 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
   for (const Item& x : items) work += x.cost;
   if (work * double(Dh) < kMinParallelWork) num_threads = 1;  // waking a team costs more than it saves
   std::vector<float> pm(part_rows), pl(part_rows), pacc(part_rows * Dh);
-  const int64_t ni = int64_t(items.size()), nm = int64_t(merges.size());
+  const int64_t ni = int64_t(items.size());
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[merges.size() + 1]);
+  for (size_t x = 0; x < merges.size(); ++x) done[x].store(0, std::memory_order_relaxed);
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && ni > 1)
   {
-    // One barrier per call when nothing is split (each costs a time slice if a thread is descheduled).
+    // One barrier per call: the thread that finishes the last slice of a split context merges it, so
+    // nobody waits for a second phase (a barrier costs a time slice when a thread is descheduled).
     Scratch w;
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t x = 0; x < ni; ++x) run_item(A, items[x], w, pm.data(), pl.data(), pacc.data());
-    if (nm > 0) {
-#pragma omp barrier
-#pragma omp for schedule(static) nowait
-      for (int64_t x = 0; x < nm; ++x) merge(A, merges[x], nsplits[x], pm.data(), pl.data(), pacc.data(), w.s);
+    for (int64_t x = 0; x < ni; ++x) {
+      const Item& it = items[x];
+      run_item(A, it, w, pm.data(), pl.data(), pacc.data());
+      if (it.merge >= 0 && done[it.merge].fetch_add(1, std::memory_order_acq_rel) + 1 == nsplits[it.merge])
+        merge(A, merges[it.merge], nsplits[it.merge], pm.data(), pl.data(), pacc.data(), w.s);
     }
   }
   return 0;
