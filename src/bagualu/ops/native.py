@@ -5,8 +5,8 @@ need no torch headers, so a build is one ``g++`` call of about a second instead 
 is required at install time (no ninja). The Python side validates shapes, dtypes and contiguity before it
 passes pointers.
 
-The artefact lives under ``BAGUALU_CACHE_DIR/kernels/<name>-<hash>.so``, where the hash covers the source,
-the flags, the compiler's identity and the CPU (model and ISA flags, since we build with
+The artefact lives under ``BAGUALU_CACHE_DIR/kernels/<name>-<hash>.so``, where the hash covers the source
+and the headers beside it, the flags, the compiler's identity and the CPU (model and ISA flags, since we build with
 ``-march=native``): a cache copied to another machine or a new compiler is simply not found. Builds are
 safe under concurrency: each process compiles to its own temporary file and renames it into place, so a
 reader sees either nothing or a complete library.
@@ -86,8 +86,9 @@ def _compiler_identity(cxx: str) -> str:
 
 def artefact_path(name: str, source: Path, flags: tuple[str, ...], cxx: str, compiler_id: str) -> Path:
     h = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(flags).encode(), cxx.encode(), compiler_id.encode(),
-                 _cpu_identity().encode()):
+    headers = sorted(source.parent.glob("*.h"))  # what the source may #include from its directory
+    for part in (source.read_bytes(), *(h.read_bytes() for h in headers), " ".join(flags).encode(), cxx.encode(),
+                 compiler_id.encode(), _cpu_identity().encode()):
         h.update(part)
         h.update(b"\0")
     return Path(env.get("BAGUALU_CACHE_DIR")) / "kernels" / f"{name}-{h.hexdigest()[:20]}.so"

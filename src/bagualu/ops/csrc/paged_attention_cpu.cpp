@@ -1,17 +1,21 @@
 // Paged-KV attention on CPU: flash-decoding with online softmax, GQA-aware, fp32/bf16, OpenMP.
 //
-// Work item = (sequence, KV head, tile of query rows, slice of the context). A tile holds the query rows
-// that share one KV head -- for decode, the H/G query heads of a group -- so every K/V block is streamed
-// from memory once per group and reused from L1 by all its rows. Long contexts with few items (batch-1
-// decode) are split over the context and merged afterwards (log-sum-exp), so every core has work.
+// Work item = (sequence, KV head, tile of <= 16 query rows, slice of the context). The rows of a tile
+// share one KV head -- for decode, the H/G query heads of a group -- and the heads of one query token are
+// register-tiled together (<= 4 rows), so each K/V vector is loaded (and for bf16 widened) once per
+// group, not once per head, and the cache is streamed from memory once per group. Long contexts with
+// few items (batch-1 decode) are split over the context; the thread that finishes a tile's last slice
+// merges the slices (log-sum-exp), so a call has a single barrier.
 //
-// Per row the state is (m = running max, l = running sum, acc[Dh]); for each block of keys:
+// Per row the state is (m = running max, l = running sum, acc[Dh]); keys are taken a step of up to 64
+// (several blocks) at a time:
 //   s_j = scale * q.k_j,  m' = max(m, max_j s_j),  p_j = exp(s_j - m'),
 //   l = l * exp(m - m') + sum_j p_j,  acc = acc * exp(m - m') + sum_j p_j v_j
-// and out = acc / l. All arithmetic is fp32; bf16 K/V are widened as a block is loaded.
+// and out = acc / l. All arithmetic is fp32.
 //
-// SIMD: AVX2+FMA intrinsics when the compiler targets them (-march=native on x86-64), otherwise plain
-// loops the compiler vectorises as it can (define BGL_SCALAR to force that path, as the tests do).
+// SIMD: AVX2+FMA intrinsics when the compiler targets them (-march=native on x86-64); otherwise, or when
+// Dh is not a multiple of 8, plain loops on blocks widened to fp32 (define BGL_SCALAR to force that path,
+// as the tests do). AVX-512 machines run the AVX2 path.
 // Layout: cache [N blocks][G kv heads][B slots][Dh]; q/out rows of H*Dh with a token stride.
 
 #include <algorithm>
@@ -84,194 +88,19 @@ void from_f32(const float* src, int64_t n, int dtype, void* dst) {
   for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
 }
 
-// Online-softmax step of one row over its scores s[a:e) of one block: s becomes p = exp(s - m'),
-// (m, l) are updated, and the factor exp(m - m') the row's accumulator must be scaled by is returned.
-inline float softmax_step(float* s, int64_t a, int64_t e, float& m, float& l);
-
 #if BGL_AVX2
-// exp for scores minus their max (and above); Cephes' polynomial, ~1 ulp, clamped to the finite range.
-inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+#include "paged_attention_avx2.h"
+#endif
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// lane i = horizontal sum of a[i], i < 4
-inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
-
-// 8 consecutive cache values widened to fp32 (bf16 -> fp32 is a 16-bit shift)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-// Register tiles: RT query rows of one KV group share every K/V vector they load (GQA packing), so the
-// widening of bf16 and the loads are paid once per group, not per head. Tile sizes keep the
-// accumulators plus the loaded vectors within the 16 ymm registers.
-template <int RT> constexpr int kKeysPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
-template <int RT> constexpr int kChunksPerTile = RT == 1 ? 8 : (RT == 2 ? 4 : (RT == 3 ? 3 : 2));
-
-// s[r * ss + j] = scale * q_r . K[j] for the RT rows (q rows Dh apart) and keys j in [a, e); s has room
-// for kKeysPerTile entries past e (extra lanes repeat key e-1).
-template <int RT, typename T>
-void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
-  constexpr int JT = kKeysPerTile<RT>;
-  static_assert((RT * JT) % 4 == 0, "tiles reduce in fours");
-  for (int64_t j = a; j < e; j += JT) {
-    const T* kp[JT];
-    for (int jj = 0; jj < JT; ++jj) kp[jj] = K + std::min(j + jj, e - 1) * Dh;
-    __m256 acc[RT * JT];
-    for (int x = 0; x < RT * JT; ++x) acc[x] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < Dh; c += 8) {
-      __m256 kv[JT];
-#pragma GCC unroll 8
-      for (int jj = 0; jj < JT; ++jj) kv[jj] = load8(kp[jj] + c);
-#pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + r * Dh + c);
-#pragma GCC unroll 8
-        for (int jj = 0; jj < JT; ++jj) acc[r * JT + jj] = _mm256_fmadd_ps(qv, kv[jj], acc[r * JT + jj]);
-      }
-    }
-    alignas(16) float sums[RT * JT];
-    for (int x = 0; x < RT * JT; x += 4)
-      _mm_store_ps(sums + x, _mm_mul_ps(hsum4(acc[x], acc[x + 1], acc[x + 2], acc[x + 3]), _mm_set1_ps(scale)));
-    for (int r = 0; r < RT; ++r)
-      for (int jj = 0; jj < JT; ++jj) s[r * ss + j + jj] = sums[r * JT + jj];
-  }
-}
-
-// acc_r[c0 : c0+8NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+8NC] for the RT rows.
-template <int RT, int NC, typename T>
-void pv_tile(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
-             const float* alpha, int64_t c0) {
-  __m256 r_[RT * NC];
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r) {
-    const __m256 al = _mm256_set1_ps(alpha[r]);
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * Dh + c0 + 8 * c), al);
-  }
-  for (int64_t j = a; j < e; ++j) {
-    const T* v = V + j * Dh + c0;
-    __m256 vv[NC];
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) vv[c] = load8(v + 8 * c);
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      const __m256 pj = _mm256_broadcast_ss(p + r * ss + j);
-#pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_fmadd_ps(pj, vv[c], r_[r * NC + c]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + r * Dh + c0 + 8 * c, r_[r * NC + c]);
-}
-
-template <int RT, typename T>
-void pv_group(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
-              const float* alpha) {
-  constexpr int NC = kChunksPerTile<RT>;
-  int64_t c0 = 0;
-  for (; c0 + 8 * NC <= Dh; c0 += 8 * NC) pv_tile<RT, NC>(acc, V, Dh, p, ss, a, e, alpha, c0);
-  switch ((Dh - c0) / 8) {  // fewer than NC chunks left
-    case 1: pv_tile<RT, 1>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 2: if constexpr (NC > 2) pv_tile<RT, 2>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 3: if constexpr (NC > 3) pv_tile<RT, 3>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 4: if constexpr (NC > 4) pv_tile<RT, 4>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 5: if constexpr (NC > 5) pv_tile<RT, 5>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 6: if constexpr (NC > 6) pv_tile<RT, 6>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 7: if constexpr (NC > 7) pv_tile<RT, 7>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    default: break;
-  }
-}
-
-inline float hmax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-
-// Online-softmax step of RT rows over scores s[r * ss + a : e): s becomes p, (m, l) are updated and
-// alpha[r] = exp(m_old - m_new) is what each accumulator must be scaled by. Vectorised over keys; the
-// lanes past e are padded with -inf for the max and masked out of the sum.
-template <int RT>
-void softmax_group(float* s, int64_t ss, int64_t a, int64_t e, float* m, float* l, float* alpha) {
-  const int64_t end8 = a + (e - a + 7) / 8 * 8;
-  const float ninf = -std::numeric_limits<float>::infinity();
-  alignas(32) float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  float mn[RT];
-  for (int r = 0; r < RT; ++r) {
-    float* sr = s + r * ss;
-    for (int64_t j = e; j < end8; ++j) sr[j] = ninf;
-    __m256 vmax = _mm256_set1_ps(ninf);
-    for (int64_t j = a; j < end8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + j));
-    mn[r] = std::max(m[r], hmax(vmax));
-    d[r] = m[r] - mn[r];  // -inf on the first block: exp256 clamps it to ~1e-38 times a zero state
-  }
-  _mm256_storeu_ps(d, exp256(_mm256_load_ps(d)));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int r = 0; r < RT; ++r) {
-    float* sr = s + r * ss;
-    const __m256 vm = _mm256_set1_ps(mn[r]);
-    __m256 vs = _mm256_setzero_ps();
-    for (int64_t j = a; j < end8; j += 8) {
-      __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
-      if (j + 8 > e)  // zero the padding lanes
-        x = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(e - j)), lane)));
-      _mm256_storeu_ps(sr + j, x);
-      vs = _mm256_add_ps(vs, x);
-    }
-    alpha[r] = d[r];
-    l[r] = l[r] * d[r] + hsum(vs);
-    m[r] = mn[r];
-  }
-}
-
-#endif  // BGL_AVX2
-
+// Online-softmax step of one row over its scores s[a:e): s becomes p = exp(s - m'), (m, l) are updated,
+// and the factor exp(m - m') the row's accumulator must be scaled by is returned.
 inline float softmax_step(float* s, int64_t a, int64_t e, float& m, float& l) {
   float mb = -std::numeric_limits<float>::infinity();
   for (int64_t j = a; j < e; ++j) mb = std::max(mb, s[j]);
   const float mn = std::max(m, mb);
   const float alpha = std::exp(m - mn);  // 0 on the first block (m = -inf)
   float sum = 0.f;
-  int64_t j = a;
-#if BGL_AVX2
-  __m256 vs = _mm256_setzero_ps();
-  const __m256 vm = _mm256_set1_ps(mn);
-  for (; j + 8 <= e; j += 8) {
-    const __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-    _mm256_storeu_ps(s + j, x);
-    vs = _mm256_add_ps(vs, x);
-  }
-  sum = hsum(vs);
-#endif
-  for (; j < e; ++j) {
+  for (int64_t j = a; j < e; ++j) {
     s[j] = std::exp(s[j] - mn);
     sum += s[j];
   }

@@ -1,0 +1,166 @@
+// AVX2+FMA micro-kernels of paged_attention_cpu.cpp (included there once, inside its anonymous namespace).
+//
+// Register tiles: the RT query rows of one KV group share every K/V vector they load (GQA packing), so
+// loads and the widening of bf16 are paid once per group, not per head. Tile sizes keep the accumulators
+// plus the loaded vectors within the 16 ymm registers. Scores are reduced horizontally four at a time.
+
+// exp for scores minus their max (and above); Cephes' polynomial, ~1 ulp, clamped to the finite range.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// lane i = horizontal sum of a[i], i < 4
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// 8 consecutive cache values widened to fp32 (bf16 -> fp32 is a 16-bit shift)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <int RT> constexpr int kKeysPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
+template <int RT> constexpr int kChunksPerTile = RT == 1 ? 8 : (RT == 2 ? 4 : (RT == 3 ? 3 : 2));
+
+// s[r * ss + j] = scale * q_r . K[j] for the RT rows (q rows Dh apart) and keys j in [a, e); s has room
+// for kKeysPerTile entries past e (extra lanes repeat key e-1).
+template <int RT, typename T>
+void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
+  constexpr int JT = kKeysPerTile<RT>;
+  static_assert((RT * JT) % 4 == 0, "tiles reduce in fours");
+  for (int64_t j = a; j < e; j += JT) {
+    const T* kp[JT];
+    for (int jj = 0; jj < JT; ++jj) kp[jj] = K + std::min(j + jj, e - 1) * Dh;
+    __m256 acc[RT * JT];
+    for (int x = 0; x < RT * JT; ++x) acc[x] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < Dh; c += 8) {
+      __m256 kv[JT];
+#pragma GCC unroll 8
+      for (int jj = 0; jj < JT; ++jj) kv[jj] = load8(kp[jj] + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < RT; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * Dh + c);
+#pragma GCC unroll 8
+        for (int jj = 0; jj < JT; ++jj) acc[r * JT + jj] = _mm256_fmadd_ps(qv, kv[jj], acc[r * JT + jj]);
+      }
+    }
+    alignas(16) float sums[RT * JT];
+    for (int x = 0; x < RT * JT; x += 4)
+      _mm_store_ps(sums + x, _mm_mul_ps(hsum4(acc[x], acc[x + 1], acc[x + 2], acc[x + 3]), _mm_set1_ps(scale)));
+    for (int r = 0; r < RT; ++r)
+      for (int jj = 0; jj < JT; ++jj) s[r * ss + j + jj] = sums[r * JT + jj];
+  }
+}
+
+// acc_r[c0 : c0+8NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+8NC] for the RT rows.
+template <int RT, int NC, typename T>
+void pv_tile(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
+             const float* alpha, int64_t c0) {
+  __m256 r_[RT * NC];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    const __m256 al = _mm256_set1_ps(alpha[r]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * Dh + c0 + 8 * c), al);
+  }
+  for (int64_t j = a; j < e; ++j) {
+    const T* v = V + j * Dh + c0;
+    __m256 vv[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) vv[c] = load8(v + 8 * c);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      const __m256 pj = _mm256_broadcast_ss(p + r * ss + j);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_fmadd_ps(pj, vv[c], r_[r * NC + c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + r * Dh + c0 + 8 * c, r_[r * NC + c]);
+}
+
+template <int RT, typename T>
+void pv_group(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
+              const float* alpha) {
+  constexpr int NC = kChunksPerTile<RT>;
+  int64_t c0 = 0;
+  for (; c0 + 8 * NC <= Dh; c0 += 8 * NC) pv_tile<RT, NC>(acc, V, Dh, p, ss, a, e, alpha, c0);
+  switch ((Dh - c0) / 8) {  // fewer than NC chunks left
+    case 1: pv_tile<RT, 1>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 2: if constexpr (NC > 2) pv_tile<RT, 2>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 3: if constexpr (NC > 3) pv_tile<RT, 3>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 4: if constexpr (NC > 4) pv_tile<RT, 4>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 5: if constexpr (NC > 5) pv_tile<RT, 5>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 6: if constexpr (NC > 6) pv_tile<RT, 6>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    case 7: if constexpr (NC > 7) pv_tile<RT, 7>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+    default: break;
+  }
+}
+
+inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+// Online-softmax step of RT rows over scores s[r * ss + a : e): s becomes p, (m, l) are updated and
+// alpha[r] = exp(m_old - m_new) is what each accumulator must be scaled by. Vectorised over keys; the
+// lanes past e are padded with -inf for the max and masked out of the sum.
+template <int RT>
+void softmax_group(float* s, int64_t ss, int64_t a, int64_t e, float* m, float* l, float* alpha) {
+  const int64_t end8 = a + (e - a + 7) / 8 * 8;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  alignas(32) float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float mn[RT];
+  for (int r = 0; r < RT; ++r) {
+    float* sr = s + r * ss;
+    for (int64_t j = e; j < end8; ++j) sr[j] = ninf;
+    __m256 vmax = _mm256_set1_ps(ninf);
+    for (int64_t j = a; j < end8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + j));
+    mn[r] = std::max(m[r], hmax(vmax));
+    d[r] = m[r] - mn[r];  // -inf on the first block: exp256 clamps it to ~1e-38 times a zero state
+  }
+  _mm256_storeu_ps(d, exp256(_mm256_load_ps(d)));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int r = 0; r < RT; ++r) {
+    float* sr = s + r * ss;
+    const __m256 vm = _mm256_set1_ps(mn[r]);
+    __m256 vs = _mm256_setzero_ps();
+    for (int64_t j = a; j < end8; j += 8) {
+      __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
+      if (j + 8 > e)  // zero the padding lanes
+        x = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(e - j)), lane)));
+      _mm256_storeu_ps(sr + j, x);
+      vs = _mm256_add_ps(vs, x);
+    }
+    alpha[r] = d[r];
+    l[r] = l[r] * d[r] + hsum(vs);
+    m[r] = mn[r];
+  }
+}
+
