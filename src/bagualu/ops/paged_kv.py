@@ -84,10 +84,13 @@ def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: t
         raise TypeError(f"slot_mapping must be a 1-D int64 tensor; got {slot_mapping_T.dtype} {tuple(slot_mapping_T.shape)}")
     if T == 0:
         return
-    # Host sync (two scalars): a negative slot would silently wrap around to the end of the cache.
-    lo, hi = int(slot_mapping_T.min()), int(slot_mapping_T.max())
-    if lo < 0 or hi >= N * B:
-        raise ValueError(f"slot_mapping values must lie in [0, num_blocks*block_size={N * B}); got min {lo}, max {hi}")
+    if slot_mapping_T.device.type == "cpu":
+        # Two scalars read back (free on CPU; skipped on accelerators, where it would stall the stream):
+        # a negative slot would otherwise wrap around silently to the end of the cache.
+        lo, hi = int(slot_mapping_T.min()), int(slot_mapping_T.max())
+        if lo < 0 or hi >= N * B:
+            raise ValueError(f"slot_mapping values must lie in [0, num_blocks*block_size={N * B}); got min {lo}, "
+                             f"max {hi}")
     block_T, offset_T = slot_mapping_T.long().div(B, rounding_mode="floor"), slot_mapping_T.long() % B
     k_cache_NGBDh[block_T, :, offset_T] = k_TGDh.to(k_cache_NGBDh.dtype)
     v_cache_NGBDh[block_T, :, offset_T] = v_TGDh.to(v_cache_NGBDh.dtype)
