@@ -17,6 +17,7 @@ COMMANDS: list[str] = [
     "bagualu.cli.info",
     "bagualu.cli.init_model",
     "bagualu.cli.generate",
+    "bagualu.cli.serve",
     "bagualu.cli.data",
     "bagualu.cli.train",
     "bagualu.cli.export",

@@ -116,18 +116,20 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, factory: Callable[[], EngineCore], *, max_waiting: int | None = None,
                  on_dead: Callable[[BaseException], None] | None = None):
-        """``factory`` builds the core on the engine thread. ``max_waiting``: most sequences queued but not
-        yet scheduled before submissions are refused with ``EngineOverloadedError`` (None = unbounded).
+        """``factory`` builds the core on the engine thread. ``max_waiting``: most sequences that may wait
+        for a place in the running batch (``max_num_seqs``) before submissions are refused with
+        ``EngineOverloadedError`` (None = unbounded).
         ``on_dead(error)`` is called on the engine thread if loading or the loop fails."""
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting={max_waiting} must be >= 1 (or None for no bound)")
         self._factory = factory
         self.max_waiting = max_waiting
-        self._on_dead = on_dead
+        self.on_dead = on_dead
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []  # ("add", stream, prompt, params) | ("abort", request_id)
         self._pending_adds = 0  # adds in the inbox, counted against max_waiting
         self._num_waiting = 0  # the scheduler's waiting sequences, as of the engine thread's last look
+        self._free_slots = 0  # max_num_seqs - running sequences, likewise
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stop = False
         self._deadline: float | None = None  # drain deadline (monotonic); past it, abort everything
@@ -149,6 +151,10 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine.start() was already called")
         self._thread = threading.Thread(target=self._run, name="bagualu-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
 
     @property
     def state(self) -> str:
@@ -187,11 +193,13 @@ class AsyncEngine:
         s = _Stream(request_id, loop, loop.create_future())
         with self._cond:
             self._check_open()
-            waiting = self._pending_adds + self._num_waiting
-            if self.max_waiting is not None and waiting and waiting + params.n > self.max_waiting:
+            # sequences that would wait: queued ones beyond the free places in the running batch
+            queued = self._pending_adds + self._num_waiting - self._free_slots
+            if self.max_waiting is not None and queued + params.n > self.max_waiting:
                 self.rejected["overloaded"] += 1
-                raise EngineOverloadedError(f"the server is overloaded: {waiting} sequences are waiting "
-                                            f"(max_waiting={self.max_waiting}); retry later")
+                raise EngineOverloadedError(f"the server is overloaded: {max(queued, 0)} sequences are waiting "
+                                            f"for a place in the batch (max_waiting={self.max_waiting}); "
+                                            f"retry later")
             self._inbox.append(("add", s, prompt, params))
             self._pending_adds += params.n
             self._cond.notify()
@@ -261,6 +269,8 @@ class AsyncEngine:
             self._ready.set()
             return
         self.core = core
+        with self._cond:
+            self._count(core, after_step=True)
         self._ready.set()
         try:
             self._loop(core)
@@ -288,10 +298,19 @@ class AsyncEngine:
             if core.has_unfinished():
                 outs = core.step()
                 with self._cond:  # before the outputs go out: a consumer may act on them at once
-                    self._num_waiting = len(core.scheduler.waiting)
+                    self._count(core, after_step=True)
                 self._dispatch(outs)
             elif stop:
                 return
+
+    def _count(self, core: EngineCore, after_step: bool = False) -> None:
+        """Refresh the overload bound's inputs (under the lock). Places in the batch count as free only
+        if the last step left nothing waiting: a step that kept requests waiting despite free places
+        was held back by KV blocks or the admission policy, and those places are not really free."""
+        s = core.scheduler
+        self._num_waiting = len(s.waiting)
+        if after_step:
+            self._free_slots = 0 if s.waiting else max(s.config.max_num_seqs - len(s.running), 0)
 
     def _apply(self, core: EngineCore, item: tuple) -> None:
         if item[0] == "abort":
@@ -314,7 +333,7 @@ class AsyncEngine:
             self._streams[s.request_id] = s
         with self._cond:  # it moved from the inbox into the scheduler's queue (or was refused)
             self._pending_adds -= params.n
-            self._num_waiting = len(core.scheduler.waiting)
+            self._count(core)
         self._post(s, s._accept, error)
 
     def _dispatch(self, outs: list[RequestOutput]) -> None:
@@ -350,9 +369,9 @@ class AsyncEngine:
             if item[0] == "add":
                 s = item[1]
                 self._post(s, s._accept, EngineUnavailableError("dead", f"the engine loop died: {error!r}"))
-        if self._on_dead is not None:
+        if self.on_dead is not None:
             try:
-                self._on_dead(error)
+                self.on_dead(error)
             except Exception:
                 log.exception("engine: the on_dead callback failed")
 

@@ -1,0 +1,163 @@
+"""The OpenAI request bodies as pydantic models, and their translation into ``SamplingParams``.
+
+Field names and defaults follow OpenAI's API (``max_tokens`` 16 for completions, unbounded for chat);
+vLLM's extra sampling fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``ignore_eos``, ``stop_token_ids``, ...) are accepted too, so clients written for vLLM work unchanged
+(the ``openai`` client sends them through ``extra_body``). Unknown fields are ignored, as OpenAI does;
+fields we cannot honour (``suffix``, ``logit_bias``, ``best_of != n``, ``tools``, non-text message
+parts, ``echo`` together with ``logprobs``) are refused with a 400 rather than silently dropped.
+Range checks live in ``SamplingParams`` (one source of truth); ``to_sampling_params`` turns its
+``ValueError`` into a 400 naming the API field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from bagualu.engine.params import SamplingParams
+from bagualu.serve.errors import APIError
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    """Must name the served model when given (None: the served model)."""
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extra sampling fields
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[StrictInt] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def _refuse_unsupported(self) -> None:
+        if self.logit_bias:
+            raise APIError.unsupported("logit_bias", "logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise APIError.invalid("stream_options", "stream_options is only allowed when stream is true")
+
+
+class CompletionRequest(_Common):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(t, int) for t in p):
+            return [list(p)]
+        return list(p)
+
+    def check(self) -> None:
+        self._refuse_unsupported()
+        if self.suffix:
+            raise APIError.unsupported("suffix", "suffix (insertion) is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError.unsupported("best_of", f"best_of={self.best_of} != n={self.n} is not supported; "
+                                                  "leave best_of unset")
+        if self.echo and self.logprobs is not None:
+            raise APIError.unsupported("echo", "echo together with logprobs needs prompt logprobs, which this "
+                                               "server does not compute; drop one of them")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        d = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            texts = []
+            for i, part in enumerate(self.content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError.unsupported(f"messages.content.{i}", f"message part of type "
+                                               f"{part.get('type')!r} is not supported; only text parts are")
+                texts.append(part["text"])
+            d["content"] = "".join(texts)
+        elif self.content is None:
+            d["content"] = ""
+        return d
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self._refuse_unsupported()
+        if self.tools:
+            raise APIError.unsupported("tools", "tool calling is not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError.unsupported("response_format", "only response_format type 'text' is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError.invalid("top_logprobs", "top_logprobs needs logprobs=true")
+
+
+# SamplingParams field -> API field, where they differ per endpoint
+_API_NAMES = {"chat": {"logprobs": "top_logprobs"}}
+_FIELD = re.compile(r"^(\w+)=")
+
+
+def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    chat = isinstance(req, ChatCompletionRequest)
+    if chat:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        max_tokens, logprobs = req.max_tokens, req.logprobs
+    stop = req.stop if req.stop is not None else ()
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0, repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop,
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens)
+    except (ValueError, TypeError) as e:
+        m = _FIELD.match(str(e))
+        field = m.group(1) if m else None
+        if chat and field == "max_tokens" and req.max_completion_tokens is not None:
+            field = "max_completion_tokens"
+        field = _API_NAMES.get("chat" if chat else "completions", {}).get(field, field) if field else None
+        raise APIError.invalid(field, str(e)) from None

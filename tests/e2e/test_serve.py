@@ -1,0 +1,396 @@
+"""``bagualu serve`` as a user runs it: a real server process driven by the official ``openai`` client
+(completions, chat, streaming, n, logprobs) and by raw ``httpx`` (errors, overload, health, metrics,
+disconnects, SIGTERM). The reference for every greedy text is ``bagualu.LLM`` offline on the same
+weights. Two servers per module: a default one, and one with two R-workers, four running sequences and
+a waiting queue of one (for the overload case); both start together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import bagualu
+from hf_models import save_hf_model, transformers
+
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+BAGUALU = str(Path(sys.executable).parent / "bagualu")
+PROMPTS = ["Hello", "The furnace of eight trigrams", "八卦炉"]
+LONG = {"max_tokens": 1900, "ignore_eos": True}  # far longer than any test waits for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: str, *args: str, log: Path):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen([BAGUALU, "serve", model_dir, "--port", str(self.port), *args],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.health_seen: list[tuple[int, str]] = []
+
+    def wait_ready(self, timeout=180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bagualu serve exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                r = httpx.get(self.base + "/health", timeout=5)
+                self.health_seen.append((r.status_code, r.json()["status"]))
+                if r.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not ready in {timeout} s:\n{self.log.read_text()}")
+
+    def client(self):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for fam in text_string_to_metric_families(httpx.get(self.base + "/metrics", timeout=10).text):
+            for s in fam.samples:
+                labels = "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+                out[s.name + labels] = s.value
+        return out
+
+    def until(self, pred, what: str, timeout=60.0) -> dict[str, float]:
+        """Poll /metrics until ``pred(metrics)`` holds (a bound on waiting, not a speed assertion)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if pred(m):
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {m}")
+            time.sleep(0.05)
+
+    def until_idle(self) -> dict[str, float]:
+        """Nothing runs, nothing waits and no KV block is in use."""
+        return self.until(lambda m: (m["bagualu_num_requests_running"], m["bagualu_num_requests_waiting"],
+                                     m["bagualu_kv_cache_usage_perc"]) == (0, 0, 0), "the server to go idle")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def _post(server, path, body, **kw):
+    return httpx.post(server.base + path, json=body, timeout=kw.pop("timeout", 60), **kw)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from bagualu.models.byte_tokenizer import byte_level_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                   bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    save_hf_model(cfg, path)
+    byte_level_tokenizer().save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory, request):
+    """Both servers start at once (the R-workers one is polled from its first moment, in a thread, to see
+    it load); the offline references are computed meanwhile."""
+    logs = tmp_path_factory.mktemp("logs")
+    main = Server(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "512", "--drain-timeout", "6",
+                  log=logs / "serve.log")
+    rw = Server(model_dir, "--r-workers", "2", "--num-kv-blocks", "256", "--max-num-seqs", "4", "--max-waiting", "1",
+                log=logs / "serve-rw.log")
+    errors = []
+    poll = threading.Thread(target=lambda: _catch(rw.wait_ready, errors))
+    poll.start()
+    try:
+        request.getfixturevalue("offline")
+        main.wait_ready()
+        poll.join()
+        if errors:
+            raise errors[0]
+        yield main, rw
+    finally:
+        poll.join()
+        codes = main.stop(), rw.stop()
+    assert codes == (0, 0)
+
+
+def _catch(fn, errors):
+    try:
+        fn()
+    except BaseException as e:
+        errors.append(e)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def rw_server(servers):
+    return servers[1]
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    """Greedy references: 8 tokens of each prompt, and of the chat prompt for one user message."""
+    llm = bagualu.LLM(model_dir, num_kv_blocks=64)
+    p = bagualu.SamplingParams(temperature=0, max_tokens=8)
+    texts = [o for o in llm.generate(PROMPTS, p, use_tqdm=False)]
+    chat_ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=True)
+    chat = llm.generate([chat_ids], p, use_tqdm=False)[0]
+    llm.close()
+    return texts, chat
+
+
+def test_health_models_and_greedy_completions_equal_offline(server, offline):
+    refs, _ = offline
+    assert server.health_seen[-1] == (200, "ready")
+    assert all(seen == (503, "loading") for seen in server.health_seen[:-1])
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [o.text for o in refs]
+    assert [c.finish_reason for c in r.choices] == [o.outputs[0].finish_reason for o in refs]
+    assert r.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in refs)
+    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in refs)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # token ids as the prompt give the same text as the string
+    ids = refs[1].prompt_token_ids
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == refs[1].text
+
+
+def test_streaming_equals_non_streaming(server, offline):
+    refs, chat_ref = offline
+    client = server.client()
+    texts: dict[int, str] = {}
+    usage = None
+    finish = {}
+    for chunk in client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=8, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert [texts[i] for i in range(len(PROMPTS))] == [o.text for o in refs]
+    assert len(finish) == len(PROMPTS)
+    assert usage.completion_tokens == sum(len(o.token_ids) for o in refs)
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == chat_ref.text
+    assert whole.usage.prompt_tokens == len(chat_ref.prompt_token_ids)
+    parts, roles, reasons = [], [], []
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True):
+        for c in chunk.choices:
+            roles += [c.delta.role] if c.delta.role else []
+            parts.append(c.delta.content or "")
+            reasons += [c.finish_reason] if c.finish_reason else []
+    assert "".join(parts) == chat_ref.text and roles == ["assistant"] and reasons == [whole.choices[0].finish_reason]
+    # the raw stream is SSE lines ending in [DONE]
+    with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=60, json={
+            "messages": messages, "max_tokens": 3, "temperature": 0, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_n_seed_and_logprobs(server):
+    client = server.client()
+    r = client.completions.create(model="tiny", prompt=["Hello", "Bye"], n=3, max_tokens=6, temperature=1.0,
+                                  seed=7, logprobs=2)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    for c in r.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+        assert all(x <= 0 for x in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    again = client.completions.create(model="tiny", prompt=["Hello", "Bye"], n=3, max_tokens=6, temperature=1.0,
+                                      seed=7, logprobs=2)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # per-request seeds
+    g = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = g.choices[0].logprobs.content
+    assert len(content) == g.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob == max(x.logprob for x in t.top_logprobs)  # greedy
+        assert t.top_logprobs[0].token == t.token and isinstance(t.bytes, list)
+
+
+def _error(r, status=400, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if status == 400:
+        assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(server):
+    c = "/v1/completions"
+    _error(_post(server, c, {"max_tokens": 4}), param="prompt", code="missing_field")
+    _error(_post(server, c, {"prompt": 5}), param="prompt", code="invalid_type")
+    _error(_post(server, c, {"prompt": "hi", "temperature": "hot"}), param="temperature")
+    _error(_post(server, c, {"prompt": "hi", "temperature": -1}), param="temperature")
+    _error(_post(server, c, {"prompt": "hi", "top_p": 0}), param="top_p")
+    _error(_post(server, c, {"prompt": "hi", "n": 0}), param="n")
+    _error(_post(server, c, {"prompt": "hi", "max_tokens": 0}), param="max_tokens")
+    err = _error(_post(server, c, {"prompt": "hi", "max_tokens": 5000}), param="max_tokens",
+                 code="context_length_exceeded")
+    assert "5000" in err["message"] and "2048" in err["message"]
+    err = _error(_post(server, c, {"prompt": [7] * 3000}), param="prompt", code="context_length_exceeded")
+    assert "3000" in err["message"]
+    _error(_post(server, c, {"prompt": [[7, 8], [7] * 3000]}), param="prompt", code="context_length_exceeded")
+    _error(_post(server, c, {"prompt": "hi", "model": "gpt-4"}), param="model", code="model_not_found")
+    _error(_post(server, c, {"prompt": "hi", "logit_bias": {"5": 1}}), param="logit_bias", code="unsupported")
+    _error(_post(server, c, {"prompt": "hi", "echo": True, "logprobs": 1}), param="echo", code="unsupported")
+    _error(httpx.post(server.base + c, content=b"{not json", headers={"content-type": "application/json"}),
+           code="invalid_json")
+    chat = "/v1/chat/completions"
+    _error(_post(server, chat, {"messages": []}), param="messages")
+    _error(_post(server, chat, {"messages": [{"content": "hi"}]}), param="messages.0.role", code="missing_field")
+    _error(_post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+           param="top_logprobs")
+    _error(_post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999}),
+           param="max_completion_tokens", code="context_length_exceeded")
+    _error(_post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "model": "nope", "stream": True}),
+           param="model", code="model_not_found")
+    _error(httpx.get(server.base + "/v1/nothing"), status=404, code="not_found")
+    with pytest.raises(openai.BadRequestError, match="not served"):
+        server.client().completions.create(model="other", prompt="hi", max_tokens=2)
+    # everyone else is still served
+    assert httpx.get(server.base + "/health").status_code == 200
+    r = _post(server, c, {"prompt": "hi", "max_tokens": 3, "echo": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hi")
+
+
+def test_metrics_parse_and_move(server):
+    before = server.metrics()
+    r = _post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200
+    after = server.until_idle()
+    assert after["bagualu_generation_tokens_total"] - before["bagualu_generation_tokens_total"] == 5
+    assert after["bagualu_prompt_tokens_total"] - before["bagualu_prompt_tokens_total"] == 6
+    assert after["bagualu_request_success_total|finished_reason=length"] == \
+        before["bagualu_request_success_total|finished_reason=length"] + 1
+    for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert after[f"bagualu_{h}_count"] == before[f"bagualu_{h}_count"] + 1
+        assert after[f"bagualu_{h}_bucket|le=+Inf"] == after[f"bagualu_{h}_count"]
+    assert after["bagualu_engine_healthy"] == 1 and "bagualu_num_preemptions_total" in after
+
+
+def test_client_disconnect_aborts_and_frees_kv(server):
+    aborts = server.metrics()["bagualu_request_success_total|finished_reason=abort"]
+    with httpx.stream("POST", server.base + "/v1/completions", timeout=60,
+                      json={"prompt": "Hello", "stream": True, **LONG}) as r:
+        lines = r.iter_lines()
+        got = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert got and server.metrics()["bagualu_num_requests_running"] == 1
+    m = server.until_idle()  # the stream was closed mid-way: the request is aborted, its blocks freed
+    assert m["bagualu_request_success_total|finished_reason=abort"] == aborts + 1
+    # a non-streaming client that gives up
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.Client(timeout=httpx.Timeout(60, read=1.5)) as c:
+            c.post(server.base + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "Hi"}], **LONG})
+    m = server.until_idle()
+    assert m["bagualu_request_success_total|finished_reason=abort"] == aborts + 2
+
+
+def test_r_workers_health_while_loading_and_greedy_equal_offline(rw_server, offline):
+    refs, _ = offline
+    seen = rw_server.health_seen
+    assert (503, "loading") in seen and seen[-1] == (200, "ready")  # two worker processes take seconds to start
+    client = rw_server.client()
+    name = client.models.list().data[0].id  # default name: MODEL_DIR as given
+    r = client.completions.create(model=name, prompt=PROMPTS, max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [o.text for o in refs]
+
+
+def test_overload_gets_503_with_retry_after(rw_server):
+    body = {"prompt": "Hello", "stream": True, **LONG}
+    url = rw_server.base + "/v1/completions"
+    with httpx.Client(timeout=60) as http, contextlib.ExitStack() as streams:
+        readers = []  # keep each line iterator alive: dropping one closes its connection (a disconnect)
+        for _ in range(4):  # --max-num-seqs 4: these four run ...
+            r = streams.enter_context(http.stream("POST", url, json=body))
+            readers.append(r.iter_lines())
+            assert next(readers[-1]).startswith("data: ")
+        waiting = streams.enter_context(http.stream("POST", url, json=body))
+        assert waiting.status_code == 200  # ... this one is accepted and waits (--max-waiting 1) ...
+        r = http.post(url, json={"prompt": "Hi", "max_tokens": 2})  # ... and this one is refused
+        err = _error(r, status=503, code="overloaded")
+        assert err["type"] == "server_error" and "max_waiting=1" in err["message"]
+        assert int(r.headers["Retry-After"]) >= 1
+        rw_server.until(lambda m: (m["bagualu_num_requests_running"], m["bagualu_num_requests_waiting"]) == (4, 1),
+                        "4 running and 1 waiting (gauges are updated by the next step)")
+    m = rw_server.until_idle()  # every client hung up: all five aborted, every KV block free
+    assert m["bagualu_requests_rejected_total|reason=overloaded"] == 1
+    assert m["bagualu_request_success_total|finished_reason=abort"] == 5
+
+
+def test_sigterm_drains_in_flight_then_exits_0(server):
+    """--drain-timeout 6: a short request in flight finishes (or, on a very slow machine, gets a clean 503);
+    a long stream gets an error event and [DONE] once the drain time is up; the process exits 0."""
+    results = {}
+
+    def short():
+        results["short"] = _post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 12, "ignore_eos": True})
+
+    def long():
+        with httpx.stream("POST", server.base + "/v1/completions", timeout=120,
+                          json={"prompt": "Hello", "stream": True, **LONG}) as r:
+            results["long"] = [line for line in r.iter_lines() if line]
+
+    threads = [threading.Thread(target=long), threading.Thread(target=short)]
+    threads[0].start()
+    server.until(lambda m: m["bagualu_num_requests_running"] >= 1, "the long request to run")
+    threads[1].start()
+    server.until(lambda m: m["bagualu_num_requests_running"] >= 2 or not threads[1].is_alive(),
+                 "the short request to run")
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=90)
+    assert server.proc.wait(timeout=60) == 0, server.log.read_text()
+    r = results["short"]
+    if r.status_code == 200:
+        assert r.json()["usage"]["completion_tokens"] == 12
+    else:
+        _error(r, status=503, code="shutting_down")
+    events = results["long"]
+    assert events[-1] == "data: [DONE]"
+    err = json.loads(events[-2][6:])["error"]
+    assert err["code"] == "shutting_down" and "drain" in err["message"]
+    log = server.log.read_text()
+    assert "draining in-flight requests" in log and "Traceback" not in log
