@@ -42,8 +42,10 @@ inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
+// QK: RT query vectors + one key vector + RT*JT accumulators; PV: RT broadcast probabilities + one value
+// vector + RT*NC accumulators; each at most 16 registers.
 template <int RT> constexpr int kKeysPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
-template <int RT> constexpr int kChunksPerTile = RT == 1 ? 8 : (RT == 2 ? 4 : (RT == 3 ? 3 : 2));
+template <int RT> constexpr int kChunksPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
 
 // s[r * ss + j] = scale * q_r . K[j] for the RT rows (q rows Dh apart) and keys j in [a, e); s has room
 // for kKeysPerTile entries past e (extra lanes repeat key e-1).
@@ -57,14 +59,14 @@ void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, floa
     __m256 acc[RT * JT];
     for (int x = 0; x < RT * JT; ++x) acc[x] = _mm256_setzero_ps();
     for (int64_t c = 0; c < Dh; c += 8) {
-      __m256 kv[JT];
-#pragma GCC unroll 8
-      for (int jj = 0; jj < JT; ++jj) kv[jj] = load8(kp[jj] + c);
+      __m256 qv[RT];
 #pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + r * Dh + c);
-#pragma GCC unroll 8
-        for (int jj = 0; jj < JT; ++jj) acc[r * JT + jj] = _mm256_fmadd_ps(qv, kv[jj], acc[r * JT + jj]);
+      for (int r = 0; r < RT; ++r) qv[r] = _mm256_loadu_ps(q + r * Dh + c);
+#pragma GCC unroll 12
+      for (int jj = 0; jj < JT; ++jj) {
+        const __m256 kv = load8(kp[jj] + c);
+#pragma GCC unroll 4
+        for (int r = 0; r < RT; ++r) acc[r * JT + jj] = _mm256_fmadd_ps(qv[r], kv, acc[r * JT + jj]);
       }
     }
     alignas(16) float sums[RT * JT];
@@ -88,14 +90,14 @@ void pv_tile(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int
   }
   for (int64_t j = a; j < e; ++j) {
     const T* v = V + j * Dh + c0;
-    __m256 vv[NC];
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) vv[c] = load8(v + 8 * c);
+    __m256 pj[RT];
 #pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      const __m256 pj = _mm256_broadcast_ss(p + r * ss + j);
+    for (int r = 0; r < RT; ++r) pj[r] = _mm256_broadcast_ss(p + r * ss + j);
 #pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_fmadd_ps(pj, vv[c], r_[r * NC + c]);
+    for (int c = 0; c < NC; ++c) {
+      const __m256 vv = load8(v + 8 * c);
+#pragma GCC unroll 4
+      for (int r = 0; r < RT; ++r) r_[r * NC + c] = _mm256_fmadd_ps(pj[r], vv, r_[r * NC + c]);
     }
   }
 #pragma GCC unroll 4
