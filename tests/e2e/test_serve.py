@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -114,25 +115,22 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory, request):
-    """Both servers start at once (the R-workers one is polled from its first moment, in a thread, to see
-    it load); the offline references are computed meanwhile."""
+    """Both servers start at once; the R-workers one is polled from its first moment, in a thread, to
+    see it load, while the default one's tests run; the offline references are computed meanwhile."""
     logs = tmp_path_factory.mktemp("logs")
-    main = Server(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "512", "--drain-timeout", "6",
+    main = Server(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "512", "--drain-timeout", "4",
                   log=logs / "serve.log")
-    rw = Server(model_dir, "--r-workers", "2", "--num-kv-blocks", "256", "--max-num-seqs", "4", "--max-waiting", "1",
+    rw = Server(model_dir, "--r-workers", "2", "--kv-cache-memory", "8MiB", "--max-num-seqs", "4", "--max-waiting", "1",
                 log=logs / "serve-rw.log")
-    errors = []
-    poll = threading.Thread(target=lambda: _catch(rw.wait_ready, errors))
-    poll.start()
+    rw.errors = []
+    rw.poll = threading.Thread(target=_catch, args=(rw.wait_ready, rw.errors))
+    rw.poll.start()
     try:
         request.getfixturevalue("offline")
         main.wait_ready()
-        poll.join()
-        if errors:
-            raise errors[0]
         yield main, rw
     finally:
-        poll.join()
+        rw.poll.join()
         codes = main.stop(), rw.stop()
     assert codes == (0, 0)
 
@@ -151,7 +149,11 @@ def server(servers):
 
 @pytest.fixture(scope="module")
 def rw_server(servers):
-    return servers[1]
+    rw = servers[1]
+    rw.poll.join()
+    if rw.errors:
+        raise rw.errors[0]
+    return rw
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +216,16 @@ def test_streaming_equals_non_streaming(server, offline):
             parts.append(c.delta.content or "")
             reasons += [c.finish_reason] if c.finish_reason else []
     assert "".join(parts) == chat_ref.text and roles == ["assistant"] and reasons == [whole.choices[0].finish_reason]
+    # a stop string: the stream never shows text it then retracts, and ends where the whole text ends
+    ref = max(refs, key=lambda o: len(o.text)).text
+    stop = ref[len(ref) // 2:len(ref) // 2 + 2]
+    expected = ref[:ref.find(stop)]
+    prompt = PROMPTS[[o.text for o in refs].index(ref)]
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stop=[stop])
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "stop"
+    streamed = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=8, temperature=0, stop=[stop], stream=True) if c.choices]
+    assert "".join(streamed) == expected
     # the raw stream is SSE lines ending in [DONE]
     with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=60, json={
             "messages": messages, "max_tokens": 3, "temperature": 0, "stream": True}) as r:
@@ -332,6 +344,8 @@ def test_r_workers_health_while_loading_and_greedy_equal_offline(rw_server, offl
     refs, _ = offline
     seen = rw_server.health_seen
     assert (503, "loading") in seen and seen[-1] == (200, "ready")  # two worker processes take seconds to start
+    # 8 MiB of KV over 2 pools; a block is 2 layers x (k, v) x 16 tokens x 2 heads x 16 dims x 4 bytes = 8 KiB
+    assert "KV 512 blocks x 16 tokens per pool, 2 pool(s) (r_workers)" in rw_server.log.read_text()
     client = rw_server.client()
     name = client.models.list().data[0].id  # default name: MODEL_DIR as given
     r = client.completions.create(model=name, prompt=PROMPTS, max_tokens=8, temperature=0)
@@ -360,8 +374,38 @@ def test_overload_gets_503_with_retry_after(rw_server):
     assert m["bagualu_request_success_total|finished_reason=abort"] == 5
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the R-worker processes through /proc")
+def test_engine_loop_death_fails_requests_and_health(rw_server):
+    """A real fault inside the engine loop — an R-worker process is killed: the request that meets it gets
+    a 500, /health turns 503 and says why, later requests get 503, and SIGTERM still exits 0 (teardown)."""
+    workers = _children(rw_server.proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    r = _post(rw_server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+    err = _error(r, status=500, code="engine_dead")
+    assert "R-worker" in err["message"]
+    health = httpx.get(rw_server.base + "/health", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "dead" and "R-worker" in health.json()["error"]
+    r = _post(rw_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    _error(r, status=503, code="dead")
+    assert "Retry-After" not in r.headers
+    assert rw_server.metrics()["bagualu_engine_healthy"] == 0
+
+
 def test_sigterm_drains_in_flight_then_exits_0(server):
-    """--drain-timeout 6: a short request in flight finishes (or, on a very slow machine, gets a clean 503);
+    """--drain-timeout 4: a short request in flight finishes (or, on a very slow machine, gets a clean 503);
     a long stream gets an error event and [DONE] once the drain time is up; the process exits 0."""
     results = {}
 

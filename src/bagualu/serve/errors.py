@@ -52,9 +52,10 @@ _CONTEXT = re.compile(r"context|KV pool")
 
 def from_engine(e: BaseException, prompt_param: str = "prompt", max_tokens_param: str = "max_tokens") -> APIError:
     """The API error for an exception the engine raised about one request."""
-    if isinstance(e, EngineUnavailableError):
+    if isinstance(e, EngineUnavailableError):  # a retry helps unless the engine is gone for good
+        transient = e.reason in ("overloaded", "loading")
         return APIError(503, str(e), type="server_error", code=e.reason,
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+                        headers={"Retry-After": str(RETRY_AFTER_S)} if transient else None)
     if isinstance(e, EngineShutdownError):
         return APIError(503, str(e), type="server_error", code="shutting_down")
     if isinstance(e, EngineDeadError):
