@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import bagualu
 from hf_models import save_hf_model, transformers
-
-openai = pytest.importorskip("openai")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 BAGUALU = str(Path(sys.executable).parent / "bagualu")

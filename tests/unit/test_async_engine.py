@@ -7,6 +7,7 @@ Every test drives a real ``EngineCore`` on a tiny random Llama (byte tokenizer) 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import threading
@@ -20,7 +21,7 @@ from bagualu.engine.async_engine import (AsyncEngine, EngineDeadError, EngineOve
                                          EngineUnavailableError)
 from hf_models import save_hf_model, transformers
 
-GREEDY = dict(temperature=0, max_tokens=8)
+GREEDY = {"temperature": 0, "max_tokens": 8}
 LONG = bagualu.SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)  # runs for many seconds
 
 
@@ -82,7 +83,7 @@ def test_concurrent_streams_equal_offline_and_loop_idles(model_dir):
         seen = []
         async for out in eng.generate(f"r{i}", p, bagualu.SamplingParams(**GREEDY)):
             seen.append(list(out.token_ids))
-        for a, b in zip(seen, seen[1:]):  # cumulative outputs: each extends the one before
+        for a, b in itertools.pairwise(seen):  # cumulative outputs: each extends the one before
             assert b[:len(a)] == a
         return out
 

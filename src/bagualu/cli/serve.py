@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-_SIZE = re.compile(r"^\s*([\d.]+(?:e\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
+_SIZE = re.compile(r"^\s*([\d.]+(?:e\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:

@@ -192,4 +192,4 @@ class DeltaTracker:
 
 def finite(x: float) -> float:
     """JSON has no infinities: a -inf log-probability is reported as -9999.0 (as vLLM does)."""
-    return x if x > -9999.0 else -9999.0
+    return x if x > -9999.0 else -9999.0  # also NaN
