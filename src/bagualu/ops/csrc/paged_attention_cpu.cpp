@@ -1,11 +1,12 @@
 // Paged-KV attention on CPU: flash-decoding with online softmax, GQA-aware, fp32/bf16, OpenMP.
 //
-// Work item = (sequence, KV head, tile of <= 16 query rows, slice of the context). The rows of a tile
-// share one KV head -- for decode, the H/G query heads of a group -- and the heads of one query token are
-// register-tiled together (<= 4 rows), so each K/V vector is loaded (and for bf16 widened) once per
-// group, not once per head, and the cache is streamed from memory once per group. Long contexts with
-// few items (batch-1 decode) are split over the context; the thread that finishes a tile's last slice
-// merges the slices (log-sum-exp), so a call has a single barrier.
+// Work item = (sequence, tile of <= 32 query rows, slice of the context); rows are (token, head) pairs,
+// token-major, so a decode item holds all H heads of its token and reads each block's G KV heads as one
+// contiguous run (fewer, longer streams than one item per KV head: random 4 KiB reads reach about half
+// the bandwidth of sequential ones here). The heads of one token in one KV group are register-tiled
+// together (<= 4 rows), so each K/V vector is loaded (and for bf16 widened) once per group, not once
+// per head. Long contexts with few items (batch-1 decode) are split over the context; the thread that
+// finishes a tile's last slice merges the slices (log-sum-exp), so a call has a single barrier.
 //
 // Per row the state is (m = running max, l = running sum, acc[Dh]); keys are taken a step of up to 64
 // (several blocks) at a time:
@@ -42,7 +43,7 @@
 
 namespace {
 
-constexpr int kRowTile = 16;          // query rows per work item
+constexpr int kRowTile = 32;          // query rows per work item
 constexpr int64_t kMinSplitKeys = 256;  // do not split a context into slices shorter than this
 constexpr double kMinParallelWork = 1 << 18;  // rows x keys x Dh below which one thread does it all
 
@@ -138,7 +139,7 @@ struct Args {
 };
 
 struct Item {
-  int64_t s, g, row0, nrows, kb, ke;  // rows [row0, row0+nrows) of sequence s; keys [kb, ke)
+  int64_t s, row0, nrows, kb, ke;  // rows [row0, row0+nrows) of sequence s (row = token * H + head); keys [kb, ke)
   int64_t part;                       // -1: write out directly; else first row of its partial state
   double cost;
   int64_t merge;                      // index of the merge this slice belongs to, or -1
@@ -148,14 +149,15 @@ struct Scratch {
   std::vector<float> q, acc, m, l, s, kf, vf;
 };
 
-// The rows of one work item: fp32 queries, key ranges, online-softmax state, groups of rows that share
-// a key range (the heads of one query token), <= 4 rows each for the register tiles.
+// The rows of one work item -- (query token, query head) pairs, token-major -- with their key ranges and
+// KV heads, and groups of rows that share both (the heads of one token in one KV group), <= 4 rows each
+// for the register tiles.
 struct Rows {
-  int64_t n, lo[kRowTile], hi[kRowTile], lo_min, hi_max;
+  int64_t n, lo[kRowTile], hi[kRowTile], kvh[kRowTile], lo_min, hi_max, h_min, h_max;
   int64_t grp0[kRowTile], grpn[kRowTile], ngrp;
 };
 
-inline void prefetch_block(const char* k, const char* v, int64_t bytes) {
+inline void prefetch_range(const char* k, const char* v, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) {
     __builtin_prefetch(k + off);
     __builtin_prefetch(v + off);
@@ -171,21 +173,21 @@ template <typename T>
 void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t sB) {
   const int64_t Dh = A.Dh, B = A.B, KS = std::max<int64_t>(1, kStepKeys / B);
   const int32_t* bt = A.block_tables + it.s * A.M;
-  const int64_t blk = B * Dh, head_off = it.g * blk, bstride = A.G * blk;
+  const int64_t blk = B * Dh, bstride = A.G * blk;
   const T* kc = static_cast<const T*>(A.k);
   const T* vc = static_cast<const T*>(A.v);
   const int64_t b_end = (R.hi_max + B - 1) / B;
+  const int64_t pf_off = R.h_min * blk, pf_bytes = (R.h_max - R.h_min + 1) * blk * int64_t(sizeof(T));
   static const float ones[4] = {1.f, 1.f, 1.f, 1.f};
   for (int64_t b0 = R.lo_min / B; b0 < b_end; b0 += KS) {
     const int64_t b1 = std::min(b_end, b0 + KS);
     if (BGL_PREFETCH)  // the next step's blocks are elsewhere in memory: start fetching them
       for (int64_t b = b1; b < std::min(b_end, b1 + KS); ++b) {
-        const int64_t base = int64_t(bt[b]) * bstride + head_off;
-        prefetch_block(reinterpret_cast<const char*>(kc + base), reinterpret_cast<const char*>(vc + base),
-                       blk * int64_t(sizeof(T)));
+        const int64_t base = int64_t(bt[b]) * bstride + pf_off;
+        prefetch_range(reinterpret_cast<const char*>(kc + base), reinterpret_cast<const char*>(vc + base), pf_bytes);
       }
     for (int64_t x = 0; x < R.ngrp; ++x) {
-      const int64_t r = R.grp0[x], rt = R.grpn[x];
+      const int64_t r = R.grp0[x], rt = R.grpn[x], head_off = R.kvh[r] * blk;
       const int64_t a = std::max(R.lo[r], b0 * B), e = std::min(R.hi[r], b1 * B);  // absolute positions
       if (a >= e) continue;
       float* s = &w.s[r * sB];
@@ -227,54 +229,66 @@ void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t
 }
 #endif
 
-// Portable path (no AVX2, or Dh not a multiple of 8): block by block, widened to fp32, row by row.
+// Portable path (no AVX2, or Dh not a multiple of 8): block by block, each KV head's part widened to fp32
+// once, row by row.
 void scan_generic(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t sB) {
-  const int64_t Dh = A.Dh, B = A.B;
+  const int64_t Dh = A.Dh, B = A.B, G = A.G;
   const size_t esz = A.kv_dtype == F32 ? 4 : 2;
   const int32_t* bt = A.block_tables + it.s * A.M;
-  const int64_t blk = B * Dh, head_off = it.g * blk, bstride = A.G * blk;
+  const int64_t blk = B * Dh, bstride = G * blk;
+  const char* kc = static_cast<const char*>(A.k);
+  const char* vc = static_cast<const char*>(A.v);
+  std::vector<int64_t> widened(G);
   for (int64_t b = R.lo_min / B; b * B < R.hi_max; ++b) {
-    const int64_t base = int64_t(bt[b]) * bstride + head_off;
-    const char* kraw = static_cast<const char*>(A.k) + base * esz;
-    const char* vraw = static_cast<const char*>(A.v) + base * esz;
-    if (BGL_PREFETCH && (b + 1) * B < R.hi_max)
-      prefetch_block(static_cast<const char*>(A.k) + (int64_t(bt[b + 1]) * bstride + head_off) * esz,
-                     static_cast<const char*>(A.v) + (int64_t(bt[b + 1]) * bstride + head_off) * esz, blk * esz);
-    const int64_t j0 = std::max(R.lo_min, b * B) - b * B, j1 = std::min(R.hi_max, (b + 1) * B) - b * B;
-    to_f32(kraw + j0 * Dh * esz, A.kv_dtype, (j1 - j0) * Dh, &w.kf[j0 * Dh]);
-    to_f32(vraw + j0 * Dh * esz, A.kv_dtype, (j1 - j0) * Dh, &w.vf[j0 * Dh]);
+    if (BGL_PREFETCH && (b + 1) * B < R.hi_max) {
+      const int64_t next = (int64_t(bt[b + 1]) * bstride + R.h_min * blk) * esz;
+      prefetch_range(kc + next, vc + next, (R.h_max - R.h_min + 1) * blk * esz);
+    }
+    std::fill(widened.begin(), widened.end(), int64_t(-1));
     for (int64_t r = 0; r < R.n; ++r) {
       const int64_t a = std::max(R.lo[r], b * B) - b * B, e = std::min(R.hi[r], (b + 1) * B) - b * B;
-      if (a < e)
-        block_row_generic(&w.q[r * Dh], w.kf.data(), w.vf.data(), Dh, a, e, A.scale, &w.s[r * sB], w.m[r], w.l[r],
-                          &w.acc[r * Dh]);
+      if (a >= e) continue;
+      const int64_t g = R.kvh[r], base = (int64_t(bt[b]) * bstride + g * blk) * esz;
+      float* kf = &w.kf[g * blk];
+      float* vf = &w.vf[g * blk];
+      if (widened[g] != b) {  // the whole block: another row of this head may need other keys of it
+        to_f32(kc + base, A.kv_dtype, blk, kf);
+        to_f32(vc + base, A.kv_dtype, blk, vf);
+        widened[g] = b;
+      }
+      block_row_generic(&w.q[r * Dh], kf, vf, Dh, a, e, A.scale, &w.s[r * sB], w.m[r], w.l[r], &w.acc[r * Dh]);
     }
   }
 }
 
 // Process one work item: all rows of the tile over the keys [kb, ke).
 void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* part_l, float* part_acc) {
-  const int64_t HR = A.H / A.G, Dh = A.Dh, B = A.B;
+  const int64_t H = A.H, HR = A.H / A.G, Dh = A.Dh, B = A.B;
   const int64_t qs = A.qsl[it.s], n = A.qsl[it.s + 1] - qs, L = A.context_lens[it.s];
   const bool simd = BGL_AVX2 && Dh % 8 == 0;
   const int64_t sB = (simd ? std::max(B, int64_t(64) / B * B) : B) + 8;
   w.q.resize(kRowTile * Dh); w.acc.assign(kRowTile * Dh, 0.f); w.s.resize(kRowTile * sB + 8);
   w.m.assign(kRowTile, -std::numeric_limits<float>::infinity()); w.l.assign(kRowTile, 0.f);
-  if (!simd) { w.kf.resize(B * Dh); w.vf.resize(B * Dh); }
+  if (!simd) { w.kf.resize(A.G * B * Dh); w.vf.resize(A.G * B * Dh); }
   Rows R;
-  R.n = it.nrows; R.lo_min = it.ke; R.hi_max = it.kb; R.ngrp = 0;
+  R.n = it.nrows; R.lo_min = it.ke; R.hi_max = it.kb; R.h_min = A.G; R.h_max = 0; R.ngrp = 0;
+  const size_t qesz = A.q_dtype == F32 ? 4 : 2;
   for (int64_t r = 0; r < it.nrows; ++r) {
-    const int64_t row = it.row0 + r, i = row / HR, h = it.g * HR + row % HR, p = L - n + i;
-    const size_t qesz = A.q_dtype == F32 ? 4 : 2;
+    const int64_t row = it.row0 + r, i = row / H, h = row % H, p = L - n + i;
     to_f32(static_cast<const char*>(A.q) + ((qs + i) * A.q_stride + h * Dh) * qesz, A.q_dtype, Dh, &w.q[r * Dh]);
     R.lo[r] = std::max(it.kb, A.window > 0 ? p - A.window + 1 : int64_t(0));
     R.hi[r] = std::min(it.ke, p + 1);
+    R.kvh[r] = h / HR;
     R.lo_min = std::min(R.lo_min, R.lo[r]);
     R.hi_max = std::max(R.hi_max, R.hi[r]);
+    R.h_min = std::min(R.h_min, R.kvh[r]);
+    R.h_max = std::max(R.h_max, R.kvh[r]);
   }
   for (int64_t r = 0; r < it.nrows;) {
     int64_t n_same = 1;
-    while (r + n_same < it.nrows && R.lo[r + n_same] == R.lo[r] && R.hi[r + n_same] == R.hi[r]) ++n_same;
+    while (r + n_same < it.nrows && R.lo[r + n_same] == R.lo[r] && R.hi[r + n_same] == R.hi[r] &&
+           R.kvh[r + n_same] == R.kvh[r])
+      ++n_same;
     for (int64_t x = 0; x < n_same;) {
       const int64_t left = n_same - x, take = left <= 4 ? left : (left == 5 || left == 6 ? 3 : 4);
       R.grp0[R.ngrp] = r + x; R.grpn[R.ngrp++] = take; x += take;
@@ -288,6 +302,7 @@ void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* p
 #else
   scan_generic(A, it, R, w, sB);
 #endif
+  const size_t oesz = A.q_dtype == F32 ? 4 : 2;
   for (int64_t r = 0; r < it.nrows; ++r) {
     float* acc = &w.acc[r * Dh];
     if (it.part >= 0) {
@@ -296,10 +311,9 @@ void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* p
       std::memcpy(part_acc + (it.part + r) * Dh, acc, size_t(Dh) * 4);
       continue;
     }
-    const int64_t row = it.row0 + r, i = row / HR, h = it.g * HR + row % HR;
+    const int64_t row = it.row0 + r, i = row / H, h = row % H;
     const float inv = 1.f / w.l[r];
     for (int64_t c = 0; c < Dh; ++c) acc[c] *= inv;
-    const size_t oesz = A.q_dtype == F32 ? 4 : 2;
     from_f32(acc, Dh, A.q_dtype, static_cast<char*>(A.out) + ((qs + i) * A.out_stride + h * Dh) * oesz);
   }
 }
@@ -307,7 +321,7 @@ void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* p
 // Merge the partial states of one tile computed over nsplit context slices: out = sum e^(m_k-m) acc_k / ...
 void merge(const Args& A, const Item& it, int64_t nsplit, const float* pm, const float* pl, const float* pacc,
            std::vector<float>& buf) {
-  const int64_t R = A.H / A.G, Dh = A.Dh, qs = A.qsl[it.s];
+  const int64_t H = A.H, Dh = A.Dh, qs = A.qsl[it.s];
   buf.resize(Dh);
   for (int64_t r = 0; r < it.nrows; ++r) {
     float m = -std::numeric_limits<float>::infinity(), l = 0.f;
@@ -322,7 +336,7 @@ void merge(const Args& A, const Item& it, int64_t nsplit, const float* pm, const
     }
     const float inv = 1.f / l;
     for (int64_t c = 0; c < Dh; ++c) buf[c] *= inv;
-    const int64_t row = it.row0 + r, i = row / R, h = it.g * R + row % R;
+    const int64_t row = it.row0 + r, i = row / H, h = row % H;
     const size_t oesz = A.q_dtype == F32 ? 4 : 2;
     from_f32(buf.data(), Dh, A.q_dtype, static_cast<char*>(A.out) + ((qs + i) * A.out_stride + h * Dh) * oesz);
   }
@@ -364,37 +378,37 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
   if (S == 0 || T == 0) return 0;
   const Args A{q, k, v, out, q_dtype, kv_dtype, q_stride, out_stride, H, G, Dh, B, M,
                block_tables, context_lens, qsl, scale, window};
-  const int64_t R = H / G;
-  // Plan: tiles of rows per (sequence, kv head); split contexts when there are too few items for the cores.
+  // Plan: tiles of rows (token-major, all heads of a token together when they fit, so an item reads each
+  // block's KV heads as one contiguous run); split contexts when there are too few items for the cores.
+  const int64_t tile = H <= kRowTile ? kRowTile / H * H : kRowTile;
   int64_t base_items = 0;
-  for (int64_t s = 0; s < S; ++s) base_items += G * ((int64_t(qsl[s + 1] - qsl[s]) * R + kRowTile - 1) / kRowTile);
+  for (int64_t s = 0; s < S; ++s) base_items += (int64_t(qsl[s + 1] - qsl[s]) * H + tile - 1) / tile;
   const int64_t target = 4 * int64_t(std::max(num_threads, 1));
   std::vector<Item> items, merges;
   std::vector<int64_t> nsplits;
   int64_t part_rows = 0;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = qsl[s + 1] - qsl[s], L = context_lens[s], rows = n * R;
+    const int64_t n = qsl[s + 1] - qsl[s], L = context_lens[s], rows = n * H;
     int64_t nsplit = 1;
     if (num_threads > 1 && base_items < target)
       nsplit = std::max<int64_t>(1, std::min((target + base_items - 1) / base_items, L / kMinSplitKeys));
     const int64_t chunk = ((L + nsplit - 1) / nsplit + B - 1) / B * B;
     nsplit = (L + chunk - 1) / chunk;
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-        const int64_t nr = std::min<int64_t>(kRowTile, rows - r0);
-        if (nsplit == 1) {
-          items.push_back({s, g, r0, nr, 0, L, -1, double(nr) * double(L), -1});
-          continue;
-        }
-        merges.push_back({s, g, r0, nr, 0, L, part_rows, 0.0, -1});
-        nsplits.push_back(nsplit);
-        for (int64_t k = 0; k < nsplit; ++k) {
-          const int64_t kb = k * chunk, ke = std::min(L, kb + chunk);
-          items.push_back({s, g, r0, nr, kb, ke, part_rows, double(nr) * double(std::max<int64_t>(0, ke - kb)),
-                           int64_t(merges.size()) - 1});
-          part_rows += nr;
-        }
+    for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+      const int64_t nr = std::min<int64_t>(tile, rows - r0);
+      if (nsplit == 1) {
+        items.push_back({s, r0, nr, 0, L, -1, double(nr) * double(L), -1});
+        continue;
       }
+      merges.push_back({s, r0, nr, 0, L, part_rows, 0.0, -1});
+      nsplits.push_back(nsplit);
+      for (int64_t k = 0; k < nsplit; ++k) {
+        const int64_t kb = k * chunk, ke = std::min(L, kb + chunk);
+        items.push_back({s, r0, nr, kb, ke, part_rows, double(nr) * double(std::max<int64_t>(0, ke - kb)),
+                         int64_t(merges.size()) - 1});
+        part_rows += nr;
+      }
+    }
   }
   // Longest first: with dynamic scheduling that balances uneven context lengths across threads.
   std::sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
