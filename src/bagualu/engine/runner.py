@@ -41,6 +41,7 @@ class ModelRunner:
     def __init__(self, model, backend):
         check_supported(model)
         self.model = model
+        model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
         self.layers = list(model.model.layers)
         cfg = model.config

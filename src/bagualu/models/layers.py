@@ -34,6 +34,28 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """For inference: one ``[(H + 2G)·Dh, D]`` weight so q, k and v are one GEMM (fewer, larger
+        GEMMs run closer to peak at decode batch sizes). ``q_proj``/``k_proj``/``v_proj`` then hold views
+        of it — no second copy, and their names still save and load as before. Not for training: the
+        fused tensor is not a parameter."""
+        if self.qkv_weight is not None:
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight for p in projs])
+        b = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        i = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(w[i:i + n], requires_grad=False)
+            if b is not None:
+                p.bias = nn.Parameter(b[i:i + n], requires_grad=False)
+            i += n
+        self.qkv_weight, self.qkv_bias = w, b
 
     def qkv_tokens(self, x_TD: torch.Tensor, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor):
         """Projections of a flat run of tokens, normed and rotated: ``q [T, H, Dh]``, ``k``/``v [T, G, Dh]``.
@@ -42,9 +64,14 @@ class Attention(nn.Module):
         ``forward`` calls it on the flattened batch, so both paths share every operation.
         """
         T = x_TD.shape[0]
-        q = self.q_proj(x_TD).view(T, self.H, self.Dh)
-        k = self.k_proj(x_TD).view(T, self.G, self.Dh)
-        v = self.v_proj(x_TD).view(T, self.G, self.Dh)
+        if self.qkv_weight is not None:  # one GEMM for the three projections (see fuse_projections)
+            qkv = torch.nn.functional.linear(x_TD, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.split([self.H * self.Dh, self.G * self.Dh, self.G * self.Dh], dim=-1)
+            q, k, v = q.view(T, self.H, self.Dh), k.view(T, self.G, self.Dh), v.view(T, self.G, self.Dh)
+        else:
+            q = self.q_proj(x_TD).view(T, self.H, self.Dh)
+            k = self.k_proj(x_TD).view(T, self.G, self.Dh)
+            v = self.v_proj(x_TD).view(T, self.G, self.Dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # as [B=T, heads, S=1, Dh] with cos/sin [T, 1, Dr], the rope kernel rotates each token in place

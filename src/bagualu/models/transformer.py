@@ -101,6 +101,12 @@ class CausalLM(nn.Module):
             x_BSD = layer(x_BSD, cos_sin, masks[layer.window])
         return self.model.norm(x_BSD)
 
+    def fuse_projections(self) -> None:
+        """Inference only: fuse q/k/v and gate/up projections into single GEMMs (see the modules' method)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "fuse_projections"):
+                m.fuse_projections()
+
     def on_moefy(self, settings: dict) -> None:
         """After ``bagualu.moe.moefy``: describe the upcycled model; a Llama becomes a Mixtral-style model."""
         import dataclasses

@@ -18,6 +18,27 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, ffn_dim, bias=bias)
         self.up_proj = nn.Linear(dim, ffn_dim, bias=bias)
         self.down_proj = nn.Linear(ffn_dim, dim, bias=bias)
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """For inference: gate and up as one ``[2F, D]`` GEMM; the two Linear modules keep views of it
+        (see ``Attention.fuse_projections``)."""
+        if self.gate_up_weight is not None:
+            return
+        F_ = self.gate_proj.weight.shape[0]
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        b = torch.cat([self.gate_proj.bias, self.up_proj.bias]) if self.gate_proj.bias is not None else None
+        self.gate_proj.weight = nn.Parameter(w[:F_], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(w[F_:], requires_grad=False)
+        if b is not None:
+            self.gate_proj.bias = nn.Parameter(b[:F_], requires_grad=False)
+            self.up_proj.bias = nn.Parameter(b[F_:], requires_grad=False)
+        self.gate_up_weight, self.gate_up_bias = w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = torch.nn.functional.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            return self.down_proj(kernel("silu_mul")(gate, up))
         return self.down_proj(kernel("silu_mul")(self.gate_proj(x), self.up_proj(x)))
