@@ -437,3 +437,12 @@ def test_sigterm_drains_in_flight_then_exits_0(server):
     assert err["code"] == "shutting_down" and "drain" in err["message"]
     log = server.log.read_text()
     assert "draining in-flight requests" in log and "Traceback" not in log
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_exit_1(model_dir, tmp_path):
+    for f in Path(model_dir).glob("tokenizer*"):  # a tokenizer but no weights or config
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    p = subprocess.run([BAGUALU, "serve", str(tmp_path), "--port", str(_free_port())], capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 1, p.stderr
+    assert "the model failed to load" in p.stderr and "config.json" in p.stderr
