@@ -6,8 +6,9 @@ disk or an object store (any fsspec URL: ``s3://bucket/run/checkpoints``).
 
 A save writes the DCP shards (every rank its own); with ``async_save`` DCP stages the tensors to host
 memory and writes in a background thread, so the training step continues. The commit happens at the
-next save (or at ``finish``): every rank's write must be complete (a barrier), then rank 0 writes the
-extra files (model config, tokenizer) and ``manifest.json`` with a sha256 per file.
+next save (or at ``finish``): every rank's write must be complete, and every rank hashes the files it
+wrote (in the background too, after an async write); rank 0 gathers the digests, writes the extra files
+(model config, tokenizer) and ``manifest.json`` with a sha256 per file.
 
 The commit marker differs by storage, because object stores have no rename:
 - local disk: everything goes to ``step-N.tmp``; the manifest is written (fsynced) last and the directory
@@ -32,6 +33,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -160,7 +162,8 @@ class CheckpointManager:
         self.url = str(directory).rstrip("/") if "://" in str(directory) else self.path
         self.local = is_local(self.fs)
         self.keep, self.async_save = keep, async_save
-        self._pending: tuple[int, str, object, dict[str, bytes]] | None = None
+        self._pending: tuple[int, str, Future, dict[str, bytes]] | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self.group = side_group()  # DCP's planning collectives run here, off the training step's group
         if self.group is None:  # one process by choice: DCP's per-call warning (also from its writer thread) is noise
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -207,38 +210,63 @@ class CheckpointManager:
         if self.async_save:
             fut = dcp.async_save(state_dict, storage_writer=writer, process_group=self.group,
                                  no_dist=not dist.is_initialized())
+            job = self._background().submit(self._own_digests, name, fut)
         else:
             dcp.save(state_dict, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
-            fut = None
-        self._pending = (step, name, fut, files)
+            job = Future()
+            job.set_result(self._own_digests(name, None))
+        self._pending = (step, name, job, files)
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bagualu-checkpoint")
+        return self._executor
+
+    def _own_digests(self, name: str, fut) -> dict[str, str]:
+        """Once this rank's write is done: sha256 of the files it wrote (rank 0: also ``.metadata``). Runs in
+        the background after an async write, so reading the checkpoint back does not stall the step, and
+        every rank hashes its own shards in parallel."""
+        if fut is not None:
+            fut.result()
+        d, rank = self._path(name), _rank()
+        self.fs.invalidate_cache(d)
+        return {os.path.basename(p): _sha256(self.fs, p) for p in sorted(self.fs.ls(d, detail=False))
+                if os.path.basename(p).startswith(f"__{rank}_") or (rank == 0 and os.path.basename(p) == ".metadata")}
 
     def finish(self) -> None:
         """Wait for the pending write on every rank and commit it (collective)."""
         if self._pending is None:
             return
-        step, name, fut, files = self._pending
+        step, name, job, files = self._pending
         self._pending = None
         try:
-            if fut is not None:
-                fut.result()
+            digests = job.result()
         except _FAILURES as e:
             self._abort(name, e)
-        _barrier()
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size() if _rank() == 0 else None
+            dist.gather_object(digests, gathered, dst=0, group=self.group)
+            if gathered is not None:
+                digests = {k: v for g in gathered for k, v in g.items()}
         if _rank() == 0:
             try:
-                self._commit(step, name, files)
+                self._commit(step, name, files, digests)
             except OSError as e:
                 self._abort(name, e)
 
-    def _commit(self, step: int, name: str, files: dict[str, bytes]) -> None:
+    def _commit(self, step: int, name: str, files: dict[str, bytes], digests: dict[str, str]) -> None:
         d = self._path(name)
         for fname, data in files.items():
             self.fs.pipe_file(join(d, fname), data)
         self.fs.invalidate_cache(d)
-        digests = {os.path.basename(p): _sha256(self.fs, p) for p in sorted(self.fs.ls(d, detail=False))
-                   if self.fs.isfile(p) and os.path.basename(p) != MANIFEST}
-        manifest = json.dumps({"format": FORMAT, "step": step, "files": digests, "time": time.time(),
-                               "world_size": dist.get_world_size() if dist.is_initialized() else 1}, indent=1)
+        digests = dict(digests)
+        for p in sorted(self.fs.ls(d, detail=False)):  # the extra files (and anything unforeseen): hashed here
+            base = os.path.basename(p)
+            if base not in digests and base != MANIFEST and self.fs.isfile(p):
+                digests[base] = _sha256(self.fs, p)
+        manifest = json.dumps({"format": FORMAT, "step": step, "files": dict(sorted(digests.items())),
+                               "time": time.time(), "world_size": dist.get_world_size() if dist.is_initialized()
+                               else 1}, indent=1)
         final = self._path(self._name(step))
         if self.local:
             part = join(d, MANIFEST + ".part")

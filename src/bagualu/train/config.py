@@ -27,7 +27,7 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    dtype: str = "auto"  # "auto": bf16 autocast where the platform supports it; or float32 / bfloat16
+    dtype: str = "auto"  # "auto": bf16 autocast where the platform's bf16 GEMMs are fast; or float32 / bfloat16
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     seed: int = 0
