@@ -307,10 +307,10 @@ class AsyncEngine:
         """Refresh the overload bound's inputs (under the lock). Places in the batch count as free only
         if the last step left nothing waiting: a step that kept requests waiting despite free places
         was held back by KV blocks or the admission policy, and those places are not really free."""
-        s = core.scheduler
-        self._num_waiting = len(s.waiting)
+        waiting, running, max_seqs = core.queue_state()
+        self._num_waiting = waiting
         if after_step:
-            self._free_slots = 0 if s.waiting else max(s.config.max_num_seqs - len(s.running), 0)
+            self._free_slots = 0 if waiting else max(max_seqs - running, 0)
 
     def _apply(self, core: EngineCore, item: tuple) -> None:
         if item[0] == "abort":

@@ -38,7 +38,15 @@ DEFAULT_KV_MEMORY_CAP = 4 << 30
 
 
 class RequestError(ValueError):
-    """A request the engine refuses (too long, bad parameters, duplicate id): the client's error."""
+    """A request the engine refuses (too long, bad parameters, duplicate id): the client's error.
+
+    ``param`` names the offending field (``prompt``, ``max_tokens``, ``request_id``) and ``code`` says what is
+    wrong with it (``context_length_exceeded``, ``invalid_value``, ``duplicate_id``), as OpenAI's error body does.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 @dataclass
@@ -126,26 +134,28 @@ class EngineCore:
                     *, arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self._groups:
-            raise RequestError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id", code="duplicate_id")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
         if not ids:
-            raise RequestError("the prompt is empty; give at least one token")
+            raise RequestError("the prompt is empty; give at least one token", param="prompt")
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
-            raise RequestError(f"prompt token ids must lie in [0, {V}); got {min(ids)}..{max(ids)}")
+            raise RequestError(f"prompt token ids must lie in [0, {V}); got {min(ids)}..{max(ids)}", param="prompt")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len}; "
-                               f"shorten the prompt")
+                               f"shorten the prompt", param="prompt", code="context_length_exceeded")
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
-                               f"model's context of {self.max_model_len}; lower max_tokens or the prompt")
+                               f"model's context of {self.max_model_len}; lower max_tokens or the prompt",
+                               param="max_tokens", code="context_length_exceeded")
         pool_tokens = self.num_blocks * self.config.block_size
         if len(ids) + 1 > pool_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens but a KV pool holds only {pool_tokens}; "
-                               f"give the engine more KV memory (kv_cache_memory / num_kv_blocks)")
+                               f"give the engine more KV memory (kv_cache_memory / num_kv_blocks)",
+                               param="prompt", code="context_length_exceeded")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs, detoks = [], []
         for i in range(params.n):
@@ -179,6 +189,11 @@ class EngineCore:
                 self.metrics.requests_finished["abort"] += 1
         g.changed = True
         return True
+
+    def queue_state(self) -> tuple[int, int, int]:
+        """(waiting sequences, running sequences, max running sequences): what an admission bound reads."""
+        s = self.scheduler
+        return len(s.waiting), len(s.running), s.config.max_num_seqs
 
     def has_unfinished(self) -> bool:
         return any(not g.done for g in self._groups.values())

@@ -60,6 +60,9 @@ def from_engine(e: BaseException, prompt_param: str = "prompt", max_tokens_param
         return APIError(503, str(e), type="server_error", code="shutting_down")
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), type="server_error", code="engine_dead")
+    if isinstance(e, RequestError) and e.param is not None:
+        param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.param, e.param)
+        return APIError.invalid(param, str(e), code=e.code)
     if isinstance(e, (RequestError, ValueError, TypeError)):
         msg = str(e)
         param = max_tokens_param if msg.startswith("max_tokens=") else prompt_param
