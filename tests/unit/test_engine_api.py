@@ -114,3 +114,19 @@ def test_engine_config_errors():
         bagualu.EngineConfig(block_size=12)
     with pytest.raises(ValueError, match="admission='lifo'"):
         bagualu.EngineConfig(admission="lifo")
+
+
+def test_half_precision_models_keep_a_half_kv_cache(llm):
+    from bagualu.moe.experts import gemm_via_fp32
+
+    path = llm.engine.model.source_dir
+    half = bagualu.LLM(str(path), dtype="bfloat16", num_kv_blocks=16)
+    slow_bf16 = gemm_via_fp32(torch.bfloat16, "cpu")
+    assert half.engine.kv_spec.dtype == torch.bfloat16
+    assert half.engine.model.dtype == (torch.float32 if slow_bf16 else torch.bfloat16)
+    as_model = bagualu.LLM(str(path), dtype="bfloat16", gemm_dtype="model", num_kv_blocks=16)
+    assert as_model.engine.model.dtype == torch.bfloat16
+    sp = greedy(6, ignore_eos=True)
+    for e in (half, as_model):
+        assert len(e.generate("hi", sp, use_tqdm=False)[0].token_ids) == 6
+        e.close()

@@ -17,7 +17,14 @@ ATTENTION_MODES = ("in_process", "r_workers")
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     dtype: str | None = None
-    """Compute and KV dtype (float32, bfloat16, float16); None = the checkpoint's."""
+    """Model dtype (float32, bfloat16, float16); None = the checkpoint's. A half dtype whose GEMMs the
+    platform measures slower than fp32 (bf16 on CPUs without bf16 units) keeps its KV cache in that dtype
+    but runs the weights in fp32 — see ``gemm_dtype``."""
+    kv_cache_dtype: str | None = None
+    """None = ``dtype``."""
+    gemm_dtype: str = "auto"
+    """``auto``: fp32 weights where the platform's half-precision GEMM is slower than fp32, else ``dtype``;
+    ``model``: always ``dtype``."""
     device: str | None = None
     """Where the S-part runs; None = the current platform's device."""
     block_size: int = 16
@@ -40,6 +47,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.gemm_dtype not in ("auto", "model"):
+            raise ValueError(f"gemm_dtype={self.gemm_dtype!r} must be 'auto' or 'model'")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size={self.block_size} must be one of 8, 16, 32, 64, 128")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -65,9 +65,17 @@ class _Group:
 def _kv_spec(model, cfg: EngineConfig, num_blocks: int) -> KVSpec:
     mc = model.config
     return KVSpec(num_layers=mc.num_layers, num_blocks=num_blocks, block_size=cfg.block_size,
-                  num_kv_heads=mc.num_kv_heads, head_dim=mc.dim_head, dtype=model.dtype,
+                  num_kv_heads=mc.num_kv_heads, head_dim=mc.dim_head, dtype=_kv_dtype(model, cfg),
                   windows=tuple(layer.window for layer in model.model.layers),
                   scale=model.model.layers[0].self_attn.scale)
+
+
+def _kv_dtype(model, cfg: EngineConfig) -> torch.dtype:
+    if cfg.kv_cache_dtype is None:
+        return model.dtype
+    from bagualu.models.hf.load import resolve_dtype
+
+    return resolve_dtype(cfg.kv_cache_dtype, "float32")
 
 
 def _num_blocks(model, cfg: EngineConfig, num_pools: int, device: torch.device) -> int:
@@ -113,7 +121,8 @@ class EngineCore:
             self.backend = RWorkerAttention(
                 self.kv_spec, cfg.r_workers, heads=mc.num_heads, max_tokens=cfg.max_num_batched_tokens,
                 max_seqs=cfg.max_num_seqs, max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
-                micro_batches=cfg.num_micro_batches, threads=cfg.r_worker_threads, device=model.device)
+                micro_batches=cfg.num_micro_batches, threads=cfg.r_worker_threads, device=model.device,
+                act_dtype=model.dtype)
         else:
             self.backend = LocalAttention(self.kv_spec, model.device)
         self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
@@ -125,8 +134,8 @@ class EngineCore:
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}  # sequence id -> its user request
-        log.info("engine: %s %s, KV %d blocks x %d tokens per pool, %d pool(s) (%s), %.1f MiB of KV",
-                 mc.arch, model.dtype, self.num_blocks, cfg.block_size, num_pools, cfg.attention_mode,
+        log.info("engine: %s %s (KV %s), KV %d blocks x %d tokens per pool, %d pool(s) (%s), %.1f MiB of KV",
+                 mc.arch, model.dtype, self.kv_spec.dtype, self.num_blocks, cfg.block_size, num_pools, cfg.attention_mode,
                  self.num_blocks * num_pools * self.kv_spec.bytes_per_block / 2**20)
 
     # ---- requests ------------------------------------------------------------------------------------

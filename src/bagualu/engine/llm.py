@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 from bagualu.engine.config import EngineConfig
 from bagualu.engine.core import EngineCore
 from bagualu.engine.outputs import RequestOutput
 from bagualu.engine.params import SamplingParams
+from bagualu.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 Prompt = str | list[int]
 
@@ -33,12 +37,39 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return [p if isinstance(p, str) else list(p) for p in prompts]
 
 
+def resolve_dtypes(model_dir: str, config: EngineConfig):
+    """(dtype to load the weights in, config with ``kv_cache_dtype`` filled in).
+
+    A half-precision model on a platform whose half GEMMs are slower than fp32 (measured; bf16 on AVX2
+    CPUs runs ~100x slower than fp32 there) loads its weights in fp32 — bf16 values are exact in fp32, so
+    the model is the same, only the rounding of each GEMM's output differs — and keeps the KV cache in the
+    half dtype, which halves the R-part's memory traffic.
+    """
+    import dataclasses
+
+    import torch
+
+    from bagualu.models.hf.load import _default_device, read_config, resolve_dtype
+    from bagualu.moe.experts import gemm_via_fp32
+
+    cfg, _ = read_config(Path(model_dir))
+    dtype = resolve_dtype(config.dtype, cfg.dtype)
+    kv = resolve_dtype(config.kv_cache_dtype, str(dtype).removeprefix("torch.")) if config.kv_cache_dtype else dtype
+    weights = dtype
+    if config.gemm_dtype == "auto" and gemm_via_fp32(dtype, _default_device(config.device).type):
+        weights = torch.float32
+        log.info("engine: %s GEMMs are slower than fp32 on this platform; weights run in fp32, KV cache in %s",
+                 dtype, kv)
+    return weights, dataclasses.replace(config, kv_cache_dtype=str(kv).removeprefix("torch."))
+
+
 class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, **options):
         from bagualu.models import from_pretrained, load_tokenizer
 
         config = EngineConfig(**options)
-        m = from_pretrained(model, device=config.device, dtype=config.dtype)
+        weights_dtype, config = resolve_dtypes(model, config)
+        m = from_pretrained(model, device=config.device, dtype=weights_dtype)
         tok = load_tokenizer(tokenizer or model)
         self.engine = EngineCore(m, tok, config)
         self.tokenizer = tok
