@@ -109,11 +109,9 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model_dir
 
     def load():
-        from bagualu.engine.core import EngineCore
-        from bagualu.models import from_pretrained
+        from bagualu.engine.llm import load_engine
 
-        model = from_pretrained(model_dir, device=config.device, dtype=config.dtype)
-        return EngineCore(model, tokenizer, config)
+        return load_engine(model_dir, config, tokenizer)
 
     engine = AsyncEngine(load, max_waiting=args.max_waiting or None)
     ctx = ServeContext(engine=engine, tokenizer=with_chat_template(tokenizer, template),

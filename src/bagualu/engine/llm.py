@@ -63,16 +63,21 @@ def resolve_dtypes(model_dir: str, config: EngineConfig):
     return weights, dataclasses.replace(config, kv_cache_dtype=str(kv).removeprefix("torch."))
 
 
+def load_engine(model_dir: str, config: EngineConfig, tokenizer=None) -> EngineCore:
+    """Load a Hugging Face directory into an ``EngineCore`` (the one loader of ``LLM`` and ``bagualu serve``)."""
+    from bagualu.models import from_pretrained, load_tokenizer
+
+    weights_dtype, config = resolve_dtypes(model_dir, config)
+    model = from_pretrained(model_dir, device=config.device, dtype=weights_dtype)
+    return EngineCore(model, tokenizer if tokenizer is not None else load_tokenizer(model_dir), config)
+
+
 class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, **options):
-        from bagualu.models import from_pretrained, load_tokenizer
+        from bagualu.models import load_tokenizer
 
-        config = EngineConfig(**options)
-        weights_dtype, config = resolve_dtypes(model, config)
-        m = from_pretrained(model, device=config.device, dtype=weights_dtype)
-        tok = load_tokenizer(tokenizer or model)
-        self.engine = EngineCore(m, tok, config)
-        self.tokenizer = tok
+        self.engine = load_engine(model, EngineConfig(**options), load_tokenizer(tokenizer or model))
+        self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
     @classmethod
