@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 
-def powerfusion(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
+def _aot_kwargs(options: dict | None) -> dict:
     from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
     from bagualu.compiler.decompositions import decomposition_table
@@ -38,7 +37,23 @@ def powerfusion(gm: torch.fx.GraphModule, example_inputs: list[Any], options: di
             return make_boxed_func(compile_graph(g, inputs, label))
         return fn
 
-    return aot_module_simplified(
-        gm, example_inputs, fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-        inference_compiler=compiler("inference"), decompositions=decomposition_table(),
-        partition_fn=min_cut_rematerialization_partition if part == "min_cut" else default_partition)
+    return dict(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                inference_compiler=compiler("inference"), decompositions=decomposition_table(),
+                partition_fn=min_cut_rematerialization_partition if part == "min_cut" else default_partition)
+
+
+def powerfusion(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    return aot_module_simplified(gm, example_inputs, **_aot_kwargs(options))
+
+
+def aot_compile(fn, options: dict | None = None):
+    """The back-end without Dynamo: ``fn`` (tensors in, tensors out, no data-dependent Python control
+    flow) traced by AOTAutograd and compiled like a Dynamo graph. Tracing skips Dynamo's bytecode
+    analysis, which is most of the compile time of small functions (the OpInfo suite uses it)."""
+    from torch._functorch.aot_autograd import aot_function
+
+    kw = _aot_kwargs(options)
+    kw.pop("inference_compiler")
+    return aot_function(fn, **kw)

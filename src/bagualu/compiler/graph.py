@@ -52,10 +52,12 @@ class GraphReport:
     compile_s: float = 0.0
     codegen: str | None = None
     note: str = ""
+    seq: int = -1
 
 
 REPORTS: list[GraphReport] = []  # most recent compilations, for explain(); bounded
 MAX_REPORTS = 256
+SEQ = [0]  # compilations so far (REPORTS[-1].seq == SEQ[0] - 1)
 CAPTURE = [False]  # explain.record() sets it: region calls keep their first inputs for timing
 
 
@@ -164,6 +166,8 @@ def _compile_static(gm: fx.GraphModule, label: str) -> fx.GraphModule:
     for fb in part.fallbacks:
         (log.debug if fb.vendor else log.info)("powerfusion: %s (%s) stays ATen: %s", fb.node, fb.op, fb.reason)
     report.compile_s = time.perf_counter() - t0
+    report.seq = SEQ[0]
+    SEQ[0] += 1
     REPORTS.append(report)
     del REPORTS[:-MAX_REPORTS]
     log.debug("powerfusion: %s: %d kernels, %d fallbacks, %.2fs", label, len(part.kernels), len(part.fallbacks),

@@ -241,7 +241,12 @@ class Ctx:
             rule = LOWERINGS.get(node.target)
             if rule is None:
                 raise LoweringError("no lowering for this op", node)
-            v = rule(self, node, idx)
+            try:
+                v = rule(self, node, idx)
+            except LoweringError:
+                raise
+            except Exception as e:  # an unforeseen case in a rule: leave the op to ATen, never crash
+                raise LoweringError(f"internal lowering error ({type(e).__name__}: {e})", node) from e
             if self.final_mode and node in self.final_nodes:
                 pass
             elif node not in self.final_nodes and not self.final_mode:

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from bagualu.compiler import lowerings  # noqa: F401  (fills LOWERINGS)
+from bagualu.compiler.claims import fusible, node_dtype
 from bagualu.compiler.ir import Kernel
 from bagualu.compiler.lower import LOWERINGS, LoweringError, Region, lower_region
 
@@ -83,19 +84,25 @@ def why_not_fusible(node: fx.Node) -> str | None:
     """None when ``node`` may join a region; otherwise the reason it stays ATen."""
     if node.op != "call_function":
         return "not an operator call"
+    claimed = fusible()
     if node.target is operator.getitem:
         src = node.args[0]
-        if not isinstance(src, fx.Node) or src.target not in LOWERINGS and src.target not in VIEWS:
+        if not isinstance(src, fx.Node) or src.target not in claimed:
             return "item of an op that is not fused"
-    elif node.target not in LOWERINGS and node.target not in VIEWS:
-        return "vendor library op (GEMM/convolution/attention/embedding)" if node.target in VENDOR \
+    elif node.target not in claimed:
+        if node.target in VENDOR:
+            return "vendor library op (GEMM/convolution/attention/embedding)"
+        return "lowering exists but is not claimed (no OpInfo test)" if node.target in LOWERINGS \
             else "no lowering for this op"
     metas = _tensor_metas(node)
     if not metas:
         return "no tensor result"
-    for a in node.all_input_nodes:
-        metas += _tensor_metas(a)
-    for m in metas:
+    ins = [m for a in node.all_input_nodes for m in _tensor_metas(a)]
+    if node.target is not operator.getitem:
+        dt = node_dtype(ins, metas[0])
+        if dt not in claimed[node.target]:
+            return f"dtype {dt} is not claimed for this op (claimed: {sorted(str(d) for d in claimed[node.target])})"
+    for m in metas + ins:
         if m.dtype not in SUPPORTED_DTYPES:
             return f"dtype {m.dtype} not supported"
         if m.numel() == 0:
@@ -163,9 +170,9 @@ class _Partitioner:
                 outputs.append(n)
         return Region(ordered, [], outputs, set(nodes))
 
-    def try_lower(self, nodes: set[fx.Node], name: str,
-                  extra_shared: set[fx.Node] = frozenset()) -> tuple[Kernel | None, Region, str | None]:
-        shared = set(extra_shared)
+    def try_lower(self, nodes: set[fx.Node], name: str) -> tuple[Kernel | None, Region, str | None]:
+        nodes = set(nodes)
+        shared = self._eject_layout_outputs(nodes)
         for n in nodes | shared:
             shared |= self.shared_free(n, nodes)
         r = self.region(nodes, shared)
@@ -255,16 +262,22 @@ class _Partitioner:
         return self.score(merged) <= separate
 
     def finish(self) -> Partition:
+        built = []
         for rid in sorted(self.members, key=lambda r: min(self.pos[n] for n in self.members[r])):
             nodes = set(self.members[rid])
-            ejected = self._eject_layout_outputs(nodes)
             if not any(not is_free(n) for n in nodes):
                 continue
-            k, r, err = self.try_lower(nodes, f"k{len(self.result.kernels)}", ejected)
+            k, r, err = self.try_lower(nodes, "k")
             if k is None:  # should not happen (every merge was checked); keep ATen, never a wrong result
                 for n in nodes:
                     self.reason.setdefault(n, f"region failed to lower after partitioning: {err}")
                 continue
+            built.append((r, k))
+        for r, _ in self._break_cycles(built):
+            for n in r.owned:
+                self.reason.setdefault(n, "fusing it would order two fused regions both ways (a cycle)")
+        for i, (r, k) in enumerate(b for b in built if b[0] is not None):
+            k.name = f"k{i}"
             self.result.regions.append(r)
             self.result.kernels.append(k)
         fused = {n for r in self.result.regions for n in r.nodes}
@@ -275,10 +288,45 @@ class _Partitioner:
                 self.result.fallbacks.append(Fallback(n.name, op_name(n), why, n.target in VENDOR))
         return self.result
 
+    def _break_cycles(self, built: list) -> list:
+        """Drop regions until the graph of regions and outside nodes is acyclic; returns the dropped ones.
+
+        Node-level acyclicity of each region does not make the condensed graph acyclic: a view a region
+        leaves outside (read by another region) can order two regions both ways. Rare; the smaller region
+        of the cycle goes back to ATen.
+        """
+        dropped = []
+        while True:
+            live = [b for b in built if b[0] is not None]
+            owner = {n: i for i, (r, _) in enumerate(live) for n in r.owned}
+            deps: dict = {}
+            for n in self.nodes:
+                if n not in owner:
+                    deps[n] = {owner.get(a, a) for a in n.all_input_nodes}
+            for i, (r, _) in enumerate(live):
+                deps[i] = {owner.get(a, a) for a in r.inputs} - {i}
+            done: set = set()
+            progress = True
+            while progress:
+                progress = False
+                for u, d in deps.items():
+                    if u not in done and d <= done:
+                        done.add(u)
+                        progress = True
+            stuck = [i for i in range(len(live)) if i not in done]
+            if not stuck:
+                return dropped
+            victim = min(stuck, key=lambda i: len(live[i][0].owned))
+            j = built.index(live[victim])
+            dropped.append(built[j])
+            built[j] = (None, None)
+
     def _eject_layout_outputs(self, nodes: set[fx.Node]) -> set[fx.Node]:
         """A view read outside its region stays an ATen view of the stored base (no copy of a layout).
 
-        The ejected views are still inlined (duplicated) into the region's own readers of them.
+        Removes such views from ``nodes`` (the kernel's outputs are then their bases) and returns them: they
+        are still inlined (duplicated) into the region's own readers. Region membership is unchanged, so a
+        later reader of the view can still join the region.
         """
         ejected: set[fx.Node] = set()
         changed = True
@@ -290,7 +338,6 @@ class _Partitioner:
                         and any(u not in nodes for u in n.users) and len(nodes) > 1:
                     nodes.discard(n)
                     ejected.add(n)
-                    self.region_of.pop(n, None)
                     changed = True
         return ejected
 

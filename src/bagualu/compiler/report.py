@@ -85,7 +85,7 @@ def _short(op: str) -> str:
 @contextlib.contextmanager
 def record(measure: bool = True, reps: int = 5):
     """Collect an ``Explanation`` of every powerfusion compilation inside the block."""
-    n0 = len(G.REPORTS)
+    start = G.SEQ[0]
     ex = Explanation()
     prev = G.CAPTURE[0]
     G.CAPTURE[0] = True
@@ -93,7 +93,7 @@ def record(measure: bool = True, reps: int = 5):
         yield ex
     finally:
         G.CAPTURE[0] = prev
-        _fill(ex, G.REPORTS[n0:], measure, reps)
+        _fill(ex, [r for r in G.REPORTS if r.seq >= start], measure, reps)
 
 
 def _fill(ex: Explanation, reports: list[G.GraphReport], measure: bool, reps: int) -> None:

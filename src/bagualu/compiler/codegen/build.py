@@ -1,4 +1,4 @@
-"""Compile generated C++ with the system compiler, cache the shared object by content hash, load it.
+"""Compile generated C with the system compiler, cache the shared object by content hash, load it.
 
 The cache key is the source, the compiler's identity and flags, and the host CPU's model and feature
 flags (``-march=native`` code must not run on another CPU sharing the cache directory). Objects live
@@ -7,8 +7,9 @@ so concurrent processes building the same kernel never load a half-written file.
 
 Loading is plain ``ctypes`` on data pointers — no PyTorch headers, so a kernel module compiles in a
 fraction of a second (``torch.utils.cpp_extension`` takes tens of seconds per module, mostly parsing
-ATen's headers), and a call costs a few microseconds. The object links ``libgomp.so.1`` by soname, so
-it shares the OpenMP runtime PyTorch has already loaded instead of starting a second thread pool.
+ATen's headers, and links against one torch build), and a call costs a few microseconds. The object
+links ``libgomp.so.1`` by soname, so it shares the OpenMP runtime PyTorch has already loaded instead of
+starting a second thread pool.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from bagualu.utils.logging import get_logger
 log = get_logger(__name__)
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
-         "-fno-semantic-interposition", "-std=c++17", "-w"]
+         "-fno-semantic-interposition", "-std=gnu11", "-w"]
 
 
 class BuildError(RuntimeError):
@@ -38,11 +39,11 @@ class BuildError(RuntimeError):
 
 @functools.cache
 def compiler() -> str | None:
-    """The C++ compiler (``$CXX``, else g++, c++, clang++ on PATH), or None."""
-    cxx = os.environ.get("CXX")
-    if cxx and shutil.which(cxx):
-        return shutil.which(cxx)
-    for name in ("g++", "c++", "clang++"):
+    """The C compiler (``$CC``, else gcc, cc, clang on PATH), or None."""
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return shutil.which(cc)
+    for name in ("gcc", "cc", "clang"):
         path = shutil.which(name)
         if path:
             return path
@@ -50,11 +51,11 @@ def compiler() -> str | None:
 
 
 @functools.cache
-def _compiler_id(cxx: str) -> str:
+def _compiler_id(cc: str) -> str:
     try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return cxx
+        return cc
 
 
 @functools.cache
@@ -78,9 +79,9 @@ def cache_dir() -> Path:
 
 
 def source_key(source: str) -> str:
-    cxx = compiler() or "none"
+    cc = compiler() or "none"
     h = hashlib.sha256()
-    for part in (source, _compiler_id(cxx), " ".join(FLAGS), _cpu_id()):
+    for part in (source, _compiler_id(cc), " ".join(FLAGS), _cpu_id()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:24]
@@ -88,9 +89,9 @@ def source_key(source: str) -> str:
 
 def build(source: str) -> tuple[ctypes.CDLL, float, bool]:
     """Compile (or find in the cache) and load ``source``; returns (library, seconds spent, cache hit)."""
-    cxx = compiler()
-    if cxx is None:
-        raise BuildError("no C++ compiler found (set CXX or install g++/clang++); fused regions run on ATen")
+    cc = compiler()
+    if cc is None:
+        raise BuildError("no C compiler found (set CC or install gcc/clang); fused regions run on ATen")
     key = source_key(source)
     d = cache_dir()
     so = d / f"pf_{key}.so"
@@ -99,16 +100,16 @@ def build(source: str) -> tuple[ctypes.CDLL, float, bool]:
     if not hit:
         d.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src = Path(tmp) / f"pf_{key}.cpp"
+            src = Path(tmp) / f"pf_{key}.c"
             src.write_text(source)
             out = Path(tmp) / f"pf_{key}.so"
-            p = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+            p = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
             if p.returncode != 0:
-                keep = d / f"failed_{key}.cpp"
+                keep = d / f"failed_{key}.c"
                 keep.write_text(source)
-                raise BuildError(f"{Path(cxx).name} failed ({p.returncode}) on {keep}:\n{p.stderr[-4000:]}")
+                raise BuildError(f"{Path(cc).name} failed ({p.returncode}) on {keep}:\n{p.stderr[-4000:]}")
             os.replace(out, so)
-            (d / f"pf_{key}.cpp").write_text(source)
+            (d / f"pf_{key}.c").write_text(source)
     lib = ctypes.CDLL(str(so))
     dt = time.perf_counter() - t0
     log.debug("powerfusion: %s %s in %.2fs", "loaded" if hit else "built", so.name, dt)

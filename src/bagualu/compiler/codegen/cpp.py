@@ -1,6 +1,8 @@
-"""C++ (OpenMP + SIMD) source for a fusion-IR kernel under a mapping.
+"""C (OpenMP + SIMD) source for a fusion-IR kernel under a mapping — the CPU code generator's emitter.
 
-One ``extern "C" int64_t name(void* const* bufs, int64_t nthreads)`` per kernel: ``bufs`` holds the
+The dialect is C11 with GNU extensions, not C++: the kernels use nothing C++ adds, and GCC's C front end
+compiles them about three times faster (0.15 s instead of 0.45 s of CPU for a typical graph's module).
+One ``int64_t name(void* const* bufs, int64_t nthreads)`` per kernel: ``bufs`` holds the
 data pointers of the inputs then the outputs; the return value is non-zero when a gather/scatter index
 was out of range (the caller raises, as ATen would). The row loop is ``omp for`` over the flattened
 outer domain (``Mapping.parallel == "rows"``); each pass is a loop nest over its space with
@@ -178,7 +180,7 @@ class _KernelWriter:
             return f"({n[0]} {sym} {n[1]})"
         if op == "where":
             return f"({n[0]} ? {n[1]} : {n[2]})"
-        raise NotImplementedError(f"C++ code generator: micro-op {op!r}")
+        raise NotImplementedError(f"C code generator: micro-op {op!r}")
 
     def leaf(self, a: Value, names: dict[int, str]) -> str:
         if a.op == "const":
@@ -203,7 +205,7 @@ class _KernelWriter:
     # ---- kernel -----------------------------------------------------------------------------------
     def write(self) -> str:
         k = self.k
-        self.w(f'extern "C" int64_t {k.name}(void* const* bufs, int64_t nthreads) {{')
+        self.w(f"int64_t {k.name}(void* const* bufs, int64_t nthreads) {{")
         self.ind += 1
         for i, b in enumerate(k.inputs):
             self.w(f"const {ST[b.dtype]}* __restrict in{i} = (const {ST[b.dtype]}*)bufs[{i}];")

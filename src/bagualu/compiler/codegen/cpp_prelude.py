@@ -1,4 +1,4 @@
-"""The C++ helpers every generated CPU kernel starts with (no headers beyond libc's math and OpenMP).
+"""The C helpers every generated CPU kernel starts with (no headers beyond libc's math and OpenMP).
 
 Written so GCC/Clang vectorise them inside ``#pragma omp simd`` loops: no branches, only selects, bit
 casts and fused multiply-adds. ``pf_exp`` is the Cephes single-precision exponential (range reduction
@@ -9,6 +9,7 @@ and keeps NaNs quiet, as PyTorch does.
 """
 
 PRELUDE = r"""
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>

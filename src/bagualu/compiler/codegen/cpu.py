@@ -1,4 +1,4 @@
-"""The CPU code generator: C++ with OpenMP and SIMD, built by the system compiler, called through ctypes.
+"""The CPU code generator: C with OpenMP and SIMD, built by the system compiler, called through ctypes.
 
 ``CppCodegen.build`` writes every kernel of a graph into one translation unit (one compiler run per
 graph, ~0.3 s, cached on disk by content), loads it and wraps each function in a ``CpuKernel``: check the

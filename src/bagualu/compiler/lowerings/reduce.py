@@ -33,7 +33,23 @@ def _red_params(node) -> tuple[list[int], bool]:
         dims = list(range(len(xs)))
     if isinstance(dims, int):
         dims = [dims]
-    return [d % max(len(xs), 1) for d in dims], keep
+    if not xs:  # a 0-dim tensor "reduced" over dim 0 or -1: the element itself
+        return [], keep
+    return [d % len(xs) for d in dims], keep
+
+
+def _expand(idx, xs, dims, keep):
+    """The input index of a reduction's output index (reduced dims at 0)."""
+    it = iter(idx)
+    out = []
+    for d in range(len(xs)):
+        if d in dims:
+            if keep:
+                next(it)
+            out.append(ix.const(0))
+        else:
+            out.append(next(it))
+    return out
 
 
 def _reduction(ctx: Ctx, node, idx):
@@ -42,6 +58,11 @@ def _reduction(ctx: Ctx, node, idx):
     comp = COMPUTE_DTYPE[dt] if kind not in ("any", "all") else "b8"
     dims, keep = _red_params(node)
     x = node.args[0]
+    xs = shape_of(x)
+    if numel(tuple(xs[d] for d in dims)) == 1 and not ctx.final_mode:  # over one element: the element
+        v = ctx.value_at(x, tuple(_expand(idx, xs, dims, keep)))
+        return ctx.op("ne", v, ctx.const(0, v.dtype), dtype="b8") if comp == "b8" and v.dtype != "b8" \
+            else ctx.cast(v, comp)
     if ctx.final_mode:
         v = ctx.accum(node, idx, keep, dims)
     else:
