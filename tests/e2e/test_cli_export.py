@@ -87,6 +87,7 @@ def test_export_errors_name_the_problem(run, tmp_path, capsys, caplog):
     assert rc == 2 and "no checkpoint in" in out.err and "empty" in out.err
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # DCP's extra writer threads
 def test_full_disk_during_an_async_checkpoint_is_a_clear_error_and_keeps_the_last_one(run, tmp_path, capsys,
                                                                                        monkeypatch):
     """The disk fills while the background thread writes step 4's shards: `bagualu train` stops with an

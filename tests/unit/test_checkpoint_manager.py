@@ -34,15 +34,20 @@ def test_commit_keep_load_and_verify(tmp_path, caplog):
     assert "does not match its checksum" in caplog.text and "step-00000003" in caplog.text
 
 
-def test_async_save_in_one_process_commits_at_finish(tmp_path):
+def test_async_save_snapshots_before_the_guarded_optimizer_step(tmp_path):
     m = CheckpointManager(tmp_path, async_save=True)
-    w = torch.arange(6.0)
-    m.save(5, {"w": w})
-    w.add_(100)  # the step goes on while the write runs: the checkpoint holds the staged copy
+    w = torch.nn.Parameter(torch.arange(6.0))
+    opt = torch.optim.SGD([w], lr=1.0)
+    m.guard(opt)
+    for step in (1, 2):
+        m.save(step, {"w": w.detach()})  # staged in a thread while the "forward" runs
+        w.grad = torch.full((6,), 100.0)
+        opt.step()  # waits for the staging copy, then writes the weights
     m.finish()
     sd = {"w": torch.zeros(6)}
     m.load(sd, m.latest())
-    assert torch.equal(sd["w"], torch.arange(6.0))
+    assert torch.equal(sd["w"], torch.arange(6.0) - 100)  # step 2's snapshot: after one update, not two
+    m.close()
 
 
 def test_unwritable_directory_is_a_clear_error(tmp_path):
@@ -88,6 +93,7 @@ def _full_disk_writes(monkeypatch):
     monkeypatch.setattr(FileSystem, "create_stream", create_stream)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # DCP's extra writer threads
 @pytest.mark.parametrize("async_save", [False, True])
 def test_full_disk_names_the_directory_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, async_save):
     m = CheckpointManager(tmp_path / "ckpt", async_save=async_save)
@@ -106,3 +112,18 @@ def test_full_disk_names_the_directory_and_keeps_the_previous_checkpoint(tmp_pat
     sd = {"w": torch.zeros(2)}
     m.load(sd, latest)
     assert torch.equal(sd["w"], torch.ones(2))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_save_with_items_missing_from_its_metadata_is_refused(tmp_path):
+    """DCP's extra writer threads die silently (their items just go missing from the metadata it returns,
+    and dcp.save reports success); the manager checks the metadata before committing."""
+    import torch.distributed.checkpoint as dcp
+
+    from bagualu.checkpoint.manager import _check_written
+
+    md = dcp.save({"a": torch.ones(3), "b": {"c": torch.zeros(2)}, "n": 5}, checkpoint_id=str(tmp_path), no_dist=True)
+    _check_written(md)
+    del md.storage_data[next(k for k in md.storage_data if k.fqn == "b.c")]
+    with pytest.raises(OSError, match=r"1 item\(s\) were not written \(first: b.c\)"):
+        _check_written(md)

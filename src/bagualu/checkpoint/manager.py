@@ -5,7 +5,9 @@ disk or an object store (any fsspec URL: ``s3://bucket/run/checkpoints``).
     CKPT_DIR/step-00000400.tmp/   local disk: being written (or torn by a crash: ignored, cleaned up)
 
 A save writes the DCP shards (every rank its own); with ``async_save`` DCP stages the tensors to host
-memory and writes in a background thread, so the training step continues. The commit happens at the
+memory and writes in a background thread, so the training step continues. The staging copy itself runs
+in a thread, overlapping the next forward and backward; ``guard(optimizer)`` makes the optimizer step
+wait for it (the only writer of the weights). Staging buffers are kept and reused by later saves. The commit happens at the
 next save (or at ``finish``): every rank's write must be complete, and every rank hashes the files it
 wrote (in the background too, after an async write); rank 0 gathers the digests, writes the extra files
 (model config, tokenizer) and ``manifest.json`` with a sha256 per file.
@@ -35,10 +37,12 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from bagualu.comm.mesh import side_group
 from bagualu.storage.fs import filesystem, is_local, join
@@ -89,6 +93,22 @@ def _sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
+def _check_written(md) -> None:
+    """Every item of the saved state must have been written somewhere. DCP's writer with several threads
+    returns success when an extra thread died (say, of ENOSPC) — its items are then just missing from
+    the metadata; a checkpoint like that must not be committed."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    missing = []
+    for fqn, item in md.state_dict_metadata.items():
+        keys = [MetadataIndex(fqn)] if isinstance(item, BytesStorageMetadata) else \
+            [MetadataIndex(fqn, c.offsets) for c in item.chunks]
+        missing += [fqn for k in keys if k not in md.storage_data]
+    if missing:
+        raise OSError(f"{len(missing)} item(s) were not written (first: {missing[0]}); a writer thread failed — "
+                      f"see its traceback above")
+
+
 def storage_reader(url: str):
     """The DCP reader for a checkpoint directory (local path or fsspec URL)."""
     fs, path = filesystem(url)
@@ -100,12 +120,15 @@ def storage_reader(url: str):
 
 
 def storage_writer(url: str):
+    """The DCP writer for a checkpoint directory: a few files per rank written by parallel threads (one
+    thread leaves the disk idle while it serialises: measured 1.03 s vs 0.77 s with 2 for 266 MB here)."""
     fs, path = filesystem(url)
+    threads = min(4, os.cpu_count() or 1)
     if is_local(fs):
-        return FileSystemWriter(path)
+        return FileSystemWriter(path, thread_count=threads)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    return FsspecWriter(url)
+    return FsspecWriter(url, thread_count=threads)
 
 
 def step_of(path: str) -> int:
@@ -164,6 +187,9 @@ class CheckpointManager:
         self.keep, self.async_save = keep, async_save
         self._pending: tuple[int, str, Future, dict[str, bytes]] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._committing: tuple[str, Future] | None = None
+        self._stager = None
+        self._staging: Future | None = None
         self.group = side_group()  # DCP's planning collectives run here, off the training step's group
         if self.group is None:  # one process by choice: DCP's per-call warning (also from its writer thread) is noise
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -188,9 +214,10 @@ class CheckpointManager:
 
     # ---- save / commit ------------------------------------------------------------------------------------
     def save(self, step: int, state_dict: dict, files: dict[str, bytes] | None = None) -> None:
-        """Start writing ``state_dict`` as step ``step`` (collective); commits the previous save first.
-        ``files``: small extra files (name → bytes) rank 0 writes into the checkpoint before its manifest."""
-        self.finish()
+        """Start writing ``state_dict`` as step ``step`` (collective); commits the previous save first (the
+        commit itself runs in the background). ``files``: small extra files (name → bytes) rank 0 writes
+        into the checkpoint before its manifest."""
+        self.finish(wait=False)
         name = self._name(step) + (".tmp" if self.local else "")
         if _rank() == 0 and self.fs.exists(self._path(name)):  # a torn leftover (or an older try) of this step
             self.fs.rm(self._path(name), recursive=True)
@@ -208,13 +235,19 @@ class CheckpointManager:
 
     def _start(self, step, name, writer, state_dict, files) -> None:
         if self.async_save:
-            fut = dcp.async_save(state_dict, storage_writer=writer, process_group=self.group,
-                                 no_dist=not dist.is_initialized())
+            if self._stager is None:  # kept: its staging buffers are reused by every later save (no page faults)
+                pin = torch.accelerator.is_available()  # pinned host memory where there is a device to copy from
+                self._stager = DefaultStager(StagingOptions(pin, False, True, False))  # staging in a thread too
+            resp = dcp.async_save(state_dict, storage_writer=writer, process_group=self.group, async_stager=self._stager,
+                                  no_dist=not dist.is_initialized())
+            self._staging, fut = resp.staging_completion, resp.upload_completion
             job = self._background().submit(self._own_digests, name, fut)
         else:
-            dcp.save(state_dict, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
+            md = dcp.save(state_dict, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
+            done = Future()
+            done.set_result(md)
             job = Future()
-            job.set_result(self._own_digests(name, None))
+            job.set_result(self._own_digests(name, done))
         self._pending = (step, name, job, files)
 
     def _background(self) -> ThreadPoolExecutor:
@@ -226,33 +259,69 @@ class CheckpointManager:
         """Once this rank's write is done: sha256 of the files it wrote (rank 0: also ``.metadata``). Runs in
         the background after an async write, so reading the checkpoint back does not stall the step, and
         every rank hashes its own shards in parallel."""
-        if fut is not None:
-            fut.result()
+        md = fut.result() if fut is not None else None
+        if md is not None:
+            _check_written(md)
         d, rank = self._path(name), _rank()
         self.fs.invalidate_cache(d)
-        return {os.path.basename(p): _sha256(self.fs, p) for p in sorted(self.fs.ls(d, detail=False))
-                if os.path.basename(p).startswith(f"__{rank}_") or (rank == 0 and os.path.basename(p) == ".metadata")}
+        mine = [p for p in sorted(self.fs.ls(d, detail=False))
+                if os.path.basename(p).startswith(f"__{rank}_") or (rank == 0 and os.path.basename(p) == ".metadata")]
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(mine)))) as pool:  # hashlib releases the GIL
+            digests = list(pool.map(lambda p: _sha256(self.fs, p), mine))
+        return {os.path.basename(p): h for p, h in zip(mine, digests)}
 
-    def finish(self) -> None:
-        """Wait for the pending write on every rank and commit it (collective)."""
-        if self._pending is None:
-            return
-        step, name, job, files = self._pending
-        self._pending = None
-        try:
-            digests = job.result()
-        except _FAILURES as e:
-            self._abort(name, e)
-        if dist.is_initialized():
-            gathered = [None] * dist.get_world_size() if _rank() == 0 else None
-            dist.gather_object(digests, gathered, dst=0, group=self.group)
-            if gathered is not None:
-                digests = {k: v for g in gathered for k, v in g.items()}
-        if _rank() == 0:
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer.step()`` wait until the tensors of an async save are staged: the copy to host
+        memory overlaps the next forward and backward (which only read the weights) and must be complete
+        before the optimizer writes them."""
+        optimizer.register_step_pre_hook(lambda *_: self.wait_staged())
+
+    def wait_staged(self) -> None:
+        """Block until the pending async save holds its own copy of the state (a no-op when it does)."""
+        if self._staging is not None:
+            staging, self._staging = self._staging, None
             try:
-                self._commit(step, name, files, digests)
+                staging.result()
+            except _FAILURES as e:
+                self._abort(self._pending[1] if self._pending else "(staging)", e)
+
+    def finish(self, wait: bool = True) -> None:
+        """Wait for the pending write on every rank and commit it (collective). ``wait=False``: rank 0's commit
+        (extra files, manifest, rename, retention) continues in the background; the next call waits for it."""
+        self.wait_staged()
+        if self._pending is not None:
+            step, name, job, files = self._pending
+            self._pending = None
+            try:
+                digests = job.result()
+            except _FAILURES as e:
+                self._abort(name, e)
+            if dist.is_initialized():
+                gathered = [None] * dist.get_world_size() if _rank() == 0 else None
+                dist.gather_object(digests, gathered, dst=0, group=self.group)
+                if gathered is not None:
+                    digests = {k: v for g in gathered for k, v in g.items()}
+            if _rank() == 0:
+                self._wait_commit()
+                self._committing = (name, self._background().submit(self._commit, step, name, files, digests))
+        if wait:
+            self._wait_commit()
+
+    def _wait_commit(self) -> None:
+        if self._committing is not None:
+            name, fut = self._committing
+            self._committing = None
+            try:
+                fut.result()
             except OSError as e:
                 self._abort(name, e)
+
+    def close(self) -> None:
+        """Commit what is pending and free the staging buffers (collective)."""
+        self.finish()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _commit(self, step: int, name: str, files: dict[str, bytes], digests: dict[str, str]) -> None:
         d = self._path(name)
@@ -280,7 +349,7 @@ class CheckpointManager:
             os.replace(d, final)
         else:
             self.fs.pipe_file(join(d, MANIFEST), manifest.encode())  # the commit: one atomic PUT, last
-        self._prune()
+        self._prune(step)
         log.info("checkpoint committed: %s", self._url(self._name(step)))
 
     def _abort(self, name: str, e: Exception):
@@ -299,13 +368,15 @@ class CheckpointManager:
                            f"free space on (or fix the permissions of) {self.url}{free} and resume with --resume") \
             from e
 
-    def _prune(self) -> None:
+    def _prune(self, committed: int) -> None:
+        """Keep the newest ``keep`` committed checkpoints; remove torn ones up to ``committed`` (a newer one may
+        be the write in flight while this commit runs in the background)."""
         entries = self.entries()
         done = [path for _, path, torn in entries if not torn]
         for old in done[:-self.keep] if self.keep > 0 else []:
             self.fs.rm(self._strip(old), recursive=True)
-        for _, path, torn in entries:  # no write is in flight during a commit: anything uncommitted is torn
-            if torn:
+        for step, path, torn in entries:
+            if torn and step <= committed:
                 self.fs.rm(self._strip(path), recursive=True)
 
     def _strip(self, url: str) -> str:

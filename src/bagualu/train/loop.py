@@ -212,6 +212,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     sampler = TokenSampler(ds, t.seq_len, micro, seed=t.seed, rank=rank, world=world, holdout=holdout)
     ckpt = CheckpointManager(t.checkpoint_dir or run_dir / "checkpoints", keep=t.checkpoint_keep,
                              async_save=t.checkpoint_async) if t.checkpoint_every else None
+    if ckpt is not None:
+        ckpt.guard(opt)  # an async save's staging copy overlaps the next step until the optimizer writes
     state = TrainingState(model, opt, sched, sampler, mesh)
     ckpt_files = checkpoint_files(model_cfg, tok) if ckpt is not None and rank == 0 else None
     start = 0
@@ -254,7 +256,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
         if ckpt is not None and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
             ckpt.save(step + 1, state.state_dict(step + 1), files=ckpt_files)
     if ckpt is not None:
-        ckpt.finish()
+        ckpt.close()
     if bar is not None:
         bar.close()
     eval_loss = evaluate(model, ds, t, holdout, rank, world, device, autocast)
