@@ -65,3 +65,19 @@ def test_serve_benchmark_smoke(tmp_path):
     assert engines == {"bagualu in-process", "bagualu r-workers=1", "transformers static batch"}
     assert all(r["tokens"] == 4 * 8 for r in res["offline"])
     assert all(0 < r["fraction_of_bound"] for r in res["batch1"])
+
+
+def test_compiler_fusion_benchmark_smoke(tmp_path):
+    import os
+
+    out = tmp_path / "r.json"
+    env = dict(os.environ, BAGUALU_CACHE_DIR=str(tmp_path / "cache"), BAGUALU_NO_MEASURE="1")
+    p = subprocess.run([sys.executable, str(BENCH / "compiler_fusion.py"), "--scale", "0.01", "--reps", "1",
+                        "--cases", "rmsnorm,router", "--dtypes", "float32", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline: powerfusion vs inductor geomean" in p.stdout and "allocator:" in p.stdout
+    res = json.loads(out.read_text())
+    assert {r["impl"] for r in res["rows"]} >= {"powerfusion", "inductor", "eager", "copy_"}
+    assert res["geomean_vs_inductor"] > 0
+    assert all(r["GBps"] > 0 for r in res["rows"])

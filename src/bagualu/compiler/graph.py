@@ -86,6 +86,7 @@ class RegionCall:
             self._fallback = fx.GraphModule(torch.nn.Module(), g)
         return self._fallback
 
+    @torch._disable_dynamo
     def __call__(self, *inputs):
         if self.capture is not None and not self.capture:
             self.capture.append(tuple(inputs))
@@ -126,8 +127,12 @@ def _has_symbols(gm: fx.GraphModule) -> bool:
     return False
 
 
+@torch._disable_dynamo
 def compile_graph(gm: fx.GraphModule, example_inputs, label: str = "graph") -> Callable:
-    """A callable equivalent to ``gm`` with fusion regions replaced by compiled kernels."""
+    """A callable equivalent to ``gm`` with fusion regions replaced by compiled kernels.
+
+    Never traced by Dynamo: AOTAutograd compiles a backward lazily, inside whatever frame first runs it.
+    """
     if _has_symbols(gm):
         return ShapeSpecialized(gm, label)
     return _compile_static(gm, label)

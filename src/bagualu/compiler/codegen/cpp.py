@@ -93,6 +93,7 @@ class _KernelWriter:
             for a in cr.index.indirects():
                 self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
         self.uses_err = bool(self.indirect_size)
+        self.rcp: dict[int, str] = {}  # divisor value id -> name of its reciprocal in the current row
 
     def w(self, s: str) -> None:
         self.lines.append("  " * self.ind + s)
@@ -161,6 +162,8 @@ class _KernelWriter:
         }
         if op in unary:
             return unary[op]
+        if op == "div" and v.args[1].id in self.rcp and self.rcp[v.args[1].id] in names.values():
+            return f"({n[0]} * {self.rcp[v.args[1].id]})"  # a row-invariant divisor: one division per row
         if op in ("add", "sub", "mul", "div"):
             sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
             return f"({n[0]} {sym} {n[1]})"
@@ -296,12 +299,28 @@ class _KernelWriter:
             self.w("(void)p;")
 
     def ensure_row(self, roots: list[Value], names: dict[int, str]) -> None:
-        """Define the row-level values ``roots`` need (outside any inner loop)."""
-        for v in sch.values_needed(roots):
+        """Define the row-level values ``roots`` need (outside any inner loop), and the reciprocal of
+        each row-level divisor an inner loop divides by (a multiply per element instead of a divide,
+        within an ulp of it)."""
+        needed = sch.values_needed(roots)
+        for v in needed:
             if v.id in names or v.op == "const" or v.op in sch.ROW_RESULTS:
                 continue
             if self.k.space_of(v) is None and v.op != "accum":
                 self.define(v, names)
+        for v in needed:
+            d = v.args[1] if v.op == "div" else None
+            if d is None or v.dtype not in ("f32", "f64") or self.k.space_of(v) is None \
+                    or self.k.space_of(d) is not None or d.op == "accum" \
+                    or self.rcp.get(d.id) in names.values():
+                continue
+            if d.id not in names and d.op != "const":
+                continue
+            name = f"rcp{d.id}"
+            one = "1.0f" if v.dtype == "f32" else "1.0"
+            self.w(f"const {CT[v.dtype]} {name} = {one} / {names.get(d.id) or self.leaf(d, names)};")
+            names[f"rcp{d.id}"] = name  # type: ignore[index]  (marks it defined in this scope)
+            self.rcp[d.id] = name
 
     def emit_pass(self, p: sch.Pass, names: dict[int, str], collapsed: Var | None = None) -> None:
         if p.space is None:
@@ -314,7 +333,8 @@ class _KernelWriter:
             return
         self.ensure_row([it.value for it in p.items] + self._indirect_roots(p), names)
         reds = [it for it in p.items if it.kind == "reduce"]
-        scalars = [it for it in p.items if it.kind == "colreduce" and not self._slot_in_loop(it, p.space)]
+        scalars = [it for it in p.items if it.kind == "colreduce" and self._cr_mode(it, p.space) == "scalar"]
+        per_line = [it for it in p.items if it.kind == "colreduce" and self._cr_mode(it, p.space) == "line"]
         for it in reds:
             v = it.obj
             self.w(f"{CT[v.dtype]} v{v.id} = ({CT[v.dtype]}){IDENT[(v.attrs['kind'], _cls(v.dtype))]};")
@@ -329,9 +349,10 @@ class _KernelWriter:
             clauses.append(f"reduction({OMP_RED[v.attrs['kind']]}:v{v.id})")
             if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
                 clauses.append(f"reduction(|:v{v.id}_nan)")
-        for it in scalars:
+        for it in scalars + per_line:
             clauses.append(f"reduction({OMP_RED[it.obj.kind]}:cr{it.obj.id})")
-        simd = not any(it.kind == "colreduce" and it.obj.index.indirects() for it in p.items)
+        simd = not any(it.kind == "colreduce" and self._cr_mode(it, p.space) == "indirect" for it in p.items)
+        self.per_line = per_line
         if self.uses_err:
             clauses.append("reduction(|:err)")
         if self.m.vector:
@@ -354,11 +375,23 @@ class _KernelWriter:
                 out += [self.k.values[a.value_id] for a in it.obj.index.indirects()]
         return out
 
-    def _slot_in_loop(self, it: sch.Item, sp: Space) -> bool:
+    def _cr_mode(self, it: sch.Item, sp: Space | None) -> str:
+        """Where a column reduction accumulates in a pass over ``sp``.
+
+        ``scalar``: one slot for the whole pass (a loop-local reduction variable, flushed after it);
+        ``line``: the slot varies with outer variables of the space only (a reduction variable per
+        innermost loop); ``lane``: the slot follows the innermost variable (the partial array is read and
+        written in the vectorised loop); ``indirect``: a data-dependent slot (a scalar loop).
+        """
         idx = it.obj.index
-        if idx.vars() & set(sp.vars):
-            return True
-        return any(self.k.space_of(self.k.values[a.value_id]) is sp for a in idx.indirects())
+        if sp is None:
+            return "lane"
+        if any(self.k.space_of(self.k.values[a.value_id]) is sp for a in idx.indirects()):
+            return "indirect"
+        vs = idx.vars() & set(sp.vars)
+        if not vs:
+            return "scalar"
+        return "lane" if sp.vars[-1] in vs else "line"
 
     def _combine(self, dst: str, src: str, kind: str, dtype: str) -> str:
         if kind in ("sum",):
@@ -380,6 +413,10 @@ class _KernelWriter:
         for v in outer_vars:
             self.w(f"for (int64_t {v.name} = 0; {v.name} < {v.size}; ++{v.name}) {{")
             self.ind += 1
+        per_line = getattr(self, "per_line", [])
+        for it in per_line:
+            cr = it.obj
+            self.w(f"{CT[cr.value.dtype]} cr{cr.id} = ({CT[cr.value.dtype]}){IDENT[(cr.kind, _cls(cr.value.dtype))]};")
         roots = [it.value for it in p.items] + self._indirect_roots(p)
         needed = [v for v in sch.values_needed(roots) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
         pts = sch.split_points(needed, inner)
@@ -416,6 +453,11 @@ class _KernelWriter:
         for v in needed:
             if v.id in self.m.materialize:
                 self.mat_done.add(v.id)
+        for it in per_line:
+            cr = it.obj
+            slot = c_expr(cr.index, names)
+            self.w(self._combine(f"acc{cr.id}[{slot}]", f"cr{cr.id}", cr.kind, cr.value.dtype))
+        self.per_line = []
         for _ in outer_vars:
             self.ind -= 1
             self.w("}")
@@ -457,9 +499,9 @@ class _KernelWriter:
         elif it.kind == "colreduce":
             cr = it.obj
             e = spec.expr(cr.index) if spec else cr.index
-            if top or it.space is None or self._slot_in_loop(it, it.space):
+            if top or self._cr_mode(it, it.space) in ("lane", "indirect"):
                 self.w(self._combine(f"acc{cr.id}[{c_expr(e, names)}]", val, cr.kind, cr.value.dtype))
-            else:  # one slot per row: a loop-local reduction variable, flushed after the loop
+            else:  # one slot per loop: a loop-local reduction variable, flushed after the loop
                 self.w(self._combine(f"cr{cr.id}", val, cr.kind, cr.value.dtype))
 
     def _to_storage(self, val: str, vdt: str, sdt: str) -> str:
@@ -469,16 +511,32 @@ class _KernelWriter:
             return f"(uint8_t)(({val}) != 0)"
         return f"({ST[sdt]})({val})"
 
+    BOUNDED_MAX_K = 8  # pf_topk8_f32 (a lane-maxima bound, then few candidates) handles k up to 8
+
     def emit_topk(self, p: sch.Pass, names: dict[int, str]) -> None:
+        """Row top-k into local buffers, sorted, ties to the lower index, NaN largest (as ATen).
+
+        The row's values go to a local buffer in one vectorised loop (negated for smallest-k). Small k
+        on fp32 (MoE routers: 6 of 64): ``pf_topk8_f32`` bounds the k-th value by the lane-wise maxima
+        and insertion-sorts the few candidates above the bound. Otherwise, or for a row holding a NaN:
+        one insertion pass over the row (branchy, exact in every case).
+        """
         it = p.items[0]
         t = it.obj
         k, sp = t.attrs["k"], t.attrs["space"]
         lv_, li = t.attrs["vals"], t.attrs["idxs"]
         self.ensure_row([it.value], names)
         T = CT[t.dtype]
-        self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}]; int64_t n{t.id} = 0;")
         (var,) = sp.vars
-        self.w(f"for (int64_t {var.name} = 0; {var.name} < {var.size}; ++{var.name}) {{")
+        n = var.size
+        largest = t.attrs["largest"]
+        bounded = k <= self.BOUNDED_MAX_K and n >= 8 and T == "float"
+        neg = bounded and not largest
+        self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
+        buf = f"tb{t.id}"
+        self.w(f"{T} {buf}[{n}] __attribute__((aligned(64))); int32_t nan{t.id} = 0;")
+        self.w(f"#pragma omp simd reduction(|:nan{t.id})" + (" reduction(|:err)" if self.uses_err else ""))
+        self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) {{")
         self.ind += 1
         local = dict(names)
         needed = [v for v in sch.values_needed([it.value]) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
@@ -488,20 +546,41 @@ class _KernelWriter:
                 continue
             self.define(v, local)
         x = local.get(it.value.id) or self.leaf(it.value, local)
-        if t.attrs["largest"]:
+        self.w(f"{buf}[{var.name}] = {'-' if neg else ''}{x};")
+        self.w(f"nan{t.id} |= ({x} != {x});")
+        self.ind -= 1
+        self.w("}")
+        if bounded:
+            self.w(f"if (!nan{t.id}) pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name});")
+            self.w("else {")
+        else:
+            self.w("{")
+        self.ind += 1
+        self.emit_topk_insert(t, buf, n, k, largest or neg, T)
+        self.ind -= 1
+        self.w("}")
+        if neg:
+            self.w(f"for (int64_t j = 0; j < {k}; ++j) {lv_.name}[j] = -{lv_.name}[j];")
+        names[t.id] = lv_.name
+
+    def emit_topk_insert(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str) -> None:
+        lv_, li = t.attrs["vals"], t.attrs["idxs"]
+        if largest:
             better = lambda a, b: f"(({a}) > ({b}) || (({a}) != ({a}) && ({b}) == ({b})))"  # noqa: E731
         else:
             better = lambda a, b: f"(({a}) < ({b}) || (({b}) != ({b}) && ({a}) == ({a})))"  # noqa: E731
-        self.w(f"const {T} x = {x};")
+        self.w("int64_t cnt = 0;")
+        self.w(f"for (int64_t e = 0; e < {n}; ++e) {{")
+        self.ind += 1
+        self.w(f"const {T} x = {buf}[e];")
         self.w("int64_t j;")
         worst = f"{lv_.name}[{k - 1}]"
-        self.w(f"if (n{t.id} < {k}) j = n{t.id}++; else if ({better('x', worst)}) j = {k - 1}; else continue;")
+        self.w(f"if (cnt < {k}) j = cnt++; else if ({better('x', worst)}) j = {k - 1}; else continue;")
         self.w(f"while (j > 0 && {better('x', f'{lv_.name}[j - 1]')}) {{ {lv_.name}[j] = {lv_.name}[j - 1]; "
                f"{li.name}[j] = {li.name}[j - 1]; --j; }}")
-        self.w(f"{lv_.name}[j] = x; {li.name}[j] = {var.name};")
+        self.w(f"{lv_.name}[j] = x; {li.name}[j] = e;")
         self.ind -= 1
         self.w("}")
-        names[t.id] = lv_.name
 
     def emit_final(self, gnames: dict[int, str]) -> None:
         k = self.k

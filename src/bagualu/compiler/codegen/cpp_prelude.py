@@ -4,7 +4,9 @@ Written so GCC/Clang vectorise them inside ``#pragma omp simd`` loops: no branch
 casts and fused multiply-adds. ``pf_exp`` is the Cephes single-precision exponential (range reduction
 by ln 2 split in two constants, degree-6 polynomial, 2^n applied in two halves so results down to the
 subnormal range stay exact), about 1 ulp; libm's ``expf`` would be a call per element and never
-vectorise without ``-ffast-math`` (which would also break NaN handling). bf16 rounds to nearest even
+vectorise without ``-ffast-math`` (which would also break NaN handling). Out-of-range inputs are not
+clamped on the way in (a clamp with IEEE NaN semantics costs a dozen blends) but decided by three
+selects on the way out. bf16 rounds to nearest even
 and keeps NaNs quiet, as PyTorch does.
 """
 
@@ -14,6 +16,9 @@ PRELUDE = r"""
 #include <stdlib.h>
 #include <math.h>
 #include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 static inline float pf_bits_f(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline uint32_t pf_f_bits(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
@@ -27,10 +32,8 @@ static inline uint16_t pf_f2bf(float f) {
 static inline float pf_round_bf16(float f) { return pf_bf2f(pf_f2bf(f)); }
 
 static inline float pf_exp(float x) {
-  float xc = x < -104.0f ? -104.0f : x;
-  xc = xc > 89.0f ? 89.0f : xc;
-  float n = __builtin_rintf(xc * 1.44269504088896341f);
-  float r = __builtin_fmaf(n, -0.693359375f, xc);
+  float n = __builtin_rintf(x * 1.44269504088896341f);
+  float r = __builtin_fmaf(n, -0.693359375f, x);
   r = __builtin_fmaf(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
   p = __builtin_fmaf(p, r, 1.3981999507e-3f);
@@ -39,10 +42,12 @@ static inline float pf_exp(float x) {
   p = __builtin_fmaf(p, r, 1.6666665459e-1f);
   p = __builtin_fmaf(p, r, 5.0000001201e-1f);
   float y = __builtin_fmaf(p, r * r, r) + 1.0f;
-  int32_t ni = (int32_t)n;
+  int32_t ni = (int32_t)n; /* meaningless when x is out of range: the selects below decide those */
   int32_t n1 = ni >> 1;
   int32_t n2 = ni - n1;
   y = y * pf_bits_f((uint32_t)(n1 + 127) << 23) * pf_bits_f((uint32_t)(n2 + 127) << 23);
+  y = x > 88.72283935546875f ? INFINITY : y;
+  y = x < -103.97208404541015625f ? 0.0f : y;
   return x != x ? x : y;
 }
 static inline double pf_expd(double x) { return exp(x); }
@@ -63,4 +68,92 @@ static inline int64_t pf_mod(int64_t a, int64_t b) {
   return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
 }
 static inline int64_t pf_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
+
+/* Top-k (k <= 8) of a NaN-free row of n >= 8 floats, descending, ties to the lower index (as ATen).
+   The k-th largest of the 8 lane-wise maxima bounds the k-th largest value from below (those k lane
+   maxima are k distinct elements at least that large), so only elements >= it are candidates: about
+   k + 3 on real data. With AVX2 everything is branch-free (random data makes every data-dependent
+   branch a coin flip): candidates are compacted with a permutation table, then inserted into a sorted
+   8-lane register of order-preserving integer keys (INT_MIN marks an empty slot, below -inf). */
+static inline int32_t pf_fkey(float f) { int32_t b = (int32_t)pf_f_bits(f); return b ^ ((b >> 31) & 0x7fffffff); }
+static inline float pf_fkey_inv(int32_t k) { return pf_bits_f((uint32_t)(k ^ ((k >> 31) & 0x7fffffff))); }
+static void pf_topk8_generic(const float* __restrict buf, int64_t n, int64_t k, float t, float* __restrict vals,
+                             int64_t* __restrict idx) {
+  int64_t cnt = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const float x = buf[e];
+    if (!(x >= t)) continue;
+    int64_t j;
+    if (cnt < k) j = cnt++; else if (x > vals[k - 1]) j = k - 1; else continue;
+    while (j > 0 && x > vals[j - 1]) { vals[j] = vals[j - 1]; idx[j] = idx[j - 1]; --j; }
+    vals[j] = x; idx[j] = e;
+  }
+}
+#ifdef __AVX2__
+static uint32_t pf_compact_lut[256];
+static int pf_compact_ready = 0;
+static void pf_compact_init(void) {
+  for (int m = 0; m < 256; ++m) { uint32_t packed = 0; int c = 0;
+    for (int b = 0; b < 8; ++b) if (m & (1 << b)) packed |= (uint32_t)b << (4 * c++);
+    pf_compact_lut[m] = packed; }
+  __atomic_store_n(&pf_compact_ready, 1, __ATOMIC_RELEASE);
+}
+#endif
+static inline void pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t k, float* __restrict vals,
+                                int64_t* __restrict idx) {
+  const int64_t nv = n / 8;
+#ifdef __AVX2__
+  if (!__atomic_load_n(&pf_compact_ready, __ATOMIC_ACQUIRE)) pf_compact_init();
+  __m256 mx = _mm256_loadu_ps(buf);
+  for (int64_t j = 1; j < nv; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf + 8 * j));
+  float lm[8];
+  _mm256_storeu_ps(lm, mx);
+#else
+  float lm[8];
+  for (int l = 0; l < 8; ++l) lm[l] = buf[l];
+  for (int64_t j = 1; j < nv; ++j)
+    for (int l = 0; l < 8; ++l) lm[l] = buf[8 * j + l] > lm[l] ? buf[8 * j + l] : lm[l];
+#endif
+  /* the 8 lane maxima, descending: Batcher's 19-comparator network, unrolled (branch-free) */
+#define PF_CE(a, b) { const float x_ = lm[a], y_ = lm[b]; lm[a] = x_ > y_ ? x_ : y_; lm[b] = x_ > y_ ? y_ : x_; }
+  PF_CE(0, 1) PF_CE(2, 3) PF_CE(4, 5) PF_CE(6, 7) PF_CE(0, 2) PF_CE(1, 3) PF_CE(4, 6) PF_CE(5, 7) PF_CE(1, 2)
+  PF_CE(5, 6) PF_CE(0, 4) PF_CE(3, 7) PF_CE(1, 5) PF_CE(2, 6) PF_CE(1, 4) PF_CE(3, 6) PF_CE(2, 4) PF_CE(3, 5)
+  PF_CE(3, 4)
+#undef PF_CE
+  const float t = lm[k - 1];
+#ifdef __AVX2__
+  if (n % 8 == 0) {
+    int32_t cand[n]; /* VLA: indices of the candidates, in increasing order */
+    int64_t nc = 0;
+    const __m256 tv = _mm256_set1_ps(t);
+    for (int64_t j = 0; j < nv; ++j) {
+      const unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(buf + 8 * j), tv, _CMP_GE_OQ));
+      const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+      const __m256i perm = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)pf_compact_lut[m]), sh),
+                                            _mm256_set1_epi32(7));
+      _mm256_storeu_si256((__m256i*)(cand + nc), _mm256_add_epi32(perm, _mm256_set1_epi32((int)(8 * j))));
+      nc += __builtin_popcount(m);
+    }
+    __m256i keys = _mm256_set1_epi32(INT32_MIN), ids = _mm256_setzero_si256();
+    const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+    const __m256i not_first = _mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int32_t e = cand[c];
+      const __m256i xk = _mm256_set1_epi32(pf_fkey(buf[e]));
+      const __m256i beat = _mm256_cmpgt_epi32(xk, keys);  /* a suffix of lanes: keys are sorted */
+      const __m256i beat_prev = _mm256_and_si256(_mm256_permutevar8x32_epi32(beat, up), not_first);
+      const __m256i shifted_k = _mm256_permutevar8x32_epi32(keys, up);
+      const __m256i shifted_i = _mm256_permutevar8x32_epi32(ids, up);
+      keys = _mm256_blendv_epi8(keys, _mm256_blendv_epi8(xk, shifted_k, beat_prev), beat);
+      ids = _mm256_blendv_epi8(ids, _mm256_blendv_epi8(_mm256_set1_epi32(e), shifted_i, beat_prev), beat);
+    }
+    int32_t ko[8], io[8];
+    _mm256_storeu_si256((__m256i*)ko, keys);
+    _mm256_storeu_si256((__m256i*)io, ids);
+    for (int64_t j = 0; j < k; ++j) { vals[j] = pf_fkey_inv(ko[j]); idx[j] = io[j]; }
+    return;
+  }
+#endif
+  pf_topk8_generic(buf, n, k, t, vals, idx);
+}
 """
