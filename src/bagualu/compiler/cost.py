@@ -114,8 +114,12 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
     vec_bonus = 1.1 if m.vector else 1.0
     compute_s = ops / (mc.lane_ops * threads / mc.threads) / vec_bonus
     overhead = mc.call_s + (mc.fork_s if threads > 1 else 0.0) + mc.row_s * k.rows * len(passes) / threads
-    # memory and compute overlap, but not perfectly (out-of-order windows are short)
-    body = max(mem_s, compute_s) + 0.5 * min(mem_s, compute_s)
+    # memory and compute overlap, but not perfectly: a row read from memory by one pass and then worked
+    # on in cache by the next alternates the two unless the next row is prefetched meanwhile
+    space_passes = [p.space.name for p in passes if p.space is not None]
+    multipass = len(space_passes) != len(set(space_passes))
+    overlap = 0.5 if multipass and not m.prefetch else 0.15
+    body = max(mem_s, compute_s) + overlap * min(mem_s, compute_s)
     return body + overhead + _final_phase(k, mc, threads)
 
 

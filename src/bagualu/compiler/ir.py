@@ -151,17 +151,19 @@ class Mapping:
     runs one thread (tiny kernels, where forking threads costs more than the work). vector: SIMD lanes of
     the innermost loop (0 = let the compiler choose). materialize: ids of space values computed once into
     a per-row local buffer and read back by later passes instead of being recomputed. row_block: rows per
-    scheduling chunk (0 = static).
+    scheduling chunk (0 = static). prefetch: later passes over a row fetch the next row's inputs ahead, so
+    memory traffic overlaps the compute-heavy passes instead of alternating with them.
     """
 
     parallel: str = "rows"
     vector: int = 0
     materialize: frozenset[int] = frozenset()
     row_block: int = 0
+    prefetch: bool = False
 
     def key(self) -> str:
         m = ",".join(str(i) for i in sorted(self.materialize))
-        return f"{self.parallel}/v{self.vector}/m[{m}]/b{self.row_block}"
+        return f"{self.parallel}/v{self.vector}/m[{m}]/b{self.row_block}{'/pf' if self.prefetch else ''}"
 
 
 @dataclass(eq=False)

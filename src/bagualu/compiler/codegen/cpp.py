@@ -28,6 +28,7 @@ IDENT = {("sum", "f"): "0", ("prod", "f"): "1", ("max", "f"): "-INFINITY", ("min
          ("sum", "i"): "0", ("prod", "i"): "1", ("max", "i"): "INT64_MIN", ("min", "i"): "INT64_MAX",
          ("any", "b"): "0", ("all", "b"): "1"}
 OMP_RED = {"sum": "+", "prod": "*", "max": "max", "min": "min", "any": "|", "all": "&"}
+PREFETCH_CHUNK = 512  # elements of the innermost loop per prefetch burst
 
 
 def _cls(dtype: str) -> str:
@@ -429,9 +430,20 @@ class _KernelWriter:
             else:
                 spec = None
                 lv = inner
+            pref = self._prefetches(p) if not pts and not outer_vars and collapsed is None else []
+            if pref:  # strip-mined: each chunk first asks for the same chunk of the next row
+                self.w(f"for (int64_t c_ = 0; c_ < {lv.size}; c_ += {PREFETCH_CHUNK}) {{")
+                self.ind += 1
+                for base, step in pref:
+                    self.w(f"for (int64_t q_ = 0; q_ < {PREFETCH_CHUNK}; q_ += {step}) "
+                           f"__builtin_prefetch(&{base}[c_ + q_], 0, 2);")
+                self.w(f"const int64_t e_ = c_ + {PREFETCH_CHUNK} < {lv.size} ? c_ + {PREFETCH_CHUNK} : {lv.size};")
             if simd:
                 self.w("#pragma omp simd " + " ".join(clauses))
-            self.w(f"for (int64_t {lv.name} = 0; {lv.name} < {lv.size}; ++{lv.name}) {{")
+            if pref:
+                self.w(f"for (int64_t {lv.name} = c_; {lv.name} < e_; ++{lv.name}) {{")
+            else:
+                self.w(f"for (int64_t {lv.name} = 0; {lv.name} < {lv.size}; ++{lv.name}) {{")
             self.ind += 1
             local = dict(names)
             flat = self._space_flat(sp, lv, lo if spec else 0)
@@ -450,6 +462,9 @@ class _KernelWriter:
                 self.item_effect(it, local, spec, value=sv)
             self.ind -= 1
             self.w("}")
+            if pref:
+                self.ind -= 1
+                self.w("}")
         for v in needed:
             if v.id in self.m.materialize:
                 self.mat_done.add(v.id)
@@ -461,6 +476,37 @@ class _KernelWriter:
         for _ in outer_vars:
             self.ind -= 1
             self.w("}")
+
+    def _prefetches(self, p: sch.Pass) -> list[tuple[str, int]]:
+        """(address of the next row's element 0, elements per cache line) of each contiguous input the
+        row's first pass over this space streams from memory, when this pass comes after it and the
+        mapping asks for prefetching: while this (compute-heavy, cache-resident) pass runs, the next
+        row's data arrives, so the next row's first pass does not wait on DRAM."""
+        if not self.m.prefetch or not self.k.outer:
+            return []
+        space_passes = [q for q in self.passes if q.space is p.space and q.items[0].kind != "topk"]
+        if not space_passes or space_passes[0] is p:
+            return []
+        first = space_passes[0]
+        inner = p.space.vars[-1]
+        last = self.k.outer[-1]
+        out = []
+        seen = set()
+        for v in sch.values_needed([it.value for it in first.items]):
+            if v.op != "load" or v.args:
+                continue
+            e: Expr = v.attrs["expr"]
+            if e.coeff(inner) != 1 or not e.linear_in(inner) or e.coeff(last) == 0:
+                continue
+            k = v.attrs["buf"]
+            base = e.subs({inner: ix.const(0)}) + e.coeff(last)
+            key = (k, repr(base))
+            if key in seen:
+                continue
+            seen.add(key)
+            step = max(1, 64 // self.k.inputs[k].itemsize)
+            out.append((f"(in{k} + {c_expr(base, {})})", step))
+        return out
 
     def _space_flat(self, sp: Space, lv: Var, lo: int) -> str:
         e = ix.var(lv) + lo

@@ -111,10 +111,13 @@ class CppCodegen:
         pars = ["rows", "serial"] if kernel.rows > 1 else ["serial"]
         if _tileable(passes):
             pars.append("tiles")
+        space_passes = [p.space.name for p in passes if p.space is not None]
+        multipass = len(space_passes) != len(set(space_passes))
         for par in pars:
             for vec in ([0, 16] if has_red else [0]):
                 for mat in ([frozenset(), frozenset(mats)] if mats else [frozenset()]):
-                    out.append(Mapping(parallel=par, vector=vec, materialize=mat))
+                    for pf in ([False, True] if multipass and par != "tiles" else [False]):
+                        out.append(Mapping(parallel=par, vector=vec, materialize=mat, prefetch=pf))
         return out
 
     def source(self, pairs: Sequence[tuple[Kernel, Mapping]]) -> str:
