@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from bagualu.engine.batch import StepInputs
+from bagualu.ops import kernel
 
 
 class UnsupportedModelError(ValueError):
@@ -44,6 +45,7 @@ class ModelRunner:
         model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
         self.layers = list(model.model.layers)
+        self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         cfg = model.config
         self.H, self.Dh = cfg.num_heads, cfg.dim_head
 
@@ -67,7 +69,8 @@ class ModelRunner:
             for i in live:
                 o_THDh = self.backend.wait(l, i)
                 x = xs[i]
-                x = x + layer.self_attn.o_proj(o_THDh.reshape(x.shape[0], self.H * self.Dh))
+                o_proj = layer.self_attn.o_proj
+                x = x + self.linear(o_THDh.reshape(x.shape[0], self.H * self.Dh), o_proj.weight, o_proj.bias)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
                 xs[i] = x
                 if l + 1 < L:
@@ -77,7 +80,7 @@ class ModelRunner:
             rows = mbs[i].logits_rows
             if rows:
                 h = m.model.norm(xs[i][torch.tensor(rows, device=xs[i].device)])
-                out[i] = m.lm_head(h).float()
+                out[i] = self.linear(h, m.lm_head.weight).float()
         return out
 
     def _pre(self, l: int, i: int, x_TD: torch.Tensor, rope) -> None:

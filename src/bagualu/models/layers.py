@@ -65,7 +65,7 @@ class Attention(nn.Module):
         """
         T = x_TD.shape[0]
         if self.qkv_weight is not None:  # one GEMM for the three projections (see fuse_projections)
-            qkv = torch.nn.functional.linear(x_TD, self.qkv_weight, self.qkv_bias)
+            qkv = kernel("linear")(x_TD, self.qkv_weight, self.qkv_bias)
             q, k, v = qkv.split([self.H * self.Dh, self.G * self.Dh, self.G * self.Dh], dim=-1)
             q, k, v = q.view(T, self.H, self.Dh), k.view(T, self.G, self.Dh), v.view(T, self.G, self.Dh)
         else:

@@ -22,6 +22,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias``; a weight stored narrower than ``x`` (bf16 weights, fp32 activations) is widened."""
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, w, bias)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up."""
     return F.silu(gate) * up

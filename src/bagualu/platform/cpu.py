@@ -70,6 +70,7 @@ class CpuPlatform(Platform):
     priority: ClassVar[int] = 0
     kernel_backends: ClassVar[dict[str, str]] = {
         "paged_attention": "bagualu.ops.paged_attention_cpu:paged_attention",
+        "linear": "bagualu.ops.linear_cpu:linear",
         "compiler_codegen": "bagualu.compiler.codegen.cpu:CppCodegen",
     }
 

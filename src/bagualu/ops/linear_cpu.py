@@ -1,0 +1,63 @@
+"""The CPU platform's fast ``linear``: ``csrc/linear_cpu.cpp`` (AVX2 FMA tiles, OpenMP over output rows).
+
+Same semantics as ``ops.reference.linear``: ``y = x @ w.T + b`` with ``x`` fp32 ``[..., K]`` and ``w``
+``[N, K]`` in fp32 or bf16 (bf16 weights are widened in registers; accumulation is fp32; ``y`` is fp32).
+Anything else — other dtypes, non-CPU tensors, inputs that need gradients — goes to the reference, so
+callers may use it unconditionally. Built on first use (``ops.native``); when the build is unavailable
+every call goes to the reference after one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bagualu.ops import native, reference
+
+_W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class LinearKernel:
+    def __init__(self, lib: ctypes.CDLL):
+        self._run = lib.bgl_linear
+        self._run.restype = None
+        self._run.argtypes = [_ptr, _i64, _ptr, ctypes.c_int, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
+        lib.bgl_linear_simd.restype = ctypes.c_int
+        self.simd = bool(lib.bgl_linear_simd())
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not _covered(x, w, bias):
+            return reference.linear(x, w, bias)
+        K = x.shape[-1]
+        N = w.shape[0]
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        y = torch.empty(M, N, dtype=torch.float32)
+        if M:
+            self._run(x2.data_ptr(), x2.stride(0), w.data_ptr(), _W_DTYPES[w.dtype],
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads())
+        return y.view(*x.shape[:-1], N)
+
+
+def _covered(x, w, bias) -> bool:
+    return (x.dtype == torch.float32 and w.dtype in _W_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
+            and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (w.shape[0],))))
+
+
+_kernel: LinearKernel | None | bool = False
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    global _kernel
+    if _kernel is False:
+        lib = native.load("linear_cpu", "linear_cpu.cpp")
+        _kernel = LinearKernel(lib) if lib is not None else None
+    if _kernel is None:
+        return reference.linear(x, w, bias)
+    return _kernel(x, w, bias)
