@@ -81,3 +81,13 @@ def test_compiler_fusion_benchmark_smoke(tmp_path):
     assert {r["impl"] for r in res["rows"]} >= {"powerfusion", "inductor", "eager", "copy_"}
     assert res["geomean_vs_inductor"] > 0
     assert all(r["GBps"] > 0 for r in res["rows"])
+
+
+def test_linear_benchmark_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "linear.py"), "--rows", "1", "5", "--shapes", "qkv", "--reps", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline: bagualu linear vs torch F.linear" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"torch", "ours", "ours bf16 weights"} and len(rows) == 6

@@ -16,6 +16,9 @@ import torch
 from bagualu.ops import native, reference
 
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Above this many rows the BLAS sgemm (packed panels, cache blocking over M too) is as fast or faster
+# for fp32 weights (measured with benchmarks/linear.py); bf16 weights always come here (no BLAS path).
+MAX_ROWS_FP32 = 64
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -36,6 +39,8 @@ class LinearKernel:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         M = x2.shape[0]
+        if M > MAX_ROWS_FP32 and w.dtype == torch.float32:
+            return reference.linear(x, w, bias)
         y = torch.empty(M, N, dtype=torch.float32)
         if M:
             self._run(x2.data_ptr(), x2.stride(0), w.data_ptr(), _W_DTYPES[w.dtype],
