@@ -64,19 +64,20 @@ def resolve_dtypes(model_dir: str, config: EngineConfig):
 
 
 def load_engine(model_dir: str, config: EngineConfig, tokenizer=None) -> EngineCore:
-    """Load a Hugging Face directory into an ``EngineCore`` (the one loader of ``LLM`` and ``bagualu serve``)."""
+    """Load a Hugging Face directory into an ``EngineCore`` (the one loader of ``LLM`` and ``bagualu serve``).
+    ``tokenizer``: a loaded tokenizer, a directory to load one from, or None for ``model_dir``'s."""
     from bagualu.models import from_pretrained, load_tokenizer
 
-    weights_dtype, config = resolve_dtypes(model_dir, config)
+    weights_dtype, config = resolve_dtypes(model_dir, config)  # reads config.json: a bad directory fails here
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer or model_dir)
     model = from_pretrained(model_dir, device=config.device, dtype=weights_dtype)
-    return EngineCore(model, tokenizer if tokenizer is not None else load_tokenizer(model_dir), config)
+    return EngineCore(model, tokenizer, config)
 
 
 class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, **options):
-        from bagualu.models import load_tokenizer
-
-        self.engine = load_engine(model, EngineConfig(**options), load_tokenizer(tokenizer or model))
+        self.engine = load_engine(model, EngineConfig(**options), tokenizer)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
