@@ -112,14 +112,27 @@ inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, fl
   }
 }
 
+// One input row (a batch-1 decode step): 8 weight rows per tile, so 8 independent FMA chains hide the FMA
+// latency that 4 chains (one 1 x 4 tile) would expose.
+constexpr int NR1 = 8;
+
 template <int WD>
 void linear(const float* x, int64_t ldx, const void* w, const float* bias, float* y, int64_t ldy, int64_t M,
             int64_t N, int64_t K, int threads) {
-  const int64_t tiles = N / NR;
-  // enough work per thread to pay for waking it: ~64K multiply-adds
-  int nt = threads;
+  // enough work per thread to pay for waking it (~1M multiply-adds, tens of microseconds): a parallel region
+  // whose second thread is not running costs a scheduler time slice (milliseconds) on a busy machine
+  constexpr int64_t kMinWork = int64_t(1) << 20;
   const int64_t work = M * N * K;
-  if (work < int64_t(nt) * 65536) nt = static_cast<int>(work / 65536) > 1 ? static_cast<int>(work / 65536) : 1;
+  int nt = static_cast<int>(work / kMinWork < threads ? work / kMinWork : threads);
+  if (nt < 1) nt = 1;
+  if (M == 1) {
+    const int64_t tiles = N / NR1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < tiles; ++t) tile<WD, 1, NR1>(x, ldx, w, K, y, ldy, bias, 0, t * NR1);
+    for (int64_t n = tiles * NR1; n < N; ++n) tile<WD, 1, 1>(x, ldx, w, K, y, ldy, bias, 0, n);
+    return;
+  }
+  const int64_t tiles = N / NR;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tiles; ++t) rows_block<WD, NR>(x, ldx, w, K, y, ldy, bias, M, t * NR);
   for (int64_t n = tiles * NR; n < N; ++n) rows_block<WD, 1>(x, ldx, w, K, y, ldy, bias, M, n);
