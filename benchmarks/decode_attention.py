@@ -16,6 +16,7 @@ step over enough layers (each with its own cache) to touch at least ``--min-mib`
 
     python benchmarks/decode_attention.py                      # 64x256, 32x1024, 1x4096; fp32 and bf16
     python benchmarks/decode_attention.py --cases 8x128 --reps 3 --json out.json
+    python benchmarks/decode_attention.py --threads 1      # every contender single-threaded
 """
 
 from __future__ import annotations
@@ -107,8 +108,11 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--min-mib", type=int, default=256, help="KV touched per timed call (layers x one layer's KV)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     facts = machine_facts()
     t0 = time.perf_counter()
     native = cpp_kernel()
