@@ -4,13 +4,13 @@ disk or an object store (any fsspec URL: ``s3://bucket/run/checkpoints``).
     CKPT_DIR/step-00000300/       .metadata, __<rank>_0.distcp ..., extra files, manifest.json (written last)
     CKPT_DIR/step-00000400.tmp/   local disk: being written (or torn by a crash: ignored, cleaned up)
 
-A save writes the DCP shards (every rank its own); with ``async_save`` DCP stages the tensors to host
-memory and writes in a background thread, so the training step continues. The staging copy itself runs
-in a thread, overlapping the next forward and backward; ``guard(optimizer)`` makes the optimizer step
-wait for it (the only writer of the weights). Staging buffers are kept and reused by later saves. The commit happens at the
-next save (or at ``finish``): every rank's write must be complete, and every rank hashes the files it
-wrote (in the background too, after an async write); rank 0 gathers the digests, writes the extra files
-(model config, tokenizer) and ``manifest.json`` with a sha256 per file.
+A save writes the DCP shards (every rank its own). With ``async_save`` nothing waits for the disk: the
+copy of the tensors to host memory runs in a thread while the next forward and backward read the weights
+(``guard(optimizer)`` makes the optimizer step, their only writer, wait for it; the staging buffers are
+kept and reused), DCP writes in a background thread, and then every rank hashes the files it wrote. At
+the next save (or ``finish``) rank 0 gathers the digests and hands the commit — the extra files (model
+config, tokenizer), ``manifest.json`` with a sha256 per file, the rename, retention — to the background
+too; the save after that (or ``finish()``) waits for it.
 
 The commit marker differs by storage, because object stores have no rename:
 - local disk: everything goes to ``step-N.tmp``; the manifest is written (fsynced) last and the directory

@@ -39,6 +39,8 @@ def cast_for_autocast(x, *weights):
     dt = autocast_dtype(x)
     if dt is None or dt == x.dtype and all(w.dtype == dt for w in weights):
         return (x, *weights)
+    if gemm_via_fp32(dt, x.device.type):  # the GEMMs run on fp32 units: no round trip of the weights through dt
+        return (x.to(dt), *weights)
     return (x.to(dt), *(w.to(dt) for w in weights))
 
 
@@ -60,7 +62,8 @@ def gemm_via_fp32(dtype: torch.dtype, device_type: str) -> bool:
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.mm`` (into ``out``), through fp32 where ``gemm_via_fp32`` says so."""
     if gemm_via_fp32(a.dtype, a.device.type):
-        r = torch.mm(a.float(), b.float())
+        with torch.autocast(a.device.type, enabled=False):  # else autocast would cast the fp32 operands back
+            r = torch.mm(a.float(), b.float())
         return r.to(a.dtype) if out is None else out.copy_(r)
     return torch.mm(a, b, out=out)
 
@@ -68,7 +71,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
 def _addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``c += a @ b`` in place, through fp32 where ``gemm_via_fp32`` says so."""
     if gemm_via_fp32(a.dtype, a.device.type):
-        return c.copy_(torch.addmm(c.float(), a.float(), b.float()))
+        with torch.autocast(a.device.type, enabled=False):
+            return c.copy_(torch.addmm(c.float(), a.float(), b.float()))
     return c.addmm_(a, b)
 
 
