@@ -113,6 +113,20 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory):
+    """The same tiny model with a 64k context, so that one request can outlast any drain time on any machine."""
+    from bagualu.models.byte_tokenizer import byte_level_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-64k")
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
+                                   bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    save_hf_model(cfg, path)
+    byte_level_tokenizer().save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory, request):
     """Both servers start at once; the R-workers one is polled from its first moment, in a thread, to
     see it load, while the default one's tests run; the offline references are computed meanwhile."""
@@ -403,9 +417,16 @@ def test_engine_loop_death_fails_requests_and_health(rw_server):
     assert rw_server.metrics()["bagualu_engine_healthy"] == 0
 
 
-def test_sigterm_drains_in_flight_then_exits_0(server):
+def test_sigterm_drains_in_flight_then_exits_0(long_model_dir, tmp_path):
     """--drain-timeout 4: a short request in flight finishes (or, on a very slow machine, gets a clean 503);
-    a long stream gets an error event and [DONE] once the drain time is up; the process exits 0."""
+    a long stream (65000 tokens: minutes on any CPU) gets an error event and [DONE] once the drain time is up;
+    the process exits 0."""
+    server = Server(long_model_dir, "--num-kv-blocks", "4200", "--drain-timeout", "4", log=tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
     results = {}
 
     def short():
@@ -413,7 +434,7 @@ def test_sigterm_drains_in_flight_then_exits_0(server):
 
     def long():
         with httpx.stream("POST", server.base + "/v1/completions", timeout=120,
-                          json={"prompt": "Hello", "stream": True, **LONG}) as r:
+                          json={"prompt": "Hello", "stream": True, "max_tokens": 65000, "ignore_eos": True}) as r:
             results["long"] = [line for line in r.iter_lines() if line]
 
     threads = [threading.Thread(target=long), threading.Thread(target=short)]

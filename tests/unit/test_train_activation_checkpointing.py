@@ -60,3 +60,28 @@ def test_a_recompute_that_does_not_replay_the_noise_gets_other_gradients():
         layer.forward = lambda *a, _f=layer.forward: checkpoint(_f, *a, use_reentrant=False)
     ids = torch.randint(0, 512, (4, 65), generator=torch.Generator().manual_seed(0))
     assert _max_rel_diff(_grads(ref, ids, t), _grads(naive, ids, t)) > 1e-3
+
+
+def test_checkpointed_moe_layers_drop_their_expert_activations_until_backward(monkeypatch):
+    """The experts' pre-activations become saved tensors under checkpointing (not pool buffers held by the
+    autograd node), so after the forward nothing holds them; the backward recomputes them."""
+    import weakref
+
+    from bagualu.moe import experts
+
+    _, ac, t = _models("softmax_topk")
+    apply_activation_checkpointing(ac)
+    made = []
+
+    def fresh(shape, dtype, device):
+        x = torch.empty(shape, dtype=dtype, device=device)
+        made.append(weakref.ref(x))
+        return x
+
+    monkeypatch.setattr(experts, "_fresh", fresh)
+    ids = torch.randint(0, 512, (4, 65), generator=torch.Generator().manual_seed(0))
+    ce, aux = lm_loss(ac, ids, t)
+    assert len(made) == 2 * 2  # gate and up pre-activations of both layers
+    assert all(r() is None for r in made)
+    (ce + aux).backward()
+    assert len(made) == 2 * 2 * 2  # recomputed in the backward

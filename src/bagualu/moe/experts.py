@@ -84,16 +84,23 @@ def _slices(counts: list[int]):
         start += n
 
 
-def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], keep: bool = True):
+def _fresh(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], keep: bool = True,
+                    pooled: bool = True):
     """``(y_ND, saved)``: expert e applied to its slice; ``saved`` is what ``experts_backward`` needs.
 
     The pre-activations in ``saved`` (``saved[1:]``) come from the workspace pool; the caller hands them
     back with ``release_when_freed`` once nothing can backpropagate through them any more. Without
-    ``keep`` nothing is saved.
+    ``keep`` nothing is saved. ``pooled=False``: ordinary tensors instead, for callers that save them with
+    ``save_for_backward`` (so activation checkpointing can drop them).
     """
+    take = workspace.take if pooled else _fresh
     N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
-    g_NF = workspace.take((N, F_), x_ND.dtype, x_ND.device)
-    u_NF = workspace.take((N, F_), x_ND.dtype, x_ND.device)
+    g_NF = take((N, F_), x_ND.dtype, x_ND.device)
+    u_NF = take((N, F_), x_ND.dtype, x_ND.device)
     for e, s, t in _slices(counts):
         _mm(x_ND[s:t], w_gate_EFD[e].t(), out=g_NF[s:t])
         _mm(x_ND[s:t], w_up_EFD[e].t(), out=u_NF[s:t])
@@ -107,7 +114,8 @@ def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], k
     if keep:
         workspace.give(a_NF)
         return y_ND, (x_ND, g_NF, u_NF)
-    workspace.give(g_NF, u_NF)
+    if pooled:
+        workspace.give(g_NF, u_NF)
     return y_ND, None
 
 
@@ -154,31 +162,36 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
 
 class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int]):
+    def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], pooled: bool = True):
         ctx.dtypes = (x_ND.dtype, w_gate_EFD.dtype, w_up_EFD.dtype, w_down_EDF.dtype)
         x_ND, w_gate_EFD, w_up_EFD, w_down_EDF = cast_for_autocast(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF)
         keep = any(ctx.needs_input_grad)
-        y_ND, saved = experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts, keep=keep)
-        if keep:
+        y_ND, saved = experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts, keep=keep, pooled=pooled)
+        ctx.pooled = pooled
+        if keep and pooled:
             # pool buffers live on ctx (not save_for_backward) and go back to the pool when it dies
             ctx.acts = saved[1:]
             release_when_freed(ctx, *saved[1:])
             ctx.save_for_backward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF)
+        elif keep:  # saved tensors: activation checkpointing's hooks may drop and recompute them
+            ctx.save_for_backward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, *saved[1:])
         ctx.counts = counts
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, w_gate, w_up, w_down = ctx.saved_tensors
-        grads = experts_backward((x_ND, *ctx.acts), w_gate, w_up, w_down, ctx.counts, dy_ND.to(x_ND.dtype),
+        x_ND, w_gate, w_up, w_down, *acts = ctx.saved_tensors
+        acts = ctx.acts if ctx.pooled else acts
+        grads = experts_backward((x_ND, *acts), w_gate, w_up, w_down, ctx.counts, dy_ND.to(x_ND.dtype),
                                  need_dx=ctx.needs_input_grad[0])
-        return (*(g if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None)
+        return (*(g if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None, None)
 
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, dim: int, ffn_dim: int):
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
+        self.pool_activations = True  # False under activation checkpointing (see MoE.pool_activations)
         self.gate_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
@@ -190,4 +203,4 @@ class Experts(nn.Module):
         """
         if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
             raise ValueError(f"counts {counts} do not describe {x_ND.shape[0]} rows over {self.num_experts} experts")
-        return SwiGLUExperts.apply(x_ND, self.gate_proj, self.up_proj, self.down_proj, counts)
+        return SwiGLUExperts.apply(x_ND, self.gate_proj, self.up_proj, self.down_proj, counts, self.pool_activations)

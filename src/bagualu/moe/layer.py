@@ -59,6 +59,9 @@ class MoE(nn.Module):
         if schedule not in ("all_to_all", "pipelined", "auto"):
             raise ValueError(f"schedule={schedule!r} must be 'all_to_all', 'pipelined' or 'auto' (cost model)")
         self.shadow, self.schedule = shadow, schedule  # used under expert parallelism
+        # Expert activations for backward live in the workspace pool, held by the autograd node. Activation
+        # checkpointing needs them as saved tensors (which its hooks drop and recompute): it sets this False.
+        self._pool_activations = True
         self.cost = None  # ShadowCost, measured by parallelize when a choice is 'auto'
         self.last_shadowed: tuple[int, ...] = ()
         self.experts = Experts(num_experts, dim, ffn_dim)
@@ -75,6 +78,14 @@ class MoE(nn.Module):
         # set by shard_experts / parallelize
         self.ep, self.ep_rank, self.ep_group = 1, 0, None
         self.data_rank, self.stats_group, self.stats_world = 0, None, 1
+
+    @property
+    def pool_activations(self) -> bool:
+        return self._pool_activations
+
+    @pool_activations.setter
+    def pool_activations(self, value: bool) -> None:
+        self._pool_activations = self.experts.pool_activations = bool(value)
 
     def shard_experts(self, ep_rank: int, ep: int, group) -> None:
         """Keep experts ``[ep_rank * e, (ep_rank + 1) * e)`` (e = E / ep) and free the others.
@@ -117,7 +128,8 @@ class MoE(nn.Module):
             route_N = kept_routes(d, counts, kept)
             w_N = r.weights_TK.reshape(-1).index_select(0, route_N)
             ex = self.experts
-            y_TD = LocalExperts.apply(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj, route_N // self.top_k, kept)
+            y_TD = LocalExperts.apply(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj, route_N // self.top_k, kept,
+                                      self.pool_activations)
             dropped = sum(counts) - sum(kept)
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)

@@ -19,29 +19,34 @@ from bagualu.moe.experts import cast_for_autocast, experts_backward, experts_for
 
 class LocalExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_N, w_gate, w_up, w_down, token_N, counts: list[int]):
+    def forward(ctx, x_TD, w_N, w_gate, w_up, w_down, token_N, counts: list[int], pooled: bool = True):
         ctx.dtypes = (x_TD.dtype, w_N.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
         x_TD, w_gate, w_up, w_down = cast_for_autocast(x_TD, w_gate, w_up, w_down)
         N, (T, D) = token_N.shape[0], x_TD.shape
         keep = any(ctx.needs_input_grad)
-        x_ND = torch.index_select(x_TD, 0, token_N, out=workspace.take((N, D), x_TD.dtype, x_TD.device))
-        y_ND, saved = experts_forward(x_ND, w_gate, w_up, w_down, counts, keep=keep)
+        out = workspace.take((N, D), x_TD.dtype, x_TD.device) if pooled else None
+        x_ND = torch.index_select(x_TD, 0, token_N, out=out)
+        y_ND, saved = experts_forward(x_ND, w_gate, w_up, w_down, counts, keep=keep, pooled=pooled)
         yw_ND = torch.mul(y_ND, w_N.unsqueeze(-1), out=workspace.take((N, D), x_TD.dtype, x_TD.device))
         out_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, token_N, yw_ND)
         workspace.give(yw_ND)
-        if keep:
+        ctx.pooled = pooled
+        if keep and pooled:
             ctx.acts = (x_ND, y_ND, *saved[1:])
             release_when_freed(ctx, *ctx.acts)
             ctx.save_for_backward(w_N, w_gate, w_up, w_down, token_N)
-            ctx.counts, ctx.T = counts, T
-        else:
+        elif keep:  # saved tensors: activation checkpointing's hooks may drop and recompute them
+            ctx.save_for_backward(w_N, w_gate, w_up, w_down, token_N, x_ND, y_ND, *saved[1:])
+        elif pooled:
             workspace.give(x_ND)
+        if keep:
+            ctx.counts, ctx.T = counts, T
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD):
-        w_N, w_gate, w_up, w_down, token_N = ctx.saved_tensors
-        x_ND, y_ND, g_NF, u_NF = ctx.acts
+        w_N, w_gate, w_up, w_down, token_N, *acts = ctx.saved_tensors
+        x_ND, y_ND, g_NF, u_NF = ctx.acts if ctx.pooled else acts
         (N, D), dt, dev = x_ND.shape, x_ND.dtype, x_ND.device
         dy_ND = torch.index_select(dout_TD.to(dt).contiguous(), 0, token_N, out=workspace.take((N, D), dt, dev))
         dw_N = None
@@ -56,4 +61,4 @@ class LocalExperts(torch.autograd.Function):
         dx_TD = torch.zeros(ctx.T, D, dtype=dt, device=dev).index_add_(0, token_N, dx_ND)
         workspace.give(dy_ND, dx_out)
         grads = (dx_TD, dw_N, dw_gate, dw_up, dw_down)
-        return (*(g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)), None, None)
+        return (*(g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)), None, None, None)

@@ -12,6 +12,15 @@ recomputed forward draws the identical noise and routes identically. Nothing els
 torch's RNG state is replayed by ``checkpoint`` itself (``preserve_rng_state``), and the MoE layer's
 ``last_*`` statistics are overwritten with identical values.
 
+The MoE kernels keep their activations in the workspace pool, held by the autograd node — which the
+non-reentrant checkpoint keeps alive, so nothing would be freed; in checkpointed layers they save them
+as ordinary saved tensors instead (``MoE.pool_activations = False``), which checkpoint's hooks drop.
+(The reentrant variant would free everything by running the first forward without autograd, but the
+MoE aux losses computed there would then carry no gradient.) Measured in one process (RSS growth over
+the forward / peak RSS of the step): tiny-moe, 16 × 128 tokens, 335 → 178 MiB / 815 → 673 MiB; a 142M
+Mixtral, 2 × 512 tokens, 612 → 292 MiB / 1880 → 1602 MiB (the rest of the peak: weights, gradients, the
+logits and their loss). The pipelined EP schedule still pools its activations.
+
 The layer's ``forward`` is replaced on the instance, so module names — and so state-dict and
 checkpoint keys — do not change (a wrapper module would insert a path component).
 """
@@ -22,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from bagualu.moe import MoE
 from bagualu.moe.router import Router
 
 
@@ -63,4 +73,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
         if not getattr(layer, "_bagualu_checkpointed", False):
             layer.forward = _checkpointed(layer, layer.forward)
             layer._bagualu_checkpointed = True
+            for m in layer.modules():
+                if isinstance(m, MoE):  # expert activations as saved tensors, which checkpoint's hooks drop
+                    m.pool_activations = False
     return len(layers)
