@@ -159,3 +159,23 @@ def test_construction_errors_name_the_values():
         MoE(D, FF, E, 2, shadow="hot")
     with pytest.raises(ValueError, match="schedule='ring' must be 'all_to_all', 'pipelined' or 'auto'"):
         MoE(D, FF, E, 2, schedule="ring")
+
+
+def test_pooled_buffers_survive_training_then_other_token_counts():
+    """Large expert activations come from the workspace pool and go back after the backward; a later call
+    with another number of tokens (as a serving engine makes) reuses them with the right shapes."""
+    from bagualu.memory import workspace
+
+    torch.manual_seed(0)
+    moe = MoE(512, 128, 4, 2)
+    x = torch.randn(1100, 512, requires_grad=True)  # 2200 routed rows x 512 x 4 B: above the pool's 4 MiB
+    moe(x).sum().backward()
+    for T in (1000, 1024, 700):
+        with torch.inference_mode():
+            xt = torch.randn(T, 512)
+            y = moe(xt)
+        with torch.no_grad():
+            ref, _ = oracle(moe, xt)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="did not come from take"):
+        workspace.give(torch.empty(1000, 1100))

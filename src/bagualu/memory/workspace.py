@@ -44,12 +44,21 @@ def take(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> to
 
 
 def give(*tensors: torch.Tensor | None) -> None:
-    """Return tensors obtained from ``take``; the caller must hold no other reference to them."""
+    """Return tensors obtained from ``take``; the caller must hold no other reference to them.
+
+    The pooled buffer is the tensor's whole storage, seen as a flat tensor: not ``t._base``, which tensors
+    made under ``torch.inference_mode`` (the serving engine) do not record.
+    """
     for t in tensors:
         if t is None or t.numel() * t.element_size() < 4 * _STEP:
             continue
-        base = t._base if t._base is not None else t
-        k = _key(base.numel() * base.element_size(), base.dtype, base.device)
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes % _STEP:  # ``take``'s buffers are whole size classes
+            raise ValueError(f"workspace.give: a {tuple(t.shape)} tensor whose storage ({nbytes} bytes) did not "
+                             "come from take()")
+        base = t.new_empty(0).set_(storage, 0, (nbytes // t.element_size(),))
+        k = _key(nbytes, base.dtype, base.device)
         with _lock:
             if len(_free[k]) < max_cached:
                 _free[k].append(base)

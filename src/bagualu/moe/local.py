@@ -33,7 +33,7 @@ class LocalExperts(torch.autograd.Function):
         ctx.pooled = pooled
         if keep and pooled:
             ctx.acts = (x_ND, y_ND, *saved[1:])
-            release_when_freed(ctx, *ctx.acts)
+            release_when_freed(ctx, x_ND, *saved[1:])  # y_ND is an ordinary tensor (experts_forward's output)
             ctx.save_for_backward(w_N, w_gate, w_up, w_down, token_N)
         elif keep:  # saved tensors: activation checkpointing's hooks may drop and recompute them
             ctx.save_for_backward(w_N, w_gate, w_up, w_down, token_N, x_ND, y_ND, *saved[1:])
