@@ -168,6 +168,8 @@ def test_pooled_buffers_survive_training_then_other_token_counts():
 
     torch.manual_seed(0)
     moe = MoE(512, 128, 4, 2)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(1100, 512, requires_grad=True)  # 2200 routed rows x 512 x 4 B: above the pool's 4 MiB
     moe(x).sum().backward()
     for T in (1000, 1024, 700):
