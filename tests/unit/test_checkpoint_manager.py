@@ -127,3 +127,24 @@ def test_a_save_with_items_missing_from_its_metadata_is_refused(tmp_path):
     del md.storage_data[next(k for k in md.storage_data if k.fqn == "b.c")]
     with pytest.raises(OSError, match=r"1 item\(s\) were not written \(first: b.c\)"):
         _check_written(md)
+
+
+def test_manifests_record_xxh3_and_older_sha256_manifests_still_verify(tmp_path, caplog):
+    import hashlib
+    import json
+
+    from bagualu.checkpoint.manager import check_checkpoint
+
+    m = CheckpointManager(tmp_path / "c", async_save=False)
+    m.save(1, {"w": torch.arange(8.0)})
+    d = tmp_path / "c" / "step-00000001"
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["files"] and all(v.startswith("xxh3_128:") for v in manifest["files"].values())
+    assert check_checkpoint(str(d)) is None
+    # a manifest written before xxh3: bare sha256 hex digests
+    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert check_checkpoint(str(d)) is None
+    f = next(p for p in d.iterdir() if p.suffix == ".distcp")
+    f.write_bytes(b"x" + f.read_bytes()[1:])
+    assert "does not match its checksum" in check_checkpoint(str(d))

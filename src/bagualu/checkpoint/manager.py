@@ -9,7 +9,7 @@ copy of the tensors to host memory runs in a thread while the next forward and b
 (``guard(optimizer)`` makes the optimizer step, their only writer, wait for it; the staging buffers are
 kept and reused), DCP writes in a background thread, and then every rank hashes the files it wrote. At
 the next save (or ``finish``) rank 0 gathers the digests and hands the commit — the extra files (model
-config, tokenizer), ``manifest.json`` with a sha256 per file, the rename, retention — to the background
+config, tokenizer), ``manifest.json`` with a checksum per file, the rename, retention — to the background
 too; the save after that (or ``finish()``) waits for it.
 
 The commit marker differs by storage, because object stores have no rename:
@@ -40,6 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -85,12 +86,24 @@ def _brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _sha256(fs, path: str) -> str:
-    h = hashlib.sha256()
+CHECKSUM = "xxh3_128"
+
+
+def _digest(fs, path: str, algorithm: str = CHECKSUM) -> str:
+    """``"xxh3_128:<hex>"`` of a file. Why xxh3 and not sha256: the checksums catch torn and corrupt files
+    (not forgery), and an async save hashes everything it wrote on the cores that train — xxh3-128 runs at
+    ~6.6 GB/s per core here, sha256 at ~0.8 (266 MB: 40 ms instead of 330). Manifests written before hold
+    bare sha256 hex digests; ``_matches`` still checks those."""
+    h = xxhash.xxh3_128() if algorithm == CHECKSUM else hashlib.new(algorithm)
     with fs.open(path, "rb") as f:
         while block := f.read(8 << 20):
             h.update(block)
-    return h.hexdigest()
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def _matches(fs, path: str, recorded: str) -> bool:
+    algorithm, sep, _ = recorded.partition(":")
+    return _digest(fs, path, algorithm if sep else "sha256") == (recorded if sep else f"sha256:{recorded}")
 
 
 def _check_written(md) -> None:
@@ -171,7 +184,7 @@ def check_checkpoint(url: str) -> str | None:
         f = join(d, name)
         if not fs.isfile(f):
             return f"{name} is missing"
-        if _sha256(fs, f) != digest:
+        if not _matches(fs, f, digest):
             return f"{name} does not match its checksum (corrupt)"
     return None
 
@@ -256,7 +269,7 @@ class CheckpointManager:
         return self._executor
 
     def _own_digests(self, name: str, fut) -> dict[str, str]:
-        """Once this rank's write is done: sha256 of the files it wrote (rank 0: also ``.metadata``). Runs in
+        """Once this rank's write is done: checksums of the files it wrote (rank 0: also ``.metadata``). Runs in
         the background after an async write, so reading the checkpoint back does not stall the step, and
         every rank hashes its own shards in parallel."""
         md = fut.result() if fut is not None else None
@@ -267,7 +280,7 @@ class CheckpointManager:
         mine = [p for p in sorted(self.fs.ls(d, detail=False))
                 if os.path.basename(p).startswith(f"__{rank}_") or (rank == 0 and os.path.basename(p) == ".metadata")]
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(mine)))) as pool:  # hashlib releases the GIL
-            digests = list(pool.map(lambda p: _sha256(self.fs, p), mine))
+            digests = list(pool.map(lambda p: _digest(self.fs, p), mine))
         return {os.path.basename(p): h for p, h in zip(mine, digests)}
 
     def guard(self, optimizer: torch.optim.Optimizer) -> None:
@@ -332,7 +345,7 @@ class CheckpointManager:
         for p in sorted(self.fs.ls(d, detail=False)):  # the extra files (and anything unforeseen): hashed here
             base = os.path.basename(p)
             if base not in digests and base != MANIFEST and self.fs.isfile(p):
-                digests[base] = _sha256(self.fs, p)
+                digests[base] = _digest(self.fs, p)
         manifest = json.dumps({"format": FORMAT, "step": step, "files": dict(sorted(digests.items())),
                                "time": time.time(), "world_size": dist.get_world_size() if dist.is_initialized()
                                else 1}, indent=1)
