@@ -67,6 +67,19 @@ def test_serve_benchmark_smoke(tmp_path):
     assert all(0 < r["fraction_of_bound"] for r in res["batch1"])
 
 
+def test_serve_benchmark_online_smoke(tmp_path):
+    """--online: bagualu serve in a subprocess per engine mode, a Poisson load over HTTP, TTFT/TPOT."""
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--tiny", "--online", "--rates", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["online"]
+    assert {r["engine"] for r in rows} == {"in-process", "r-workers=1"}
+    for r in rows:
+        assert r["rate"] == 4 and r["requests"] == 4 and r["tokens_per_s"] > 0
+        assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
+
+
 def test_compiler_fusion_benchmark_smoke(tmp_path):
     import os
 
