@@ -14,62 +14,21 @@ Column reductions accumulate into per-thread partial arrays combined after the r
 
 from __future__ import annotations
 
-import math
-
 from bagualu.compiler import index as ix
 from bagualu.compiler.codegen import schedule as sch
-from bagualu.compiler.index import Expr, FloorDiv, Indirect, Mod, Var
+from bagualu.compiler.codegen.cpp_expr import (
+    CT,
+    IDENT,
+    OMP_RED,
+    PREFETCH_CHUNK,
+    ST,
+    c_expr,
+    dtype_class,
+    literal,
+    micro_op,
+)
+from bagualu.compiler.index import Expr, Var
 from bagualu.compiler.ir import Kernel, Mapping, Space, Value
-
-CT = {"f32": "float", "f64": "double", "i64": "int64_t", "i32": "int32_t", "b8": "bool"}
-ST = {"f32": "float", "bf16": "uint16_t", "f16": "uint16_t", "f64": "double", "i64": "int64_t", "i32": "int32_t",
-      "b8": "uint8_t", "i8": "int8_t", "u8": "uint8_t"}
-IDENT = {("sum", "f"): "0", ("prod", "f"): "1", ("max", "f"): "-INFINITY", ("min", "f"): "INFINITY",
-         ("sum", "i"): "0", ("prod", "i"): "1", ("max", "i"): "INT64_MIN", ("min", "i"): "INT64_MAX",
-         ("any", "b"): "0", ("all", "b"): "1"}
-OMP_RED = {"sum": "+", "prod": "*", "max": "max", "min": "min", "any": "|", "all": "&"}
-PREFETCH_CHUNK = 512  # elements of the innermost loop per prefetch burst
-
-
-def _cls(dtype: str) -> str:
-    return "f" if dtype in ("f32", "f64") else ("b" if dtype == "b8" else "i")
-
-
-def literal(value, dtype: str) -> str:
-    if dtype == "b8":
-        return "true" if value else "false"
-    if dtype in ("i64", "i32"):
-        return f"((int64_t){int(value)}LL)" if dtype == "i64" else f"((int32_t){int(value)})"
-    v = float(value)
-    suffix = "f" if dtype == "f32" else ""
-    if math.isnan(v):
-        return "NAN" if dtype == "f32" else "((double)NAN)"
-    if math.isinf(v):
-        return ("INFINITY" if v > 0 else "(-INFINITY)") if dtype == "f32" else \
-            ("((double)INFINITY)" if v > 0 else "((double)-INFINITY)")
-    return f"({v.hex()}{suffix})"
-
-
-def c_expr(e: Expr, names: dict[int, str]) -> str:
-    parts = []
-    for a, c in e.terms:
-        if isinstance(a, Var):
-            s = a.name
-        elif isinstance(a, Indirect):
-            s = names[a.value_id]
-        elif isinstance(a, (FloorDiv, Mod)):
-            inner = c_expr(a.expr, names)
-            lo, _ = a.expr.bounds()
-            if isinstance(a, FloorDiv):
-                s = f"(({inner}) / {a.divisor})" if lo >= 0 else f"pf_floordiv({inner}, {a.divisor})"
-            else:
-                s = f"(({inner}) % {a.divisor})" if lo >= 0 else f"pf_mod({inner}, {a.divisor})"
-        else:
-            raise TypeError(a)
-        parts.append(s if c == 1 else f"{c}*{s}")
-    if e.const or not parts:
-        parts.append(f"{e.const}")
-    return "(" + " + ".join(parts) + ")"
 
 
 class _KernelWriter:
@@ -103,10 +62,8 @@ class _KernelWriter:
     def vexpr(self, v: Value, names: dict[int, str]) -> str:
         op = v.op
         n = [names.get(a.id) or self.leaf(a, names) for a in v.args]
-        d = v.dtype
-        f32 = d == "f32"
         if op == "const":
-            return literal(v.attrs["value"], d)
+            return literal(v.attrs["value"], v.dtype)
         if op == "index":
             return c_expr(v.attrs["expr"], names)
         if op == "load":
@@ -129,62 +86,9 @@ class _KernelWriter:
             return f"{v.attrs['local'].name}[{c_expr(v.attrs['expr'], names)}]"
         if op == "accum":
             return f"part{v.attrs['cr']}[{c_expr(v.attrs['expr'], names)}]"
-        if op == "cast":
-            to = v.attrs["to"]
-            src = v.args[0].dtype
-            if to == "bf16":
-                return f"pf_round_bf16({n[0]})"
-            if to == "i8":
-                return f"((int32_t)(int8_t)({n[0]}))"
-            if to == "u8":
-                return f"((int32_t)(uint8_t)({n[0]}))"
-            if d == "b8":
-                return f"({n[0]} != 0)"
-            del src
-            return f"(({CT[d]})({n[0]}))"
-        fsuf = "f" if f32 else ""
-        unary = {
-            "neg": f"(-{n[0]})" if op == "neg" else "",
-            "abs": (f"__builtin_fabs{fsuf}({n[0]})" if _cls(d) == "f" else f"({n[0]} < 0 ? -{n[0]} : {n[0]})")
-            if op == "abs" else "",
-            "exp": f"pf_exp({n[0]})" if f32 else f"exp({n[0]})",
-            "expm1": f"expm1{fsuf}({n[0]})", "log": f"log{fsuf}({n[0]})", "log1p": f"log1p{fsuf}({n[0]})",
-            "log2": f"log2{fsuf}({n[0]})", "sqrt": f"__builtin_sqrt{fsuf}({n[0]})",
-            "rsqrt": f"(1.0{fsuf} / __builtin_sqrt{fsuf}({n[0]}))", "reciprocal": f"(1.0{fsuf} / {n[0]})",
-            "sigmoid": f"pf_sigmoid({n[0]})" if f32 else f"pf_sigmoidd({n[0]})",
-            "tanh": f"tanh{fsuf}({n[0]})", "sin": f"sin{fsuf}({n[0]})", "cos": f"cos{fsuf}({n[0]})",
-            "erf": f"erf{fsuf}({n[0]})", "floor": f"__builtin_floor{fsuf}({n[0]})",
-            "ceil": f"__builtin_ceil{fsuf}({n[0]})", "trunc": f"__builtin_trunc{fsuf}({n[0]})",
-            "round": f"__builtin_nearbyint{fsuf}({n[0]})",
-            "sign": (f"pf_sign{'f' if f32 else 'd'}({n[0]})" if _cls(d) == "f"
-                     else f"(({CT[d]})(({n[0]} > 0) - ({n[0]} < 0)))") if op == "sign" else "",
-            "not": f"(!{n[0]})", "isnan": f"({n[0]} != {n[0]})",
-            "relu": f"({n[0]} < 0 ? ({CT[d]})0 : {n[0]})", "square": f"({n[0]} * {n[0]})",
-        }
-        if op in unary:
-            return unary[op]
         if op == "div" and v.args[1].id in self.rcp and self.rcp[v.args[1].id] in names.values():
             return f"({n[0]} * {self.rcp[v.args[1].id]})"  # a row-invariant divisor: one division per row
-        if op in ("add", "sub", "mul", "div"):
-            sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
-            return f"({n[0]} {sym} {n[1]})"
-        if op in ("max", "min"):
-            if _cls(d) == "f":
-                return f"pf_{op}{'f' if f32 else 'd'}({n[0]}, {n[1]})"
-            return f"({n[0]} {'>' if op == 'max' else '<'} {n[1]} ? {n[0]} : {n[1]})"
-        if op == "pow":
-            return f"pow{fsuf}({n[0]}, {n[1]})"
-        if op == "atan2":
-            return f"atan2{fsuf}({n[0]}, {n[1]})"
-        if op in ("eq", "ne", "lt", "le", "gt", "ge"):
-            sym = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
-            return f"({n[0]} {sym} {n[1]})"
-        if op in ("and", "or", "xor"):
-            sym = {"and": "&&", "or": "||", "xor": "!="}[op]
-            return f"({n[0]} {sym} {n[1]})"
-        if op == "where":
-            return f"({n[0]} ? {n[1]} : {n[2]})"
-        raise NotImplementedError(f"C code generator: micro-op {op!r}")
+        return micro_op(v, n)
 
     def leaf(self, a: Value, names: dict[int, str]) -> str:
         if a.op == "const":
@@ -234,7 +138,7 @@ class _KernelWriter:
         self.w(f"const int64_t tid = {'omp_get_thread_num()' if par else '0'};")
         for cr in k.col_reduces:
             t = CT[cr.value.dtype]
-            ident = IDENT[(cr.kind, _cls(cr.value.dtype))]
+            ident = IDENT[(cr.kind, dtype_class(cr.value.dtype))]
             self.w(f"{t}* __restrict acc{cr.id} = part{cr.id} + tid * {cr.size};")
             self.w(f"for (int64_t i = 0; i < {cr.size}; ++i) acc{cr.id}[i] = ({t}){ident};")
         for vid in sorted(self.m.materialize):
@@ -338,17 +242,17 @@ class _KernelWriter:
         per_line = [it for it in p.items if it.kind == "colreduce" and self._cr_mode(it, p.space) == "line"]
         for it in reds:
             v = it.obj
-            self.w(f"{CT[v.dtype]} v{v.id} = ({CT[v.dtype]}){IDENT[(v.attrs['kind'], _cls(v.dtype))]};")
-            if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
+            self.w(f"{CT[v.dtype]} v{v.id} = ({CT[v.dtype]}){IDENT[(v.attrs['kind'], dtype_class(v.dtype))]};")
+            if v.attrs["kind"] in ("max", "min") and dtype_class(v.dtype) == "f":
                 self.w(f"int32_t v{v.id}_nan = 0;")
         for it in scalars:
             cr = it.obj
-            self.w(f"{CT[cr.value.dtype]} cr{cr.id} = ({CT[cr.value.dtype]}){IDENT[(cr.kind, _cls(cr.value.dtype))]};")
+            self.w(f"{CT[cr.value.dtype]} cr{cr.id} = ({CT[cr.value.dtype]}){IDENT[(cr.kind, dtype_class(cr.value.dtype))]};")
         clauses = []
         for it in reds:
             v = it.obj
             clauses.append(f"reduction({OMP_RED[v.attrs['kind']]}:v{v.id})")
-            if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
+            if v.attrs["kind"] in ("max", "min") and dtype_class(v.dtype) == "f":
                 clauses.append(f"reduction(|:v{v.id}_nan)")
         for it in scalars + per_line:
             clauses.append(f"reduction({OMP_RED[it.obj.kind]}:cr{it.obj.id})")
@@ -361,7 +265,7 @@ class _KernelWriter:
         self.emit_loops(p, names, simd, clauses, collapsed)
         for it in reds:
             v = it.obj
-            if v.attrs["kind"] in ("max", "min") and _cls(v.dtype) == "f":
+            if v.attrs["kind"] in ("max", "min") and dtype_class(v.dtype) == "f":
                 self.w(f"if (v{v.id}_nan) v{v.id} = NAN;")
             names[v.id] = f"v{v.id}"
         for it in scalars:
@@ -400,7 +304,7 @@ class _KernelWriter:
         if kind == "prod":
             return f"{dst} *= {src};"
         if kind in ("max", "min"):
-            if _cls(dtype) == "f":
+            if dtype_class(dtype) == "f":
                 return f"{dst} = pf_{kind}{'f' if dtype == 'f32' else 'd'}({dst}, {src});"
             return f"{dst} = {src} {'>' if kind == 'max' else '<'} {dst} ? {src} : {dst};"
         if kind == "any":
@@ -417,7 +321,7 @@ class _KernelWriter:
         per_line = getattr(self, "per_line", [])
         for it in per_line:
             cr = it.obj
-            self.w(f"{CT[cr.value.dtype]} cr{cr.id} = ({CT[cr.value.dtype]}){IDENT[(cr.kind, _cls(cr.value.dtype))]};")
+            self.w(f"{CT[cr.value.dtype]} cr{cr.id} = ({CT[cr.value.dtype]}){IDENT[(cr.kind, dtype_class(cr.value.dtype))]};")
         roots = [it.value for it in p.items] + self._indirect_roots(p)
         needed = [v for v in sch.values_needed(roots) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
         pts = sch.split_points(needed, inner)
@@ -523,7 +427,7 @@ class _KernelWriter:
         if it.kind == "reduce":
             r = it.obj
             kind = r.attrs["kind"]
-            if kind in ("max", "min") and _cls(r.dtype) == "f":
+            if kind in ("max", "min") and dtype_class(r.dtype) == "f":
                 cmp = ">" if kind == "max" else "<"
                 self.w(f"v{r.id} = {val} {cmp} v{r.id} ? {val} : v{r.id};")
                 self.w(f"v{r.id}_nan |= ({val} != {val});")
