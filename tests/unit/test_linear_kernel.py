@@ -60,3 +60,60 @@ def test_registered_for_the_cpu_platform():
     assert kernel("linear", "cpu") is linear_cpu.linear
     x, w = torch.randn(3, 32), torch.randn(16, 32)
     torch.testing.assert_close(kernel("linear", "cpu")(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every call split into one-tile chunks over 2 threads (the default policy keeps small GEMMs whole)."""
+    monkeypatch.setattr(linear_cpu, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(linear_cpu, "CHUNK_WORK", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("N", [1, 7, 8, 13, 96, 1001])
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+def test_chunked_over_helper_threads(fast, split_everything, M, N, wdt):
+    g = torch.Generator().manual_seed(M * 7 + N)
+    x, w, b = torch.randn(M, 40, generator=g), torch.randn(N, 40, generator=g).to(wdt), torch.randn(N, generator=g)
+    for _ in range(3):  # helpers asleep, then spinning
+        torch.testing.assert_close(fast(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)
+
+
+def test_concurrent_callers_and_forked_child(fast, split_everything):
+    """A second caller runs its chunks inline while the first holds the helpers; a forked child (whose
+    helper threads did not survive the fork) still computes everything."""
+    import multiprocessing as mp
+    import threading
+
+    w = torch.randn(1000, 64)
+    xs = [torch.randn(3, 64) for _ in range(4)]
+    want = [F.linear(x, w) for x in xs]
+    errors = []
+
+    def loop(i):
+        for _ in range(50):
+            if not torch.allclose(fast(xs[i], w), want[i], rtol=1e-5, atol=1e-4):
+                errors.append(i)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_child_checks, args=(fast, w, xs[0], want[0]))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+
+
+def _child_checks(fast, w, x, want):
+    import os
+
+    ok = all(torch.allclose(fast(x, w), want, rtol=1e-5, atol=1e-4) for _ in range(20))
+    os._exit(0 if ok else 1)

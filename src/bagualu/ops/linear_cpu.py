@@ -19,6 +19,13 @@ _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Above this many rows the BLAS sgemm (packed panels, cache blocking over M too) is as fast or faster
 # for fp32 weights (measured with benchmarks/linear.py); bf16 weights always come here (no BLAS path).
 MAX_ROWS_FP32 = 64
+# Thread policy (measured with benchmarks/linear.py on a quiet 2-core EPYC, batch-1 decode shapes, cold
+# weights): a second thread lifts a memory-bound GEMM from ~14 to ~21-26 GB/s down to 512x512 (262k
+# multiply-adds), so one thread per 64k multiply-adds. Helpers join when they can and are never waited for
+# (csrc/helpers.h), so on a busy machine this costs nothing. Chunks of ~64k multiply-adds: the best of
+# 16k..1M for the decode shapes.
+MIN_WORK_PER_THREAD = 1 << 16
+CHUNK_WORK = 1 << 16
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -26,33 +33,36 @@ class LinearKernel:
     def __init__(self, lib: ctypes.CDLL):
         self._run = lib.bgl_linear
         self._run.restype = None
-        self._run.argtypes = [_ptr, _i64, _ptr, ctypes.c_int, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
+        self._run.argtypes = [_ptr, _i64, _ptr, ctypes.c_int, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64]
         lib.bgl_linear_simd.restype = ctypes.c_int
         self.simd = bool(lib.bgl_linear_simd())
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # A decode step makes ~50 of these calls per token, so the Python side is kept to ~6 us: 2-D inputs
+        # skip the reshape/view round trip, and the cheapest checks run first.
         if not _covered(x, w, bias):
             return reference.linear(x, w, bias)
-        K = x.shape[-1]
-        N = w.shape[0]
-        x2 = x.reshape(-1, K)
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        M = x2.shape[0]
-        if M > MAX_ROWS_FP32 and w.dtype == torch.float32:
+        M, K = x2.shape
+        N = w.shape[0]
+        if M > MAX_ROWS_FP32 and w.dtype is torch.float32:
             return reference.linear(x, w, bias)
-        y = torch.empty(M, N, dtype=torch.float32)
+        y = torch.empty((M, N), dtype=torch.float32)
         if M:
             self._run(x2.data_ptr(), x2.stride(0), w.data_ptr(), _W_DTYPES[w.dtype],
-                      None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads())
-        return y.view(*x.shape[:-1], N)
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads(),
+                      MIN_WORK_PER_THREAD, CHUNK_WORK)
+        return y if flat else y.view(x.shape[:-1] + (N,))
 
 
 def _covered(x, w, bias) -> bool:
-    return (x.dtype == torch.float32 and w.dtype in _W_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
-            and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1]
+    return (x.dtype is torch.float32 and w.dtype in _W_DTYPES and x.is_cpu and w.is_cpu
+            and w.dim() == 2 and x.shape[-1] == w.shape[1] and w.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (w.shape[0],))))
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous() and bias.shape == (w.shape[0],))))
 
 
 _kernel: LinearKernel | None | bool = False

@@ -6,7 +6,7 @@
 // the weights in their Hugging Face layout ([N, K], row-major), in fp32 or bf16 — bf16 weights halve
 // the bytes a memory-bound decode step reads — and always accumulates in fp32.
 //
-// Loop nest, per thread (OpenMP splits N into contiguous ranges of NR-row tiles):
+// Loop nest, per chunk of NR-row tiles (the caller and helper threads claim chunks, see helpers.h):
 //     for each tile of NR weight rows        (NR·K values: stays in L1 while ...)
 //       for each tile of MR input rows       (... every input row streams past it from L2)
 //         acc[MR][NR] += x[m, k:k+8] * w[n, k:k+8]   for k in steps of 8    (MR·NR ymm accumulators)
@@ -14,12 +14,12 @@
 // so the weights are read from memory once per call whatever M is, and each FMA's operands come from
 // registers (MR + NR loads per MR·NR FMAs).
 //
-// Build: compiled on first use by ops/native.py (-O3 -march=native -fopenmp). Without AVX2/FMA the same
+// Build: compiled on first use by ops/native.py (-O3 -march=native). Without AVX2/FMA the same
 // loops compile to scalar code (correct, slower); Python checks shapes, dtypes and strides.
 
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
+#include "helpers.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -116,26 +116,58 @@ inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, fl
 // latency that 4 chains (one 1 x 4 tile) would expose.
 constexpr int NR1 = 8;
 
+struct Job {
+  const float* x;
+  int64_t ldx;
+  const void* w;
+  const float* bias;
+  float* y;
+  int64_t ldy, M, N, K;
+  int64_t tiles, per_chunk, nr;  // tiles of nr weight rows; chunk c covers tiles [c*per_chunk, ...)
+};
+
+// Chunk c: its tiles; the last chunk also takes the N % nr weight rows no tile covers.
 template <int WD>
-void linear(const float* x, int64_t ldx, const void* w, const float* bias, float* y, int64_t ldy, int64_t M,
-            int64_t N, int64_t K, int threads) {
-  // enough work per thread to pay for waking it (~1M multiply-adds, tens of microseconds): a parallel region
-  // whose second thread is not running costs a scheduler time slice (milliseconds) on a busy machine
-  constexpr int64_t kMinWork = int64_t(1) << 20;
-  const int64_t work = M * N * K;
-  int nt = static_cast<int>(work / kMinWork < threads ? work / kMinWork : threads);
-  if (nt < 1) nt = 1;
-  if (M == 1) {
-    const int64_t tiles = N / NR1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t t = 0; t < tiles; ++t) tile<WD, 1, NR1>(x, ldx, w, K, y, ldy, bias, 0, t * NR1);
-    for (int64_t n = tiles * NR1; n < N; ++n) tile<WD, 1, 1>(x, ldx, w, K, y, ldy, bias, 0, n);
+void run_chunk(const void* ctx, int64_t c) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  const int64_t t0 = c * j.per_chunk, t1 = t0 + j.per_chunk < j.tiles ? t0 + j.per_chunk : j.tiles;
+  const bool last = t1 == j.tiles;
+  if (j.M == 1) {
+    for (int64_t t = t0; t < t1; ++t) tile<WD, 1, NR1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, 0, t * NR1);
+    if (last)
+      for (int64_t n = j.tiles * NR1; n < j.N; ++n) tile<WD, 1, 1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, 0, n);
     return;
   }
-  const int64_t tiles = N / NR;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t t = 0; t < tiles; ++t) rows_block<WD, NR>(x, ldx, w, K, y, ldy, bias, M, t * NR);
-  for (int64_t n = tiles * NR; n < N; ++n) rows_block<WD, 1>(x, ldx, w, K, y, ldy, bias, M, n);
+  for (int64_t t = t0; t < t1; ++t) rows_block<WD, NR>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, j.M, t * NR);
+  if (last)
+    for (int64_t n = j.tiles * NR; n < j.N; ++n) rows_block<WD, 1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, j.M, n);
+}
+
+// Threads: one per min_work multiply-adds, at most `threads`; the helpers (helpers.h) join when they can.
+// Chunks: about chunk_work multiply-adds each (small, so a helper descheduled mid-chunk delays the
+// caller little), at least one tile.
+template <int WD>
+void linear(const float* x, int64_t ldx, const void* w, const float* bias, float* y, int64_t ldy, int64_t M,
+            int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
+  const int64_t work = M * N * K;
+  const int64_t per = min_work > 0 ? min_work : 1;
+  int nt = static_cast<int>(work / per < threads ? work / per : threads);
+  if (nt < 1) nt = 1;
+  const int64_t nr = M == 1 ? NR1 : NR;
+  Job j{x, ldx, w, bias, y, ldy, M, N, K, N / nr, 1, nr};
+  const int64_t tile_work = M * nr * K;
+  int64_t chunks = 1;
+  if (nt > 1 && j.tiles > 1) {
+    j.per_chunk = chunk_work / tile_work > 1 ? chunk_work / tile_work : 1;
+    chunks = (j.tiles + j.per_chunk - 1) / j.per_chunk;
+    if (chunks > bgl::Helpers::kMaxChunks) {
+      j.per_chunk = (j.tiles + bgl::Helpers::kMaxChunks - 1) / bgl::Helpers::kMaxChunks;
+      chunks = (j.tiles + j.per_chunk - 1) / j.per_chunk;
+    }
+  } else {
+    j.per_chunk = j.tiles > 0 ? j.tiles : 1;
+  }
+  bgl::Helpers::run(nt - 1, chunks, run_chunk<WD>, &j);
 }
 
 }  // namespace
@@ -145,10 +177,11 @@ extern "C" {
 int bgl_linear_simd() { return BGL_SIMD; }
 
 // x fp32 [M, K] (row stride ldx), w [N, K] contiguous in w_dtype (0 fp32, 1 bf16), bias fp32 [N] or null,
-// y fp32 [M, N] (row stride ldy).
+// y fp32 [M, N] (row stride ldy). threads: at most this many, one per min_work multiply-adds; chunks of
+// about chunk_work multiply-adds.
 void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const float* bias, float* y, int64_t ldy,
-                int64_t M, int64_t N, int64_t K, int threads) {
-  if (w_dtype == F32) linear<F32>(x, ldx, w, bias, y, ldy, M, N, K, threads);
-  else linear<BF16>(x, ldx, w, bias, y, ldy, M, N, K, threads);
+                int64_t M, int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
+  if (w_dtype == F32) linear<F32>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
+  else linear<BF16>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
 }
 }
