@@ -24,9 +24,10 @@ import torch.nn as nn
 
 from bagualu.comm.all_reduce import all_reduce_sum
 from bagualu.moe.dispatch import capacity, kept_routes, make_dispatch
+from bagualu.moe.infer import local_experts_inference
 from bagualu.moe.local import LocalExperts
 from bagualu.moe.ep import expert_parallel
-from bagualu.moe.experts import Experts
+from bagualu.moe.experts import Experts, gemm_via_fp32
 from bagualu.moe.mlp import MLP
 from bagualu.moe.router import CAPACITY_ROUTERS, Router
 
@@ -128,8 +129,14 @@ class MoE(nn.Module):
             route_N = kept_routes(d, counts, kept)
             w_N = r.weights_TK.reshape(-1).index_select(0, route_N)
             ex = self.experts
-            y_TD = LocalExperts.apply(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj, route_N // self.top_k, kept,
-                                      self.pool_activations)
+            # serving: small-M GEMMs through kernel("linear"), no autograd (half-precision GEMMs that this
+            # platform runs faster on fp32 units keep LocalExperts' fp32 route)
+            if torch.is_inference_mode_enabled() and not gemm_via_fp32(x_TD.dtype, x_TD.device.type):
+                y_TD = local_experts_inference(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj,
+                                               route_N // self.top_k, kept)
+            else:
+                y_TD = LocalExperts.apply(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj, route_N // self.top_k,
+                                          kept, self.pool_activations)
             dropped = sum(counts) - sum(kept)
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)
