@@ -1,0 +1,113 @@
+// The small per-layer operators of a decode step, one pass each: RMSNorm, rotary embedding, KV-cache write.
+//
+// Why: at batch 1 each of them is a chain of 5-15 tiny torch ops (RMSNorm: float, pow, mean, add, rsqrt,
+// mul, to, mul; rope: per tensor two muls, chunk, neg, cat, add; write_kv: min, max, div, mod, two index_puts),
+// ~5 us of dispatch each while the data is a few KiB: 1-2 ms of a Llama-110M token. Here each is one call.
+//
+// Numerics follow ops/reference.py: rope computes x*cos + rot(x)*sin with separately rounded products
+// (built with -ffp-contract=off, so no FMA contraction): bit-identical to the reference in fp32. RMSNorm
+// sums squares in a different order than torch's mean (last-bit differences), then h = x * (1/sqrt(var +
+// eps)) and w * h as the reference. KV written to a bf16 cache rounds to nearest even, as Tensor.to.
+// Only fp32 activations (and fp32/bf16 KV caches) come here; ops/decode_ops_cpu.py sends the rest to the
+// reference.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN (quiet)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[m, :] = w * (x[m, :] * (1 / sqrt(mean(x[m, :]^2) + eps))); x rows with stride ldx, y contiguous [M, D].
+void bgl_rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    float* yr = y + m * D;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 lanes: vectorised, summed pairwise below
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int l = 0; l < 8; ++l) acc[l] += xr[d + l] * xr[d + l];
+    float ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; d < D; ++d) ss += xr[d] * xr[d];
+    const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+    for (d = 0; d < D; ++d) yr[d] = w[d] * (xr[d] * r);
+  }
+}
+
+// Rotate-half rotary embedding of q [B, H, S, Dh] and k [B, G, S, Dh] (strides given, unit last dim) with
+// cos/sin [B, S, Dr] (strides cb, cs; unit last; stride 0 broadcasts), into contiguous outputs; features
+// from Dr on pass through.
+static void rope_one(const float* x, int64_t B, int64_t H, int64_t S, int64_t Dh, int64_t sb, int64_t sh,
+                     int64_t ss, const float* cos, const float* sin, int64_t cb, int64_t cs, int64_t Dr,
+                     float* out) {
+  const int64_t half = Dr / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s = 0; s < S; ++s) {
+        const float* xr = x + b * sb + h * sh + s * ss;
+        const float* c = cos + b * cb + s * cs;
+        const float* sn = sin + b * cb + s * cs;
+        float* o = out + ((b * H + h) * S + s) * Dh;
+        for (int64_t i = 0; i < half; ++i) o[i] = xr[i] * c[i] + (-xr[i + half]) * sn[i];
+        for (int64_t i = half; i < Dr; ++i) o[i] = xr[i] * c[i] + xr[i - half] * sn[i];
+        for (int64_t i = Dr; i < Dh; ++i) o[i] = xr[i];
+      }
+}
+
+void bgl_rope(const float* q, int64_t H, int64_t qb, int64_t qh, int64_t qs, const float* k, int64_t G, int64_t kb,
+              int64_t kh, int64_t ks, int64_t B, int64_t S, int64_t Dh, const float* cos, const float* sin,
+              int64_t cb, int64_t cs, int64_t Dr, float* q_out, float* k_out) {
+  rope_one(q, B, H, S, Dh, qb, qh, qs, cos, sin, cb, cs, Dr, q_out);
+  rope_one(k, B, G, S, Dh, kb, kh, ks, cos, sin, cb, cs, Dr, k_out);
+}
+
+// Token t's k/v [G, Dh] (strides: token kt/vt, head kg/vg; unit last) go to slot slots[t] of the caches
+// [N, G, Bs, Dh] (contiguous, fp32 or bf16 per cache_bf16). Returns 0, or 1 with lo_hi = (min, max) of the
+// slots when one lies outside [0, N*Bs) (then nothing is written).
+int bgl_write_kv(const float* k, int64_t kt, int64_t kg, const float* v, int64_t vt, int64_t vg, void* k_cache,
+                 void* v_cache, int cache_bf16, const int64_t* slots, int64_t T, int64_t G, int64_t Dh, int64_t N,
+                 int64_t Bs, int64_t* lo_hi) {
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t t = 0; t < T; ++t) {
+    lo = slots[t] < lo ? slots[t] : lo;
+    hi = slots[t] > hi ? slots[t] : hi;
+  }
+  if (T && (lo < 0 || hi >= N * Bs)) {
+    lo_hi[0] = lo;
+    lo_hi[1] = hi;
+    return 1;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t blk = slots[t] / Bs, off = slots[t] % Bs;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t dst = ((blk * G + g) * Bs + off) * Dh;
+      const float* ks = k + t * kt + g * kg;
+      const float* vs = v + t * vt + g * vg;
+      if (cache_bf16) {
+        uint16_t* kd = static_cast<uint16_t*>(k_cache) + dst;
+        uint16_t* vd = static_cast<uint16_t*>(v_cache) + dst;
+        for (int64_t d = 0; d < Dh; ++d) {
+          kd[d] = f32_to_bf16(ks[d]);
+          vd[d] = f32_to_bf16(vs[d]);
+        }
+      } else {
+        std::memcpy(static_cast<float*>(k_cache) + dst, ks, Dh * sizeof(float));
+        std::memcpy(static_cast<float*>(v_cache) + dst, vs, Dh * sizeof(float));
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

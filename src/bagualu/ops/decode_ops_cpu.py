@@ -1,0 +1,104 @@
+"""The CPU platform's ``rms_norm``, ``apply_rope`` and ``write_kv``: one C call each (``csrc/decode_ops_cpu.cpp``).
+
+Same signatures and semantics as ``ops.reference`` / ``ops.paged_kv``. Only inference takes the C path
+(``torch.inference_mode``, as the serving engine runs): training, ``torch.compile`` tracing and anything
+needing autograd keep the reference, so they see no change at all. Covered: fp32 activations and
+weights, rotate-half rope, fp32 or bf16 KV caches with int64 slot mappings; everything else goes to the
+reference. Built on first use (``ops.native``); when the build is unavailable the reference runs.
+
+Legend: B batch, H heads, G KV heads, S sequence, Dh head dim, Dr rotated features, T tokens, N blocks,
+Bs block size, M rows, D features.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bagualu.ops import native, paged_kv, reference
+
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_lib: ctypes.CDLL | None | bool = False
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is False:
+        lib = native.load("decode_ops_cpu", "decode_ops_cpu.cpp", ("-ffp-contract=off",))
+        if lib is not None:
+            lib.bgl_rms_norm.restype = None
+            lib.bgl_rms_norm.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32]
+            lib.bgl_rope.restype = None
+            lib.bgl_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+                                     _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr]
+            lib.bgl_write_kv.restype = ctypes.c_int
+            lib.bgl_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64,
+                                         _i64, _i64, _i64, _i64, _ptr]
+        _lib = lib
+    return _lib
+
+
+def _fp32_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.dtype is torch.float32 and t.is_cpu for t in ts)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not (torch.is_inference_mode_enabled() and _fp32_cpu(x, weight) and x.dim() >= 1 and weight.dim() == 1
+            and weight.shape[0] == x.shape[-1] and x.stride(-1) == 1 and weight.is_contiguous()):
+        return reference.rms_norm(x, weight, eps)
+    lib = _load()
+    if lib is None:
+        return reference.rms_norm(x, weight, eps)
+    D = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, D)
+    if x2.dim() != 2 or (x2.shape[0] > 1 and x2.stride(0) < D):
+        return reference.rms_norm(x, weight, eps)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    lib.bgl_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), x2.shape[0], D, eps)
+    return y
+
+
+def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Tensor, sin_BSDh: torch.Tensor):
+    q, k, cos, sin = q_BHSDh, k_BGSDh, cos_BSDh, sin_BSDh
+    ok = (torch.is_inference_mode_enabled() and _fp32_cpu(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4
+          and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride())
+    if ok:
+        B, H, S, Dh = q.shape
+        Dr = cos.shape[-1]
+        ok = (k.shape[0] == B and k.shape[2] == S and k.shape[3] == Dh and Dr <= Dh and Dr % 2 == 0
+              and q.stride(3) == 1 and k.stride(3) == 1 and cos.stride(2) == 1 and cos.shape[0] in (1, B)
+              and cos.shape[1] == S)
+    lib = _load() if ok else None
+    if lib is None:
+        return reference.apply_rope(q, k, cos, sin)
+    G = k.shape[1]
+    cb = cos.stride(0) if cos.shape[0] == B else 0  # a batch of 1 broadcasts
+    q_out = torch.empty((B, H, S, Dh), dtype=torch.float32)
+    k_out = torch.empty((B, G, S, Dh), dtype=torch.float32)
+    lib.bgl_rope(q.data_ptr(), H, *q.stride()[:3], k.data_ptr(), G, *k.stride()[:3], B, S, Dh, cos.data_ptr(),
+                 sin.data_ptr(), cb, cos.stride(1), Dr, q_out.data_ptr(), k_out.data_ptr())
+    return q_out, k_out
+
+
+def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor,
+             slot_mapping_T: torch.Tensor) -> None:
+    kc, vc = k_cache_NGBDh, v_cache_NGBDh
+    ok = (torch.is_inference_mode_enabled() and _fp32_cpu(k_TGDh, v_TGDh) and kc.dtype in (torch.float32, torch.bfloat16)
+          and vc.dtype is kc.dtype and kc.is_cpu and vc.is_cpu and slot_mapping_T.dtype is torch.int64
+          and slot_mapping_T.dim() == 1 and slot_mapping_T.is_cpu and kc.dim() == 4 and kc.shape == vc.shape
+          and kc.is_contiguous() and vc.is_contiguous() and k_TGDh.dim() == 3 and v_TGDh.dim() == 3
+          and k_TGDh.shape == v_TGDh.shape and k_TGDh.shape[0] == slot_mapping_T.shape[0]
+          and k_TGDh.shape[1:] == (kc.shape[1], kc.shape[3]) and k_TGDh.stride(2) == 1 and v_TGDh.stride(2) == 1)
+    lib = _load() if ok else None
+    if lib is None:  # also raises the reference's errors for malformed inputs
+        return paged_kv.write_kv(kc, vc, k_TGDh, v_TGDh, slot_mapping_T)
+    N, G, Bs, Dh = kc.shape
+    T = k_TGDh.shape[0]
+    slots = slot_mapping_T.contiguous()
+    lo_hi = (_i64 * 2)()
+    if lib.bgl_write_kv(k_TGDh.data_ptr(), k_TGDh.stride(0), k_TGDh.stride(1), v_TGDh.data_ptr(), v_TGDh.stride(0),
+                        v_TGDh.stride(1), kc.data_ptr(), vc.data_ptr(), int(kc.dtype is torch.bfloat16),
+                        slots.data_ptr(), T, G, Dh, N, Bs, lo_hi):
+        raise ValueError(f"slot_mapping values must lie in [0, num_blocks*block_size={N * Bs}); got min {lo_hi[0]}, "
+                         f"max {lo_hi[1]}")

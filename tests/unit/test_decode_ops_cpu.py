@@ -1,0 +1,79 @@
+"""The CPU ``rms_norm`` / ``apply_rope`` / ``write_kv`` kernels (``ops/decode_ops_cpu.py``) against the reference;
+outside inference mode, and without a compiler, the reference itself runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bagualu.ops import decode_ops_cpu as dops
+from bagualu.ops import kernel, native, paged_kv, reference
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if dops._load() is None:
+        pytest.skip("no C++ compiler: the reference is used")
+
+
+@pytest.mark.parametrize("shape", [(1, 768), (5, 64), (3, 2, 100), (7,), (2, 13)])
+def test_rms_norm(shape):
+    x, w = torch.randn(*shape), torch.randn(shape[-1])
+    with torch.inference_mode():
+        got = kernel("rms_norm", "cpu")(x, w, 1e-5)
+        strided = dops.rms_norm(torch.randn(4, 3 * shape[-1])[:, :shape[-1]], w, 1e-6)
+    assert got.shape == x.shape and strided.shape == (4, shape[-1])
+    torch.testing.assert_close(got, reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,H,G,S,Dh,Dr,cos_batch", [(3, 12, 4, 1, 64, 64, 3), (2, 4, 2, 5, 32, 16, 1),
+                                                      (1, 8, 8, 7, 128, 128, 1), (4, 2, 1, 3, 10, 6, 4)])
+def test_rope_is_bit_identical(B, H, G, S, Dh, Dr, cos_batch):
+    qkv = torch.randn(B, S, (H + 2 * G) * Dh)  # q and k as strided views of a fused projection
+    q = qkv[..., :H * Dh].view(B, S, H, Dh).transpose(1, 2)
+    k = qkv[..., H * Dh:(H + G) * Dh].view(B, S, G, Dh).transpose(1, 2)
+    cos, sin = torch.randn(cos_batch, S, Dr), torch.randn(cos_batch, S, Dr)
+    with torch.inference_mode():
+        got = kernel("apply_rope", "cpu")(q, k, cos, sin)
+    want = reference.apply_rope(q, k, cos, sin)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_and_its_errors(dtype):
+    kc, vc = torch.zeros(10, 4, 16, 64, dtype=dtype), torch.zeros(10, 4, 16, 64, dtype=dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kv = torch.randn(5, 2, 4, 64)
+    k, v = kv[:, 0], kv[:, 1]  # strided token rows
+    slots = torch.tensor([0, 17, 159, 40, 3])
+    with torch.inference_mode():
+        kernel("write_kv", "cpu")(kc, vc, k, v, slots)
+        with pytest.raises(ValueError, match=r"\[0, num_blocks\*block_size=160\); got min 0, max 160"):
+            kernel("write_kv", "cpu")(kc, vc, k, v, torch.tensor([0, 1, 160, 2, 3]))
+        with pytest.raises(ValueError, match="kv_heads"):
+            kernel("write_kv", "cpu")(kc, vc, k[:, :2], v[:, :2], slots)
+    paged_kv.write_kv(kc2, vc2, k, v, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_training_and_no_compiler_use_the_reference(monkeypatch, tmp_path):
+    x = torch.randn(3, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    dops.rms_norm(x, w, 1e-5).sum().backward()  # not inference mode: the reference, with autograd
+    assert x.grad is not None
+    monkeypatch.setenv("BAGUALU_NO_NATIVE", "1")
+    monkeypatch.setattr(dops, "_lib", False)
+    native.load.cache_clear()
+    try:
+        q, k, cos, sin = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+        with torch.inference_mode():
+            got = dops.apply_rope(q, k, cos, sin)
+            y = dops.rms_norm(x.detach(), w.detach(), 1e-5)
+        assert dops._lib is None
+        assert torch.equal(got[0], reference.apply_rope(q, k, cos, sin)[0])
+        torch.testing.assert_close(y, reference.rms_norm(x.detach(), w.detach(), 1e-5))
+    finally:
+        native.load.cache_clear()
+        monkeypatch.setattr(dops, "_lib", False)
