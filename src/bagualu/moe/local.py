@@ -46,7 +46,7 @@ class LocalExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout_TD):
         w_N, w_gate, w_up, w_down, token_N, *acts = ctx.saved_tensors
-        x_ND, y_ND, g_NF, u_NF = ctx.acts if ctx.pooled else acts
+        x_ND, y_ND, *pre = ctx.acts if ctx.pooled else acts
         (N, D), dt, dev = x_ND.shape, x_ND.dtype, x_ND.device
         dy_ND = torch.index_select(dout_TD.to(dt).contiguous(), 0, token_N, out=workspace.take((N, D), dt, dev))
         dw_N = None
@@ -56,7 +56,7 @@ class LocalExperts(torch.autograd.Function):
             workspace.give(prod)
         dy_ND.mul_(w_N.unsqueeze(-1))
         dx_out = workspace.take((N, D), dt, dev)
-        dx_ND, dw_gate, dw_up, dw_down = experts_backward((x_ND, g_NF, u_NF), w_gate, w_up, w_down, ctx.counts,
+        dx_ND, dw_gate, dw_up, dw_down = experts_backward((x_ND, *pre), w_gate, w_up, w_down, ctx.counts,
                                                           dy_ND, need_dx=True, dx_out=dx_out)
         dx_TD = torch.zeros(ctx.T, D, dtype=dt, device=dev).index_add_(0, token_N, dx_ND)
         workspace.give(dy_ND, dx_out)
