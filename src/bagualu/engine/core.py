@@ -13,6 +13,7 @@ Not thread-safe: ``AsyncEngine`` drives it from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -30,11 +31,15 @@ from bagualu.engine.request import Request
 from bagualu.engine.runner import ModelRunner, check_supported
 from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
+from bagualu.ops.threads import small_step
 from bagualu.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 DEFAULT_KV_MEMORY_CAP = 4 << 30
+# Steps of at most this many tokens run torch's own ops single-threaded (ops.threads.small_step); the fast
+# kernels keep every thread. Up to a few decode rows nothing but the GEMMs gains from a second thread.
+SMALL_STEP_TOKENS = 16
 
 
 class RequestError(ValueError):
@@ -218,17 +223,18 @@ class EngineCore:
         self.metrics.preemptions += len(batch.preempted)
         if batch.requests:
             mbs = self._micro_batches(batch)
-            logits = self.runner.execute(mbs)
-            due = self.scheduler.advance(batch)
-            self.metrics.computed_tokens += batch.total_tokens
-            rows = [lg for lg in logits if lg is not None]
-            due_order = [r for st in mbs for r in st.due]
-            assert len(due_order) == len(due)
-            if rows:
-                sampled = sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator)
-                now = time.monotonic()
-                for req, s in zip(due_order, sampled):
-                    self._accept(req, s, now)
+            # a decode-sized step runs torch's tiny ops on one thread (see ops.threads)
+            with small_step() if batch.total_tokens <= SMALL_STEP_TOKENS else contextlib.nullcontext():
+                logits = self.runner.execute(mbs)
+                due = self.scheduler.advance(batch)
+                self.metrics.computed_tokens += batch.total_tokens
+                rows = [lg for lg in logits if lg is not None]
+                due_order = [r for st in mbs for r in st.due]
+                assert len(due_order) == len(due)
+                sampled = sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator) if rows else []
+            now = time.monotonic()
+            for req, s in zip(due_order, sampled):
+                self._accept(req, s, now)
         self._update_gauges()
         return self._collect()
 

@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from bagualu.ops import native, reference
+from bagualu.ops.threads import kernel_threads
 
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Above this many rows the BLAS sgemm (packed panels, cache blocking over M too) is as fast or faster
@@ -53,7 +54,7 @@ class LinearKernel:
         y = torch.empty((M, N), dtype=torch.float32)
         if M:
             self._run(x2.data_ptr(), x2.stride(0), w.data_ptr(), _W_DTYPES[w.dtype],
-                      None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads(),
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, kernel_threads(),
                       MIN_WORK_PER_THREAD, CHUNK_WORK)
         return y if flat else y.view(x.shape[:-1] + (N,))
 

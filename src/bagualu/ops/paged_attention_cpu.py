@@ -8,7 +8,8 @@ device) also go to the reference, silently: that is a supported configuration, n
 Before passing raw pointers this module checks everything the C++ side relies on: dtypes, shapes and
 strides here, and the index tensors' values (query_start_loc, context_lens, block ids) in one C pass that
 reports the first bad value, so a wrong block table raises a ValueError instead of reading stray memory.
-The thread count is ``torch.get_num_threads()``; torch's OpenMP runtime is the one the kernel uses.
+The thread count is ``ops.threads.kernel_threads()`` (torch's, unless inside ``small_step``); torch's OpenMP
+runtime is the one the kernel uses.
 
 Legend: N blocks, G KV heads, B block size, Dh head dim, T query tokens, H query heads, S sequences,
 M max blocks per sequence.
@@ -21,6 +22,7 @@ import ctypes
 import torch
 
 from bagualu.ops import native, paged_kv
+from bagualu.ops.threads import kernel_threads
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -62,7 +64,7 @@ class PagedAttentionKernel:
         code = self._run(q_THDh.data_ptr(), k_cache_NGBDh.data_ptr(), v_cache_NGBDh.data_ptr(), out.data_ptr(),
                          _DTYPE_CODES[q_THDh.dtype], _DTYPE_CODES[k_cache_NGBDh.dtype], q_THDh.stride(0),
                          out.stride(0), T, S, H, G, Dh, N, B, M, bt.data_ptr(), cl.data_ptr(), qsl.data_ptr(),
-                         scale, 0 if window is None else window, torch.get_num_threads(), err)
+                         scale, 0 if window is None else window, kernel_threads(), err)
         if code:
             raise ValueError(_check_message(code, list(err), T, M, N))
         return out
