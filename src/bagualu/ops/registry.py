@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import torch
+
 from bagualu.ops import paged_kv, reference
 from bagualu.utils.lazy import import_dotted
 from bagualu.utils.logging import get_logger
@@ -59,6 +61,10 @@ def kernel(op: str, platform: str | None = None) -> Callable:
     """
     if op not in _REFERENCE:
         raise KeyError(f"unknown op {op!r}; known ops: {reference_names()}")
+    if torch.compiler.is_compiling():
+        # under torch.compile the compiler makes the kernels: it traces the reference's torch ops (a
+        # platform kernel is opaque to it — a ctypes call or a host-side check is a graph break)
+        return _REFERENCE[op]
     if platform is None:
         from bagualu.platform import current_platform
 
