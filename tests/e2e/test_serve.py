@@ -99,31 +99,26 @@ def _post(server, path, body, **kw):
     return httpx.post(server.base + path, json=body, timeout=kw.pop("timeout", 60), **kw)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def _tiny_llama(path: Path, max_positions: int) -> str:
     from bagualu.models.byte_tokenizer import byte_level_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                                    bos_token_id=256, eos_token_id=257, pad_token_id=258)
     save_hf_model(cfg, path)
     byte_level_tokenizer().save(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), 2048)
 
 
 @pytest.fixture(scope="module")
 def long_model_dir(tmp_path_factory):
     """The same tiny model with a 64k context, so that one request can outlast any drain time on any machine."""
-    from bagualu.models.byte_tokenizer import byte_level_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama-64k")
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
-                                   bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    save_hf_model(cfg, path)
-    byte_level_tokenizer().save(path)
-    return str(path)
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama-64k"), 65536)
 
 
 @pytest.fixture(scope="module")
