@@ -30,6 +30,7 @@ from bagualu.moe.ep import expert_parallel
 from bagualu.moe.experts import Experts, gemm_via_fp32
 from bagualu.moe.mlp import MLP
 from bagualu.moe.router import CAPACITY_ROUTERS, Router
+from bagualu.ops.registry import serving_path
 
 
 class MoE(nn.Module):
@@ -131,7 +132,7 @@ class MoE(nn.Module):
             ex = self.experts
             # serving: small-M GEMMs through kernel("linear"), no autograd (half-precision GEMMs that this
             # platform runs faster on fp32 units keep LocalExperts' fp32 route)
-            if torch.is_inference_mode_enabled() and not gemm_via_fp32(x_TD.dtype, x_TD.device.type):
+            if serving_path() and not gemm_via_fp32(x_TD.dtype, x_TD.device.type):
                 y_TD = local_experts_inference(x_TD, w_N, ex.gate_proj, ex.up_proj, ex.down_proj,
                                                route_N // self.top_k, kept)
             else:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from bagualu.moe import noise
 from bagualu.ops import kernel
+from bagualu.ops.registry import serving_path
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias", "softmax_group", "noisy_topk", "gshard", "switch")
 CAPACITY_ROUTERS = {"gshard": 2.0, "switch": 1.25}  # routers that imply capacity, with their default factor
@@ -51,7 +52,7 @@ def _linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     """Router logits. Serving (inference mode) uses the platform's ``linear``: on CPU, F.linear's BLAS call
     for a [T, E] product wakes an OpenMP team between decode steps (~240 us per batch-1 call in the engine,
     against ~10 us for the small-M kernel)."""
-    if torch.is_inference_mode_enabled():
+    if serving_path():
         return kernel("linear")(x_TD, w_ED)
     return F.linear(x_TD, w_ED)
 

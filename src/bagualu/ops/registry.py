@@ -53,6 +53,13 @@ def _resolve(platform_name: str, op: str) -> Callable:
     return fn
 
 
+def serving_path() -> bool:
+    """True where model code may take its inference-only fast paths (under ``torch.inference_mode``), False
+    while ``torch.compile`` traces it: the compiler traces the training path's torch ops instead, and
+    ``torch.is_inference_mode_enabled`` would be a graph break."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def kernel(op: str, platform: str | None = None) -> Callable:
     """The callable for ``op`` on ``platform`` (default: the current one); same signature as the reference.
 
