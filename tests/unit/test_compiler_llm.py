@@ -4,16 +4,31 @@ Each case also pins the fusion it must achieve (how many kernels, no ATen fallba
 a compiler that silently stopped fusing would still be "correct", so the count is part of the spec.
 bf16 results are held to the error eager itself makes against an fp64 reference (fusion computes in
 fp32 without intermediate rounding, so it may be closer to the truth than eager, never much further).
+
+Every case runs through both code generators: C (the CPU's) and Triton (the GPU's), the latter under
+Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``); ``test_compiler_triton`` also compiles
+each Triton kernel for a real GPU target.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bagualu.compiler import explain
+from bagualu.compiler.report import _fresh
 from bagualu.ops.reference import apply_rope
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+CODEGENS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed"))]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -103,21 +118,29 @@ def _inputs(name, dtype, backward, seed=0):
     return [a.requires_grad_() if backward and a.is_floating_point() else a for a in args]
 
 
+@pytest.mark.parametrize("codegen", CODEGENS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(FNS))
-def test_llm_subgraph_matches_eager(name, dtype):
+def test_llm_subgraph_matches_eager(name, dtype, codegen, monkeypatch):
+    if codegen == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    options = {"codegen": codegen}
     backward = FUSION[name][1] is not None
     fn = FNS[name]
     args = _inputs(name, dtype, backward)
-    ex = explain(fn, *[a.detach().requires_grad_(a.requires_grad) for a in args], backward=backward, measure=False)
+    if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # a GPU machine
+        args = [a.detach().cuda().requires_grad_(a.requires_grad) for a in args]
+    ex = explain(fn, *[a.detach().requires_grad_(a.requires_grad) for a in args], backward=backward, measure=False,
+                 options=options)
     fw = [k for k in ex.kernels if not k.graph.startswith("backward")]
     bw = [k for k in ex.kernels if k.graph.startswith("backward")]
     assert len(fw) == FUSION[name][0], str(ex)
     if backward:
         assert len(bw) == FUSION[name][1], str(ex)
     assert not ex.fallback_ops(vendor=False), str(ex)
+    assert set(ex.codegens) == {codegen}, str(ex)
 
-    compiled = torch.compile(fn, backend="powerfusion")
+    compiled = torch.compile(_fresh(fn), backend="powerfusion", options=options)
     got = _run(compiled, args, backward)
     want = _run(fn, args, backward)
     if name == "router":  # indices: compare the experts chosen, not the order of equal probabilities

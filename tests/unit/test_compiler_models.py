@@ -8,6 +8,7 @@ everything around it — attention blocks, norms, the router's softmax, the loss
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -38,24 +39,37 @@ def _step(model, ids):
     return logits.detach(), loss.detach(), grads
 
 
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+@pytest.mark.parametrize("codegen", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAVE_TRITON, reason="triton is not installed"))])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
-def test_model_forward_backward_matches_eager(name):
+def test_model_forward_backward_matches_eager(name, codegen):
+    """Both code generators; Triton's under its interpreter on CPU (a GPU machine runs it on the GPU)."""
     from bagualu.moe import MoE
 
     cfg = dataclasses.replace(flavour(name), num_layers=2)
-    model = bm.from_config(cfg, device="cpu", dtype=torch.float32)
+    device = "cuda" if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+    model = bm.from_config(cfg, device=device, dtype=torch.float32)
     for mod in model.modules():
         if isinstance(mod, MoE):
             mod.forward = torch._dynamo.disable(mod.forward)
-    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0)).to(device)
     want = _step(model, ids)
     with record(measure=False) as ex:
-        got = _step(torch.compile(model, backend="powerfusion"), ids)
+        got = _step(torch.compile(model, backend="powerfusion", options={"codegen": codegen}), ids)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
     assert got[2].keys() == want[2].keys()
     for k in want[2]:
         torch.testing.assert_close(got[2][k], want[2][k], atol=1e-5, rtol=1e-4, msg=k)
     assert any(g.startswith("backward") for g in ex.graphs) and len(ex.kernels) >= 8, str(ex)
+    assert set(ex.codegens) - {"-"} == {codegen}, str(ex)  # "-": a graph with nothing to fuse
     unexpected = {op for op in ex.fallback_ops(vendor=False)} - {"aten.index_put.default"}  # embedding grad
     assert not unexpected, str(ex)

@@ -8,7 +8,9 @@ and what the backward recomputes — it prefers saving row statistics over whole
 is compiled by ``graph.compile_graph``. Inference graphs take the same path without a backward.
 
 ``options`` (``torch.compile(..., options={...})``): ``{"partition": "default"}`` uses AOTAutograd's
-default partitioner (save everything the backward reads) instead of min-cut rematerialisation.
+default partitioner (save everything the backward reads) instead of min-cut rematerialisation;
+``{"codegen": "cpp" | "triton"}`` picks a code generator instead of the platform's (``"triton"`` on CPU
+tensors runs under Triton's interpreter, ``TRITON_INTERPRET=1``: how the GPU generator is tested).
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ def _aot_kwargs(options: dict | None) -> dict:
     from bagualu.compiler.graph import compile_graph
 
     options = dict(options or {})
+    from bagualu.compiler.graph import CODEGENS
+
     part = options.pop("partition", "min_cut")
+    codegen = options.pop("codegen", None)
     if options:
-        raise ValueError(f"unknown powerfusion option(s) {sorted(options)}; known: ['partition']")
+        raise ValueError(f"unknown powerfusion option(s) {sorted(options)}; known: ['codegen', 'partition']")
     if part not in ("min_cut", "default"):
         raise ValueError(f"powerfusion option partition={part!r}; use 'min_cut' or 'default'")
+    if codegen is not None and codegen not in CODEGENS:
+        raise ValueError(f"powerfusion option codegen={codegen!r}; known: {sorted(CODEGENS)}")
 
     def compiler(label):
         def fn(g: torch.fx.GraphModule, inputs):
-            return make_boxed_func(compile_graph(g, inputs, label))
+            return make_boxed_func(compile_graph(g, inputs, label, codegen))
         return fn
 
     return dict(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),

@@ -102,13 +102,17 @@ class RegionCall:
         return self.fallback_module()(*inputs)
 
 
-def current_codegen():
-    """The platform's code generator (``kernel_backends['compiler_codegen']``), or None."""
+CODEGENS = {"cpp": "bagualu.compiler.codegen.cpu:CppCodegen", "triton": "bagualu.compiler.codegen.gpu:TritonCodegen"}
+
+
+def current_codegen(name: str | None = None):
+    """The code generator ``name`` (a key of ``CODEGENS``), by default the platform's
+    (``kernel_backends['compiler_codegen']``); returns (generator or None, why not)."""
     from bagualu.platform import current_platform
     from bagualu.utils.lazy import import_dotted
 
     plat = current_platform()
-    path = plat.kernel_backends.get("compiler_codegen")
+    path = CODEGENS[name] if name is not None else plat.kernel_backends.get("compiler_codegen")
     if path is None:
         return None, f"platform {plat.name!r} names no compiler code generator (kernel_backends['compiler_codegen'])"
     try:
@@ -128,46 +132,59 @@ def _has_symbols(gm: fx.GraphModule) -> bool:
 
 
 @torch._disable_dynamo
-def compile_graph(gm: fx.GraphModule, example_inputs, label: str = "graph") -> Callable:
+def compile_graph(gm: fx.GraphModule, example_inputs, label: str = "graph", codegen: str | None = None) -> Callable:
     """A callable equivalent to ``gm`` with fusion regions replaced by compiled kernels.
 
     Never traced by Dynamo: AOTAutograd compiles a backward lazily, inside whatever frame first runs it.
     """
     if _has_symbols(gm):
-        return ShapeSpecialized(gm, label)
-    return _compile_static(gm, label)
+        return ShapeSpecialized(gm, label, codegen)
+    return _compile_static(gm, label, codegen)
 
 
-def _compile_static(gm: fx.GraphModule, label: str) -> fx.GraphModule:
+def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None) -> fx.GraphModule:
     from bagualu.compiler import search
 
     t0 = time.perf_counter()
     report = GraphReport(label, sum(1 for n in gm.graph.nodes if n.op == "call_function"))
-    gen, why = current_codegen()
+    gen, why = current_codegen(codegen)
     part = partition(gm, (lambda k: search.predict_best(k, gen)) if gen is not None else None)
     report.fallbacks = part.fallbacks
     runners: list[Callable | None] = [None] * len(part.kernels)
+    reported: list[int] = []  # region index of each report.kernels entry
     if gen is None:
         report.note = why or ""
         log.info("powerfusion: %s; %d region(s) run on ATen", why, len(part.kernels))
     elif part.kernels:
         report.codegen = gen.name
-        choices = [search.choose(k, gen) for k in part.kernels]
+        # a kernel the generator cannot express stays ATen, every op of it reported with the reason
+        reasons = [getattr(gen, "unsupported", lambda k: None)(k) for k in part.kernels]
+        todo = [i for i, r in enumerate(reasons) if r is None]
+        for k, r in zip(part.kernels, reasons):
+            if r is not None:
+                report.fallbacks.extend(Fallback(k.name, op, f"{gen.name} code generator: {r}") for op in k.ops)
+        choices: list = [None] * len(part.kernels)
+        for i in todo:
+            choices[i] = search.choose(part.kernels[i], gen)
         try:
-            built = gen.build([(k, c.mapping) for k, c in zip(part.kernels, choices)])
-            runners = list(built)
+            built = gen.build([(part.kernels[i], choices[i].mapping) for i in todo])
+            for i, b in zip(todo, built):
+                runners[i] = b
         except Exception as e:  # noqa: BLE001 - compiler missing or failing: ATen keeps it correct
             report.note = f"code generation failed: {e}"
             log.warning("powerfusion: code generation failed (%s); %d region(s) run on ATen", e, len(part.kernels))
             choices = [None] * len(part.kernels)
-        for k, c, r in zip(part.kernels, choices, runners):
+        for i, (k, c) in enumerate(zip(part.kernels, choices)):
+            if reasons[i] is not None:
+                continue
+            reported.append(i)
             report.kernels.append(KernelReport(
                 k.name, k.ops, k.rows, [tuple(v.size for v in s.vars) for s in k.spaces],
                 c.mapping.key() if c else "-", c.predicted_s if c else float("nan"), c.n_candidates if c else 0,
                 [b.name for b in k.inputs], [b.name for b in k.outputs], k))
     new_gm, calls = rebuild(gm, part, runners)
-    for kr, call in zip(report.kernels, calls):
-        kr.call = call
+    for kr, i in zip(report.kernels, reported):
+        kr.call = calls[i]
     for fb in part.fallbacks:
         (log.debug if fb.vendor else log.info)("powerfusion: %s (%s) stays ATen: %s", fb.node, fb.op, fb.reason)
     report.compile_s = time.perf_counter() - t0
@@ -180,7 +197,7 @@ def _compile_static(gm: fx.GraphModule, label: str) -> fx.GraphModule:
     return new_gm
 
 
-def rebuild(gm: fx.GraphModule, part: Partition, runners: list) -> tuple[fx.GraphModule, list[RegionCall]]:
+def rebuild(gm: fx.GraphModule, part: Partition, runners: list) -> tuple[fx.GraphModule, list]:
     """New graph: regions become kernel calls, other nodes are copied; topologically ordered."""
     owned: dict[fx.Node, int] = {}
     for i, r in enumerate(part.regions):
@@ -208,7 +225,7 @@ def rebuild(gm: fx.GraphModule, part: Partition, runners: list) -> tuple[fx.Grap
 
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    calls: list[RegionCall] = []
+    calls: list[RegionCall | None] = [None] * len(part.regions)  # by region index
     done: set = set()
     pending = list(units)
     # Kahn's algorithm keeping the original order as the priority
@@ -219,7 +236,7 @@ def rebuild(gm: fx.GraphModule, part: Partition, runners: list) -> tuple[fx.Grap
                 if isinstance(u, int):
                     r = part.regions[u]
                     call = RegionCall(r, runners[u], f"powerfusion_{part.kernels[u].name}")
-                    calls.append(call)
+                    calls[u] = call
                     res = g.call_function(call, tuple(env[a] for a in r.inputs))
                     for j, o in enumerate(r.outputs):
                         env[o] = g.call_function(operator.getitem, (res, j))
@@ -245,9 +262,10 @@ def _owned(r: Region, n: fx.Node) -> bool:
 class ShapeSpecialized:
     """Compiles a symbolic-shape graph once per concrete input shapes (cached)."""
 
-    def __init__(self, gm: fx.GraphModule, label: str):
+    def __init__(self, gm: fx.GraphModule, label: str, codegen: str | None = None):
         self.gm = gm
         self.label = label
+        self.codegen = codegen
         self.cache: dict[tuple, Callable] = {}
 
     def __call__(self, *args):
@@ -263,4 +281,4 @@ class ShapeSpecialized:
 
         concrete = make_fx(self.gm, tracing_mode="fake")(*args)
         shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-        return _compile_static(concrete, f"{self.label} {shapes}")
+        return _compile_static(concrete, f"{self.label} {shapes}", self.codegen)

@@ -44,6 +44,7 @@ class Explanation:
     graphs: list[str] = field(default_factory=list)
     compile_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    codegens: list[str] = field(default_factory=list)  # the code generator of each graph ("-": none)
 
     @property
     def n_fused_ops(self) -> int:
@@ -54,7 +55,8 @@ class Explanation:
 
     def __str__(self) -> str:
         out = [f"PowerFusion: {len(self.graphs)} graph(s) ({', '.join(self.graphs)}), {len(self.kernels)} fused "
-               f"kernel(s) covering {self.n_fused_ops} ATen ops, compile {self.compile_s:.2f} s"]
+               f"kernel(s) covering {self.n_fused_ops} ATen ops, compile {self.compile_s:.2f} s, code generator "
+               f"{'/'.join(sorted(set(self.codegens))) or '-'}"]
         out += [f"note: {n}" for n in self.notes]
         for k in self.kernels:
             meas = f"{k.measured_s * 1e6:9.1f} us" if k.measured_s else "        - us"
@@ -100,6 +102,7 @@ def _fill(ex: Explanation, reports: list[G.GraphReport], measure: bool, reps: in
     for gi, r in enumerate(reports):
         tag = f"{r.label}#{gi}"
         ex.graphs.append(tag)
+        ex.codegens.append(r.codegen or "-")
         ex.compile_s += r.compile_s
         if r.note:
             ex.notes.append(f"{tag}: {r.note}")
@@ -143,13 +146,15 @@ def _fresh(fn):
     return call
 
 
-def explain(fn, *args, backward: bool = False, measure: bool = True, reps: int = 5, **kwargs) -> Explanation:
+def explain(fn, *args, backward: bool = False, measure: bool = True, reps: int = 5, options: dict | None = None,
+            **kwargs) -> Explanation:
     """Compile ``fn`` with powerfusion, run it on ``args`` (and backward), and report what was fused.
 
     ``backward=True`` also runs the backward of the sum of the floating-point outputs, so the backward
-    graph is compiled and reported. Returns an ``Explanation``; ``print()`` it for the table.
+    graph is compiled and reported. ``options`` are the back-end's (``torch.compile(..., options=)``).
+    Returns an ``Explanation``; ``print()`` it for the table.
     """
-    compiled = torch.compile(_fresh(fn), backend="powerfusion")
+    compiled = torch.compile(_fresh(fn), backend="powerfusion", options=options)
     with record(measure=measure, reps=reps) as ex:
         out = compiled(*args, **kwargs)
         if backward:

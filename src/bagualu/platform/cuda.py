@@ -42,7 +42,9 @@ class CudaPlatform(Platform):
     device_type: ClassVar[str] = "cuda"
     dist_backend: ClassVar[str] = "nccl"
     priority: ClassVar[int] = 100
-    kernel_backends: ClassVar[dict[str, str]] = {}
+    kernel_backends: ClassVar[dict[str, str]] = {
+        "compiler_codegen": "bagualu.compiler.codegen.gpu:TritonCodegen",
+    }
     _bench_copy_bytes: ClassVar[int] = 512 << 20  # 1 GiB moved per copy: far beyond L2, ~0.3 ms
     _bench_gemm_max_n: ClassVar[int] = 8192
 
