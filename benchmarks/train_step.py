@@ -12,6 +12,10 @@ and our ratio.
     python benchmarks/train_step.py                          # tiny-moe recipe, 16 × 128 tokens
     python benchmarks/train_step.py --shape mixtral-140m     # ~140M Mixtral, batch 8 × 512 (the issue's)
     python benchmarks/train_step.py --batch 2 --seq 32 --reps 1 --layers 1 --json out.json   # a smoke run
+    python benchmarks/train_step.py --compile powerfusion    # also ours with train.compile=powerfusion
+
+With ``--compile``, a second copy of our model (same weights) runs compiled as ``bagualu train
+--train.compile=...`` does; its row has its own ratio, the headline stays the eager one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from common import interleaved, machine_facts, print_table, write_json  # noqa: 
 from bagualu.comm import make_mesh  # noqa: E402
 from bagualu.models import ModelConfig, MoEConfig, RopeConfig, from_config  # noqa: E402
 from bagualu.parallel import parallelize  # noqa: E402
+from bagualu.train.compile import BACKENDS, compile_model  # noqa: E402
 from bagualu.train.config import TrainConfig  # noqa: E402
 from bagualu.train.loop import lm_loss, make_optimizer, train_step  # noqa: E402
 from bagualu.train.recipes import tiny_moe  # noqa: E402
@@ -130,6 +135,8 @@ def main() -> None:
     ap.add_argument("--hf-experts", default="default",
                     help="transformers experts implementations to compare with (default, eager, grouped_mm, ...)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--compile", default="none", choices=BACKENDS,
+                    help="also time ours compiled with this torch.compile back-end (train.compile)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -155,16 +162,21 @@ def main() -> None:
                 raise SystemExit(f"the models disagree (relative loss difference {diff:.1e}); not timing them")
         autocast = autocast_for(dtype_name)
         fns = {"bagualu": our_step_fn(ours, mesh, ids, t, autocast)}
+        ours_c = f"bagualu ({args.compile})"
+        if args.compile != "none":
+            comp = parallelize(from_config(cfg, device="cpu", dtype="float32", seed=0), make_mesh(dp=1, ep=1)).train()
+            compile_model(comp, args.compile)
+            fns[ours_c] = our_step_fn(comp, mesh, ids, t, autocast)
         fns.update({name: hf_step_fn(hf, ids, t, autocast) for name, hf in peers.items()})
         times = interleaved(fns, reps=args.reps, warmup=2)
-        best = min((k for k in times if k != "bagualu"), key=times.get)
+        best = min((k for k in times if not k.startswith("bagualu")), key=times.get)
         ratios[dtype_name] = times[best] / times["bagualu"]
         n_params = sum(p.numel() for p in ours.parameters())
         for k, s in times.items():
             rows.append({"shape": args.shape, "params_M": n_params / 1e6, "batch": f"{batch}x{seq}",
                          "dtype": dtype_name if dtype_name == "float32" else "bf16 autocast", "impl": k,
                          "step_ms": s * 1e3, "tokens_per_s": batch * seq / s,
-                         "ratio": ratios[dtype_name] if k == "bagualu" else None,
+                         "ratio": times[best] / s if k.startswith("bagualu") else None,
                          "note": "best peer" if k == best else ""})
         print_table(rows[-len(times):], ["shape", "dtype", "impl", "step_ms", "tokens_per_s", "ratio", "note"])
         del ours, peers, fns

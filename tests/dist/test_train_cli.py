@@ -61,3 +61,16 @@ def test_train_errors_are_clear(tmp_path):
     p = subprocess.run([BAGUALU, "train", "mixtral-8x7b", "--nproc", "1", "--run-dir", str(tmp_path / "big")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "GiB per cpu device" in p.stderr and "--nproc" in p.stderr
+
+
+def test_compiled_training_follows_eager(tmp_path):
+    """``--train.compile=powerfusion``: the same losses and gradient norms as eager (fp32, to rounding)."""
+    eager = train(tmp_path / "eager", "--nproc", "1", "--data.corpus_mb=0.5")
+    comp = train(tmp_path / "pf", "--nproc", "1", f"--data.path={tmp_path / 'eager' / 'data'}",
+                 "--train.compile=powerfusion")
+    se, sc = [r for r in eager if "step" in r], [r for r in comp if "step" in r]
+    assert len(se) == len(sc) == 5
+    for a, b in zip(sc, se):
+        assert abs(a["loss"] - b["loss"]) / b["loss"] < 1e-5, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] < 1e-4, (a, b)
+    assert abs(comp[-1]["eval_loss"] - eager[-1]["eval_loss"]) < 1e-4

@@ -37,6 +37,7 @@ class TrainConfig:
     checkpoint_keep: int = 3
     checkpoint_async: bool = True
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, ~1 more forward)
+    compile: str = "none"  # torch.compile the model: none, powerfusion (fused memory-bound ops) or inductor
     checkpoint_dir: str = ""  # a local path or fsspec URL (s3://bucket/run/ckpt); empty: RUN_DIR/checkpoints
 
     def __post_init__(self):
@@ -46,6 +47,8 @@ class TrainConfig:
         if self.global_batch % self.grad_accum:
             raise ValueError(f"train.global_batch={self.global_batch} is not divisible by "
                              f"train.grad_accum={self.grad_accum}")
+        if self.compile not in ("none", "powerfusion", "inductor"):
+            raise ValueError(f"train.compile={self.compile!r} must be none, powerfusion or inductor")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"train.dtype={self.dtype!r} must be auto, float32 or bfloat16")
         if not 0 <= self.warmup < self.steps:

@@ -33,6 +33,7 @@ from bagualu.parallel import parallelize
 from bagualu.platform import current_platform
 from bagualu.storage import TokenDataset, filesystem, is_url, join
 from bagualu.train.activation_checkpointing import apply_activation_checkpointing
+from bagualu.train.compile import compile_model
 from bagualu.train.config import RunConfig, TrainConfig, to_dict
 from bagualu.train.data import load_dataset_tokenizer
 from bagualu.train.memory import check_fits
@@ -205,6 +206,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     model = parallelize(model, mesh)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
+    compile_model(model, t.compile)
     model.train()
     opt, sched = make_optimizer(model, t)
     micro = t.global_batch // t.grad_accum
