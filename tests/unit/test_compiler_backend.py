@@ -124,5 +124,5 @@ def test_training_step_gradients_match_eager():
 
 
 def test_bad_option_names_the_known_ones():
-    with pytest.raises(Exception, match="known: \\['codegen', 'partition'\\]"):
+    with pytest.raises(Exception, match="known: \\['codegen', 'dynamic_batch', 'partition'\\]"):
         torch.compile(lambda x: x + 1, backend="powerfusion", options={"bogus": 1})(torch.randn(3))

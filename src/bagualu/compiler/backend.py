@@ -10,7 +10,9 @@ is compiled by ``graph.compile_graph``. Inference graphs take the same path with
 ``options`` (``torch.compile(..., options={...})``): ``{"partition": "default"}`` uses AOTAutograd's
 default partitioner (save everything the backward reads) instead of min-cut rematerialisation;
 ``{"codegen": "cpp" | "triton"}`` picks a code generator instead of the platform's (``"triton"`` on CPU
-tensors runs under Triton's interpreter, ``TRITON_INTERPRET=1``: how the GPU generator is tested).
+tensors runs under Triton's interpreter, ``TRITON_INTERPRET=1``: how the GPU generator is tested);
+``{"dynamic_batch": True}`` compiles a graph whose sizes vary in one symbol (a serving engine's token
+count) once for every size instead of once per size (``dynamic.py``).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def _aot_kwargs(options: dict | None) -> dict:
 
     part = options.pop("partition", "min_cut")
     codegen = options.pop("codegen", None)
+    dynamic_batch = bool(options.pop("dynamic_batch", False))
     if options:
-        raise ValueError(f"unknown powerfusion option(s) {sorted(options)}; known: ['codegen', 'partition']")
+        raise ValueError(f"unknown powerfusion option(s) {sorted(options)}; known: ['codegen', 'dynamic_batch', "
+                         f"'partition']")
     if part not in ("min_cut", "default"):
         raise ValueError(f"powerfusion option partition={part!r}; use 'min_cut' or 'default'")
     if codegen is not None and codegen not in CODEGENS:
@@ -41,7 +45,7 @@ def _aot_kwargs(options: dict | None) -> dict:
 
     def compiler(label):
         def fn(g: torch.fx.GraphModule, inputs):
-            return make_boxed_func(compile_graph(g, inputs, label, codegen))
+            return make_boxed_func(compile_graph(g, inputs, label, codegen, dynamic_batch))
         return fn
 
     return dict(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),

@@ -132,17 +132,21 @@ def _has_symbols(gm: fx.GraphModule) -> bool:
 
 
 @torch._disable_dynamo
-def compile_graph(gm: fx.GraphModule, example_inputs, label: str = "graph", codegen: str | None = None) -> Callable:
+def compile_graph(gm: fx.GraphModule, example_inputs, label: str = "graph", codegen: str | None = None,
+                  dynamic_batch: bool = False) -> Callable:
     """A callable equivalent to ``gm`` with fusion regions replaced by compiled kernels.
 
     Never traced by Dynamo: AOTAutograd compiles a backward lazily, inside whatever frame first runs it.
     """
     if _has_symbols(gm):
-        return ShapeSpecialized(gm, label, codegen)
+        return ShapeSpecialized(gm, label, codegen, dynamic_batch)
     return _compile_static(gm, label, codegen)
 
 
-def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None) -> fx.GraphModule:
+def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None, build=None,
+                    record: bool = True) -> fx.GraphModule:
+    """``build(gen, pairs)`` replaces ``gen.build`` (the dynamic-batch planner); ``record=False`` keeps
+    the compilation out of ``REPORTS`` (what explain shows)."""
     from bagualu.compiler import search
 
     t0 = time.perf_counter()
@@ -167,7 +171,8 @@ def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None) 
         for i in todo:
             choices[i] = search.choose(part.kernels[i], gen)
         try:
-            built = gen.build([(part.kernels[i], choices[i].mapping) for i in todo])
+            pairs = [(part.kernels[i], choices[i].mapping) for i in todo]
+            built = gen.build(pairs) if build is None else build(gen, pairs)
             for i, b in zip(todo, built):
                 runners[i] = b
         except Exception as e:  # noqa: BLE001 - compiler missing or failing: ATen keeps it correct
@@ -188,6 +193,8 @@ def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None) 
     for fb in part.fallbacks:
         (log.debug if fb.vendor else log.info)("powerfusion: %s (%s) stays ATen: %s", fb.node, fb.op, fb.reason)
     report.compile_s = time.perf_counter() - t0
+    if not record:
+        return new_gm
     report.seq = SEQ[0]
     SEQ[0] += 1
     REPORTS.append(report)
@@ -260,15 +267,32 @@ def _owned(r: Region, n: fx.Node) -> bool:
 
 
 class ShapeSpecialized:
-    """Compiles a symbolic-shape graph once per concrete input shapes (cached)."""
+    """Compiles a symbolic-shape graph once per concrete input shapes (cached) — or, in dynamic-batch mode
+    and when the graph allows it, once for every size (``dynamic.compile_dynamic``)."""
 
-    def __init__(self, gm: fx.GraphModule, label: str, codegen: str | None = None):
+    def __init__(self, gm: fx.GraphModule, label: str, codegen: str | None = None, dynamic_batch: bool = False):
         self.gm = gm
         self.label = label
         self.codegen = codegen
         self.cache: dict[tuple, Callable] = {}
+        self.dynamic: Callable | None | bool = None if dynamic_batch else False  # None: not tried yet
 
     def __call__(self, *args):
+        if self.dynamic is None:
+            from bagualu.compiler.dynamic import compile_dynamic
+
+            try:
+                dyn, why = compile_dynamic(self.gm, self.label, self.codegen, self.per_shape)
+            except Exception as e:  # noqa: BLE001 - the per-shape path is always there
+                dyn, why = None, f"{type(e).__name__}: {e}"
+            if dyn is None:
+                log.info("powerfusion: %s compiles per shape, not once for every batch size: %s", self.label, why)
+            self.dynamic = dyn or False
+        if self.dynamic:
+            return self.dynamic(*args)
+        return self.per_shape(*args)
+
+    def per_shape(self, *args):
         key = tuple((tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
         fn = self.cache.get(key)
         if fn is None:

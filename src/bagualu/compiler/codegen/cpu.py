@@ -58,7 +58,7 @@ class CpuKernel:
         self.__name__ = kernel.name
         self.__module__ = __name__
         self.fn = fn
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         fn.restype = ctypes.c_int64
         self.in_layout = [(IR_TO_TORCH[b.dtype], b.shape, b.strides) for b in kernel.inputs]
         self.nbuf = len(kernel.inputs) + len(kernel.outputs)
@@ -85,7 +85,7 @@ class CpuKernel:
         for pool, spec in zip(self.pools, self.out_specs):
             outs.append(pool.get() if pool is not None else torch.empty_strided(spec[0], spec[1], dtype=spec[2]))
         ptrs = (ctypes.c_void_p * self.nbuf)(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outs])
-        err = self.fn(ptrs, torch.get_num_threads())
+        err = self.fn(ptrs, torch.get_num_threads(), 0)
         if err:
             raise IndexError(f"powerfusion kernel {self.kernel.name}: an index of a gather/scatter is out of range "
                              f"(ops: {', '.join(self.kernel.ops)})")
