@@ -5,8 +5,8 @@ compiles them about three times faster (0.15 s instead of 0.45 s of CPU for a ty
 One ``int64_t name(void* const* bufs, int64_t nthreads, int64_t n0)`` per kernel: ``bufs`` holds
 the data pointers of the inputs then the outputs; ``n0`` is the runtime size of a dynamic-batch kernel
 (``compiler/dynamic.py`` rewrites its size constants in terms of it; others ignore it); the return value
-is non-zero when a gather/scatter index was out of range (the caller raises, as ATen would). The row loop is ``omp for`` over the flattened
-outer domain (``Mapping.parallel == "rows"``); each pass is a loop nest over its space with
+is non-zero when a gather/scatter index was out of range (the caller raises, as ATen would). The row
+loop is ``omp for`` over the flattened outer domain (``Mapping.parallel == "rows"``); each pass is a loop nest over its space with
 ``#pragma omp simd`` and reduction clauses on the innermost loop, written so GCC vectorises it: unit
 strides stay affine in the loop variable, conversions and transcendental functions are branch-free
 inline code (``cpp_prelude``), ``cat``/padding branches are removed by splitting the loop into segments.
