@@ -41,10 +41,12 @@ TORCH_TO_IR = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16
                torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "b8"}
 IR_TO_TORCH = {v: k for k, v in TORCH_TO_IR.items()}
 MAX_FINAL_NUMEL = 1 << 16  # column/full reduction outputs are finished serially after the row loop
-# Inside a fused kernel, values the graph types as bf16/f16 stay fp32 (rounded at explicit casts and at
-# stores), as Inductor does by default: more accurate than eager, not bit-equal to it. Rounding every
-# intermediate as eager does costs ~6 integer ops per op and per element, which on a CPU makes bf16
-# kernels compute-bound; tests hold bf16 to eager's own error against an fp64 reference instead.
+# Inside a fused kernel, values the graph types as bf16/f16 stay fp32 and are rounded only where they are
+# stored — a cast to bf16 whose result is computed with further is not rounded either (checked: Inductor's
+# CPU kernels give exactly these results, e.g. for silu(x) * u and for x.to(bf16).float() * c). More
+# accurate than eager, not bit-equal to it. Rounding every intermediate as eager does costs ~6 integer ops
+# per op and per element, which on a CPU makes bf16 kernels compute-bound; tests hold bf16 to eager's own
+# error against an fp64 reference instead.
 EMULATE_PRECISION_CASTS = False
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from bagualu.compiler.ir import COMPUTE_DTYPE
-from bagualu.compiler.lower import LOWERINGS, Ctx, LoweringError, ir_dtype, meta
+from bagualu.compiler.lower import EMULATE_PRECISION_CASTS, LOWERINGS, Ctx, LoweringError, ir_dtype, meta
 from bagualu.compiler.lowerings.common import _arg, _out, _promoted, const_of, register
 
 aten = torch.ops.aten
@@ -249,8 +249,10 @@ def _to_copy(ctx, node, idx):
     if node.kwargs.get("device") is not None and torch.device(node.kwargs["device"]) != sm.device:
         raise LoweringError("device transfer", node)
     v = ctx.value_at(src, idx)
-    if dt in ("bf16", "f16", "i8", "u8"):
+    if dt in ("i8", "u8") or (dt in ("bf16", "f16") and EMULATE_PRECISION_CASTS):
         return ctx.round_to(v, dt)
+    if dt in ("bf16", "f16"):  # rounded where it is stored; in registers it stays fp32, as Inductor keeps it
+        return ctx.cast(v, COMPUTE_DTYPE[dt])
     comp = COMPUTE_DTYPE[dt]
     if comp == "b8":
         return ctx.op("ne", v, ctx.const(0, v.dtype), dtype="b8")
@@ -266,4 +268,4 @@ def _identity(ctx, node, idx):
 def _copy(ctx, node, idx):
     shp, dt = _out(node)
     v = ctx.arg_at(node.args[1], shp, idx, COMPUTE_DTYPE[ir_dtype(meta(node.args[1]).dtype)])
-    return ctx.round_to(v, dt) if dt in ("bf16", "f16") else ctx.cast(v, COMPUTE_DTYPE[dt])
+    return ctx.round_to(v, dt) if dt in ("bf16", "f16") and EMULATE_PRECISION_CASTS else ctx.cast(v, COMPUTE_DTYPE[dt])
