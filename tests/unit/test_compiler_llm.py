@@ -167,6 +167,23 @@ def test_router_counts_are_exact_in_one_kernel():
     w, i, counts = torch.compile(router, backend="powerfusion")(logits)
     torch.testing.assert_close(counts, torch.bincount(i.flatten(), minlength=64))
     torch.testing.assert_close(w.sum(-1), torch.ones(333))
+    # softmax -> top-k -> renormalise became top-k of the logits -> softmax of the k (rewrites.py)
+    assert any("renormalised top-k of a softmax" in n for n in ex.notes), str(ex)
+    assert ex.kernels[0].ops[0] == "aten.topk.default", ex.kernels[0].ops  # no softmax over all experts
+
+
+def test_router_rewrite_leaves_graphs_that_read_the_probabilities():
+    def router_and_probs(logits):
+        p = logits.softmax(-1)
+        w, i = p.topk(4, dim=-1)
+        return w / w.sum(-1, keepdim=True), i, p.mean(0)  # p itself is read (a load-balancing loss would)
+
+    logits = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    ex = explain(router_and_probs, logits, measure=False)
+    assert not any("rewrite" in n for n in ex.notes), str(ex)
+    got = torch.compile(router_and_probs, backend="powerfusion")(logits)
+    for g_, w_ in zip(got, router_and_probs(logits)):
+        torch.testing.assert_close(g_, w_)
 
 
 def test_softmax_is_one_kernel_with_materialised_exponentials():

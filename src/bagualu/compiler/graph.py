@@ -53,6 +53,7 @@ class GraphReport:
     codegen: str | None = None
     note: str = ""
     seq: int = -1
+    rewrites: list[str] = field(default_factory=list)  # algebraic rewrites applied (rewrites.py)
 
 
 REPORTS: list[GraphReport] = []  # most recent compilations, for explain(); bounded
@@ -152,6 +153,11 @@ def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None, 
     t0 = time.perf_counter()
     report = GraphReport(label, sum(1 for n in gm.graph.nodes if n.op == "call_function"))
     gen, why = current_codegen(codegen)
+    from bagualu.compiler.rewrites import renormalized_topk_softmax
+
+    n_router = renormalized_topk_softmax(gm)
+    if n_router:
+        report.rewrites.append(f"renormalised top-k of a softmax -> softmax of the top-k logits (x{n_router})")
     part = partition(gm, (lambda k: search.predict_best(k, gen)) if gen is not None else None)
     report.fallbacks = part.fallbacks
     runners: list[Callable | None] = [None] * len(part.kernels)

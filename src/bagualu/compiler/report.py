@@ -106,6 +106,7 @@ def _fill(ex: Explanation, reports: list[G.GraphReport], measure: bool, reps: in
         ex.compile_s += r.compile_s
         if r.note:
             ex.notes.append(f"{tag}: {r.note}")
+        ex.notes.extend(f"{tag}: rewrite: {w}" for w in r.rewrites)
         for kr in r.kernels:
             k = kr.kernel
             nbytes = sum(b.numel * b.itemsize for b in k.inputs + k.outputs) if k else 0
