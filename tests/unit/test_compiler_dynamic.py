@@ -8,12 +8,14 @@ merge (a size-derived float, a non-affine size), it compiles per shape as before
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bagualu.compiler.dynamic import H1, H2, affine, generalize_source
-from bagualu.compiler.graph import REPORTS
+from bagualu.compiler.graph import REPORTS, SEQ
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,20 +45,33 @@ def _weights(d=64, f=96):
 
 def _run_sizes(fn, sizes, make, options):
     compiled = torch.compile(fn, backend="powerfusion", options=options)
-    start = len(REPORTS)
+    start = SEQ[0]
     for i, t in enumerate(sizes):
         args = make(t)
         if i == 0:
             torch._dynamo.mark_dynamic(args[0], 0)
         got = compiled(*args)
         torch.testing.assert_close(got, fn(*args), atol=1e-4, rtol=1e-5)
-    return REPORTS[start:]
+    return [r for r in REPORTS if r.seq >= start]
 
 
-def test_token_counts_share_one_compilation():
-    w = _weights()
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+@pytest.mark.parametrize("codegen", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAVE_TRITON, reason="triton is not installed"))])
+def test_token_counts_share_one_compilation(codegen):
+    """Both code generators (Triton's under its interpreter on CPU; on a GPU machine, on the GPU)."""
+    dev = "cuda" if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+    w = [t.to(dev) for t in _weights()]
     sizes = [5, 7, 13, 64, 3, 300]
-    reports = _run_sizes(mlp_block, sizes, lambda t: [torch.randn(t, 64)] + w, DYN)
+    reports = _run_sizes(mlp_block, sizes, lambda t: [torch.randn(t, 64, device=dev)] + w,
+                         {**DYN, "codegen": codegen})
     dyn = [r for r in reports if "dynamic batch" in r.label]
     assert len(dyn) == 1 and dyn[0].kernels, [r.label for r in reports]
     assert len(reports) == 1, [r.label for r in reports]  # no per-shape compilation for any later size

@@ -19,7 +19,7 @@ from bagualu.compiler.codegen.gpu import (
     interpreting,
     module_source,
 )
-from bagualu.compiler.graph import REPORTS
+from bagualu.compiler.graph import REPORTS, SEQ
 
 TRITON = {"codegen": "triton"}
 
@@ -34,6 +34,10 @@ def _env(tmp_path_factory):
         yield
 
 
+def _since(seq: int):
+    return [r for r in REPORTS if r.seq >= seq]  # REPORTS is bounded: count by sequence number, not length
+
+
 def _device() -> str:
     return "cpu" if interpreting() else "cuda"
 
@@ -41,13 +45,13 @@ def _device() -> str:
 def test_every_llm_subgraph_kernel_compiles_for_sm90():
     """The kernels the interpreter ran, regenerated as the GPU gets them (libdevice, native bf16
     rounding), through Triton's compiler down to PTX for an H100/H200 (sm_90)."""
-    start = len(REPORTS)
+    start = SEQ[0]
     for name in FNS:
         for dtype in (torch.float32, torch.bfloat16):
             backward = FUSION[name][1] is not None
             args = [a.to(_device()).detach().requires_grad_(a.requires_grad) for a in _inputs(name, dtype, backward)]
             explain(FNS[name], *args, backward=backward, measure=False, options=TRITON)
-    pairs = [(k.kernel, k.call.runner.mapping) for r in REPORTS[start:] for k in r.kernels if r.codegen == "triton"]
+    pairs = [(k.kernel, k.call.runner.mapping) for r in _since(start) for k in r.kernels if r.codegen == "triton"]
     assert len(pairs) >= 20
     for i, (k, _) in enumerate(pairs):  # one module: names must be distinct
         k.name = f"k{i}"
@@ -67,9 +71,9 @@ def test_libdevice_functions_compile_for_the_gpu_and_fall_back_in_the_interprete
     if interpreting():
         reasons = [f[3] for f in ex.fallbacks if f[2] == "aten.atan2.default"]
         assert reasons and "libdevice" in reasons[0], str(ex)
-    start = len(REPORTS)
+    start = SEQ[0]
     explain(f, x, y, measure=False, options={"codegen": "cpp"})  # the kernel, as the C generator fuses it
-    pairs = [(k.kernel, k.call.runner.mapping) for r in REPORTS[start:] for k in r.kernels]
+    pairs = [(k.kernel, k.call.runner.mapping) for r in _since(start) for k in r.kernels]
     pairs = [(k, TritonCodegen().candidates(k)[0]) for k, _ in pairs]
     assert pairs and "libdevice.atan2" in module_source(pairs, interpret=False)
     assert compile_ptx(pairs)
@@ -92,9 +96,9 @@ def test_unusable_tile_width_is_refused():
     from bagualu.compiler.codegen.triton_src import TritonWriter
     from bagualu.compiler.ir import Mapping
 
-    start = len(REPORTS)
+    start = SEQ[0]
     explain(FNS["softmax"], torch.randn(2, 100), measure=False, options=TRITON)
-    (k,) = [k.kernel for r in REPORTS[start:] for k in r.kernels]
+    (k,) = [k.kernel for r in _since(start) for k in r.kernels]
     with pytest.raises(Unsupported, match="power of two"):
         TritonWriter(k, Mapping(parallel="rows", vector=100), True)
     with pytest.raises(Unsupported, match="only stores"):

@@ -8,13 +8,14 @@ sizes all depend on a single symbol ``B`` is compiled once:
 1. it is traced twice on fake tensors, with ``B`` set to two large sentinels ``H1``, ``H2`` (no memory is
    allocated); index simplifications that the lowering justifies from value ranges then hold for every
    ``B`` up to the sentinels, i.e. for any real size;
-2. both traces are partitioned, searched and turned into C by the usual pipeline;
-3. the two results are *anti-unified*: the two C sources must be token for token identical except for
+2. both traces are partitioned, searched and turned into code (C or Triton) by the usual pipeline;
+3. the two results are *anti-unified*: the two sources must be token for token identical except for
    integer literals ``c1``/``c2`` that are one affine function of the sentinel (``c = a*B + b``, found
-   from the pair), which become expressions of a runtime argument ``n0``; likewise every integer argument
-   of the graph's remaining ATen nodes (view sizes, …) and every buffer shape and stride. Anything else
-   that differs — a float derived from ``B`` (a mean over the batch), a size not affine in it, a
-   different fusion — and the graph is compiled per shape instead, as without this mode;
+   from the pair), which become expressions of a runtime argument ``n0`` (a Triton kernel's grid and
+   column partials follow it too); likewise every integer argument of the graph's remaining ATen nodes
+   (view sizes, …) and every buffer shape and stride. Anything else that differs — a float derived from
+   ``B`` (a mean over the batch), a size not affine in it, a different fusion — and the graph is
+   compiled per shape instead, as without this mode;
 4. the generalised source is built once; the graph takes ``B`` from its symbolic-int input.
 
 A region called with inputs laid out differently than compiled for makes that call fall back to the
@@ -118,8 +119,17 @@ def trace_at(gm: fx.GraphModule, sym, h: int) -> fx.GraphModule:
 _TOKEN = re.compile(r"0[xX][0-9a-fA-F.]+[pP][+-]?\d+[fF]?|[A-Za-z_]\w*|\d+(?:LL|ll|L|l)?|\s+|.")
 
 
-def generalize_source(src1: str, src2: str) -> str | None:
-    """The C source valid for any size: sentinel-derived integer literals become ``(a*n0 + b)``."""
+def c_affine(a: int, b: int) -> str:
+    return f"((int64_t){a}LL * n0 + {b}LL)"
+
+
+def py_affine(a: int, b: int) -> str:
+    return f"({a} * n0 + {b})"
+
+
+def generalize_source(src1: str, src2: str, spell: Callable[[int, int], str] = c_affine) -> str | None:
+    """The source (C, or Triton's Python with ``spell=py_affine``) valid for any size: sentinel-derived
+    integer literals become ``a*n0 + b``."""
     t1, t2 = _TOKEN.findall(src1), _TOKEN.findall(src2)
     if len(t1) != len(t2):
         return None
@@ -133,19 +143,18 @@ def generalize_source(src1: str, src2: str) -> str | None:
         fa = affine(int(a.rstrip("Ll")), int(b.rstrip("Ll")))
         if fa is None:
             return None
-        out.append(f"((int64_t){fa[0]}LL * n0 + {fa[1]}LL)")
+        out.append(spell(*fa))
     return "".join(out)
 
 
-class DynCpuKernel:
-    """A C kernel compiled once for every size: shapes and strides are affine templates in ``n0``."""
+class _DynKernel:
+    """A kernel compiled once for every size: shapes and strides are affine templates in the size."""
 
-    def __init__(self, k1: Kernel, k2: Kernel, fn):
+    device_type = "cpu"
+
+    def __init__(self, k1: Kernel, k2: Kernel):
         self.kernel = k1
         self.__name__ = k1.name
-        self.fn = fn
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-        fn.restype = ctypes.c_int64
         self.ins = [self._layout(a, b) for a, b in zip(k1.inputs, k2.inputs)]
         self.outs = [self._layout(a, b) for a, b in zip(k1.outputs, k2.outputs)]
         self.nbuf = len(self.ins) + len(self.outs)
@@ -161,15 +170,28 @@ class DynCpuKernel:
     def matches(self, inputs, n: int) -> bool:
         for t, (dt, shape, strides) in zip(inputs, self.ins):
             want = tuple(at(s, n) for s in shape)
-            if t.dtype != dt or tuple(t.shape) != want or t.device.type != "cpu":
+            if t.dtype != dt or tuple(t.shape) != want or t.device.type != self.device_type:
                 return False
             if t.numel() > 1 and any(st != at(w, n) for st, w, sz in zip(t.stride(), strides, want) if sz > 1):
                 return False
         return True
 
-    def __call__(self, *inputs, n0: int):
-        outs = [torch.empty_strided([at(s, n0) for s in shape], [at(s, n0) for s in strides], dtype=dt)
+    def outputs(self, n: int, device) -> list[torch.Tensor]:
+        return [torch.empty_strided([at(s, n) for s in shape], [at(s, n) for s in strides], dtype=dt, device=device)
                 for dt, shape, strides in self.outs]
+
+
+class DynCpuKernel(_DynKernel):
+    """A C kernel with the size as its ``n0`` argument."""
+
+    def __init__(self, k1: Kernel, k2: Kernel, fn):
+        super().__init__(k1, k2)
+        self.fn = fn
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int64
+
+    def __call__(self, *inputs, n0: int):
+        outs = self.outputs(n0, "cpu")
         ptrs = (ctypes.c_void_p * self.nbuf)(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outs])
         err = self.fn(ptrs, torch.get_num_threads(), n0)
         if err:
@@ -178,10 +200,53 @@ class DynCpuKernel:
         return tuple(outs)
 
 
+class DynTritonKernel(_DynKernel):
+    """A Triton kernel with the size as its ``n0`` argument; the grid and the column partials follow it."""
+
+    def __init__(self, k1: Kernel, k2: Kernel, m, fn, final_fn, uses_err: bool, device_type: str):
+        super().__init__(k1, k2)
+        from bagualu.compiler.codegen import schedule as sch
+        from bagualu.compiler.codegen.gpu import _IDENT
+
+        self.device_type = device_type
+        self.fn, self.final_fn, self.m, self.uses_err = fn, final_fn, m, uses_err
+        self.rows = _template(k1.rows, k2.rows)
+        widest = [max(p.space.numel for p in sch.schedule(k) if p.space is not None) if m.parallel == "tiles" else 0
+                  for k in (k1, k2)]
+        self.widest = _template(*widest)
+        self.parts = [(_template(c1.size, c2.size), IR_TO_TORCH[c1.value.dtype], _IDENT[c1.kind])
+                      for c1, c2 in zip(k1.col_reduces, k2.col_reduces)]
+        if self.rows is None or self.widest is None or any(p[0] is None for p in self.parts):
+            raise ValueError(f"kernel {k1.name}: its grid is not affine in the symbolic size")
+
+    def __call__(self, *inputs, n0: int):
+        dev = inputs[0].device
+        rows = at(self.rows, n0)
+        if self.m.parallel == "tiles":
+            grid, nprog = (rows, -(-at(self.widest, n0) // self.m.vector)), 1
+        else:
+            nprog = -(-rows // max(1, self.m.row_block))
+            grid = (nprog,)
+        outs = self.outputs(n0, dev)
+        parts = []
+        for size, dt, ident in self.parts:
+            if not dt.is_floating_point and ident != 0:
+                ident = torch.iinfo(dt).min if ident < 0 else torch.iinfo(dt).max
+            parts.append(torch.full((nprog * at(size, n0),), ident, dtype=dt, device=dev))
+        err = [torch.zeros(1, dtype=torch.int32, device=dev)] if self.uses_err else []
+        self.fn[grid](*inputs, *outs, *parts, *err, n0)
+        if self.final_fn is not None:
+            self.final_fn[(1,)](*inputs, *outs, *parts, n0)
+        if self.uses_err and int(err[0].item()):
+            raise IndexError(f"powerfusion kernel {self.kernel.name}: an index of a gather/scatter is out of range "
+                             f"(ops: {', '.join(self.kernel.ops)})")
+        return tuple(outs)
+
+
 class DynRegionCall:
     """A fused region in a dynamic graph: its kernel, given the runtime size as the last argument."""
 
-    def __init__(self, kernel: DynCpuKernel, name: str):
+    def __init__(self, kernel: _DynKernel, name: str):
         self.runner = kernel
         self.__name__ = name
         self.__module__ = __name__
@@ -321,21 +386,40 @@ def compile_dynamic(gm: fx.GraphModule, label: str, codegen: str | None,
                                 record=h == H1)
         plans.append((new, cap))
     (g1, c1), (g2, c2) = plans
-    lib = None
+    lib = mod = None
+    name = getattr(c1.get("gen"), "name", None)
     if c1:
-        gen = c1["gen"]
-        if getattr(gen, "name", None) != "cpp" or len(c1["pairs"]) != len(c2.get("pairs", ())):
-            return None, f"dynamic batch needs the C code generator (this one: {getattr(gen, 'name', None)})"
-        src = generalize_source(gen.source(c1["pairs"]), gen.source(c2["pairs"]))
+        if len(c1["pairs"]) != len(c2.get("pairs", ())) or name not in ("cpp", "triton"):
+            return None, f"the two plans differ, or code generator {name!r} has no dynamic-batch support"
+        if name == "cpp":
+            gen = c1["gen"]
+            src = generalize_source(gen.source(c1["pairs"]), gen.source(c2["pairs"]))
+        else:
+            from bagualu.compiler.codegen.gpu import interpreting, module_source
+
+            src = generalize_source(module_source(c1["pairs"], interpreting()),
+                                    module_source(c2["pairs"], interpreting()), py_affine)
         if src is None:
             return None, "a kernel's code depends on the size other than through affine integer constants"
-        lib, _secs, _hit = cbuild.build(src)
+        if name == "cpp":
+            lib, _secs, _hit = cbuild.build(src)
+        else:
+            from bagualu.compiler.codegen.gpu import load_module
+
+            mod = load_module(src)
 
     def make_region(r1, r2) -> DynRegionCall:
         if not isinstance(r1.runner, _Planned) or not isinstance(r2.runner, _Planned):
             raise ValueError("a region without a kernel")
         k1, k2 = r1.runner.kernel, r2.runner.kernel
-        return DynRegionCall(DynCpuKernel(k1, k2, getattr(lib, k1.name)), r1.__name__)
+        if lib is not None:
+            return DynRegionCall(DynCpuKernel(k1, k2, getattr(lib, k1.name)), r1.__name__)
+        from bagualu.compiler.codegen.triton_src import TritonWriter
+
+        m = r1.runner.mapping
+        kern = DynTritonKernel(k1, k2, m, getattr(mod, k1.name), getattr(mod, f"{k1.name}_final", None),
+                               TritonWriter(k1, m, False).uses_err, c1["gen"].device_type())
+        return DynRegionCall(kern, r1.__name__)
 
     g = generalize_graph(g1, g2, pos, make_region)
     if g is None:

@@ -113,9 +113,9 @@ class TritonKernel:
                 ident = torch.iinfo(dt).min if ident < 0 else torch.iinfo(dt).max
             parts.append(torch.full((n,), ident, dtype=dt, device=dev))
         err = [torch.zeros(1, dtype=torch.int32, device=dev)] if self.uses_err else []
-        self.fn[self.grid](*inputs, *outs, *parts, *err)
+        self.fn[self.grid](*inputs, *outs, *parts, *err, 0)
         if self.final_fn is not None:
-            self.final_fn[(1,)](*inputs, *outs, *parts)
+            self.final_fn[(1,)](*inputs, *outs, *parts, 0)
         if self.uses_err and int(err[0].item()):
             raise IndexError(f"powerfusion kernel {self.kernel.name}: an index of a gather/scatter is out of range "
                              f"(ops: {', '.join(self.kernel.ops)})")
@@ -200,9 +200,9 @@ def compile_ptx(pairs: Sequence[tuple[Kernel, Mapping]], arch: int = 90) -> dict
     sigs = {}
     for k, m in pairs:
         ptrs = [f"*{_tt(b.dtype)}" for b in k.inputs + k.outputs] + [f"*{_tt(cr.value.dtype)}" for cr in k.col_reduces]
-        sigs[k.name] = ptrs + (["*i32"] if TritonWriter(k, m, False).uses_err else [])
+        sigs[k.name] = ptrs + (["*i32"] if TritonWriter(k, m, False).uses_err else []) + ["i64"]
         if k.col_reduces or k.final_stores:
-            sigs[f"{k.name}_final"] = ptrs
+            sigs[f"{k.name}_final"] = ptrs + ["i64"]
     env_ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-m", "bagualu.compiler.codegen.gpu", str(path), str(arch), json.dumps(sigs)],
                        env=env_, capture_output=True, text=True, timeout=900)

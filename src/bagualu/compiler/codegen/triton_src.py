@@ -183,6 +183,7 @@ class TritonWriter:
         args += [f"part{cr.id}" for cr in self.k.col_reduces]
         if self.uses_err and not final:
             args.append("err")
+        args.append("n0")  # the runtime size of a dynamic-batch kernel (compiler/dynamic.py); others ignore it
         return ", ".join(args)
 
     def write(self) -> str:
