@@ -42,6 +42,15 @@ def test_explain_flavour_compiles_forward_and_backward(tmp_path):
     assert "backward#" in p.stdout and "forward#" in p.stdout
 
 
+def test_explain_with_the_triton_code_generator(tmp_path):
+    pytest.importorskip("triton")
+    p = _bagualu(["--explain", "tiny-mixtral", "--layers", "1", "--seq", "8", "--no-measure", "--codegen", "triton"],
+                 tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "code generator triton" in p.stdout and "backward#" in p.stdout
+    assert "0 fused kernel(s)" not in p.stdout.splitlines()[0]
+
+
 def test_unknown_target_names_the_choices(tmp_path):
     p = _bagualu(["--explain", "nope-model"], tmp_path)
     assert p.returncode != 0 and "tiny-llama" in (p.stderr + p.stdout) and "tiny-moe" in (p.stderr + p.stdout)

@@ -4,7 +4,9 @@ With a Python file, the script runs as ``__main__`` (arguments after ``--`` beco
 every ``torch.compile(..., backend="powerfusion")`` it triggers is reported. With a training recipe
 (``tiny-moe``, ``tiny-dense``, ...) or a model flavour (``tiny-llama``, ``tiny-mixtral``, ...), the model is
 built with random weights, compiled, and one forward+backward step on random tokens is reported; MoE
-expert dispatch runs eagerly between compiled graphs (it is not traceable by Dynamo). The report lists
+expert dispatch runs eagerly between compiled graphs (it is not traceable by Dynamo), as ``bagualu train
+--train.compile=powerfusion`` compiles it; ``--codegen triton`` shows the GPU code generator's kernels
+(under Triton's interpreter on a machine without a GPU). The report lists
 each fused kernel (ops, domain, chosen mapping, predicted and measured time, GB/s) and every ATen
 fallback with its reason.
 """
@@ -28,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=64, help="recipe/flavour: tokens per sequence (default 64)")
     p.add_argument("--layers", type=int, default=None, help="recipe/flavour: override the layer count")
     p.add_argument("--no-measure", action="store_true", help="skip timing the kernels")
+    p.add_argument("--codegen", choices=("cpp", "triton"), default=None,
+                   help="recipe/flavour: the code generator (default: the platform's); triton on a machine "
+                        "without a GPU runs under Triton's interpreter")
     p.set_defaults(func=run)
 
 
@@ -50,7 +55,7 @@ def _run_model(args) -> None:
     import torch.nn.functional as F
 
     import bagualu.models as bm
-    from bagualu.moe import MoE
+    from bagualu.train.compile import compile_model
 
     cfg = _model_config(args.target)
     if args.layers is not None:
@@ -58,16 +63,15 @@ def _run_model(args) -> None:
             raise SystemExit(f"--layers={args.layers} must be at least 1")
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     model = bm.from_config(cfg, device="cpu", dtype=torch.float32)
-    for mod in model.modules():
-        if isinstance(mod, MoE):
-            mod.forward = torch._dynamo.disable(mod.forward)
+    compile_model(model, "powerfusion", {"codegen": args.codegen} if args.codegen else None)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-    compiled = torch.compile(model, backend="powerfusion")
-    logits = compiled(ids[:, :-1])
+    logits = model(ids[:, :-1])
     F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
 
 
 def run(args) -> int:
+    if args.codegen == "triton" and not os.path.exists("/dev/nvidiactl"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no GPU here
     from bagualu.compiler.report import record
 
     is_script = args.target.endswith(".py") or os.path.isfile(args.target)

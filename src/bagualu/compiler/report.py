@@ -56,7 +56,7 @@ class Explanation:
     def __str__(self) -> str:
         out = [f"PowerFusion: {len(self.graphs)} graph(s) ({', '.join(self.graphs)}), {len(self.kernels)} fused "
                f"kernel(s) covering {self.n_fused_ops} ATen ops, compile {self.compile_s:.2f} s, code generator "
-               f"{'/'.join(sorted(set(self.codegens))) or '-'}"]
+               f"{'/'.join(sorted(set(self.codegens) - {'-'})) or '-'}"]
         out += [f"note: {n}" for n in self.notes]
         for k in self.kernels:
             meas = f"{k.measured_s * 1e6:9.1f} us" if k.measured_s else "        - us"

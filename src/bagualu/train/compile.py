@@ -18,9 +18,9 @@ from bagualu.moe import MoE
 BACKENDS = ("none", "powerfusion", "inductor")
 
 
-def compile_model(model: nn.Module, backend: str) -> int:
-    """Compile ``model`` in place with ``backend`` (one of ``BACKENDS``; "none" does nothing); returns how
-    many MoE layers stay eager."""
+def compile_model(model: nn.Module, backend: str, options: dict | None = None) -> int:
+    """Compile ``model`` in place with ``backend`` (one of ``BACKENDS``; "none" does nothing) and the
+    back-end's ``options``; returns how many MoE layers stay eager."""
     if backend not in BACKENDS:
         raise ValueError(f"train.compile={backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "none":
@@ -30,5 +30,5 @@ def compile_model(model: nn.Module, backend: str) -> int:
         if isinstance(m, MoE):
             m.forward = torch._dynamo.disable(m.forward)
             n += 1
-    model.compile(backend=backend)
+    model.compile(backend=backend, options=options)
     return n
