@@ -8,11 +8,10 @@ merge (a size-derived float, a non-affine size), it compiles per shape as before
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from codegens import CODEGENS, device_for
 
 from bagualu.compiler.dynamic import H1, H2, affine, generalize_source
 from bagualu.compiler.graph import REPORTS, SEQ
@@ -55,19 +54,10 @@ def _run_sizes(fn, sizes, make, options):
     return [r for r in REPORTS if r.seq >= start]
 
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-
-@pytest.mark.parametrize("codegen", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAVE_TRITON, reason="triton is not installed"))])
+@pytest.mark.parametrize("codegen", CODEGENS)
 def test_token_counts_share_one_compilation(codegen):
     """Both code generators (Triton's under its interpreter on CPU; on a GPU machine, on the GPU)."""
-    dev = "cuda" if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+    dev = device_for(codegen)
     w = [t.to(dev) for t in _weights()]
     sizes = [5, 7, 13, 64, 3, 300]
     reports = _run_sizes(mlp_block, sizes, lambda t: [torch.randn(t, 64, device=dev)] + w,

@@ -12,23 +12,14 @@ each Triton kernel for a real GPU target.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from codegens import CODEGENS, device_for
 
 from bagualu.compiler import explain
 from bagualu.compiler.report import _fresh
 from bagualu.ops.reference import apply_rope
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-CODEGENS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed"))]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,15 +112,13 @@ def _inputs(name, dtype, backward, seed=0):
 @pytest.mark.parametrize("codegen", CODEGENS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(FNS))
-def test_llm_subgraph_matches_eager(name, dtype, codegen, monkeypatch):
-    if codegen == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_llm_subgraph_matches_eager(name, dtype, codegen):
     options = {"codegen": codegen}
     backward = FUSION[name][1] is not None
     fn = FNS[name]
     args = _inputs(name, dtype, backward)
-    if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # a GPU machine
-        args = [a.detach().cuda().requires_grad_(a.requires_grad) for a in args]
+    if device_for(codegen) != "cpu":  # Triton on a GPU machine
+        args = [a.detach().to(device_for(codegen)).requires_grad_(a.requires_grad) for a in args]
     ex = explain(fn, *[a.detach().requires_grad_(a.requires_grad) for a in args], backward=backward, measure=False,
                  options=options)
     fw = [k for k in ex.kernels if not k.graph.startswith("backward")]

@@ -8,11 +8,11 @@ everything around it — attention blocks, norms, the router's softmax, the loss
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from codegens import CODEGENS, device_for
 
 import bagualu.models as bm
 from bagualu.compiler.report import record
@@ -39,23 +39,14 @@ def _step(model, ids):
     return logits.detach(), loss.detach(), grads
 
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-
-@pytest.mark.parametrize("codegen", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAVE_TRITON, reason="triton is not installed"))])
+@pytest.mark.parametrize("codegen", CODEGENS)
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
 def test_model_forward_backward_matches_eager(name, codegen):
     """Both code generators; Triton's under its interpreter on CPU (a GPU machine runs it on the GPU)."""
     from bagualu.moe import MoE
 
     cfg = dataclasses.replace(flavour(name), num_layers=2)
-    device = "cuda" if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+    device = device_for(codegen)
     model = bm.from_config(cfg, device=device, dtype=torch.float32)
     for mod in model.modules():
         if isinstance(mod, MoE):

@@ -15,25 +15,17 @@ interpreter on CPU tensors). A claim the Triton generator cannot express under t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("expecttest")  # torch.testing._internal needs it
 
+from codegens import CODEGENS, device_for  # noqa: E402
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
 from bagualu.compiler.backend import aot_compile  # noqa: E402
 from bagualu.compiler.claims import CLAIMS, Claim  # noqa: E402
 from bagualu.compiler.report import record  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
 
 OPS = {(o.name, o.variant_test_name): o for o in op_db}
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64, "bool": torch.bool}
@@ -125,7 +117,6 @@ def _close(got, want, dtype, ref=None):
 
 CASES = [pytest.param(c, d, id=f"{c.opinfo}{'.' + c.variant if c.variant else ''}-{d}") for c in CLAIMS
          for d in c.dtypes]
-CODEGENS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed"))]
 
 
 @pytest.mark.parametrize("codegen", CODEGENS)
@@ -137,7 +128,7 @@ def test_claimed_op_matches_eager(claim: Claim, dtype: str, codegen: str):
 
         if interpreting() and {a.split(".")[1] for a in claim.aten} & INTERPRETER_UNSUPPORTED:
             pytest.skip("needs libdevice, which Triton's interpreter lacks (compiled for the GPU instead)")
-    device = "cuda" if codegen == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+    device = device_for(codegen)
     op = OPS[(claim.opinfo, claim.variant)]
     dt = DT[dtype]
     backward = claim.backward and dt.is_floating_point and op.supports_autograd

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from codegens import device_for
 from test_compiler_llm import FNS, FUSION, _inputs
 
 from bagualu.compiler import explain
@@ -39,7 +40,7 @@ def _since(seq: int):
 
 
 def _device() -> str:
-    return "cpu" if interpreting() else "cuda"
+    return device_for("triton")
 
 
 def test_every_llm_subgraph_kernel_compiles_for_sm90():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bagualu.compiler import cost
+from bagualu.compiler.codegen import schedule as sch
 from bagualu.compiler.ir import Kernel, Mapping
 from bagualu.compiler.lower import IR_TO_TORCH
 from bagualu.utils import env
@@ -122,11 +123,11 @@ def synthetic_inputs(k: Kernel) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     for b in k.inputs:
         dt = IR_TO_TORCH[b.dtype]
-        span = 1 + sum((s - 1) * st for s, st in zip(b.shape, b.strides))
+        n = sch.span(b)
         if dt.is_floating_point:
-            base = torch.randn(span, generator=g).to(dt)
+            base = torch.randn(n, generator=g).to(dt)
         else:
-            base = torch.zeros(span, dtype=dt)
+            base = torch.zeros(n, dtype=dt)
         out.append(torch.as_strided(base, b.shape, b.strides))
     return out
 

@@ -6,8 +6,9 @@ One ``int64_t name(void* const* bufs, int64_t nthreads, int64_t n0)`` per kernel
 the data pointers of the inputs then the outputs; ``n0`` is the runtime size of a dynamic-batch kernel
 (``compiler/dynamic.py`` rewrites its size constants in terms of it; others ignore it); the return value
 is non-zero when a gather/scatter index was out of range (the caller raises, as ATen would). The row
-loop is ``omp for`` over the flattened outer domain (``Mapping.parallel == "rows"``); each pass is a loop nest over its space with
-``#pragma omp simd`` and reduction clauses on the innermost loop, written so GCC vectorises it: unit
+loop is ``omp for`` over the flattened outer domain (``Mapping.parallel == "rows"``); each pass is a loop
+nest over its space with ``#pragma omp simd`` and reduction clauses on the innermost loop, written so GCC
+vectorises it: unit
 strides stay affine in the loop variable, conversions and transcendental functions are branch-free
 inline code (``cpp_prelude``), ``cat``/padding branches are removed by splitting the loop into segments.
 Column reductions accumulate into per-thread partial arrays combined after the row loop.
@@ -40,19 +41,11 @@ class _KernelWriter:
         self.ind = 0
         self.passes = sch.schedule(k)
         self.nin = len(k.inputs)
-        self.spans = [1 + sum((s - 1) * st for s, st in zip(b.shape, b.strides)) for b in k.inputs]
+        self.spans = [sch.span(b) for b in k.inputs]
         self.gmemo: dict[int, bool] = {}
         self.mat_done: set[int] = set()
         self.seg_id = 0
-        self.indirect_size: dict[int, int] = {}
-        for v in k.values:
-            e = v.attrs.get("expr")
-            if isinstance(e, Expr):
-                for a in e.indirects():
-                    self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
-        for cr in k.col_reduces:
-            for a in cr.index.indirects():
-                self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
+        self.indirect_size = sch.indirect_sizes(k)
         self.uses_err = bool(self.indirect_size)
         self.rcp: dict[int, str] = {}  # divisor value id -> name of its reciprocal in the current row
 

@@ -110,6 +110,22 @@ def schedule(k: Kernel) -> list[Pass]:
     return passes
 
 
+def span(b) -> int:
+    """Elements from a buffer's first to its last addressed element (what an index must stay below)."""
+    return 1 + sum((s - 1) * st for s, st in zip(b.shape, b.strides))
+
+
+def indirect_sizes(k: Kernel) -> dict[int, int]:
+    """value id -> the extent each value used as a gather/scatter index must lie in (the smallest of its
+    uses): the code generators range-check and clamp these values where they are defined."""
+    out: dict[int, int] = {}
+    exprs = [v.attrs["expr"] for v in k.values if isinstance(v.attrs.get("expr"), Expr)]
+    for e in exprs + [cr.index for cr in k.col_reduces]:
+        for a in e.indirects():
+            out[a.value_id] = min(a.size, out.get(a.value_id, a.size))
+    return out
+
+
 def values_needed(roots: list[Value], stop_row_results: bool = True) -> list[Value]:
     """Every value ``roots`` depend on (row results are leaves), in topological (id) order."""
     seen: dict[int, Value] = {}

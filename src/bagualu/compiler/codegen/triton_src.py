@@ -72,18 +72,10 @@ class TritonWriter:
         self.lines: list[str] = []
         self.ind = 0
         self.nin = len(k.inputs)
-        self.spans = [1 + sum((s - 1) * st for s, st in zip(b.shape, b.strides)) for b in k.inputs]
+        self.spans = [sch.span(b) for b in k.inputs]
         self.gmemo: dict[int, bool] = {}
         self.tmp = 0
-        self.indirect_size: dict[int, int] = {}
-        for v in k.values:
-            e = v.attrs.get("expr")
-            if isinstance(e, Expr):
-                for a in e.indirects():
-                    self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
-        for cr in k.col_reduces:
-            for a in cr.index.indirects():
-                self.indirect_size[a.value_id] = min(a.size, self.indirect_size.get(a.value_id, a.size))
+        self.indirect_size = sch.indirect_sizes(k)
         self.uses_err = bool(self.indirect_size)
         self.grid = grid_of(k, m)
         self.check()
