@@ -207,3 +207,22 @@ def test_cuda_logic_with_a_faked_driver(monkeypatch):
     assert d["peak_memory_bandwidth"]["bytes_per_s"] == 3.35e12
     assert d["peak_flops"]["bfloat16"]["flop_per_s"] == 989e12
     assert figures.cache_file(CudaPlatform) != figures.cache_file(CpuPlatform)
+
+
+def test_figures_measured_on_real_tensors_inside_a_tracer(monkeypatch):
+    """The compiler first asks for the figures while tracing on fake tensors; a copy there takes no time,
+    and the absurd bandwidth would be cached for every later process. The benchmark runs on real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen = []
+    real = figures.measure_copy_bandwidth
+
+    def spy(plat):
+        seen.append(type(torch.ones(1)))
+        return real(plat)
+
+    monkeypatch.setattr(figures, "measure_copy_bandwidth", spy)
+    with FakeTensorMode():
+        fig = figures.bandwidth(CpuPlatform)
+    assert seen == [torch.Tensor] and fig.source == "measured"
+    assert json.loads(figures.cache_file(CpuPlatform).read_text())["figures"]["copy_bandwidth"]["value"] == fig.value

@@ -11,6 +11,8 @@ Every figure carries its source: ``"measured"`` (this process ran the benchmark)
 from the JSON file) or ``"table: <why>"`` (``BAGUALU_NO_MEASURE`` is set, the dtype is unsupported,
 or the benchmark failed). Within a process each figure is memoised; ``clear_memo()`` forgets them.
 
+Figures are measured on real tensors even when first asked for inside a tracer (``real_tensors``).
+
 Concurrent writers (several ranks on one host measuring at once) each replace the file atomically;
 the last one wins, so at worst a figure is measured again later. Ranks sharing a host also share its
 memory bus, so measure before launching workers when the figure matters.
@@ -18,6 +20,7 @@ memory bus, so measure before launching workers when the figure matters.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,7 +121,8 @@ def _figure(plat: type[Platform], key: str, measure, table: float, unsupported: 
     else:
         try:
             t0 = time.perf_counter()
-            value = float(measure())
+            with real_tensors():
+                value = float(measure())
             log.debug("measured %s %s = %.3g in %.2fs", plat.name, key, value, time.perf_counter() - t0)
             if not value > 0:
                 raise RuntimeError(f"benchmark returned {value}")
@@ -130,6 +134,21 @@ def _figure(plat: type[Platform], key: str, measure, table: float, unsupported: 
             fig = Figure(value=value, source="measured")
     _memo[path_key] = fig
     return fig
+
+
+@contextlib.contextmanager
+def real_tensors():
+    """Run a benchmark on real tensors even when called from inside a tracer.
+
+    The compiler asks for these figures while Dynamo/AOTAutograd trace on fake tensors; under an
+    active ``FakeTensorMode`` a copy or GEMM does nothing and takes no time, and the absurd figure
+    (terabytes per second on a laptop) would be cached on disk for every later process. The tracer's
+    dispatch modes are set aside for the benchmark, and autograd is off.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.no_grad():
+        yield
 
 
 def _best_seconds(plat: type[Platform], fn, *, budget_s: float, min_reps: int = 3, max_reps: int = 50) -> float:
