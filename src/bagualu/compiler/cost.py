@@ -7,6 +7,8 @@ and fusion choices, and measured autotuning corrects it where it is wrong:
 
 - DRAM traffic: every input element the kernel reads, once, and every output element written; a later
   pass over a row re-reads from DRAM only when the row's working set does not fit the per-thread cache.
+  When the kernel moves more than the last-level cache, a cached store costs twice (the line is read
+  first, write-allocate) unless the mapping streams its stores (non-temporal).
 - compute: per element of each pass, the micro-ops it evaluates (transcendentals weighted; libm calls
   weighted as scalar), at the vector throughput the FLOP/s figure implies; materialising a value trades
   its recomputation for a local-buffer read.
@@ -27,6 +29,11 @@ from bagualu.compiler.ir import Kernel, Mapping, Value
 WEIGHT = {"exp": 12, "sigmoid": 16, "div": 4, "sqrt": 4, "rsqrt": 5, "reciprocal": 4, "log": 60, "log1p": 60,
           "log2": 60, "expm1": 60, "tanh": 60, "sin": 60, "cos": 60, "erf": 60, "pow": 80, "atan2": 80,
           "load": 1, "const": 0, "index": 1, "local_load": 1, "cast": 1, "where": 1}
+STREAM_OPS = 2  # lane-ops per element a streamed store adds (stage, then copy out)
+# 16-bit floats are converted in registers: widening is a shift, narrowing rounds to nearest even
+# (shift, mask, two adds, NaN select, pack): a bf16 kernel on a CPU without bf16 units is compute-bound
+HALF = ("bf16", "f16")
+HALF_LOAD_OPS, HALF_STORE_OPS = 2, 8
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Machine:
     fork_s: float  # cost of one parallel region
     row_s: float  # per row and pass bookkeeping
     call_s: float  # launching one kernel (host-side wrapper, allocation, call)
+    llc_bytes: int = 0  # last-level cache; 0 = unknown (write-allocate traffic not modelled)
 
 
 def machine(gen=None) -> Machine:
@@ -49,7 +57,7 @@ def machine(gen=None) -> Machine:
     return Machine(bandwidth=bw, lane_ops=flops / 2, threads=max(1, torch.get_num_threads()),
                    cache_bytes=getattr(gen, "cache_bytes", lambda: 512 << 10)(),
                    fork_s=getattr(gen, "fork_seconds", 10e-6), row_s=getattr(gen, "row_seconds", 3e-9),
-                   call_s=getattr(gen, "call_seconds", 8e-6))
+                   call_s=getattr(gen, "call_seconds", 8e-6), llc_bytes=getattr(gen, "llc_bytes", lambda: 0)())
 
 
 def _bytes_per_element(k: Kernel, v: Value) -> int:
@@ -104,12 +112,20 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
                 skip.update(a.id for a in v.args)
                 continue
             per_elem += WEIGHT.get(v.op, 1)
+            if v.op == "load" and k.inputs[v.attrs["buf"]].dtype in HALF:
+                per_elem += HALF_LOAD_OPS
         mat_done |= {v.id for v in needed if v.id in m.materialize}
         per_elem += len(p.items)
+        per_elem += HALF_STORE_OPS * sum(1 for it in p.items if it.kind == "store"
+                                         and k.outputs[it.obj.buf].dtype in HALF)
+        if m.stream:  # each stored element is staged, then copied out: a load and a store more
+            per_elem += STREAM_OPS * sum(1 for it in p.items if it.kind == "store")
         per_elem += 8 * _unsplit_selects(p, needed)
         lanes_penalty = 8.0 if p.items[0].kind == "topk" or not _affine(k, p, needed) else 1.0
         ops += per_elem * p.space.numel * k.rows * lanes_penalty
     bw = mc.bandwidth * min(1.0, 0.6 * threads) if threads < mc.threads or mc.threads == 1 else mc.bandwidth
+    if not m.stream and 0 < mc.llc_bytes < read + write:
+        write *= 2  # write-allocate: a cached store reads its line first, and the line is evicted unread
     mem_s = (read + write + extra) / bw
     vec_bonus = 1.1 if m.vector else 1.0
     compute_s = ops / (mc.lane_ops * threads / mc.threads) / vec_bonus

@@ -25,6 +25,7 @@ per-shape path, so a result is never computed by a kernel built for another layo
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import operator
 import re
 from typing import Any, Callable
@@ -379,7 +380,10 @@ def compile_dynamic(gm: fx.GraphModule, label: str, codegen: str | None,
         cap: dict = {}
 
         def plan(gen, pairs, cap=cap):
-            cap["gen"], cap["pairs"] = gen, list(pairs)
+            # no streamed stores: planned at huge sentinel sizes, the kernels serve small batches too,
+            # whose outputs the next operator should find in the cache
+            pairs = [(k, dataclasses.replace(m, stream=False)) for k, m in pairs]
+            cap["gen"], cap["pairs"] = gen, pairs
             return [_Planned(k, m) for k, m in pairs]
 
         new = G._compile_static(trace_at(gm, sym, h), f"{label} [dynamic batch]", codegen, build=plan,

@@ -152,7 +152,10 @@ class Mapping:
     the innermost loop (0 = let the compiler choose). materialize: ids of space values computed once into
     a per-row local buffer and read back by later passes instead of being recomputed. row_block: rows per
     scheduling chunk (0 = static). prefetch: later passes over a row fetch the next row's inputs ahead, so
-    memory traffic overlaps the compute-heavy passes instead of alternating with them.
+    memory traffic overlaps the compute-heavy passes instead of alternating with them. stream: contiguous
+    stores bypass the caches (non-temporal), for kernels whose traffic exceeds the last-level cache: a
+    cached store first reads the line it writes (write-allocate), a third of a copy's traffic, and
+    what it leaves in the cache is evicted before anyone reads it.
     """
 
     parallel: str = "rows"
@@ -160,10 +163,12 @@ class Mapping:
     materialize: frozenset[int] = frozenset()
     row_block: int = 0
     prefetch: bool = False
+    stream: bool = False
 
     def key(self) -> str:
         m = ",".join(str(i) for i in sorted(self.materialize))
-        return f"{self.parallel}/v{self.vector}/m[{m}]/b{self.row_block}{'/pf' if self.prefetch else ''}"
+        return (f"{self.parallel}/v{self.vector}/m[{m}]/b{self.row_block}{'/pf' if self.prefetch else ''}"
+                f"{'/nt' if self.stream else ''}")
 
 
 @dataclass(eq=False)

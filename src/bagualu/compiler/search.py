@@ -78,7 +78,8 @@ def _save(key: str, payload: dict) -> None:
 
 def _from_json(d: dict) -> Mapping:
     return Mapping(parallel=d["parallel"], vector=int(d["vector"]), materialize=frozenset(d["materialize"]),
-                   row_block=int(d.get("row_block", 0)), prefetch=bool(d.get("prefetch", False)))
+                   row_block=int(d.get("row_block", 0)), prefetch=bool(d.get("prefetch", False)),
+                   stream=bool(d.get("stream", False)))
 
 
 def predict_best(k: Kernel, gen) -> float:
@@ -112,7 +113,8 @@ def choose(k: Kernel, gen) -> Choice:
         return choice  # the model is cheap and its inputs (platform figures) may change: never cached
     _save(key, {"mapping": {"parallel": choice.mapping.parallel, "vector": choice.mapping.vector,
                             "materialize": sorted(choice.mapping.materialize),
-                            "row_block": choice.mapping.row_block, "prefetch": choice.mapping.prefetch},
+                            "row_block": choice.mapping.row_block, "prefetch": choice.mapping.prefetch,
+                            "stream": choice.mapping.stream},
                 "source": choice.source, "measured_s": choice.measured_s, "predicted_s": choice.predicted_s})
     return choice
 

@@ -33,6 +33,9 @@ from bagualu.compiler.index import Expr, Var
 from bagualu.compiler.ir import Kernel, Mapping, Space, Value
 
 
+STREAM_MIN_BYTES = 256  # a streamed store's loop writes at least this much per run (else plain stores)
+
+
 class _KernelWriter:
     def __init__(self, k: Kernel, m: Mapping):
         self.k = k
@@ -48,6 +51,7 @@ class _KernelWriter:
         self.indirect_size = sch.indirect_sizes(k)
         self.uses_err = bool(self.indirect_size)
         self.rcp: dict[int, str] = {}  # divisor value id -> name of its reciprocal in the current row
+        self.stage: dict[str, Var] = {}  # staging array of a streamed store -> its loop variable
 
     def w(self, s: str) -> None:
         self.lines.append("  " * self.ind + s)
@@ -159,6 +163,8 @@ class _KernelWriter:
             self.w("}")
         for vid in sorted(self.m.materialize):
             self.w(f"free(mat{vid});")
+        if self.m.stream:
+            self.w("pf_sfence();")
         self.ind -= 1
         self.w("}")
         self.emit_final(gnames)
@@ -332,16 +338,20 @@ class _KernelWriter:
                 spec = None
                 lv = inner
             pref = self._prefetches(p) if not pts and not outer_vars and collapsed is None else []
-            if pref:  # strip-mined: each chunk first asks for the same chunk of the next row
+            streams = self._streams(p, spec, lv) if self.m.stream else {}
+            if pref or streams:  # strip-mined: each chunk first asks for the same chunk of the next row
                 self.w(f"for (int64_t c_ = 0; c_ < {lv.size}; c_ += {PREFETCH_CHUNK}) {{")
                 self.ind += 1
                 for base, step in pref:
                     self.w(f"for (int64_t q_ = 0; q_ < {PREFETCH_CHUNK}; q_ += {step}) "
                            f"__builtin_prefetch(&{base}[c_ + q_], 0, 2);")
                 self.w(f"const int64_t e_ = c_ + {PREFETCH_CHUNK} < {lv.size} ? c_ + {PREFETCH_CHUNK} : {lv.size};")
+                for stg, (buf, _base) in streams.items():
+                    self.w(f"{ST[self.k.outputs[buf].dtype]} {stg}[{PREFETCH_CHUNK}] __attribute__((aligned(64)));")
+            self.stage = {stg: lv for stg in streams}
             if simd:
                 self.w("#pragma omp simd " + " ".join(clauses))
-            if pref:
+            if pref or streams:
                 self.w(f"for (int64_t {lv.name} = c_; {lv.name} < e_; ++{lv.name}) {{")
             else:
                 self.w(f"for (int64_t {lv.name} = 0; {lv.name} < {lv.size}; ++{lv.name}) {{")
@@ -363,7 +373,10 @@ class _KernelWriter:
                 self.item_effect(it, local, spec, value=sv)
             self.ind -= 1
             self.w("}")
-            if pref:
+            for stg, (buf, base) in streams.items():
+                self.w(f"pf_stream(&out{buf}[{base}], {stg}, (e_ - c_) * (int64_t)sizeof({stg}[0]));")
+            self.stage = {}
+            if pref or streams:
                 self.ind -= 1
                 self.w("}")
         for v in needed:
@@ -377,6 +390,24 @@ class _KernelWriter:
         for _ in outer_vars:
             self.ind -= 1
             self.w("}")
+
+    def _streams(self, p: sch.Pass, spec, lv: Var) -> dict[str, tuple[int, str]]:
+        """The stores of this loop that go through a staging chunk and non-temporal stores (``Mapping.stream``):
+        those contiguous in the loop variable, over runs of at least ``STREAM_MIN_BYTES``.
+        ``{staging array: (output, address of the chunk start)}``."""
+        out = {}
+        for it in p.items:
+            if it.kind != "store" or lv.size * self.k.outputs[it.obj.buf].itemsize < STREAM_MIN_BYTES:
+                continue
+            e = spec.expr(it.obj.index) if spec else it.obj.index
+            if not e.linear_in(lv) or e.coeff(lv) != 1 or e.indirects():
+                continue
+            base = e.subs({lv: ix.var(Var("c_", lv.size))})
+            out[self._stage_name(it)] = (it.obj.buf, c_expr(base, {}))
+        return out
+
+    def _stage_name(self, it: sch.Item) -> str:
+        return f"stg{next(i for i, st in enumerate(self.k.stores) if st is it.obj)}"
 
     def _prefetches(self, p: sch.Pass) -> list[tuple[str, int]]:
         """(address of the next row's element 0, elements per cache line) of each contiguous input the
@@ -442,7 +473,12 @@ class _KernelWriter:
         elif it.kind == "store":
             st = it.obj
             e = spec.expr(st.index) if spec else st.index
-            self.w(f"out{st.buf}[{c_expr(e, names)}] = {self._to_storage(val, v.dtype, self.k.outputs[st.buf].dtype)};")
+            stored = self._to_storage(val, v.dtype, self.k.outputs[st.buf].dtype)
+            lv = getattr(self, "stage", {}).get(self._stage_name(it))
+            if lv is not None:
+                self.w(f"{self._stage_name(it)}[{lv.name} - c_] = {stored};")
+            else:
+                self.w(f"out{st.buf}[{c_expr(e, names)}] = {stored};")
         elif it.kind == "colreduce":
             cr = it.obj
             e = spec.expr(cr.index) if spec else cr.index

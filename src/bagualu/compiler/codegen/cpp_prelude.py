@@ -16,7 +16,7 @@ PRELUDE = r"""
 #include <stdlib.h>
 #include <math.h>
 #include <omp.h>
-#ifdef __AVX2__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 
@@ -161,5 +161,30 @@ static inline void pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t 
   }
 #endif
   pf_topk8_generic(buf, n, k, t, vals, idx);
+}
+
+/* Non-temporal copy of a staged chunk to its place in an output (Mapping.stream): 32-byte streaming
+   stores from the first aligned byte, plain copies for the ragged ends. pf_sfence orders a thread's
+   streaming stores before it leaves the parallel region. */
+#include <string.h>
+static inline void pf_stream(void* __restrict dst_, const void* __restrict src_, int64_t n) {
+  char* dst = (char*)dst_;
+  const char* src = (const char*)src_;
+#ifdef __AVX__
+  int64_t head = (int64_t)((32u - ((uintptr_t)dst & 31u)) & 31u);
+  if (head > n) head = n;
+  memcpy(dst, src, (size_t)head);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32)
+    _mm256_stream_si256((__m256i*)(dst + i), _mm256_loadu_si256((const __m256i*)(src + i)));
+  memcpy(dst + i, src + i, (size_t)(n - i));
+#else
+  memcpy(dst, src, (size_t)n);
+#endif
+}
+static inline void pf_sfence(void) {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
 }
 """

@@ -15,7 +15,9 @@ storage), checked through the tensor's and its storage's use counts — so reuse
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,6 +26,7 @@ from bagualu.compiler.codegen import build as cbuild
 from bagualu.compiler.codegen import schedule as sch
 from bagualu.compiler.codegen.cpp import kernel_source
 from bagualu.compiler.codegen.cpp_prelude import PRELUDE
+from bagualu.compiler.cost import traffic
 from bagualu.compiler.ir import Kernel, Mapping
 from bagualu.compiler.lower import IR_TO_TORCH
 
@@ -92,6 +95,27 @@ class CpuKernel:
         return tuple(outs)
 
 
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """Size of CPU 0's highest-level data or unified cache, from sysfs (Linux); 0 when unknown."""
+    best = (0, 0)
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (d / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((d / "level").read_text())
+            size = (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        try:
+            nbytes = int(size.rstrip("KMG")) * mult
+        except ValueError:
+            continue
+        best = max(best, (level, nbytes))
+    return best[1]
+
+
 def _tileable(passes) -> bool:
     """Only stores, each pass over a space of at least two variables: (row, head) pairs are independent."""
     return bool(passes) and all(p.space is not None and len(p.space.vars) >= 2 and
@@ -113,12 +137,19 @@ class CppCodegen:
             pars.append("tiles")
         space_passes = [p.space.name for p in passes if p.space is not None]
         multipass = len(space_passes) != len(set(space_passes))
+        read, write = traffic(kernel)
+        streams = [False, True] if kernel.stores and read + write > self.llc_bytes() > 0 else [False]
         for par in pars:
             for vec in ([0, 16] if has_red else [0]):
                 for mat in ([frozenset(), frozenset(mats)] if mats else [frozenset()]):
                     for pf in ([False, True] if multipass and par != "tiles" else [False]):
-                        out.append(Mapping(parallel=par, vector=vec, materialize=mat, prefetch=pf))
+                        for nt in streams:
+                            out.append(Mapping(parallel=par, vector=vec, materialize=mat, prefetch=pf, stream=nt))
         return out
+
+    def llc_bytes(self) -> int:
+        """The last-level cache (0 when unknown): a kernel moving more than this streams its stores."""
+        return last_level_cache_bytes()
 
     def source(self, pairs: Sequence[tuple[Kernel, Mapping]]) -> str:
         return PRELUDE + "\n\n".join(kernel_source(k, m) for k, m in pairs) + "\n"
