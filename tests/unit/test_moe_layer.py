@@ -181,3 +181,20 @@ def test_pooled_buffers_survive_training_then_other_token_counts():
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="did not come from take"):
         workspace.give(torch.empty(1000, 1100))
+
+
+def test_pooled_buffer_returned_by_a_finaliser_inside_a_compile_trace():
+    """Expert activations go back to the pool from a finaliser, i.e. whenever the garbage collector runs —
+    also while torch.compile traces on fake tensors. The real buffer still goes back (no 'Exception
+    ignored' and a lost buffer), and the next take reuses it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bagualu.memory import workspace
+
+    workspace.clear()
+    t = workspace.take((1024, 1024), torch.float32, torch.device("cpu"))
+    ptr = t.data_ptr()
+    with FakeTensorMode():
+        workspace.give(t)
+    del t
+    assert workspace.take((1024, 1024), torch.float32, torch.device("cpu")).data_ptr() == ptr

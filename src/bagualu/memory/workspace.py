@@ -17,6 +17,8 @@ from collections import defaultdict
 
 import torch
 
+from bagualu.utils.tracing import real_tensors
+
 _STEP = 1 << 20
 _lock = threading.Lock()
 _free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -57,7 +59,10 @@ def give(*tensors: torch.Tensor | None) -> None:
         if nbytes % _STEP:  # ``take``'s buffers are whole size classes
             raise ValueError(f"workspace.give: a {tuple(t.shape)} tensor whose storage ({nbytes} bytes) did not "
                              "come from take()")
-        base = t.new_empty(0).set_(storage, 0, (nbytes // t.element_size(),))
+        # also called from a finaliser, i.e. whenever the garbage collector runs: possibly in the middle
+        # of a torch.compile trace, whose fake-tensor mode would reject this real tensor
+        with real_tensors():
+            base = t.new_empty(0).set_(storage, 0, (nbytes // t.element_size(),))
         k = _key(nbytes, base.dtype, base.device)
         with _lock:
             if len(_free[k]) < max_cached:

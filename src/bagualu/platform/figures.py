@@ -11,7 +11,9 @@ Every figure carries its source: ``"measured"`` (this process ran the benchmark)
 from the JSON file) or ``"table: <why>"`` (``BAGUALU_NO_MEASURE`` is set, the dtype is unsupported,
 or the benchmark failed). Within a process each figure is memoised; ``clear_memo()`` forgets them.
 
-Figures are measured on real tensors even when first asked for inside a tracer (``real_tensors``).
+The compiler first asks for the figures while tracing on fake tensors, where a copy takes no time; the
+benchmarks run outside the tracer's modes (``utils.tracing.real_tensors``), or the absurd figure would
+be cached for every later process.
 
 Concurrent writers (several ranks on one host measuring at once) each replace the file atomically;
 the last one wins, so at worst a figure is measured again later. Ranks sharing a host also share its
@@ -20,7 +22,6 @@ memory bus, so measure before launching workers when the figure matters.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bagualu.utils import env
+from bagualu.utils.tracing import real_tensors
 from bagualu.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -134,21 +136,6 @@ def _figure(plat: type[Platform], key: str, measure, table: float, unsupported: 
             fig = Figure(value=value, source="measured")
     _memo[path_key] = fig
     return fig
-
-
-@contextlib.contextmanager
-def real_tensors():
-    """Run a benchmark on real tensors even when called from inside a tracer.
-
-    The compiler asks for these figures while Dynamo/AOTAutograd trace on fake tensors; under an
-    active ``FakeTensorMode`` a copy or GEMM does nothing and takes no time, and the absurd figure
-    (terabytes per second on a laptop) would be cached on disk for every later process. The tracer's
-    dispatch modes are set aside for the benchmark, and autograd is off.
-    """
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    with _disable_current_modes(), torch.no_grad():
-        yield
 
 
 def _best_seconds(plat: type[Platform], fn, *, budget_s: float, min_reps: int = 3, max_reps: int = 50) -> float:
