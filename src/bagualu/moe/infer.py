@@ -43,3 +43,17 @@ def local_experts_inference(x_TD: torch.Tensor, w_N: torch.Tensor, w_gate_EFD: t
             out_TD.index_put_((tok,), out_TD.index_select(0, tok).add_(yw))
         s += n
     return out_TD
+
+
+def one_token_experts(x_1D: torch.Tensor, w_1K: torch.Tensor, experts: list[int], ex) -> torch.Tensor:
+    """``local_experts_inference`` for one token (batch-1 decode) whose routes are ``experts`` (the router's
+    K choices, in its order; ``w_1K`` their weights): the same arithmetic in the same order — experts in
+    ascending id, the weight applied in fp32 — without building a dispatch."""
+    lin, act = kernel("linear"), kernel("silu_mul")
+    out = torch.zeros_like(x_1D)
+    for j in sorted(range(len(experts)), key=experts.__getitem__):
+        e = experts[j]
+        h = act(lin(x_1D, ex.gate_proj[e]), lin(x_1D, ex.up_proj[e]))
+        y = lin(h.to(x_1D.dtype), ex.down_proj[e]).to(x_1D.dtype)
+        out.add_((y * w_1K[:, j:j + 1]).to(x_1D.dtype))
+    return out

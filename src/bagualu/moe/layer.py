@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from bagualu.comm.all_reduce import all_reduce_sum
 from bagualu.moe.dispatch import capacity, kept_routes, make_dispatch
-from bagualu.moe.infer import local_experts_inference
+from bagualu.moe.infer import local_experts_inference, one_token_experts
 from bagualu.moe.local import LocalExperts
 from bagualu.moe.ep import expert_parallel
 from bagualu.moe.experts import Experts, gemm_via_fp32
@@ -111,9 +111,17 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
-        token_T = self.data_rank * T + torch.arange(T, device=x.device)
+        # global token indices seed the random routers' noise, which only training draws
+        token_T = self.data_rank * T + torch.arange(T, device=x.device) if self.training else None
         r = self.gate(x_TD, token_T)
-        if self.ep > 1:
+        one = T == 1 and self.ep == 1 and self.capacity_factor is None and serving_path() \
+            and not gemm_via_fp32(x_TD.dtype, x_TD.device.type)
+        if one:  # batch-1 decode: no dispatch to build, the token's experts are read off the router
+            # Host sync (named): the token's expert ids. One per layer call.
+            y_TD = one_token_experts(x_TD, r.weights_TK, r.experts_TK[0].tolist(), self.experts)
+            counts_E = torch.bincount(r.experts_TK[0], minlength=self.num_experts)
+            dropped = 0
+        elif self.ep > 1:
             y_TD, counts_E, plan = expert_parallel(
                 x_TD, r, self.experts, self.num_experts, self.ep, self.ep_group, ep_rank=self.ep_rank,
                 capacity_factor=self.capacity_factor, shadow=self.shadow, schedule=self.schedule, cost=self.cost)
