@@ -24,7 +24,7 @@ import torch
 
 from bagualu.compiler.codegen import build as cbuild
 from bagualu.compiler.codegen import schedule as sch
-from bagualu.compiler.codegen.cpp import kernel_source
+from bagualu.compiler.codegen.cpp import STREAM_MIN_BYTES, kernel_source
 from bagualu.compiler.codegen.cpp_prelude import PRELUDE
 from bagualu.compiler.cost import traffic
 from bagualu.compiler.ir import Kernel, Mapping
@@ -116,6 +116,20 @@ def last_level_cache_bytes() -> int:
     return best[1]
 
 
+def _streamable(kernel: Kernel, passes) -> bool:
+    """Some store is contiguous along its pass's innermost loop, over a run the writer would stream."""
+    for p in passes:
+        if p.space is None:
+            continue
+        inner = p.space.vars[-1]
+        for it in p.items:
+            if it.kind == "store" and inner.size * kernel.outputs[it.obj.buf].itemsize >= STREAM_MIN_BYTES:
+                e = it.obj.index
+                if e.linear_in(inner) and e.coeff(inner) == 1 and not e.indirects():
+                    return True
+    return False
+
+
 def _tileable(passes) -> bool:
     """Only stores, each pass over a space of at least two variables: (row, head) pairs are independent."""
     return bool(passes) and all(p.space is not None and len(p.space.vars) >= 2 and
@@ -138,7 +152,7 @@ class CppCodegen:
         space_passes = [p.space.name for p in passes if p.space is not None]
         multipass = len(space_passes) != len(set(space_passes))
         read, write = traffic(kernel)
-        streams = [False, True] if kernel.stores and read + write > self.llc_bytes() > 0 else [False]
+        streams = [False, True] if read + write > self.llc_bytes() > 0 and _streamable(kernel, passes) else [False]
         for par in pars:
             for vec in ([0, 16] if has_red else [0]):
                 for mat in ([frozenset(), frozenset(mats)] if mats else [frozenset()]):
