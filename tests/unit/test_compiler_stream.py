@@ -114,3 +114,21 @@ def test_candidates_stream_only_above_the_last_level_cache(monkeypatch):
     assert any(m.stream for m in gen.candidates(k)) and any(not m.stream for m in gen.candidates(k))
     monkeypatch.setattr(cpu, "last_level_cache_bytes", lambda: 0)  # unknown: never
     assert not any(m.stream for m in gen.candidates(k))
+
+
+def test_dynamic_batch_mode_never_streams(monkeypatch):
+    """Planned at huge sentinel sizes, a dynamic-batch kernel serves small token counts too, whose outputs the
+    next operator should find in the cache: no streamed stores, and explain says so."""
+    monkeypatch.setattr(cpu, "last_level_cache_bytes", lambda: 1024)
+    monkeypatch.setattr(cost, "STREAM_OPS", 0)
+    torch._dynamo.reset()
+    start = G.SEQ[0]
+    fn = torch.compile(lambda x: torch.softmax(x * 2, -1), backend="powerfusion", options={"dynamic_batch": True})
+    for i, t in enumerate((5, 9, 17)):
+        x = torch.randn(t, 300)
+        if i == 0:
+            torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(fn(x), torch.softmax(x * 2, -1), atol=1e-6, rtol=1e-5)
+    reports = [r for r in G.REPORTS if r.seq >= start]
+    assert len(reports) == 1 and "dynamic batch" in reports[0].label
+    assert reports[0].kernels and not any(k.mapping.endswith("/nt") for k in reports[0].kernels)

@@ -25,7 +25,6 @@ per-shape path, so a result is never computed by a kernel built for another layo
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import operator
 import re
 from typing import Any, Callable
@@ -380,14 +379,13 @@ def compile_dynamic(gm: fx.GraphModule, label: str, codegen: str | None,
         cap: dict = {}
 
         def plan(gen, pairs, cap=cap):
-            # no streamed stores: planned at huge sentinel sizes, the kernels serve small batches too,
-            # whose outputs the next operator should find in the cache
-            pairs = [(k, dataclasses.replace(m, stream=False)) for k, m in pairs]
-            cap["gen"], cap["pairs"] = gen, pairs
+            cap["gen"], cap["pairs"] = gen, list(pairs)
             return [_Planned(k, m) for k, m in pairs]
 
+        # no streamed stores: planned at huge sentinel sizes, the kernels serve small batches too, whose
+        # outputs the next operator should find in the cache
         new = G._compile_static(trace_at(gm, sym, h), f"{label} [dynamic batch]", codegen, build=plan,
-                                record=h == H1)
+                                record=h == H1, stream=False)
         plans.append((new, cap))
     (g1, c1), (g2, c2) = plans
     lib = mod = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -145,9 +145,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, label: str = "graph", code
 
 
 def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None, build=None,
-                    record: bool = True) -> fx.GraphModule:
+                    record: bool = True, stream: bool = True) -> fx.GraphModule:
     """``build(gen, pairs)`` replaces ``gen.build`` (the dynamic-batch planner); ``record=False`` keeps
-    the compilation out of ``REPORTS`` (what explain shows)."""
+    the compilation out of ``REPORTS`` (what explain shows); ``stream=False`` forbids streamed stores
+    (``Mapping.stream``)."""
     from bagualu.compiler import search
 
     t0 = time.perf_counter()
@@ -176,6 +177,8 @@ def _compile_static(gm: fx.GraphModule, label: str, codegen: str | None = None, 
         choices: list = [None] * len(part.kernels)
         for i in todo:
             choices[i] = search.choose(part.kernels[i], gen)
+            if not stream and choices[i].mapping.stream:
+                choices[i] = replace(choices[i], mapping=replace(choices[i].mapping, stream=False))
         try:
             pairs = [(part.kernels[i], choices[i].mapping) for i in todo]
             built = gen.build(pairs) if build is None else build(gen, pairs)
