@@ -36,6 +36,13 @@ from bagualu.compiler.ir import Kernel, Mapping, Space, Value
 STREAM_MIN_BYTES = 256  # a streamed store's loop writes at least this much per run (else plain stores)
 
 
+def streams(k: Kernel, it: sch.Item, e: Expr, lv: Var) -> bool:
+    """Whether store item ``it``, at index ``e`` in a loop over ``lv``, is streamed under ``Mapping.stream``:
+    contiguous along the loop, over a run of at least ``STREAM_MIN_BYTES``."""
+    return (it.kind == "store" and lv.size * k.outputs[it.obj.buf].itemsize >= STREAM_MIN_BYTES
+            and e.linear_in(lv) and e.coeff(lv) == 1 and not e.indirects())
+
+
 class _KernelWriter:
     def __init__(self, k: Kernel, m: Mapping):
         self.k = k
@@ -397,10 +404,10 @@ class _KernelWriter:
         ``{staging array: (output, address of the chunk start)}``."""
         out = {}
         for it in p.items:
-            if it.kind != "store" or lv.size * self.k.outputs[it.obj.buf].itemsize < STREAM_MIN_BYTES:
+            if it.kind != "store":
                 continue
             e = spec.expr(it.obj.index) if spec else it.obj.index
-            if not e.linear_in(lv) or e.coeff(lv) != 1 or e.indirects():
+            if not streams(self.k, it, e, lv):
                 continue
             base = e.subs({lv: ix.var(Var("c_", lv.size))})
             out[self._stage_name(it)] = (it.obj.buf, c_expr(base, {}))

@@ -24,7 +24,7 @@ import torch
 
 from bagualu.compiler.codegen import build as cbuild
 from bagualu.compiler.codegen import schedule as sch
-from bagualu.compiler.codegen.cpp import STREAM_MIN_BYTES, kernel_source
+from bagualu.compiler.codegen.cpp import kernel_source, streams
 from bagualu.compiler.codegen.cpp_prelude import PRELUDE
 from bagualu.compiler.cost import traffic
 from bagualu.compiler.ir import Kernel, Mapping
@@ -118,16 +118,8 @@ def last_level_cache_bytes() -> int:
 
 def _streamable(kernel: Kernel, passes) -> bool:
     """Some store is contiguous along its pass's innermost loop, over a run the writer would stream."""
-    for p in passes:
-        if p.space is None:
-            continue
-        inner = p.space.vars[-1]
-        for it in p.items:
-            if it.kind == "store" and inner.size * kernel.outputs[it.obj.buf].itemsize >= STREAM_MIN_BYTES:
-                e = it.obj.index
-                if e.linear_in(inner) and e.coeff(inner) == 1 and not e.indirects():
-                    return True
-    return False
+    return any(streams(kernel, it, it.obj.index, p.space.vars[-1])
+               for p in passes if p.space is not None for it in p.items if it.kind == "store")
 
 
 def _tileable(passes) -> bool:
