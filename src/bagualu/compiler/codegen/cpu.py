@@ -95,7 +95,7 @@ class CpuKernel:
         return tuple(outs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def last_level_cache_bytes() -> int:
     """Size of CPU 0's highest-level data or unified cache, from sysfs (Linux); 0 when unknown."""
     best = (0, 0)
