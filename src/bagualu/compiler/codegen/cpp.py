@@ -345,20 +345,22 @@ class _KernelWriter:
                 spec = None
                 lv = inner
             pref = self._prefetches(p) if not pts and not outer_vars and collapsed is None else []
-            streams = self._streams(p, spec, lv) if self.m.stream else {}
-            if pref or streams:  # strip-mined: each chunk first asks for the same chunk of the next row
+            staged = self._streams(p, spec, lv) if self.m.stream else {}
+            # strip-mined: each chunk first asks for the same chunk of the next row (prefetch), and/or
+            # stages its streamed stores, copied out non-temporally after the chunk
+            if pref or staged:
                 self.w(f"for (int64_t c_ = 0; c_ < {lv.size}; c_ += {PREFETCH_CHUNK}) {{")
                 self.ind += 1
                 for base, step in pref:
                     self.w(f"for (int64_t q_ = 0; q_ < {PREFETCH_CHUNK}; q_ += {step}) "
                            f"__builtin_prefetch(&{base}[c_ + q_], 0, 2);")
                 self.w(f"const int64_t e_ = c_ + {PREFETCH_CHUNK} < {lv.size} ? c_ + {PREFETCH_CHUNK} : {lv.size};")
-                for stg, (buf, _base) in streams.items():
+                for stg, (buf, _base) in staged.items():
                     self.w(f"{ST[self.k.outputs[buf].dtype]} {stg}[{PREFETCH_CHUNK}] __attribute__((aligned(64)));")
-            self.stage = {stg: lv for stg in streams}
+            self.stage = {stg: lv for stg in staged}
             if simd:
                 self.w("#pragma omp simd " + " ".join(clauses))
-            if pref or streams:
+            if pref or staged:
                 self.w(f"for (int64_t {lv.name} = c_; {lv.name} < e_; ++{lv.name}) {{")
             else:
                 self.w(f"for (int64_t {lv.name} = 0; {lv.name} < {lv.size}; ++{lv.name}) {{")
@@ -380,10 +382,10 @@ class _KernelWriter:
                 self.item_effect(it, local, spec, value=sv)
             self.ind -= 1
             self.w("}")
-            for stg, (buf, base) in streams.items():
+            for stg, (buf, base) in staged.items():
                 self.w(f"pf_stream(&out{buf}[{base}], {stg}, (e_ - c_) * (int64_t)sizeof({stg}[0]));")
             self.stage = {}
-            if pref or streams:
+            if pref or staged:
                 self.ind -= 1
                 self.w("}")
         for v in needed:
@@ -481,7 +483,7 @@ class _KernelWriter:
             st = it.obj
             e = spec.expr(st.index) if spec else st.index
             stored = self._to_storage(val, v.dtype, self.k.outputs[st.buf].dtype)
-            lv = getattr(self, "stage", {}).get(self._stage_name(it))
+            lv = self.stage.get(self._stage_name(it))
             if lv is not None:
                 self.w(f"{self._stage_name(it)}[{lv.name} - c_] = {stored};")
             else:
