@@ -37,3 +37,18 @@ def pytest_collection_modifyitems(config, items):
                 gpu_skip = gpu_skip or False
             if gpu_skip:
                 item.add_marker(gpu_skip)
+
+
+@pytest.fixture(scope="module")
+def powerfusion_env(tmp_path_factory):
+    """The compiler suites' environment (``pytestmark = pytest.mark.usefixtures("powerfusion_env")``): one
+    kernel cache for the session, the platform's table figures (no measuring: decisions do not depend on
+    the machine's load), no autotuning, and Dynamo's caches reset."""
+    import torch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BAGUALU_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pf-cache"))
+        mp.setenv("BAGUALU_NO_MEASURE", "1")
+        mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
+        torch._dynamo.reset()
+        yield

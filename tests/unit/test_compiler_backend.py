@@ -13,14 +13,7 @@ import torch.nn.functional as F
 from bagualu.compiler import explain
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BAGUALU_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pf-cache"))
-        mp.setenv("BAGUALU_NO_MEASURE", "1")
-        mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
-        torch._dynamo.reset()
-        yield
+pytestmark = pytest.mark.usefixtures("powerfusion_env")
 
 
 def test_backend_found_by_name_without_importing_bagualu(tmp_path):

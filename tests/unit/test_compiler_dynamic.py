@@ -17,14 +17,7 @@ from bagualu.compiler.dynamic import H1, H2, affine, generalize_source
 from bagualu.compiler.graph import REPORTS, SEQ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BAGUALU_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pf-cache"))
-        mp.setenv("BAGUALU_NO_MEASURE", "1")
-        mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
-        torch._dynamo.reset()
-        yield
+pytestmark = pytest.mark.usefixtures("powerfusion_env")
 
 
 DYN = {"dynamic_batch": True}

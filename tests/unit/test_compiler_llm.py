@@ -22,14 +22,7 @@ from bagualu.compiler.report import _fresh
 from bagualu.ops.reference import apply_rope
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BAGUALU_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pf-cache"))
-        mp.setenv("BAGUALU_NO_MEASURE", "1")
-        mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
-        torch._dynamo.reset()
-        yield
+pytestmark = pytest.mark.usefixtures("powerfusion_env")
 
 
 def rms_residual(x, r, w):

@@ -32,13 +32,7 @@ DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BAGUALU_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pf-cache"))
-        mp.setenv("BAGUALU_NO_MEASURE", "1")
-        mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("powerfusion_env")
 
 
 def _tensors(x):
