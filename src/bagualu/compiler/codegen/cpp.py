@@ -11,7 +11,8 @@ nest over its space with ``#pragma omp simd`` and reduction clauses on the inner
 vectorises it: unit
 strides stay affine in the loop variable, conversions and transcendental functions are branch-free
 inline code (``cpp_prelude``), ``cat``/padding branches are removed by splitting the loop into segments.
-Column reductions accumulate into per-thread partial arrays combined after the row loop.
+Column reductions accumulate into per-thread partial arrays combined after the row loop. Row top-k passes
+are written by ``cpp_topk.TopkEmitter``, mixed into the writer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bagualu.compiler.codegen.cpp_expr import (
     literal,
     micro_op,
 )
+from bagualu.compiler.codegen.cpp_topk import TopkEmitter
 from bagualu.compiler.index import Expr, Var
 from bagualu.compiler.ir import Kernel, Mapping, Space, Value
 
@@ -43,7 +45,7 @@ def streams(k: Kernel, it: sch.Item, e: Expr, lv: Var) -> bool:
             and e.linear_in(lv) and e.coeff(lv) == 1 and not e.indirects())
 
 
-class _KernelWriter:
+class _KernelWriter(TopkEmitter):
     def __init__(self, k: Kernel, m: Mapping):
         self.k = k
         self.m = m
@@ -502,77 +504,6 @@ class _KernelWriter:
         if sdt == "b8":
             return f"(uint8_t)(({val}) != 0)"
         return f"({ST[sdt]})({val})"
-
-    BOUNDED_MAX_K = 8  # pf_topk8_f32 (a lane-maxima bound, then few candidates) handles k up to 8
-
-    def emit_topk(self, p: sch.Pass, names: dict[int, str]) -> None:
-        """Row top-k into local buffers, sorted, ties to the lower index, NaN largest (as ATen).
-
-        The row's values go to a local buffer in one vectorised loop (negated for smallest-k). Small k
-        on fp32 (MoE routers: 6 of 64): ``pf_topk8_f32`` bounds the k-th value by the lane-wise maxima
-        and insertion-sorts the few candidates above the bound. Otherwise, or for a row holding a NaN:
-        one insertion pass over the row (branchy, exact in every case).
-        """
-        it = p.items[0]
-        t = it.obj
-        k, sp = t.attrs["k"], t.attrs["space"]
-        lv_, li = t.attrs["vals"], t.attrs["idxs"]
-        self.ensure_row([it.value], names)
-        T = CT[t.dtype]
-        (var,) = sp.vars
-        n = var.size
-        largest = t.attrs["largest"]
-        bounded = k <= self.BOUNDED_MAX_K and n >= 8 and T == "float"
-        neg = bounded and not largest
-        self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
-        buf = f"tb{t.id}"
-        self.w(f"{T} {buf}[{n}] __attribute__((aligned(64))); int32_t nan{t.id} = 0;")
-        self.w(f"#pragma omp simd reduction(|:nan{t.id})" + (" reduction(|:err)" if self.uses_err else ""))
-        self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) {{")
-        self.ind += 1
-        local = dict(names)
-        needed = [v for v in sch.values_needed([it.value]) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
-        for v in needed:
-            if v.id in self.m.materialize and v.id in self.mat_done:
-                local[v.id] = f"mat{v.id}[{var.name}]"
-                continue
-            self.define(v, local)
-        x = local.get(it.value.id) or self.leaf(it.value, local)
-        self.w(f"{buf}[{var.name}] = {'-' if neg else ''}{x};")
-        self.w(f"nan{t.id} |= ({x} != {x});")
-        self.ind -= 1
-        self.w("}")
-        if bounded:
-            self.w(f"if (!nan{t.id}) pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name});")
-            self.w("else {")
-        else:
-            self.w("{")
-        self.ind += 1
-        self.emit_topk_insert(t, buf, n, k, largest or neg, T)
-        self.ind -= 1
-        self.w("}")
-        if neg:
-            self.w(f"for (int64_t j = 0; j < {k}; ++j) {lv_.name}[j] = -{lv_.name}[j];")
-        names[t.id] = lv_.name
-
-    def emit_topk_insert(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str) -> None:
-        lv_, li = t.attrs["vals"], t.attrs["idxs"]
-        if largest:
-            better = lambda a, b: f"(({a}) > ({b}) || (({a}) != ({a}) && ({b}) == ({b})))"  # noqa: E731
-        else:
-            better = lambda a, b: f"(({a}) < ({b}) || (({b}) != ({b}) && ({a}) == ({a})))"  # noqa: E731
-        self.w("int64_t cnt = 0;")
-        self.w(f"for (int64_t e = 0; e < {n}; ++e) {{")
-        self.ind += 1
-        self.w(f"const {T} x = {buf}[e];")
-        self.w("int64_t j;")
-        worst = f"{lv_.name}[{k - 1}]"
-        self.w(f"if (cnt < {k}) j = cnt++; else if ({better('x', worst)}) j = {k - 1}; else continue;")
-        self.w(f"while (j > 0 && {better('x', f'{lv_.name}[j - 1]')}) {{ {lv_.name}[j] = {lv_.name}[j - 1]; "
-               f"{li.name}[j] = {li.name}[j - 1]; --j; }}")
-        self.w(f"{lv_.name}[j] = x; {li.name}[j] = e;")
-        self.ind -= 1
-        self.w("}")
 
     def emit_final(self, gnames: dict[int, str]) -> None:
         k = self.k

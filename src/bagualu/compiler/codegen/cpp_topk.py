@@ -1,0 +1,88 @@
+"""Row top-k for the C code generator's kernel writer (``cpp._KernelWriter`` mixes this in).
+
+The row's values go to a local buffer in one vectorised loop; small k on fp32 (MoE routers: 6 of 64) then
+runs ``pf_topk8_f32`` from the prelude, anything else (or a row holding a NaN) one exact insertion pass.
+Results are sorted, ties go to the lower index and NaN counts as largest, as in ATen.
+"""
+
+from __future__ import annotations
+
+from bagualu.compiler.codegen import schedule as sch
+from bagualu.compiler.codegen.cpp_expr import CT
+from bagualu.compiler.ir import Value
+
+
+class TopkEmitter:
+    """Needs the writer's ``k``, ``m``, ``w``, ``ind``, ``mat_done``, ``uses_err``, ``ensure_row``,
+    ``define`` and ``leaf``."""
+
+    BOUNDED_MAX_K = 8  # pf_topk8_f32 (a lane-maxima bound, then few candidates) handles k up to 8
+
+    def emit_topk(self, p: sch.Pass, names: dict[int, str]) -> None:
+        """Row top-k into local buffers, sorted, ties to the lower index, NaN largest (as ATen).
+
+        The row's values go to a local buffer in one vectorised loop (negated for smallest-k). Small k
+        on fp32 (MoE routers: 6 of 64): ``pf_topk8_f32`` bounds the k-th value by the lane-wise maxima
+        and insertion-sorts the few candidates above the bound. Otherwise, or for a row holding a NaN:
+        one insertion pass over the row (branchy, exact in every case).
+        """
+        it = p.items[0]
+        t = it.obj
+        k, sp = t.attrs["k"], t.attrs["space"]
+        lv_, li = t.attrs["vals"], t.attrs["idxs"]
+        self.ensure_row([it.value], names)
+        T = CT[t.dtype]
+        (var,) = sp.vars
+        n = var.size
+        largest = t.attrs["largest"]
+        bounded = k <= self.BOUNDED_MAX_K and n >= 8 and T == "float"
+        neg = bounded and not largest
+        self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
+        buf = f"tb{t.id}"
+        self.w(f"{T} {buf}[{n}] __attribute__((aligned(64))); int32_t nan{t.id} = 0;")
+        self.w(f"#pragma omp simd reduction(|:nan{t.id})" + (" reduction(|:err)" if self.uses_err else ""))
+        self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) {{")
+        self.ind += 1
+        local = dict(names)
+        needed = [v for v in sch.values_needed([it.value]) if self.k.space_of(v) is sp and v.op not in sch.ROW_RESULTS]
+        for v in needed:
+            if v.id in self.m.materialize and v.id in self.mat_done:
+                local[v.id] = f"mat{v.id}[{var.name}]"
+                continue
+            self.define(v, local)
+        x = local.get(it.value.id) or self.leaf(it.value, local)
+        self.w(f"{buf}[{var.name}] = {'-' if neg else ''}{x};")
+        self.w(f"nan{t.id} |= ({x} != {x});")
+        self.ind -= 1
+        self.w("}")
+        if bounded:
+            self.w(f"if (!nan{t.id}) pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name});")
+            self.w("else {")
+        else:
+            self.w("{")
+        self.ind += 1
+        self.emit_topk_insert(t, buf, n, k, largest or neg, T)
+        self.ind -= 1
+        self.w("}")
+        if neg:
+            self.w(f"for (int64_t j = 0; j < {k}; ++j) {lv_.name}[j] = -{lv_.name}[j];")
+        names[t.id] = lv_.name
+
+    def emit_topk_insert(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str) -> None:
+        lv_, li = t.attrs["vals"], t.attrs["idxs"]
+        if largest:
+            better = lambda a, b: f"(({a}) > ({b}) || (({a}) != ({a}) && ({b}) == ({b})))"  # noqa: E731
+        else:
+            better = lambda a, b: f"(({a}) < ({b}) || (({b}) != ({b}) && ({a}) == ({a})))"  # noqa: E731
+        self.w("int64_t cnt = 0;")
+        self.w(f"for (int64_t e = 0; e < {n}; ++e) {{")
+        self.ind += 1
+        self.w(f"const {T} x = {buf}[e];")
+        self.w("int64_t j;")
+        worst = f"{lv_.name}[{k - 1}]"
+        self.w(f"if (cnt < {k}) j = cnt++; else if ({better('x', worst)}) j = {k - 1}; else continue;")
+        self.w(f"while (j > 0 && {better('x', f'{lv_.name}[j - 1]')}) {{ {lv_.name}[j] = {lv_.name}[j - 1]; "
+               f"{li.name}[j] = {li.name}[j - 1]; --j; }}")
+        self.w(f"{lv_.name}[j] = x; {li.name}[j] = e;")
+        self.ind -= 1
+        self.w("}")
