@@ -23,7 +23,6 @@ def local_experts_inference(x_TD: torch.Tensor, w_N: torch.Tensor, w_gate_EFD: t
                             counts: list[int]) -> torch.Tensor:
     """``y_TD = Σ_routes w · expert(x)``; ``token_N``/``w_N`` list the kept routes grouped by expert
     (``counts[e]`` each, ascending e). Call it under ``torch.inference_mode()`` or ``no_grad``."""
-    lin, act = kernel("linear"), kernel("silu_mul")
     one = x_TD.shape[0] == 1  # batch-1 decode: every route is token 0's
     out_TD = torch.zeros_like(x_TD)
     s = 0
@@ -32,8 +31,7 @@ def local_experts_inference(x_TD: torch.Tensor, w_N: torch.Tensor, w_gate_EFD: t
             continue
         tok = None if one else token_N[s:s + n]
         x = x_TD if one else x_TD.index_select(0, tok)
-        h = act(lin(x, w_gate_EFD[e]), lin(x, w_up_EFD[e]))
-        yw = (lin(h.to(x_TD.dtype), w_down_EDF[e]).to(x_TD.dtype) * w_N[s:s + n, None]).to(x_TD.dtype)
+        yw = _weighted_expert(x, w_gate_EFD[e], w_up_EFD[e], w_down_EDF[e], w_N[s:s + n, None], x_TD.dtype)
         # out[tok] += yw in expert order, as index_add_ (and transformers) sums; not index_add_ itself: it
         # runs as scatter_add_, an OpenMP region even for one row (a scheduler time slice when the other
         # core is busy). A token appears at most once per expert, so gather-add-put is exact.
@@ -49,11 +47,16 @@ def one_token_experts(x_1D: torch.Tensor, w_1K: torch.Tensor, experts: list[int]
     """``local_experts_inference`` for one token (batch-1 decode) whose routes are ``experts`` (the router's
     K choices, in its order; ``w_1K`` their weights): the same arithmetic in the same order — experts in
     ascending id, the weight applied in fp32 — without building a dispatch."""
-    lin, act = kernel("linear"), kernel("silu_mul")
     out = torch.zeros_like(x_1D)
     for j in sorted(range(len(experts)), key=experts.__getitem__):
         e = experts[j]
-        h = act(lin(x_1D, ex.gate_proj[e]), lin(x_1D, ex.up_proj[e]))
-        y = lin(h.to(x_1D.dtype), ex.down_proj[e]).to(x_1D.dtype)
-        out.add_((y * w_1K[:, j:j + 1]).to(x_1D.dtype))
+        out.add_(_weighted_expert(x_1D, ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e], w_1K[:, j:j + 1],
+                                  x_1D.dtype))
     return out
+
+
+def _weighted_expert(x, w_gate, w_up, w_down, w_col, dtype):
+    """One expert's SwiGLU on rows ``x``, times the routing weights ``w_col`` ([rows, 1], fp32), in ``dtype``."""
+    lin = kernel("linear")
+    h = kernel("silu_mul")(lin(x, w_gate), lin(x, w_up))
+    return (lin(h.to(dtype), w_down).to(dtype) * w_col).to(dtype)
