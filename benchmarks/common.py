@@ -25,6 +25,20 @@ def machine_facts() -> dict:
     }
 
 
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes/s of a large tensor copy measured now (read + write counted; the best of ``reps``): the
+    memory-bandwidth yardstick of a run, at the thread count in force."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
 def allocator() -> str:
     from bagualu.memory import host_allocator
 

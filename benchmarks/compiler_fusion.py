@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, machine_facts, print_table, write_json  # noqa: E402
+from common import copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
 
 from bagualu.ops.reference import apply_rope  # noqa: E402
 
@@ -119,18 +119,6 @@ def cases(scale: float, dtype: torch.dtype):
     out["layernorm_fwd_bwd"] = (layer_norm, [xl, wl, bl], 5 * _size(xl) + 2 * stats + 5 * _size(wl),
                                 fwd_bwd(layer_norm, 3, dy))
     return out
-
-
-def copy_bandwidth(nbytes: int = 256 << 20) -> float:
-    src = torch.empty(nbytes // 4)
-    src.normal_()
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
 
 
 def first_call(fn, args):

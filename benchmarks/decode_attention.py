@@ -30,17 +30,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, machine_facts, print_table, write_json  # noqa: E402
+from common import copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
 
 from bagualu.ops import kernel  # noqa: E402
 from bagualu.ops.paged_attention_cpu import kernel as cpp_kernel  # noqa: E402
-
-
-def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    """Bytes/s of a large tensor copy, read + write counted (median)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / interleaved({"copy": lambda: dst.copy_(src)}, reps=reps)["copy"]
 
 
 class Case:

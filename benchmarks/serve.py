@@ -5,7 +5,7 @@ Offline mode (default), one process run, interleaved repetitions:
     stop), for: ours in-process, ours with R-workers, transformers ``generate`` on one static batch, and
     transformers' continuous-batching ``generate_batch`` when this version has it;
   - batch-1 decode tokens/s (decode only: the time of O tokens minus the time of 1) against the
-    memory-bandwidth bound, weight bytes per token ÷ measured copy bandwidth.
+    memory-bandwidth bound, weight bytes per token ÷ the copy bandwidth measured in the same run.
 Online mode (``--online``): ``bagualu serve`` in a subprocess and a Poisson load generator over HTTP at
 fixed request rates; TTFT and TPOT p50/p99 from the streamed chunks.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine_facts, print_table, write_json  # noqa: E402
+from common import copy_bandwidth, machine_facts, print_table, write_json  # noqa: E402
 
 MODELS = {
     # the issue's ~110M Llama and a small Mixtral
@@ -184,9 +184,7 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
 
 
 def batch1(built, name, dt_name, dtype, path, prompt, args) -> list[dict]:
-    from bagualu.platform import current_platform
-
-    bw = current_platform().peak_memory_bandwidth()
+    bw = copy_bandwidth()  # measured now, not the platform's cached figure: this box's bandwidth drifts with load
     bound = bw / weight_bytes_per_token(path, dtype)
     out = []
     n = args.batch1_tokens
@@ -203,7 +201,7 @@ def batch1(built, name, dt_name, dtype, path, prompt, args) -> list[dict]:
             full.append(time.perf_counter() - t0)
         tps = (n - 1) / max(statistics.median(full) - statistics.median(one), 1e-9)
         out.append(dict(model=name, dtype=dt_name, engine=k, decode_tokens_per_s=tps, bound_tokens_per_s=bound,
-                        fraction_of_bound=tps / bound))
+                        fraction_of_bound=tps / bound, copy_GBps=bw / 1e9))
     return out
 
 
@@ -249,7 +247,7 @@ def main(argv=None) -> int:
     if b1:
         print(f"\nbatch 1, decode only ({args.batch1_tokens} tokens); bound = copy bandwidth / weight bytes per token")
         print_table(b1, ["model", "dtype", "engine", "decode_tokens_per_s", "bound_tokens_per_s",
-                         "fraction_of_bound"])
+                         "fraction_of_bound", "copy_GBps"])
     write_json(args.json, {"machine": facts, "args": vars(args), "offline": rows, "batch1": b1})
     best = [r for r in rows if r["engine"].startswith("bagualu") and r.get("vs_hf_static")]
     if best:

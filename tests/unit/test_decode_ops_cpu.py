@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    if dops._load() is None:
+    if dops.library() is None:
         pytest.skip("no C++ compiler: the reference is used")
 
 

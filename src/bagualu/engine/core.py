@@ -132,7 +132,7 @@ class EngineCore:
             self.backend = LocalAttention(self.kv_spec, model.device)
         self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
-        self.runner = ModelRunner(model, self.backend)
+        self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers)
         self.metrics = EngineMetrics()
         self.generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)

@@ -13,7 +13,9 @@ runner computes post(l, 0) and pre(l+1, 0) — FastDecode's ping-pong of S and R
     S: pre(0,0) pre(0,1) | post(0,0) pre(1,0) | post(0,1) pre(1,1) | post(1,0) pre(2,0) | ...
     R:        R(0,0)      R(0,1)               R(1,0)               R(1,1)
 
-With the in-process back-end ``submit`` computes at once and one micro-batch is used.
+With the in-process back-end ``submit`` computes at once and one micro-batch is used. There, a model whose
+layers are all dense (Llama-family) runs them as one ``dense_layers`` operator per micro-batch instead
+(``EngineConfig.fused_layers``): the same computation, which the CPU platform does in one native call.
 The model is only read (its modules are called); it knows nothing of paging.
 """
 
@@ -22,7 +24,10 @@ from __future__ import annotations
 import torch
 
 from bagualu.engine.batch import StepInputs
+from bagualu.models.layers import Attention
+from bagualu.moe import MLP
 from bagualu.ops import kernel
+from bagualu.ops.dense_layers import DenseLayer, DenseStack
 
 
 class UnsupportedModelError(ValueError):
@@ -38,12 +43,33 @@ def check_supported(model) -> None:
             "decoder (bagualu.models.generate)")
 
 
+def dense_stack(model) -> DenseStack | None:
+    """The model's layers as a ``DenseStack`` when every one is dense (GQA attention without q/k norms,
+    SwiGLU MLP, projections fused) and their norms share one epsilon; else None."""
+    layers, eps = [], set()
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not (isinstance(attn, Attention) and attn.q_norm is None and attn.qkv_weight is not None
+                and isinstance(mlp, MLP) and mlp.gate_up_weight is not None):
+            return None
+        eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
+        layers.append(DenseLayer(layer.input_layernorm.weight, attn.qkv_weight, attn.qkv_bias, attn.o_proj.weight,
+                                 attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_weight,
+                                 mlp.gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias, layer.window))
+    if not layers or len(eps) != 1:
+        return None
+    attn = model.model.layers[0].self_attn
+    return DenseStack(tuple(layers), attn.H, attn.G, attn.Dh, eps.pop(), attn.scale)
+
+
 class ModelRunner:
-    def __init__(self, model, backend):
+    def __init__(self, model, backend, *, fused_layers: bool = True):
         check_supported(model)
         self.model = model
         model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
+        # a back-end that computes attention in this process can run a dense model's layers as one operator
+        self.dense = dense_stack(model) if fused_layers and hasattr(backend, "run_dense") else None
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         cfg = model.config
@@ -63,9 +89,12 @@ class ModelRunner:
             xs[i] = m.model.embed_tokens(st.input_ids_T)
             cos, sin = m.rotary(st.positions_T.unsqueeze(0), xs[i].dtype)
             rope[i] = (cos[0], sin[0])
-            self._pre(0, i, xs[i], rope[i])
-        L = len(self.layers)
-        for l, layer in enumerate(self.layers):
+            if self.dense is not None:
+                xs[i] = self.backend.run_dense(i, self.dense, xs[i], *rope[i])
+            else:
+                self._pre(0, i, xs[i], rope[i])
+        L = len(self.layers) if self.dense is None else 0
+        for l, layer in enumerate(self.layers[:L]):
             for i in live:
                 o_THDh = self.backend.wait(l, i)
                 x = xs[i]

@@ -22,7 +22,8 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _lib: ctypes.CDLL | None | bool = False
 
 
-def _load() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """The compiled library with its signatures declared; None when it is unavailable (built on first use)."""
     global _lib
     if _lib is False:
         lib = native.load("decode_ops_cpu", "decode_ops_cpu.cpp", ("-ffp-contract=off",))
@@ -47,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not (torch.is_inference_mode_enabled() and _fp32_cpu(x, weight) and x.dim() >= 1 and weight.dim() == 1
             and weight.shape[0] == x.shape[-1] and x.stride(-1) == 1 and weight.is_contiguous()):
         return reference.rms_norm(x, weight, eps)
-    lib = _load()
+    lib = library()
     if lib is None:
         return reference.rms_norm(x, weight, eps)
     D = x.shape[-1]
@@ -69,7 +70,7 @@ def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Ten
         ok = (k.shape[0] == B and k.shape[2] == S and k.shape[3] == Dh and Dr <= Dh and Dr % 2 == 0
               and q.stride(3) == 1 and k.stride(3) == 1 and cos.stride(2) == 1 and cos.shape[0] in (1, B)
               and cos.shape[1] == S)
-    lib = _load() if ok else None
+    lib = library() if ok else None
     if lib is None:
         return reference.apply_rope(q, k, cos, sin)
     G = k.shape[1]
@@ -90,7 +91,7 @@ def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: t
           and kc.is_contiguous() and vc.is_contiguous() and k_TGDh.dim() == 3 and v_TGDh.dim() == 3
           and k_TGDh.shape == v_TGDh.shape and k_TGDh.shape[0] == slot_mapping_T.shape[0]
           and k_TGDh.shape[1:] == (kc.shape[1], kc.shape[3]) and k_TGDh.stride(2) == 1 and v_TGDh.stride(2) == 1)
-    lib = _load() if ok else None
+    lib = library() if ok else None
     if lib is None:  # also raises the reference's errors for malformed inputs
         return paged_kv.write_kv(kc, vc, k_TGDh, v_TGDh, slot_mapping_T)
     N, G, Bs, Dh = kc.shape
@@ -100,5 +101,9 @@ def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: t
     if lib.bgl_write_kv(k_TGDh.data_ptr(), k_TGDh.stride(0), k_TGDh.stride(1), v_TGDh.data_ptr(), v_TGDh.stride(0),
                         v_TGDh.stride(1), kc.data_ptr(), vc.data_ptr(), int(kc.dtype is torch.bfloat16),
                         slots.data_ptr(), T, G, Dh, N, Bs, lo_hi):
-        raise ValueError(f"slot_mapping values must lie in [0, num_blocks*block_size={N * Bs}); got min {lo_hi[0]}, "
-                         f"max {lo_hi[1]}")
+        raise slot_error(lo_hi[0], lo_hi[1], N * Bs)
+
+
+def slot_error(lo: int, hi: int, capacity: int) -> ValueError:
+    """What a slot mapping outside the cache raises (``bgl_write_kv`` reports its min and max)."""
+    return ValueError(f"slot_mapping values must lie in [0, num_blocks*block_size={capacity}); got min {lo}, max {hi}")

@@ -69,10 +69,15 @@ def _covered(x, w, bias) -> bool:
 _kernel: LinearKernel | None | bool = False
 
 
+def library() -> ctypes.CDLL | None:
+    """The compiled library (built on first use); None when it is unavailable."""
+    return native.load("linear_cpu", "linear_cpu.cpp")
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     global _kernel
     if _kernel is False:
-        lib = native.load("linear_cpu", "linear_cpu.cpp")
+        lib = library()
         _kernel = LinearKernel(lib) if lib is not None else None
     if _kernel is None:
         return reference.linear(x, w, bias)

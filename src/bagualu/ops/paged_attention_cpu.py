@@ -66,11 +66,11 @@ class PagedAttentionKernel:
                          out.stride(0), T, S, H, G, Dh, N, B, M, bt.data_ptr(), cl.data_ptr(), qsl.data_ptr(),
                          scale, 0 if window is None else window, kernel_threads(), err)
         if code:
-            raise ValueError(_check_message(code, list(err), T, M, N))
+            raise ValueError(index_error_message(code, list(err), T, M, N))
         return out
 
 
-def _check_message(code: int, err: list[int], T: int, M: int, N: int) -> str:
+def index_error_message(code: int, err: list[int], T: int, M: int, N: int) -> str:
     s, a, b = err
     return {
         1: f"query_start_loc[0] must be 0; got {s}",

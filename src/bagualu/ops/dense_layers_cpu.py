@@ -1,0 +1,182 @@
+"""The CPU platform's ``dense_layers``: the layer loop in C (``csrc/dense_layers_cpu.cpp``), one call per step.
+
+The C driver calls the kernels the per-layer path calls — ``linear_cpu``, ``decode_ops_cpu`` (RMSNorm, rope,
+KV write) and ``paged_attention_cpu`` — through function pointers taken from their libraries, so each kernel
+exists once and keeps its own build flags; only the layer loop, the residual adds and the SwiGLU activation
+are new. At batch 1 this removes ~25 interpreter-level calls per layer (see the C file).
+
+Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights all fp32 or all
+bf16; fp32 or bf16 KV caches; with fp32 weights at most ``linear_cpu.MAX_ROWS_FP32`` tokens (above that the
+BLAS GEMM wins, and the reference routes each projection to it). Anything else, or a library that cannot be
+built: the reference (``ops.dense_layers.dense_layers``), which composes the same kernels from Python.
+The stack's pointer table is built once per (stack, caches) and validated then: dtypes, shapes,
+contiguity. Per call only the step's tensors are checked; the index values are checked by the kernels
+themselves (slots by the KV write, block tables and lengths by attention) before they read the cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bagualu.ops import decode_ops_cpu, linear_cpu, native, paged_attention_cpu
+from bagualu.ops.dense_layers import DenseStack
+from bagualu.ops.dense_layers import dense_layers as reference
+from bagualu.ops.threads import kernel_threads
+
+_p, _i = ctypes.c_void_p, ctypes.c_int64
+_W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class _Kernels(ctypes.Structure):
+    _fields_ = [("linear", _p), ("rms_norm", _p), ("rope", _p), ("write_kv", _p), ("attention", _p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", _p), ("qkv_w", _p), ("qkv_b", _p), ("o_w", _p), ("o_b", _p), ("ln2", _p), ("gu_w", _p),
+                ("gu_b", _p), ("down_w", _p), ("down_b", _p), ("k_cache", _p), ("v_cache", _p), ("w_dtype", _i),
+                ("window", _i)]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(n, _i) for n in ("D", "H", "G", "Dh", "F", "Dr", "N", "Bs", "kv_bf16", "threads", "min_work",
+                                  "chunk_work")] + [("eps", ctypes.c_double), ("scale", ctypes.c_double)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("T", _i), ("S", _i), ("M", _i), ("cos", _p), ("sin", _p), ("slots", _p), ("block_tables", _p),
+                ("context_lens", _p), ("qsl", _p)]
+
+
+class _Scratch(ctypes.Structure):
+    _fields_ = [(n, _p) for n in ("h", "qkv", "q", "k", "o", "y", "gu", "a")]
+
+
+class _Driver:
+    """The loaded driver and the kernel table it calls."""
+
+    def __init__(self, lib: ctypes.CDLL, kernels: _Kernels):
+        self.run = lib.bgl_dense_layers
+        self.run.restype = ctypes.c_int
+        self.run.argtypes = [_p, _p, _i, _p, _p, _p, _p, _p]
+        self.kernels = kernels
+
+
+_driver: _Driver | None | bool = False
+
+
+def driver() -> _Driver | None:
+    """The driver, or None when it or one of the kernel libraries it calls cannot be built."""
+    global _driver
+    if _driver is False:
+        libs = (native.load("dense_layers_cpu", "dense_layers_cpu.cpp"), linear_cpu.library(),
+                decode_ops_cpu.library(), paged_attention_cpu.kernel())
+        if any(lib is None for lib in libs):
+            _driver = None
+        else:
+            lib, lin, dops, attn = libs
+            fn = lambda f: ctypes.cast(f, _p).value  # noqa: E731
+            _driver = _Driver(lib, _Kernels(fn(lin.bgl_linear), fn(dops.bgl_rms_norm), fn(dops.bgl_rope),
+                                            fn(dops.bgl_write_kv), fn(attn.lib.bgl_paged_attention)))
+    return _driver
+
+
+def _vec(t: torch.Tensor | None, n: int) -> bool:
+    return t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == (n,))
+
+
+def _table(stack: DenseStack, caches) -> tuple | None:
+    """(layer array, dims, weight dtype, kept tensors) for ``stack`` over ``caches``; None if not covered."""
+    key = tuple((k.data_ptr(), v.data_ptr()) for k, v in caches)
+    hit = stack.native.get("cpu")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    table = _build(stack, caches)
+    stack.native["cpu"] = (key, table)
+    return table
+
+
+def _build(stack: DenseStack, caches) -> tuple | None:
+    if not stack.layers or len(caches) != len(stack.layers):
+        return None
+    H, G, Dh = stack.num_heads, stack.num_kv_heads, stack.head_dim
+    first = stack.layers[0]
+    D = first.input_norm.shape[0]
+    F = first.down_w.shape[1] if first.down_w.dim() == 2 else -1
+    wdt = first.qkv_w.dtype
+    k0 = caches[0][0]
+    if wdt not in _W_DTYPES or k0.dtype not in (torch.float32, torch.bfloat16) or k0.dim() != 4 or H % G:
+        return None
+    N, Gc, Bs, Dhc = k0.shape
+    if (Gc, Dhc) != (G, Dh):
+        return None
+    Q = (H + 2 * G) * Dh
+    rows = []
+    for ly, (kc, vc) in zip(stack.layers, caches):
+        weights = ((ly.qkv_w, (Q, D)), (ly.o_w, (D, H * Dh)), (ly.gate_up_w, (2 * F, D)), (ly.down_w, (D, F)))
+        if not all(w.dtype is wdt and w.is_cpu and w.is_contiguous() and w.shape == s for w, s in weights):
+            return None
+        if not (_vec(ly.input_norm, D) and _vec(ly.post_norm, D) and ly.input_norm is not None
+                and ly.post_norm is not None and _vec(ly.qkv_b, Q) and _vec(ly.o_b, D) and _vec(ly.gate_up_b, 2 * F)
+                and _vec(ly.down_b, D)):
+            return None
+        if not (kc.shape == k0.shape == vc.shape and kc.dtype is k0.dtype is vc.dtype and kc.is_cpu and vc.is_cpu
+                and kc.is_contiguous() and vc.is_contiguous()):
+            return None
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        rows.append(_Layer(ptr(ly.input_norm), ptr(ly.qkv_w), ptr(ly.qkv_b), ptr(ly.o_w), ptr(ly.o_b),
+                           ptr(ly.post_norm), ptr(ly.gate_up_w), ptr(ly.gate_up_b), ptr(ly.down_w), ptr(ly.down_b),
+                           kc.data_ptr(), vc.data_ptr(), _W_DTYPES[wdt], ly.window or 0))
+    layers = (_Layer * len(rows))(*rows)
+    dims = _Dims(D, H, G, Dh, F, 0, N, Bs, int(k0.dtype is torch.bfloat16), 1, linear_cpu.MIN_WORK_PER_THREAD,
+                 linear_cpu.CHUNK_WORK, stack.eps, stack.scale)
+    return layers, dims, wdt
+
+
+def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
+                 block_tables_SM: torch.Tensor, context_lens_S: torch.Tensor, query_start_loc_S1: torch.Tensor,
+                 slot_mapping_T: torch.Tensor) -> torch.Tensor:
+    """``ops.dense_layers.dense_layers`` in one C call where covered (see the module docstring)."""
+    args = (x_TD, stack, caches, cos_TDr, sin_TDr, block_tables_SM, context_lens_S, query_start_loc_S1, slot_mapping_T)
+    if not torch.is_inference_mode_enabled():
+        return reference(*args)
+    drv = driver()
+    table = _table(stack, caches) if drv is not None else None
+    if table is None:
+        return reference(*args)
+    layers, dims, wdt = table
+    T = x_TD.shape[0] if x_TD.dim() == 2 else -1
+    S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
+    Dr = cos_TDr.shape[-1]
+    ok = (T >= 1 and x_TD.dtype is torch.float32 and x_TD.is_cpu and x_TD.shape[1] == dims.D
+          and (wdt is torch.bfloat16 or T <= linear_cpu.MAX_ROWS_FP32)
+          and all(c.dtype is torch.float32 and c.is_cpu and c.is_contiguous() and c.shape == (T, Dr)
+                  for c in (cos_TDr, sin_TDr))
+          and 0 < Dr <= dims.Dh and Dr % 2 == 0
+          and slot_mapping_T.dtype is torch.int64 and slot_mapping_T.shape == (T,) and slot_mapping_T.is_cpu
+          and all(t.dtype is torch.int32 and t.is_cpu for t in (block_tables_SM, context_lens_S, query_start_loc_S1))
+          and block_tables_SM.dim() == 2 and block_tables_SM.shape[0] == S and query_start_loc_S1.shape == (S + 1,))
+    if not ok:
+        return reference(*args)
+    dims = _Dims.from_buffer_copy(dims)  # the stack's copy stays as built
+    dims.Dr, dims.threads = Dr, kernel_threads()
+    D, H, G, Dh, F = dims.D, dims.H, dims.G, dims.Dh, dims.F
+    sizes = (D, (H + 2 * G) * Dh, H * Dh, G * Dh, H * Dh, D, 2 * F, F)
+    scratch = torch.empty(T * sum(sizes), dtype=torch.float32)
+    ptrs, off = [], scratch.data_ptr()
+    for n in sizes:
+        ptrs.append(off)
+        off += T * n * 4
+    x = x_TD.contiguous().clone()
+    bt, cl, qsl, slots = (t.contiguous() for t in (block_tables_SM, context_lens_S, query_start_loc_S1, slot_mapping_T))
+    step = _Step(T, S, bt.shape[1], cos_TDr.data_ptr(), sin_TDr.data_ptr(), slots.data_ptr(), bt.data_ptr(),
+                 cl.data_ptr(), qsl.data_ptr())
+    err = (_i * 4)()
+    code = drv.run(ctypes.byref(drv.kernels), layers, len(layers), ctypes.byref(dims), ctypes.byref(step),
+                   ctypes.byref(_Scratch(*ptrs)), x.data_ptr(), err)
+    if code == 1:
+        raise decode_ops_cpu.slot_error(err[0], err[1], dims.N * dims.Bs)
+    if code:
+        raise ValueError(paged_attention_cpu.index_error_message(code - 10, list(err)[:3], T, bt.shape[1], dims.N))
+    return x

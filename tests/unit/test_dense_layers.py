@@ -1,0 +1,139 @@
+"""``dense_layers`` — a stack of dense decoder layers over a paged KV cache as one operator: the CPU's native
+driver (``ops/dense_layers_cpu.py``) against the reference, which composes the platform's kernels from
+Python. Hidden states and the KV written must agree; uncovered inputs fall back; bad indices raise before
+anything is read. The engine-level tests (``test_engine_parity``) run Llama through it against transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bagualu.ops import dense_layers_cpu, kernel
+from bagualu.ops.dense_layers import DenseLayer, DenseStack, dense_layers
+
+pytestmark = pytest.mark.unit
+
+D, H, G, Dh, F, L, N, BS = 64, 4, 2, 16, 96, 3, 12, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if dense_layers_cpu.driver() is None:
+        pytest.skip("no C++ compiler: the reference is used")
+
+
+def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0) -> DenseStack:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, sc=0.2: (torch.randn(*s, generator=g) * sc)  # noqa: E731
+    b = lambda n: r(n) if bias else None  # noqa: E731
+    Q = (H + 2 * G) * Dh
+    layers = tuple(DenseLayer(1 + r(D), r(Q, D).to(wdtype), b(Q), r(D, H * Dh).to(wdtype), b(D), 1 + r(D),
+                              r(2 * F, D).to(wdtype), b(2 * F), r(D, F).to(wdtype), b(D), window if i % 2 else None)
+                   for i in range(L))
+    return DenseStack(layers, H, G, Dh, 1e-5, Dh**-0.5)
+
+
+def make_step(kv_dtype=torch.float32, new=(1, 3), past=(20, 0), Dr=Dh, seed=1):
+    """Sequences with ``past[s]`` keys already cached and ``new[s]`` tokens this step; random cache contents."""
+    g = torch.Generator().manual_seed(seed)
+    caches = [(torch.randn(N, G, BS, Dh, generator=g).to(kv_dtype), torch.randn(N, G, BS, Dh, generator=g).to(kv_dtype))
+              for _ in range(L)]
+    S, T = len(new), sum(new)
+    bt = torch.tensor([[5, 2, 9, 1, 3], [7, 0, 11, 4, 6]][:S], dtype=torch.int32)
+    ctx = torch.tensor([p + n for p, n in zip(past, new)], dtype=torch.int32)
+    qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
+    slots = torch.tensor([int(bt[s, p // BS]) * BS + p % BS for s in range(S) for p in range(past[s], past[s] + new[s])])
+    x = torch.randn(T, D, generator=g)
+    cos, sin = torch.randn(T, Dr, generator=g), torch.randn(T, Dr, generator=g)
+    return x, caches, cos, sin, bt, ctx, qsl, slots
+
+
+def clone_caches(caches):
+    return [(k.clone(), v.clone()) for k, v in caches]
+
+
+def run_both(stack, step):
+    x, caches, cos, sin, bt, ctx, qsl, slots = step
+    c_ref, c_nat = clone_caches(caches), clone_caches(caches)
+    with torch.inference_mode():
+        want = dense_layers(x, stack, c_ref, cos, sin, bt, ctx, qsl, slots)
+        got = kernel("dense_layers", "cpu")(x, stack, c_nat, cos, sin, bt, ctx, qsl, slots)
+    return want, got, c_ref, c_nat
+
+
+class CountingDriver:
+    def __init__(self, drv):
+        self.drv, self.calls = drv, 0
+        self.kernels = drv.kernels
+
+    def run(self, *a):
+        self.calls += 1
+        return self.drv.run(*a)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    c = CountingDriver(dense_layers_cpu.driver())
+    monkeypatch.setattr(dense_layers_cpu, "_driver", c)
+    return c
+
+
+@pytest.mark.parametrize("wdtype,kv_dtype,bias,window,Dr", [
+    (torch.float32, torch.float32, False, None, Dh),
+    (torch.float32, torch.bfloat16, True, 8, Dh),
+    (torch.bfloat16, torch.float32, True, None, 8),
+    (torch.bfloat16, torch.bfloat16, False, 4, Dh),
+])
+def test_native_equals_reference(counting, wdtype, kv_dtype, bias, window, Dr):
+    stack = make_stack(wdtype, bias, window)
+    want, got, c_ref, c_nat = run_both(stack, make_step(kv_dtype, Dr=Dr))
+    assert counting.calls == 1
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for (kr, vr), (kn, vn) in zip(c_ref, c_nat):  # this step's keys/values landed in the same slots
+        torch.testing.assert_close(kn, kr, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(vn, vr, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_rows_one_by_one_match_a_batch(counting):
+    """Three decode steps through the native path equal one step that prefills the same tokens."""
+    stack = make_stack(seed=3)
+    x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=(3,), past=(0,), seed=4)
+    with torch.inference_mode():
+        whole = kernel("dense_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)
+        c = clone_caches(caches)
+        rows = [kernel("dense_layers", "cpu")(x[i:i + 1], stack, c, cos[i:i + 1], sin[i:i + 1], bt,
+                                              torch.tensor([i + 1], dtype=torch.int32),
+                                              torch.tensor([0, 1], dtype=torch.int32), slots[i:i + 1]) for i in range(3)]
+    assert counting.calls == 4
+    torch.testing.assert_close(torch.cat(rows), whole, rtol=2e-5, atol=2e-5)
+
+
+def test_uncovered_inputs_take_the_reference(counting):
+    stack = make_stack()
+    step = make_step()
+    x, caches, cos, sin, bt, ctx, qsl, slots = step
+    with torch.inference_mode():  # fp32 weights and more rows than the GEMV kernel takes: the BLAS path
+        big = make_step(new=(70,), past=(0,))
+        kernel("dense_layers", "cpu")(*big[:1], stack, *big[1:])
+    got = kernel("dense_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)  # no inference mode
+    assert counting.calls == 0
+    want, *_ = run_both(stack, step)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_bad_indices_raise_before_reading_the_cache():
+    """A slot outside the cache: nothing is written. A block table naming no block: attention refuses
+    before it reads; only the first layer's KV write (which precedes it, as on the per-layer path) happened."""
+    stack = make_stack()
+    x, caches, cos, sin, bt, ctx, qsl, slots = make_step()
+    c = clone_caches(caches)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="slot_mapping values must lie"):
+            kernel("dense_layers", "cpu")(x, stack, c, cos, sin, bt, ctx, qsl, slots + N * BS)
+        assert all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(caches, c))
+        bad = bt.clone()
+        bad[1, 0] = N + 3
+        with pytest.raises(ValueError, match="is not a block of the cache"):
+            kernel("dense_layers", "cpu")(x, stack, c, cos, sin, bad, ctx, qsl, slots)
+    assert all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(caches[1:], c[1:]))
