@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bagualu.ops import dense_layers_cpu, kernel
-from bagualu.ops.dense_layers import DenseLayer, DenseStack, dense_layers
+from bagualu.ops.dense_layers import DenseLayer, DenseStack, MoEBlock, dense_layers, moe_block
 
 pytestmark = pytest.mark.unit
 
@@ -23,15 +23,26 @@ def built():
         pytest.skip("no C++ compiler: the reference is used")
 
 
-def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0) -> DenseStack:
+def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0, moe=None) -> DenseStack:
+    """``moe``: None (all MLP layers) or the MoEBlock options of layers 1.. (layer 0 stays an MLP)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s, sc=0.2: (torch.randn(*s, generator=g) * sc)  # noqa: E731
-    b = lambda n: r(n) if bias else None  # noqa: E731
+    r = lambda *s, sc=0.2: (torch.randn(*s, generator=g) * sc).to(wdtype)  # noqa: E731
+    f = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    b = lambda n: f(n) if bias else None  # noqa: E731
     Q = (H + 2 * G) * Dh
-    layers = tuple(DenseLayer(1 + r(D), r(Q, D).to(wdtype), b(Q), r(D, H * Dh).to(wdtype), b(D), 1 + r(D),
-                              r(2 * F, D).to(wdtype), b(2 * F), r(D, F).to(wdtype), b(D), window if i % 2 else None)
-                   for i in range(L))
-    return DenseStack(layers, H, G, Dh, 1e-5, Dh**-0.5)
+    layers = []
+    for i in range(L):
+        attn = (1 + f(D), r(Q, D), b(Q), r(D, H * Dh), b(D), 1 + f(D))
+        w = window if i % 2 else None
+        if moe is None or i == 0:
+            layers.append(DenseLayer(*attn, r(2 * F, D), b(2 * F), r(D, F), b(D), w))
+            continue
+        E, Fe, Fs = moe.get("E", 6), 40, moe.get("Fs", 0)
+        shared = (r(2 * Fs, D), r(D, Fs), r(1, D) if moe.get("shared_gate") else None) if Fs else (None,) * 3
+        block = MoEBlock(r(E, D, sc=1.0), r(E, Fe, D), r(E, Fe, D), r(E, D, Fe), moe.get("K", 2),
+                         moe.get("router", "softmax_topk"), moe.get("norm", True), *shared)
+        layers.append(DenseLayer(*attn, None, None, None, None, w, block))
+    return DenseStack(tuple(layers), H, G, Dh, 1e-5, Dh**-0.5)
 
 
 def make_step(kv_dtype=torch.float32, new=(1, 3), past=(20, 0), Dr=Dh, seed=1):
@@ -93,6 +104,42 @@ def test_native_equals_reference(counting, wdtype, kv_dtype, bias, window, Dr):
     for (kr, vr), (kn, vn) in zip(c_ref, c_nat):  # this step's keys/values landed in the same slots
         torch.testing.assert_close(kn, kr, rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(vn, vr, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("moe,wdtype,new", [
+    (dict(), torch.float32, (1, 3)),                                              # Mixtral: renormalised top-2
+    (dict(router="topk_softmax", K=3, E=8), torch.float32, (1,)),                 # batch-1 decode
+    (dict(norm=False, Fs=24, shared_gate=True, K=4), torch.float32, (2, 5)),      # Qwen2-MoE: shared + gate
+    (dict(Fs=16), torch.bfloat16, (1, 3)),
+])
+def test_moe_layers_native_equal_reference(counting, moe, wdtype, new):
+    stack = make_stack(wdtype, bias=True, moe=moe, seed=5)
+    want, got, c_ref, c_nat = run_both(stack, make_step(new=new, past=(20, 0)[:len(new)]))
+    assert counting.calls == 1
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for (kr, vr), (kn, vn) in zip(c_ref, c_nat):
+        torch.testing.assert_close(kn, kr, rtol=2e-5, atol=2e-5)
+
+
+def test_moe_reference_is_the_moe_layer():
+    """The operator's MoE block computes what ``bagualu.moe.MoE`` computes for inference."""
+    from bagualu.engine.runner import _moe_block
+    from bagualu.moe import MoE
+
+    torch.manual_seed(0)
+    for kw in (dict(router="softmax_topk"), dict(router="topk_softmax"),
+               dict(router="softmax_topk", norm_topk_prob=False, num_shared_experts=1, shared_expert_gate=True)):
+        m = MoE(D, 40, 6, 2, **kw).eval()
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        m.fuse_projections() if hasattr(m, "fuse_projections") else None
+        if m.shared_experts is not None:
+            m.shared_experts.fuse_projections()
+        h = torch.randn(5, D)
+        with torch.inference_mode():
+            want = m(h)
+            got = moe_block(h, _moe_block(m))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_rows_one_by_one_match_a_batch(counting):

@@ -14,7 +14,7 @@ runner computes post(l, 0) and pre(l+1, 0) — FastDecode's ping-pong of S and R
     R:        R(0,0)      R(0,1)               R(1,0)               R(1,1)
 
 With the in-process back-end ``submit`` computes at once and one micro-batch is used. There, a model whose
-layers are all dense (Llama-family) runs them as one ``dense_layers`` operator per micro-batch instead
+layers ``dense_layers`` covers (Llama, Mixtral, Qwen2-MoE) runs them as one operator per micro-batch instead
 (``EngineConfig.fused_layers``): the same computation, which the CPU platform does in one native call.
 The model is only read (its modules are called); it knows nothing of paging.
 """
@@ -25,9 +25,10 @@ import torch
 
 from bagualu.engine.batch import StepInputs
 from bagualu.models.layers import Attention
-from bagualu.moe import MLP
+from bagualu.moe import MLP, MoE
 from bagualu.ops import kernel
-from bagualu.ops.dense_layers import DenseLayer, DenseStack
+from bagualu.ops.dense_layers import ROUTERS as DENSE_ROUTERS
+from bagualu.ops.dense_layers import DenseLayer, DenseStack, MoEBlock
 
 
 class UnsupportedModelError(ValueError):
@@ -44,22 +45,44 @@ def check_supported(model) -> None:
 
 
 def dense_stack(model) -> DenseStack | None:
-    """The model's layers as a ``DenseStack`` when every one is dense (GQA attention without q/k norms,
-    SwiGLU MLP, projections fused) and their norms share one epsilon; else None."""
+    """The model's layers as a ``DenseStack`` when every one has GQA attention without q/k norms (projections
+    fused) and a SwiGLU MLP or an MoE block that ``dense_layers`` routes (see ``_moe_block``), and their norms
+    share one epsilon; else None."""
     layers, eps = [], set()
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not (isinstance(attn, Attention) and attn.q_norm is None and attn.qkv_weight is not None
-                and isinstance(mlp, MLP) and mlp.gate_up_weight is not None):
+        if not (isinstance(attn, Attention) and attn.q_norm is None and attn.qkv_weight is not None):
+            return None
+        if isinstance(mlp, MLP) and mlp.gate_up_weight is not None:
+            moe, ffn = None, (mlp.gate_up_weight, mlp.gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias)
+        elif isinstance(mlp, MoE) and (moe := _moe_block(mlp)) is not None:
+            ffn = (None, None, None, None)
+        else:
             return None
         eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
         layers.append(DenseLayer(layer.input_layernorm.weight, attn.qkv_weight, attn.qkv_bias, attn.o_proj.weight,
-                                 attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_weight,
-                                 mlp.gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias, layer.window))
+                                 attn.o_proj.bias, layer.post_attention_layernorm.weight, *ffn, layer.window, moe))
     if not layers or len(eps) != 1:
         return None
     attn = model.model.layers[0].self_attn
     return DenseStack(tuple(layers), attn.H, attn.G, attn.Dh, eps.pop(), attn.scale)
+
+
+def _moe_block(m: MoE) -> MoEBlock | None:
+    """An MoE layer as ``dense_layers`` takes it: no expert parallelism, dropless, a plain top-k router
+    (``softmax_topk`` or ``topk_softmax``, one group, no scaling), shared experts fused and bias-free."""
+    r, sh, sg = m.gate, m.shared_experts, m.shared_expert_gate
+    if not (m.ep == 1 and m.capacity_factor is None and r.name in DENSE_ROUTERS and r.num_groups == 1
+            and r.routed_scaling_factor == 1.0):
+        return None
+    if sh is not None and (sh.gate_up_weight is None or sh.gate_up_bias is not None or sh.down_proj.bias is not None):
+        return None
+    if sg is not None and sg.bias is not None:
+        return None
+    ex = m.experts
+    return MoEBlock(r.weight, ex.gate_proj, ex.up_proj, ex.down_proj, m.top_k, r.name, r.norm_topk_prob,
+                    None if sh is None else sh.gate_up_weight, None if sh is None else sh.down_proj.weight,
+                    None if sg is None else sg.weight)
 
 
 class ModelRunner:

@@ -1,12 +1,16 @@
-"""``dense_layers``: a stack of dense pre-norm decoder layers over a paged KV cache, as one operator.
+"""``dense_layers``: a stack of pre-norm decoder layers over a paged KV cache, as one operator.
 
-This is the serving engine's step for Llama-family models whose layers are all dense (GQA attention with
-rotate-half RoPE, SwiGLU MLP). Per layer, with ``x [T, D]``::
+This is the serving engine's step for GQA models with rotate-half RoPE whose feed-forward blocks are
+SwiGLU MLPs (Llama) or MoE blocks with a plain top-k router (Mixtral, Qwen2-MoE). Per layer, ``x [T, D]``::
 
     h = rms_norm(x, input_norm);  q, k, v = split(linear(h, qkv_w, qkv_b));  q, k = apply_rope(q, k, cos, sin)
     write_kv(k_cache, v_cache, k, v, slots);  o = paged_attention(q, k_cache, v_cache, ...)
-    x = x + linear(o, o_w, o_b);  g, u = chunk(linear(rms_norm(x, post_norm), gate_up_w, gate_up_b))
-    x = x + linear(silu_mul(g, u), down_w, down_b)
+    x = x + linear(o, o_w, o_b);  h = rms_norm(x, post_norm)
+    MLP:  g, u = chunk(linear(h, gate_up_w, gate_up_b));  x = x + linear(silu_mul(g, u), down_w, down_b)
+    MoE:  x = x + moe(h)   (``moe_block`` below: route, then each expert on its rows, plus shared experts)
+
+(The name says "dense" for what is densely computed per token: attention and every projection; the
+experts' sparsity is data, routed inside the operator.)
 
 The reference below composes the platform's own kernels (``kernel(op)`` for each step), so on any platform
 it computes what the engine's per-layer path computes; a platform may replace the whole stack with one
@@ -23,10 +27,38 @@ from dataclasses import dataclass, field
 import torch
 
 
+ROUTERS = ("softmax_topk", "topk_softmax")
+
+
+@dataclass(frozen=True, eq=False)
+class MoEBlock:
+    """An MoE block's weights: ``router_w [E, D]``; stacked experts ``gate_w``/``up_w [E, F, D]``, ``down_w
+    [E, D, F]``; optional shared SwiGLU MLP (``shared_gate_up_w [2Fs, D]``, ``shared_down_w [D, Fs]``)
+    scaled by ``sigmoid(h @ shared_gate_w^T)`` when ``shared_gate_w [1, D]`` is given. ``router``:
+    ``softmax_topk`` (top-k of the softmax, renormalised if ``norm_topk_prob``) or ``topk_softmax``
+    (softmax of the top-k logits)."""
+
+    router_w: torch.Tensor
+    gate_w: torch.Tensor
+    up_w: torch.Tensor
+    down_w: torch.Tensor
+    top_k: int
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = True
+    shared_gate_up_w: torch.Tensor | None = None
+    shared_down_w: torch.Tensor | None = None
+    shared_gate_w: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise ValueError(f"router {self.router!r} is not one of {ROUTERS}")
+
+
 @dataclass(frozen=True, eq=False)
 class DenseLayer:
     """One layer's weights (``[out, in]`` as ``nn.Linear``; ``qkv_w`` is ``[(H + 2G) Dh, D]``, ``gate_up_w``
-    ``[2F, D]``, gate rows first) and its sliding window (None: full attention)."""
+    ``[2F, D]``, gate rows first) and its sliding window (None: full attention). An MoE layer gives ``moe``
+    and None for the MLP's four tensors."""
 
     input_norm: torch.Tensor
     qkv_w: torch.Tensor
@@ -34,11 +66,12 @@ class DenseLayer:
     o_w: torch.Tensor
     o_b: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up_w: torch.Tensor
+    gate_up_w: torch.Tensor | None
     gate_up_b: torch.Tensor | None
-    down_w: torch.Tensor
+    down_w: torch.Tensor | None
     down_b: torch.Tensor | None
     window: int | None = None
+    moe: MoEBlock | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +109,40 @@ def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.T
         write_kv(k_cache, v_cache, k, v, slot_mapping_T)
         o = attend(q, k_cache, v_cache, block_tables_SM, context_lens_S, query_start_loc_S1, stack.scale, layer.window)
         x = x + lin(o.reshape(T, H * Dh), layer.o_w, layer.o_b)
-        gate, up = lin(rms(x, layer.post_norm, stack.eps), layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-        x = x + lin(silu_mul(gate, up), layer.down_w, layer.down_b)
+        h = rms(x, layer.post_norm, stack.eps)
+        if layer.moe is not None:
+            x = x + moe_block(h, layer.moe)
+        else:
+            gate, up = lin(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+            x = x + lin(silu_mul(gate, up), layer.down_w, layer.down_b)
     return x
+
+
+def moe_block(h_TD: torch.Tensor, m: MoEBlock) -> torch.Tensor:
+    """The MoE block as ``bagualu.moe.MoE`` computes it for inference: routing weights in fp32, each expert
+    (ascending id) on its rows (in token order) through ``linear``, ``y[t] += z * w`` in that order, then
+    the shared experts."""
+    from bagualu.ops.registry import kernel
+
+    lin, silu_mul = kernel("linear"), kernel("silu_mul")
+    logits = lin(h_TD, m.router_w)
+    if m.router == "softmax_topk":
+        w_TK, e_TK = torch.topk(torch.softmax(logits.float(), dim=-1), m.top_k, dim=-1)
+        if m.norm_topk_prob:
+            w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+    else:
+        top_TK, e_TK = torch.topk(logits, m.top_k, dim=-1)
+        w_TK = torch.softmax(top_TK.float(), dim=-1)
+    y = torch.zeros_like(h_TD)
+    for e in sorted(set(e_TK.flatten().tolist())):
+        tok, j = (e_TK == e).nonzero(as_tuple=True)
+        r = h_TD.index_select(0, tok)
+        z = lin(silu_mul(lin(r, m.gate_w[e]), lin(r, m.up_w[e])), m.down_w[e]) * w_TK[tok, j].unsqueeze(1)
+        y.index_put_((tok,), y.index_select(0, tok) + z.to(y.dtype))
+    if m.shared_gate_up_w is not None:
+        gate, up = lin(h_TD, m.shared_gate_up_w).chunk(2, dim=-1)
+        z = lin(silu_mul(gate, up), m.shared_down_w)
+        if m.shared_gate_w is not None:
+            z = torch.sigmoid(lin(h_TD, m.shared_gate_w)) * z
+        y = y + z
+    return y

@@ -2,12 +2,14 @@
 
 The C driver calls the kernels the per-layer path calls — ``linear_cpu``, ``decode_ops_cpu`` (RMSNorm, rope,
 KV write) and ``paged_attention_cpu`` — through function pointers taken from their libraries, so each kernel
-exists once and keeps its own build flags; only the layer loop, the residual adds and the SwiGLU activation
-are new. At batch 1 this removes ~25 interpreter-level calls per layer (see the C file).
+exists once and keeps its own build flags; only the layer loop, the residual adds, the SwiGLU activation and
+the MoE routing (top-k, softmax, gathering each expert's rows) are new. At batch 1 this removes ~25
+interpreter-level calls per dense layer and ~40 per MoE layer (see the C file).
 
-Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights all fp32 or all
-bf16; fp32 or bf16 KV caches; with fp32 weights at most ``linear_cpu.MAX_ROWS_FP32`` tokens (above that the
-BLAS GEMM wins, and the reference routes each projection to it). Anything else, or a library that cannot be
+Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights (routers and
+experts included) all fp32 or all bf16; fp32 or bf16 KV caches; with fp32 weights at most
+``linear_cpu.MAX_ROWS_FP32`` tokens (above that the BLAS GEMM wins, and the reference routes each projection
+to it). Anything else, or a library that cannot be
 built: the reference (``ops.dense_layers.dense_layers``), which composes the same kernels from Python.
 The stack's pointer table is built once per (stack, caches) and validated then: dtypes, shapes,
 contiguity. Per call only the step's tensors are checked; the index values are checked by the kernels
@@ -21,7 +23,7 @@ import ctypes
 import torch
 
 from bagualu.ops import decode_ops_cpu, linear_cpu, native, paged_attention_cpu
-from bagualu.ops.dense_layers import DenseStack
+from bagualu.ops.dense_layers import ROUTERS, DenseStack
 from bagualu.ops.dense_layers import dense_layers as reference
 from bagualu.ops.threads import kernel_threads
 
@@ -33,10 +35,15 @@ class _Kernels(ctypes.Structure):
     _fields_ = [("linear", _p), ("rms_norm", _p), ("rope", _p), ("write_kv", _p), ("attention", _p)]
 
 
+class _MoE(ctypes.Structure):
+    _fields_ = [(n, _p) for n in ("router_w", "gate_w", "up_w", "down_w", "shared_gu_w", "shared_down_w",
+                                  "shared_gate_w")] + [(n, _i) for n in ("E", "K", "F", "Fs", "router", "norm_topk")]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [("ln1", _p), ("qkv_w", _p), ("qkv_b", _p), ("o_w", _p), ("o_b", _p), ("ln2", _p), ("gu_w", _p),
-                ("gu_b", _p), ("down_w", _p), ("down_b", _p), ("k_cache", _p), ("v_cache", _p), ("w_dtype", _i),
-                ("window", _i)]
+                ("gu_b", _p), ("down_w", _p), ("down_b", _p), ("k_cache", _p), ("v_cache", _p), ("moe", _p),
+                ("w_dtype", _i), ("window", _i)]
 
 
 class _Dims(ctypes.Structure):
@@ -50,7 +57,8 @@ class _Step(ctypes.Structure):
 
 
 class _Scratch(ctypes.Structure):
-    _fields_ = [(n, _p) for n in ("h", "qkv", "q", "k", "o", "y", "gu", "a")]
+    _fields_ = [(n, _p) for n in ("h", "qkv", "q", "k", "o", "y", "gu", "a", "logits", "rows", "z", "route_w",
+                                  "route_e")]
 
 
 class _Driver:
@@ -97,13 +105,36 @@ def _table(stack: DenseStack, caches) -> tuple | None:
     return table
 
 
+def _ok(w: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
+    return w is not None and w.dtype is dtype and w.is_cpu and w.is_contiguous() and w.shape == shape
+
+
+def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
+    """The C description of an MoE block and its widest hidden layer; None if not covered."""
+    E, F = m.gate_w.shape[0], m.gate_w.shape[1] if m.gate_w.dim() == 3 else -1
+    Fs = m.shared_down_w.shape[1] if m.shared_down_w is not None and m.shared_down_w.dim() == 2 else 0
+    ok = (_ok(m.router_w, wdt, (E, D)) and _ok(m.gate_w, wdt, (E, F, D)) and _ok(m.up_w, wdt, (E, F, D))
+          and _ok(m.down_w, wdt, (E, D, F)) and 1 <= m.top_k <= E
+          and (m.shared_gate_up_w is None) == (m.shared_down_w is None)
+          and (m.shared_gate_up_w is None or (_ok(m.shared_gate_up_w, wdt, (2 * Fs, D))
+                                              and _ok(m.shared_down_w, wdt, (D, Fs))))
+          and (m.shared_gate_w is None or (Fs and _ok(m.shared_gate_w, wdt, (1, D)))))
+    if not ok:
+        return None
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return _MoE(m.router_w.data_ptr(), m.gate_w.data_ptr(), m.up_w.data_ptr(), m.down_w.data_ptr(),
+                ptr(m.shared_gate_up_w), ptr(m.shared_down_w), ptr(m.shared_gate_w), E, m.top_k, F, Fs,
+                ROUTERS.index(m.router), int(m.norm_topk_prob)), max(F, Fs)
+
+
 def _build(stack: DenseStack, caches) -> tuple | None:
     if not stack.layers or len(caches) != len(stack.layers):
         return None
     H, G, Dh = stack.num_heads, stack.num_kv_heads, stack.head_dim
     first = stack.layers[0]
     D = first.input_norm.shape[0]
-    F = first.down_w.shape[1] if first.down_w.dim() == 2 else -1
+    dense = [ly for ly in stack.layers if ly.moe is None]
+    F = dense[0].down_w.shape[1] if dense and dense[0].down_w is not None and dense[0].down_w.dim() == 2 else 0
     wdt = first.qkv_w.dtype
     k0 = caches[0][0]
     if wdt not in _W_DTYPES or k0.dtype not in (torch.float32, torch.bfloat16) or k0.dim() != 4 or H % G:
@@ -112,26 +143,40 @@ def _build(stack: DenseStack, caches) -> tuple | None:
     if (Gc, Dhc) != (G, Dh):
         return None
     Q = (H + 2 * G) * Dh
-    rows = []
+    rows, moes, widest, E_max, K_max = [], [], F, 1, 1
     for ly, (kc, vc) in zip(stack.layers, caches):
-        weights = ((ly.qkv_w, (Q, D)), (ly.o_w, (D, H * Dh)), (ly.gate_up_w, (2 * F, D)), (ly.down_w, (D, F)))
-        if not all(w.dtype is wdt and w.is_cpu and w.is_contiguous() and w.shape == s for w, s in weights):
+        weights = ((ly.qkv_w, (Q, D)), (ly.o_w, (D, H * Dh)))
+        if ly.moe is None:
+            weights += ((ly.gate_up_w, (2 * F, D)), (ly.down_w, (D, F)))
+        if not all(_ok(w, wdt, shape) for w, shape in weights):
             return None
         if not (_vec(ly.input_norm, D) and _vec(ly.post_norm, D) and ly.input_norm is not None
-                and ly.post_norm is not None and _vec(ly.qkv_b, Q) and _vec(ly.o_b, D) and _vec(ly.gate_up_b, 2 * F)
-                and _vec(ly.down_b, D)):
+                and ly.post_norm is not None and _vec(ly.qkv_b, Q) and _vec(ly.o_b, D)):
+            return None
+        if ly.moe is None and not (_vec(ly.gate_up_b, 2 * F) and _vec(ly.down_b, D)):
             return None
         if not (kc.shape == k0.shape == vc.shape and kc.dtype is k0.dtype is vc.dtype and kc.is_cpu and vc.is_cpu
                 and kc.is_contiguous() and vc.is_contiguous()):
             return None
+        moe = None
+        if ly.moe is not None:
+            got = _moe(ly.moe, wdt, D)
+            if got is None:
+                return None
+            moe, width = got
+            moes.append(moe)
+            widest, E_max, K_max = max(widest, width), max(E_max, moe.E), max(K_max, moe.K)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         rows.append(_Layer(ptr(ly.input_norm), ptr(ly.qkv_w), ptr(ly.qkv_b), ptr(ly.o_w), ptr(ly.o_b),
                            ptr(ly.post_norm), ptr(ly.gate_up_w), ptr(ly.gate_up_b), ptr(ly.down_w), ptr(ly.down_b),
-                           kc.data_ptr(), vc.data_ptr(), _W_DTYPES[wdt], ly.window or 0))
+                           kc.data_ptr(), vc.data_ptr(), None if moe is None else ctypes.addressof(moe),
+                           _W_DTYPES[wdt], ly.window or 0))
     layers = (_Layer * len(rows))(*rows)
     dims = _Dims(D, H, G, Dh, F, 0, N, Bs, int(k0.dtype is torch.bfloat16), 1, linear_cpu.MIN_WORK_PER_THREAD,
                  linear_cpu.CHUNK_WORK, stack.eps, stack.scale)
-    return layers, dims, wdt
+    # per token: h, qkv, q, k, o, y, gu, a, logits, rows, z, route_w (fp32) and route_e (int64, 2 slots each)
+    sizes = (D, Q, H * Dh, G * Dh, H * Dh, D, 2 * widest, widest, E_max, D, D, K_max, 2 * K_max)
+    return layers, dims, wdt, sizes, moes  # moes: the structures the layer array points into, kept alive
 
 
 def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
@@ -145,7 +190,7 @@ def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.T
     table = _table(stack, caches) if drv is not None else None
     if table is None:
         return reference(*args)
-    layers, dims, wdt = table
+    layers, dims, wdt, sizes, _ = table
     T = x_TD.shape[0] if x_TD.dim() == 2 else -1
     S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
     Dr = cos_TDr.shape[-1]
@@ -161,13 +206,12 @@ def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.T
         return reference(*args)
     dims = _Dims.from_buffer_copy(dims)  # the stack's copy stays as built
     dims.Dr, dims.threads = Dr, kernel_threads()
-    D, H, G, Dh, F = dims.D, dims.H, dims.G, dims.Dh, dims.F
-    sizes = (D, (H + 2 * G) * Dh, H * Dh, G * Dh, H * Dh, D, 2 * F, F)
-    scratch = torch.empty(T * sum(sizes), dtype=torch.float32)
+    spans = [-(-T * n // 16) * 16 for n in sizes]  # 64-byte aligned regions
+    scratch = torch.empty(sum(spans), dtype=torch.float32)
     ptrs, off = [], scratch.data_ptr()
-    for n in sizes:
+    for n in spans:
         ptrs.append(off)
-        off += T * n * 4
+        off += n * 4
     x = x_TD.contiguous().clone()
     bt, cl, qsl, slots = (t.contiguous() for t in (block_tables_SM, context_lens_S, query_start_loc_S1, slot_mapping_T))
     step = _Step(T, S, bt.shape[1], cos_TDr.data_ptr(), sin_TDr.data_ptr(), slots.data_ptr(), bt.data_ptr(),

@@ -1,5 +1,5 @@
-// A stack of dense pre-norm decoder layers (GQA attention over a paged KV cache, SwiGLU MLP) for one
-// micro-batch of T tokens, in one call from Python.
+// A stack of pre-norm decoder layers (GQA attention over a paged KV cache; a SwiGLU MLP or a routed MoE
+// block) for one micro-batch of T tokens, in one call from Python.
 //
 // Why: a batch-1 decode step of a ~110M Llama makes ~25 Python-level calls per layer (norms, projections,
 // views, rope, KV write, attention, residual adds, activation), ~0.8 ms of interpreter and dispatch per
@@ -11,6 +11,11 @@
 // Per layer, with x [T, D] updated in place:
 //   h = rms_norm(x, ln1); qkv = h @ Wqkv^T (+b); q, k = rope(q, k); write_kv(k, v); o = attention(q)
 //   x += o @ Wo^T (+b); h = rms_norm(x, ln2); g, u = h @ Wgu^T (+b); x += (silu(g) * u) @ Wd^T (+b)
+// An MoE layer replaces the MLP line by (ops/dense_layers.py states it in torch):
+//   logits = h @ Wr^T; per token its K experts (softmax_topk: top-k of softmax(logits), optionally
+//   renormalised; topk_softmax: softmax of the top-k logits); then per expert e in ascending order, on the
+//   rows routed to it: y = ((silu(r @ Wg[e]^T) * (r @ Wu[e]^T)) @ Wd[e]^T) * w, summed per token in that
+//   order; plus an optional shared SwiGLU MLP, optionally scaled by sigmoid(h @ wsg).
 // The products and sums round as in the Python path; silu(g) = g / (1 + exp(-g)) as ATen's CPU kernel
 // (with libm's exp instead of Sleef's: results may differ in the last bit).
 
@@ -40,6 +45,19 @@ struct BglKernels {
   bgl_attention_fn attention;
 };
 
+struct BglMoE {
+  const void* router_w;  // [E, D]
+  const void* gate_w;    // [E, F, D]
+  const void* up_w;      // [E, F, D]
+  const void* down_w;    // [E, D, F]
+  const void* shared_gu_w;    // [2 Fs, D] or null
+  const void* shared_down_w;  // [D, Fs]
+  const void* shared_gate_w;  // [1, D] or null
+  int64_t E, K, F, Fs;
+  int64_t router;  // 0 softmax_topk, 1 topk_softmax
+  int64_t norm_topk;
+};
+
 struct BglDenseLayer {
   const float* ln1;
   const void* qkv_w;
@@ -53,12 +71,13 @@ struct BglDenseLayer {
   const float* down_b;
   void* k_cache;
   void* v_cache;
-  int64_t w_dtype;  // 0 fp32, 1 bf16 (all four projections)
+  const BglMoE* moe;  // null: the MLP (gu_w, down_w)
+  int64_t w_dtype;  // 0 fp32, 1 bf16 (every projection of the layer)
   int64_t window;   // 0: full attention
 };
 
 struct BglDenseDims {
-  int64_t D, H, G, Dh, F, Dr;  // model dim, heads, KV heads, head dim, MLP width, rotated features
+  int64_t D, H, G, Dh, F, Dr;  // model dim, heads, KV heads, head dim, dense MLP width, rotated features
   int64_t N, Bs, kv_bf16;      // cache blocks, block size, cache dtype
   int64_t threads, min_work, chunk_work;
   double eps, scale;
@@ -75,10 +94,105 @@ struct BglDenseStep {
 };
 
 // Scratch, contiguous fp32: h [T, D], qkv [T, (H + 2G) Dh], q [T, H, Dh], k [T, G, Dh], o [T, H, Dh],
-// y [T, D], gu [T, 2F], a [T, F].
+// y [T, D], gu [T, 2F], a [T, F] (F: the widest MLP, MoE expert or shared, of any layer); for MoE layers also
+// logits [T, E], rows [T, D], z [T, D] and routes [T, K] of int64 (route_e) and fp32 (route_w).
 struct BglDenseScratch {
   float *h, *qkv, *q, *k, *o, *y, *gu, *a;
+  float *logits, *rows, *z, *route_w;
+  int64_t* route_e;
 };
+
+namespace {
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// The K experts of one token from its logits l[E], in the router's order, with their fp32 weights.
+void route(const float* l, int64_t E, int64_t K, int64_t kind, int64_t norm, int64_t* e_out, float* w_out) {
+  // top-k of the logits, descending, ties to the lower index (softmax is monotonic, so the same experts
+  // as top-k of the probabilities)
+  for (int64_t j = 0; j < K; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; ++e) {
+      bool taken = false;
+      for (int64_t i = 0; i < j; ++i) taken |= e_out[i] == e;
+      if (!taken && (best < 0 || l[e] > l[best])) best = e;
+    }
+    e_out[j] = best;
+  }
+  if (kind == 0) {  // softmax over all E, take the chosen, optionally renormalise
+    float mx = l[0];
+    for (int64_t e = 1; e < E; ++e) mx = l[e] > mx ? l[e] : mx;
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) sum += std::exp(l[e] - mx);
+    float ks = 0.0f;
+    for (int64_t j = 0; j < K; ++j) {
+      w_out[j] = std::exp(l[e_out[j]] - mx) / sum;
+      ks += w_out[j];
+    }
+    if (norm)
+      for (int64_t j = 0; j < K; ++j) w_out[j] = w_out[j] / ks;
+  } else {  // softmax over the K chosen logits (the first is their maximum)
+    const float mx = l[e_out[0]];
+    float sum = 0.0f;
+    for (int64_t j = 0; j < K; ++j) sum += (w_out[j] = std::exp(l[e_out[j]] - mx));
+    for (int64_t j = 0; j < K; ++j) w_out[j] = w_out[j] / sum;
+  }
+}
+
+// y[T, D] = the MoE block of h[T, D] (see the header comment).
+void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const BglDenseDims* d, int64_t T,
+               const BglDenseScratch* sc, float* y) {
+  const int64_t D = d->D, E = m.E, K = m.K, F = m.F;
+  const int th = (int)d->threads;
+  kn->linear(sc->h, D, m.router_w, wd, nullptr, sc->logits, E, T, E, D, th, d->min_work, d->chunk_work);
+  for (int64_t t = 0; t < T; ++t)
+    route(sc->logits + t * E, E, K, m.router, m.norm_topk, sc->route_e + t * K, sc->route_w + t * K);
+  for (int64_t i = 0; i < T * D; ++i) y[i] = 0.0f;
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t n = 0;  // gather the rows routed to e, in token order
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < K; ++j)
+        if (sc->route_e[t * K + j] == e) {
+          for (int64_t c = 0; c < D; ++c) sc->rows[n * D + c] = sc->h[t * D + c];
+          ++n;
+        }
+    if (!n) continue;
+    const char* g_w = static_cast<const char*>(m.gate_w) + e * F * D * esz;
+    const char* u_w = static_cast<const char*>(m.up_w) + e * F * D * esz;
+    const char* d_w = static_cast<const char*>(m.down_w) + e * D * F * esz;
+    float* g = sc->gu;
+    float* u = sc->gu + n * F;
+    kn->linear(sc->rows, D, g_w, wd, nullptr, g, F, n, F, D, th, d->min_work, d->chunk_work);
+    kn->linear(sc->rows, D, u_w, wd, nullptr, u, F, n, F, D, th, d->min_work, d->chunk_work);
+    for (int64_t i = 0; i < n * F; ++i) sc->a[i] = silu(g[i]) * u[i];
+    kn->linear(sc->a, F, d_w, wd, nullptr, sc->z, D, n, D, F, th, d->min_work, d->chunk_work);
+    int64_t r = 0;  // scatter back: y[t] += z[r] * w, in the same token order
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < K; ++j)
+        if (sc->route_e[t * K + j] == e) {
+          const float w = sc->route_w[t * K + j];
+          for (int64_t c = 0; c < D; ++c) y[t * D + c] = y[t * D + c] + sc->z[r * D + c] * w;
+          ++r;
+        }
+  }
+  if (m.shared_gu_w) {
+    const int64_t Fs = m.Fs;
+    kn->linear(sc->h, D, m.shared_gu_w, wd, nullptr, sc->gu, 2 * Fs, T, 2 * Fs, D, th, d->min_work, d->chunk_work);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t f = 0; f < Fs; ++f) sc->a[t * Fs + f] = silu(sc->gu[t * 2 * Fs + f]) * sc->gu[t * 2 * Fs + Fs + f];
+    kn->linear(sc->a, Fs, m.shared_down_w, wd, nullptr, sc->z, D, T, D, Fs, th, d->min_work, d->chunk_work);
+    if (m.shared_gate_w) {
+      kn->linear(sc->h, D, m.shared_gate_w, wd, nullptr, sc->logits, 1, T, 1, D, th, d->min_work, d->chunk_work);
+      for (int64_t t = 0; t < T; ++t) {
+        const float s = 1.0f / (1.0f + std::exp(-sc->logits[t]));
+        for (int64_t c = 0; c < D; ++c) sc->z[t * D + c] = s * sc->z[t * D + c];
+      }
+    }
+    for (int64_t i = 0; i < T * D; ++i) y[i] = y[i] + sc->z[i];
+  }
+}
+
+}  // namespace
 
 // Returns 0; or, with nothing of that layer's attention computed: 1 when a slot lies outside the cache
 // (err = min, max slot), 10 + c when the attention kernel's index check fails with code c (err as it
@@ -107,14 +221,18 @@ int bgl_dense_layers(const BglKernels* kn, const BglDenseLayer* layers, int64_t 
     kn->linear(sc->o, H * Dh, ly.o_w, wd, ly.o_b, sc->y, D, T, D, H * Dh, th, d->min_work, d->chunk_work);
     for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
     kn->rms_norm(x, D, ly.ln2, sc->h, T, D, (float)d->eps);
-    kn->linear(sc->h, D, ly.gu_w, wd, ly.gu_b, sc->gu, 2 * F, T, 2 * F, D, th, d->min_work, d->chunk_work);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* g = sc->gu + t * 2 * F;
-      const float* u = g + F;
-      float* a = sc->a + t * F;
-      for (int64_t f = 0; f < F; ++f) a[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+    if (ly.moe) {
+      moe_block(kn, *ly.moe, wd, wd ? 2 : 4, d, T, sc, sc->y);
+    } else {
+      kn->linear(sc->h, D, ly.gu_w, wd, ly.gu_b, sc->gu, 2 * F, T, 2 * F, D, th, d->min_work, d->chunk_work);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* g = sc->gu + t * 2 * F;
+        const float* u = g + F;
+        float* a = sc->a + t * F;
+        for (int64_t f = 0; f < F; ++f) a[f] = silu(g[f]) * u[f];
+      }
+      kn->linear(sc->a, F, ly.down_w, wd, ly.down_b, sc->y, D, T, D, F, th, d->min_work, d->chunk_work);
     }
-    kn->linear(sc->a, F, ly.down_w, wd, ly.down_b, sc->y, D, T, D, F, th, d->min_work, d->chunk_work);
     for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
   }
   return 0;
