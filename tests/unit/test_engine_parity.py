@@ -69,9 +69,9 @@ def test_greedy_equals_transformers(case, mode):
         again = llm.generate(prompts()[-3:], params, use_tqdm=False)
         assert [o.token_ids for o in again] == refs[-3:]
         assert llm.engine.kv.hit_tokens - before == 32 + 32 + 16  # full 16-token blocks, last token recomputed
-    # with attention in-process the layers run as the dense_layers operator (one native call per step on CPU)
+    # with attention in-process the layers run as the decoder_layers operator (one native call per step on CPU)
     # unless asked not to; every architecture here is covered (GQA, SwiGLU or MoE with a plain top-k router)
-    assert (llm.engine.runner.dense is not None) == (mode != "per-layer-loop" and not mode.startswith("r-workers"))
+    assert (llm.engine.runner.stack is not None) == (mode != "per-layer-loop" and not mode.startswith("r-workers"))
     if mode == "no-prefix-cache":
         assert llm.engine.kv.prefix_hit_rate() == 0
     assert m.num_running == 0 and m.kv_usage == 0

@@ -20,7 +20,7 @@ import torch
 
 from bagualu.engine.batch import StepInputs
 from bagualu.ops import kernel
-from bagualu.ops.dense_layers import DenseStack
+from bagualu.ops.decoder_layers import LayerStack
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,12 @@ class LocalAttention:
     def wait(self, layer: int, mb: int) -> torch.Tensor:
         return self._out.pop(mb)
 
-    def run_dense(self, mb: int, stack: DenseStack, x_TD: torch.Tensor, cos_TDr: torch.Tensor,
+    def run_layers(self, mb: int, stack: LayerStack, x_TD: torch.Tensor, cos_TDr: torch.Tensor,
                   sin_TDr: torch.Tensor) -> torch.Tensor:
-        """All layers of a dense model for micro-batch ``mb`` (S- and R-part together, as the
-        ``dense_layers`` operator); returns the new hidden states."""
+        """All layers of the model for micro-batch ``mb`` (S- and R-part together, as the
+        ``decoder_layers`` operator); returns the new hidden states."""
         bt, ctx, qsl, slots = self._meta[mb]
-        return kernel("dense_layers")(x_TD, stack, self.cache, cos_TDr, sin_TDr, bt, ctx, qsl, slots)
+        return kernel("decoder_layers")(x_TD, stack, self.cache, cos_TDr, sin_TDr, bt, ctx, qsl, slots)
 
     def close(self) -> None:
         self.cache = []

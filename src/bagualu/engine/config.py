@@ -46,9 +46,10 @@ class EngineConfig:
     """Micro-batches per step (None = 2 with R-workers, so S and R overlap, else 1)."""
     seed: int = 0
     fused_layers: bool = True
-    """With in-process attention and a model whose layers are all dense (Llama-family), run each step's
-    layers as the platform's ``dense_layers`` operator — on CPU one native call per step instead of ~25
-    Python-level calls per layer. False keeps the per-layer loop (the two compute the same)."""
+    """With in-process attention and a model the ``decoder_layers`` operator covers (GQA attention, SwiGLU
+    MLPs or MoE blocks with a plain top-k router: Llama, Mixtral, Qwen2-MoE), run each step's layers as that
+    operator — on CPU one native call per step instead of 25-40 Python-level calls per layer. False keeps
+    the per-layer loop (the two compute the same)."""
 
     def __post_init__(self):
         if self.gemm_dtype not in ("auto", "model"):

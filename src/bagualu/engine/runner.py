@@ -14,7 +14,7 @@ runner computes post(l, 0) and pre(l+1, 0) — FastDecode's ping-pong of S and R
     R:        R(0,0)      R(0,1)               R(1,0)               R(1,1)
 
 With the in-process back-end ``submit`` computes at once and one micro-batch is used. There, a model whose
-layers ``dense_layers`` covers (Llama, Mixtral, Qwen2-MoE) runs them as one operator per micro-batch instead
+layers ``decoder_layers`` covers (Llama, Mixtral, Qwen2-MoE) runs them as one operator per micro-batch instead
 (``EngineConfig.fused_layers``): the same computation, which the CPU platform does in one native call.
 The model is only read (its modules are called); it knows nothing of paging.
 """
@@ -27,8 +27,8 @@ from bagualu.engine.batch import StepInputs
 from bagualu.models.layers import Attention
 from bagualu.moe import MLP, MoE
 from bagualu.ops import kernel
-from bagualu.ops.dense_layers import ROUTERS as DENSE_ROUTERS
-from bagualu.ops.dense_layers import DenseLayer, DenseStack, MoEBlock
+from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
+from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
 
 
 class UnsupportedModelError(ValueError):
@@ -44,9 +44,9 @@ def check_supported(model) -> None:
             "decoder (bagualu.models.generate)")
 
 
-def dense_stack(model) -> DenseStack | None:
-    """The model's layers as a ``DenseStack`` when every one has GQA attention without q/k norms (projections
-    fused) and a SwiGLU MLP or an MoE block that ``dense_layers`` routes (see ``_moe_block``), and their norms
+def layer_stack(model) -> LayerStack | None:
+    """The model's layers as a ``LayerStack`` when every one has GQA attention without q/k norms (projections
+    fused) and a SwiGLU MLP or an MoE block that ``decoder_layers`` routes (see ``_moe_block``), and their norms
     share one epsilon; else None."""
     layers, eps = [], set()
     for layer in model.model.layers:
@@ -60,19 +60,19 @@ def dense_stack(model) -> DenseStack | None:
         else:
             return None
         eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
-        layers.append(DenseLayer(layer.input_layernorm.weight, attn.qkv_weight, attn.qkv_bias, attn.o_proj.weight,
+        layers.append(LayerWeights(layer.input_layernorm.weight, attn.qkv_weight, attn.qkv_bias, attn.o_proj.weight,
                                  attn.o_proj.bias, layer.post_attention_layernorm.weight, *ffn, layer.window, moe))
     if not layers or len(eps) != 1:
         return None
     attn = model.model.layers[0].self_attn
-    return DenseStack(tuple(layers), attn.H, attn.G, attn.Dh, eps.pop(), attn.scale)
+    return LayerStack(tuple(layers), attn.H, attn.G, attn.Dh, eps.pop(), attn.scale)
 
 
 def _moe_block(m: MoE) -> MoEBlock | None:
-    """An MoE layer as ``dense_layers`` takes it: no expert parallelism, dropless, a plain top-k router
+    """An MoE layer as ``decoder_layers`` takes it: no expert parallelism, dropless, a plain top-k router
     (``softmax_topk`` or ``topk_softmax``, one group, no scaling), shared experts fused and bias-free."""
     r, sh, sg = m.gate, m.shared_experts, m.shared_expert_gate
-    if not (m.ep == 1 and m.capacity_factor is None and r.name in DENSE_ROUTERS and r.num_groups == 1
+    if not (m.ep == 1 and m.capacity_factor is None and r.name in STACK_ROUTERS and r.num_groups == 1
             and r.routed_scaling_factor == 1.0):
         return None
     if sh is not None and (sh.gate_up_weight is None or sh.gate_up_bias is not None or sh.down_proj.bias is not None):
@@ -91,8 +91,8 @@ class ModelRunner:
         self.model = model
         model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
-        # a back-end that computes attention in this process can run a dense model's layers as one operator
-        self.dense = dense_stack(model) if fused_layers and hasattr(backend, "run_dense") else None
+        # a back-end that computes attention in this process can run the model's layers as one operator
+        self.stack = layer_stack(model) if fused_layers and hasattr(backend, "run_layers") else None
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         cfg = model.config
@@ -112,11 +112,11 @@ class ModelRunner:
             xs[i] = m.model.embed_tokens(st.input_ids_T)
             cos, sin = m.rotary(st.positions_T.unsqueeze(0), xs[i].dtype)
             rope[i] = (cos[0], sin[0])
-            if self.dense is not None:
-                xs[i] = self.backend.run_dense(i, self.dense, xs[i], *rope[i])
+            if self.stack is not None:
+                xs[i] = self.backend.run_layers(i, self.stack, xs[i], *rope[i])
             else:
                 self._pre(0, i, xs[i], rope[i])
-        L = len(self.layers) if self.dense is None else 0
+        L = len(self.layers) if self.stack is None else 0
         for l, layer in enumerate(self.layers[:L]):
             for i in live:
                 o_THDh = self.backend.wait(l, i)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from bagualu.ops import dense_layers, paged_kv, reference
+from bagualu.ops import decoder_layers, paged_kv, reference
 from bagualu.utils.lazy import import_dotted
 from bagualu.utils.logging import get_logger
 
@@ -29,7 +29,7 @@ _REFERENCE: dict[str, Callable] = {
     "attention": reference.attention,
     "write_kv": paged_kv.write_kv,
     "paged_attention": paged_kv.paged_attention,
-    "dense_layers": dense_layers.dense_layers,
+    "decoder_layers": decoder_layers.decoder_layers,
 }
 
 

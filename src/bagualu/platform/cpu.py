@@ -74,7 +74,7 @@ class CpuPlatform(Platform):
         "rms_norm": "bagualu.ops.decode_ops_cpu:rms_norm",
         "apply_rope": "bagualu.ops.decode_ops_cpu:apply_rope",
         "write_kv": "bagualu.ops.decode_ops_cpu:write_kv",
-        "dense_layers": "bagualu.ops.dense_layers_cpu:dense_layers",
+        "decoder_layers": "bagualu.ops.decoder_layers_cpu:decoder_layers",
         "compiler_codegen": "bagualu.compiler.codegen.cpu:CppCodegen",
     }
 

@@ -1,16 +1,16 @@
-"""The CPU platform's ``dense_layers``: the layer loop in C (``csrc/dense_layers_cpu.cpp``), one call per step.
+"""The CPU platform's ``decoder_layers``: the layer loop in C (``csrc/decoder_layers_cpu.cpp``), one call per step.
 
 The C driver calls the kernels the per-layer path calls — ``linear_cpu``, ``decode_ops_cpu`` (RMSNorm, rope,
 KV write) and ``paged_attention_cpu`` — through function pointers taken from their libraries, so each kernel
 exists once and keeps its own build flags; only the layer loop, the residual adds, the SwiGLU activation and
 the MoE routing (top-k, softmax, gathering each expert's rows) are new. At batch 1 this removes ~25
-interpreter-level calls per dense layer and ~40 per MoE layer (see the C file).
+interpreter-level calls per MLP layer and ~40 per MoE layer (see the C file).
 
 Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights (routers and
 experts included) all fp32 or all bf16; fp32 or bf16 KV caches; with fp32 weights at most
 ``linear_cpu.MAX_ROWS_FP32`` tokens (above that the BLAS GEMM wins, and the reference routes each projection
 to it). Anything else, or a library that cannot be
-built: the reference (``ops.dense_layers.dense_layers``), which composes the same kernels from Python.
+built: the reference (``ops.decoder_layers.decoder_layers``), which composes the same kernels from Python.
 The stack's pointer table is built once per (stack, caches) and validated then: dtypes, shapes,
 contiguity. Per call only the step's tensors are checked; the index values are checked by the kernels
 themselves (slots by the KV write, block tables and lengths by attention) before they read the cache.
@@ -23,8 +23,8 @@ import ctypes
 import torch
 
 from bagualu.ops import decode_ops_cpu, linear_cpu, native, paged_attention_cpu
-from bagualu.ops.dense_layers import ROUTERS, DenseStack
-from bagualu.ops.dense_layers import dense_layers as reference
+from bagualu.ops.decoder_layers import ROUTERS, LayerStack
+from bagualu.ops.decoder_layers import decoder_layers as reference
 from bagualu.ops.threads import kernel_threads
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
@@ -65,7 +65,7 @@ class _Driver:
     """The loaded driver and the kernel table it calls."""
 
     def __init__(self, lib: ctypes.CDLL, kernels: _Kernels):
-        self.run = lib.bgl_dense_layers
+        self.run = lib.bgl_decoder_layers
         self.run.restype = ctypes.c_int
         self.run.argtypes = [_p, _p, _i, _p, _p, _p, _p, _p]
         self.kernels = kernels
@@ -78,7 +78,7 @@ def driver() -> _Driver | None:
     """The driver, or None when it or one of the kernel libraries it calls cannot be built."""
     global _driver
     if _driver is False:
-        libs = (native.load("dense_layers_cpu", "dense_layers_cpu.cpp"), linear_cpu.library(),
+        libs = (native.load("decoder_layers_cpu", "decoder_layers_cpu.cpp"), linear_cpu.library(),
                 decode_ops_cpu.library(), paged_attention_cpu.kernel())
         if any(lib is None for lib in libs):
             _driver = None
@@ -94,7 +94,7 @@ def _vec(t: torch.Tensor | None, n: int) -> bool:
     return t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == (n,))
 
 
-def _table(stack: DenseStack, caches) -> tuple | None:
+def _table(stack: LayerStack, caches) -> tuple | None:
     """(layer array, dims, weight dtype, kept tensors) for ``stack`` over ``caches``; None if not covered."""
     key = tuple((k.data_ptr(), v.data_ptr()) for k, v in caches)
     hit = stack.native.get("cpu")
@@ -127,14 +127,14 @@ def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
                 ROUTERS.index(m.router), int(m.norm_topk_prob)), max(F, Fs)
 
 
-def _build(stack: DenseStack, caches) -> tuple | None:
+def _build(stack: LayerStack, caches) -> tuple | None:
     if not stack.layers or len(caches) != len(stack.layers):
         return None
     H, G, Dh = stack.num_heads, stack.num_kv_heads, stack.head_dim
     first = stack.layers[0]
     D = first.input_norm.shape[0]
-    dense = [ly for ly in stack.layers if ly.moe is None]
-    F = dense[0].down_w.shape[1] if dense and dense[0].down_w is not None and dense[0].down_w.dim() == 2 else 0
+    mlps = [ly for ly in stack.layers if ly.moe is None]
+    F = mlps[0].down_w.shape[1] if mlps and mlps[0].down_w is not None and mlps[0].down_w.dim() == 2 else 0
     wdt = first.qkv_w.dtype
     k0 = caches[0][0]
     if wdt not in _W_DTYPES or k0.dtype not in (torch.float32, torch.bfloat16) or k0.dim() != 4 or H % G:
@@ -179,10 +179,10 @@ def _build(stack: DenseStack, caches) -> tuple | None:
     return layers, dims, wdt, sizes, moes  # moes: the structures the layer array points into, kept alive
 
 
-def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
+def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
                  block_tables_SM: torch.Tensor, context_lens_S: torch.Tensor, query_start_loc_S1: torch.Tensor,
                  slot_mapping_T: torch.Tensor) -> torch.Tensor:
-    """``ops.dense_layers.dense_layers`` in one C call where covered (see the module docstring)."""
+    """``ops.decoder_layers.decoder_layers`` in one C call where covered (see the module docstring)."""
     args = (x_TD, stack, caches, cos_TDr, sin_TDr, block_tables_SM, context_lens_S, query_start_loc_S1, slot_mapping_T)
     if not torch.is_inference_mode_enabled():
         return reference(*args)

@@ -1,5 +1,5 @@
-"""``dense_layers`` — a stack of dense decoder layers over a paged KV cache as one operator: the CPU's native
-driver (``ops/dense_layers_cpu.py``) against the reference, which composes the platform's kernels from
+"""``decoder_layers`` — a stack of decoder layers (MLP or MoE) over a paged KV cache as one operator: the CPU's native
+driver (``ops/decoder_layers_cpu.py``) against the reference, which composes the platform's kernels from
 Python. Hidden states and the KV written must agree; uncovered inputs fall back; bad indices raise before
 anything is read. The engine-level tests (``test_engine_parity``) run Llama through it against transformers.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagualu.ops import dense_layers_cpu, kernel
-from bagualu.ops.dense_layers import DenseLayer, DenseStack, MoEBlock, dense_layers, moe_block
+from bagualu.ops import decoder_layers_cpu, kernel
+from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock, decoder_layers, moe_block
 
 pytestmark = pytest.mark.unit
 
@@ -19,11 +19,11 @@ D, H, G, Dh, F, L, N, BS = 64, 4, 2, 16, 96, 3, 12, 16
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    if dense_layers_cpu.driver() is None:
+    if decoder_layers_cpu.driver() is None:
         pytest.skip("no C++ compiler: the reference is used")
 
 
-def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0, moe=None) -> DenseStack:
+def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0, moe=None) -> LayerStack:
     """``moe``: None (all MLP layers) or the MoEBlock options of layers 1.. (layer 0 stays an MLP)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, sc=0.2: (torch.randn(*s, generator=g) * sc).to(wdtype)  # noqa: E731
@@ -35,14 +35,14 @@ def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0, moe=None) 
         attn = (1 + f(D), r(Q, D), b(Q), r(D, H * Dh), b(D), 1 + f(D))
         w = window if i % 2 else None
         if moe is None or i == 0:
-            layers.append(DenseLayer(*attn, r(2 * F, D), b(2 * F), r(D, F), b(D), w))
+            layers.append(LayerWeights(*attn, r(2 * F, D), b(2 * F), r(D, F), b(D), w))
             continue
         E, Fe, Fs = moe.get("E", 6), 40, moe.get("Fs", 0)
         shared = (r(2 * Fs, D), r(D, Fs), r(1, D) if moe.get("shared_gate") else None) if Fs else (None,) * 3
         block = MoEBlock(r(E, D, sc=1.0), r(E, Fe, D), r(E, Fe, D), r(E, D, Fe), moe.get("K", 2),
                          moe.get("router", "softmax_topk"), moe.get("norm", True), *shared)
-        layers.append(DenseLayer(*attn, None, None, None, None, w, block))
-    return DenseStack(tuple(layers), H, G, Dh, 1e-5, Dh**-0.5)
+        layers.append(LayerWeights(*attn, None, None, None, None, w, block))
+    return LayerStack(tuple(layers), H, G, Dh, 1e-5, Dh**-0.5)
 
 
 def make_step(kv_dtype=torch.float32, new=(1, 3), past=(20, 0), Dr=Dh, seed=1):
@@ -68,8 +68,8 @@ def run_both(stack, step):
     x, caches, cos, sin, bt, ctx, qsl, slots = step
     c_ref, c_nat = clone_caches(caches), clone_caches(caches)
     with torch.inference_mode():
-        want = dense_layers(x, stack, c_ref, cos, sin, bt, ctx, qsl, slots)
-        got = kernel("dense_layers", "cpu")(x, stack, c_nat, cos, sin, bt, ctx, qsl, slots)
+        want = decoder_layers(x, stack, c_ref, cos, sin, bt, ctx, qsl, slots)
+        got = kernel("decoder_layers", "cpu")(x, stack, c_nat, cos, sin, bt, ctx, qsl, slots)
     return want, got, c_ref, c_nat
 
 
@@ -85,8 +85,8 @@ class CountingDriver:
 
 @pytest.fixture
 def counting(monkeypatch):
-    c = CountingDriver(dense_layers_cpu.driver())
-    monkeypatch.setattr(dense_layers_cpu, "_driver", c)
+    c = CountingDriver(decoder_layers_cpu.driver())
+    monkeypatch.setattr(decoder_layers_cpu, "_driver", c)
     return c
 
 
@@ -147,9 +147,9 @@ def test_decode_rows_one_by_one_match_a_batch(counting):
     stack = make_stack(seed=3)
     x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=(3,), past=(0,), seed=4)
     with torch.inference_mode():
-        whole = kernel("dense_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)
+        whole = kernel("decoder_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)
         c = clone_caches(caches)
-        rows = [kernel("dense_layers", "cpu")(x[i:i + 1], stack, c, cos[i:i + 1], sin[i:i + 1], bt,
+        rows = [kernel("decoder_layers", "cpu")(x[i:i + 1], stack, c, cos[i:i + 1], sin[i:i + 1], bt,
                                               torch.tensor([i + 1], dtype=torch.int32),
                                               torch.tensor([0, 1], dtype=torch.int32), slots[i:i + 1]) for i in range(3)]
     assert counting.calls == 4
@@ -162,8 +162,8 @@ def test_uncovered_inputs_take_the_reference(counting):
     x, caches, cos, sin, bt, ctx, qsl, slots = step
     with torch.inference_mode():  # fp32 weights and more rows than the GEMV kernel takes: the BLAS path
         big = make_step(new=(70,), past=(0,))
-        kernel("dense_layers", "cpu")(*big[:1], stack, *big[1:])
-    got = kernel("dense_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)  # no inference mode
+        kernel("decoder_layers", "cpu")(*big[:1], stack, *big[1:])
+    got = kernel("decoder_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)  # no inference mode
     assert counting.calls == 0
     want, *_ = run_both(stack, step)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
@@ -177,10 +177,10 @@ def test_bad_indices_raise_before_reading_the_cache():
     c = clone_caches(caches)
     with torch.inference_mode():
         with pytest.raises(ValueError, match="slot_mapping values must lie"):
-            kernel("dense_layers", "cpu")(x, stack, c, cos, sin, bt, ctx, qsl, slots + N * BS)
+            kernel("decoder_layers", "cpu")(x, stack, c, cos, sin, bt, ctx, qsl, slots + N * BS)
         assert all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(caches, c))
         bad = bt.clone()
         bad[1, 0] = N + 3
         with pytest.raises(ValueError, match="is not a block of the cache"):
-            kernel("dense_layers", "cpu")(x, stack, c, cos, sin, bad, ctx, qsl, slots)
+            kernel("decoder_layers", "cpu")(x, stack, c, cos, sin, bad, ctx, qsl, slots)
     assert all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(caches[1:], c[1:]))

@@ -1,4 +1,4 @@
-"""``dense_layers``: a stack of pre-norm decoder layers over a paged KV cache, as one operator.
+"""``decoder_layers``: a stack of pre-norm decoder layers over a paged KV cache, as one operator.
 
 This is the serving engine's step for GQA models with rotate-half RoPE whose feed-forward blocks are
 SwiGLU MLPs (Llama) or MoE blocks with a plain top-k router (Mixtral, Qwen2-MoE). Per layer, ``x [T, D]``::
@@ -9,12 +9,9 @@ SwiGLU MLPs (Llama) or MoE blocks with a plain top-k router (Mixtral, Qwen2-MoE)
     MLP:  g, u = chunk(linear(h, gate_up_w, gate_up_b));  x = x + linear(silu_mul(g, u), down_w, down_b)
     MoE:  x = x + moe(h)   (``moe_block`` below: route, then each expert on its rows, plus shared experts)
 
-(The name says "dense" for what is densely computed per token: attention and every projection; the
-experts' sparsity is data, routed inside the operator.)
-
 The reference below composes the platform's own kernels (``kernel(op)`` for each step), so on any platform
 it computes what the engine's per-layer path computes; a platform may replace the whole stack with one
-native call (the CPU's: ``ops/dense_layers_cpu.py``), which removes the interpreter from the layer loop.
+native call (the CPU's: ``ops/decoder_layers_cpu.py``), which removes the interpreter from the layer loop.
 
 Legend: T tokens, D model dim, H heads, G KV heads, Dh head dim, Dr rotated features, F MLP width,
 S sequences, M block-table columns.
@@ -55,7 +52,7 @@ class MoEBlock:
 
 
 @dataclass(frozen=True, eq=False)
-class DenseLayer:
+class LayerWeights:
     """One layer's weights (``[out, in]`` as ``nn.Linear``; ``qkv_w`` is ``[(H + 2G) Dh, D]``, ``gate_up_w``
     ``[2F, D]``, gate rows first) and its sliding window (None: full attention). An MoE layer gives ``moe``
     and None for the MLP's four tensors."""
@@ -75,11 +72,11 @@ class DenseLayer:
 
 
 @dataclass(frozen=True, eq=False)
-class DenseStack:
+class LayerStack:
     """The layers and the shapes they share. ``native`` is where a platform's kernel keeps what it builds
     once per stack (pointer tables); nothing else may rely on it."""
 
-    layers: tuple[DenseLayer, ...]
+    layers: tuple[LayerWeights, ...]
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -88,7 +85,7 @@ class DenseStack:
     native: dict = field(default_factory=dict, repr=False)
 
 
-def dense_layers(x_TD: torch.Tensor, stack: DenseStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
+def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
                  block_tables_SM: torch.Tensor, context_lens_S: torch.Tensor, query_start_loc_S1: torch.Tensor,
                  slot_mapping_T: torch.Tensor) -> torch.Tensor:
     """Run every layer of ``stack`` on ``x [T, D]``; ``caches[l]`` is layer l's ``(k_cache, v_cache)``.

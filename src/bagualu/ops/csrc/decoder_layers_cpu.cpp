@@ -5,13 +5,13 @@
 // views, rope, KV write, attention, residual adds, activation), ~0.8 ms of interpreter and dispatch per
 // layer on a 2-core box — a third of the token's time, while the GEMVs that should bound it stream the
 // weights in the rest. Here the layer loop runs in C and calls the same kernels the Python path calls
-// (linear_cpu, decode_ops_cpu, paged_attention_cpu), through function pointers that ops/dense_layers_cpu.py
+// (linear_cpu, decode_ops_cpu, paged_attention_cpu), through function pointers that ops/decoder_layers_cpu.py
 // takes from those libraries: one implementation of each kernel, each built with its own flags.
 //
 // Per layer, with x [T, D] updated in place:
 //   h = rms_norm(x, ln1); qkv = h @ Wqkv^T (+b); q, k = rope(q, k); write_kv(k, v); o = attention(q)
 //   x += o @ Wo^T (+b); h = rms_norm(x, ln2); g, u = h @ Wgu^T (+b); x += (silu(g) * u) @ Wd^T (+b)
-// An MoE layer replaces the MLP line by (ops/dense_layers.py states it in torch):
+// An MoE layer replaces the MLP line by (ops/decoder_layers.py states it in torch):
 //   logits = h @ Wr^T; per token its K experts (softmax_topk: top-k of softmax(logits), optionally
 //   renormalised; topk_softmax: softmax of the top-k logits); then per expert e in ascending order, on the
 //   rows routed to it: y = ((silu(r @ Wg[e]^T) * (r @ Wu[e]^T)) @ Wd[e]^T) * w, summed per token in that
@@ -36,7 +36,7 @@ typedef int (*bgl_attention_fn)(const void*, const void*, const void*, void*, in
                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const int32_t*,
                                 const int32_t*, const int32_t*, float, int64_t, int, int64_t*);
 
-// Mirrored by ctypes Structures in ops/dense_layers_cpu.py: keep the field order and types in step.
+// Mirrored by ctypes Structures in ops/decoder_layers_cpu.py: keep the field order and types in step.
 struct BglKernels {
   bgl_linear_fn linear;
   bgl_rms_norm_fn rms_norm;
@@ -58,7 +58,7 @@ struct BglMoE {
   int64_t norm_topk;
 };
 
-struct BglDenseLayer {
+struct BglLayerWeights {
   const float* ln1;
   const void* qkv_w;
   const float* qkv_b;
@@ -76,14 +76,14 @@ struct BglDenseLayer {
   int64_t window;   // 0: full attention
 };
 
-struct BglDenseDims {
-  int64_t D, H, G, Dh, F, Dr;  // model dim, heads, KV heads, head dim, dense MLP width, rotated features
+struct BglDims {
+  int64_t D, H, G, Dh, F, Dr;  // model dim, heads, KV heads, head dim, MLP width (MLP layers), rotated features
   int64_t N, Bs, kv_bf16;      // cache blocks, block size, cache dtype
   int64_t threads, min_work, chunk_work;
   double eps, scale;
 };
 
-struct BglDenseStep {
+struct BglStep {
   int64_t T, S, M;  // tokens, sequences, block-table columns
   const float* cos;  // [T, Dr]
   const float* sin;
@@ -96,7 +96,7 @@ struct BglDenseStep {
 // Scratch, contiguous fp32: h [T, D], qkv [T, (H + 2G) Dh], q [T, H, Dh], k [T, G, Dh], o [T, H, Dh],
 // y [T, D], gu [T, 2F], a [T, F] (F: the widest MLP, MoE expert or shared, of any layer); for MoE layers also
 // logits [T, E], rows [T, D], z [T, D] and routes [T, K] of int64 (route_e) and fp32 (route_w).
-struct BglDenseScratch {
+struct BglScratch {
   float *h, *qkv, *q, *k, *o, *y, *gu, *a;
   float *logits, *rows, *z, *route_w;
   int64_t* route_e;
@@ -140,8 +140,8 @@ void route(const float* l, int64_t E, int64_t K, int64_t kind, int64_t norm, int
 }
 
 // y[T, D] = the MoE block of h[T, D] (see the header comment).
-void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const BglDenseDims* d, int64_t T,
-               const BglDenseScratch* sc, float* y) {
+void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const BglDims* d, int64_t T,
+               const BglScratch* sc, float* y) {
   const int64_t D = d->D, E = m.E, K = m.K, F = m.F;
   const int th = (int)d->threads;
   kn->linear(sc->h, D, m.router_w, wd, nullptr, sc->logits, E, T, E, D, th, d->min_work, d->chunk_work);
@@ -197,13 +197,13 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
 // Returns 0; or, with nothing of that layer's attention computed: 1 when a slot lies outside the cache
 // (err = min, max slot), 10 + c when the attention kernel's index check fails with code c (err as it
 // reports). err[3] is the layer.
-int bgl_dense_layers(const BglKernels* kn, const BglDenseLayer* layers, int64_t L, const BglDenseDims* d,
-                     const BglDenseStep* st, const BglDenseScratch* sc, float* x, int64_t* err) {
+int bgl_decoder_layers(const BglKernels* kn, const BglLayerWeights* layers, int64_t L, const BglDims* d,
+                     const BglStep* st, const BglScratch* sc, float* x, int64_t* err) {
   const int64_t T = st->T, D = d->D, H = d->H, G = d->G, Dh = d->Dh, F = d->F;
   const int64_t Q = (H + 2 * G) * Dh;
   const int th = (int)d->threads;
   for (int64_t l = 0; l < L; ++l) {
-    const BglDenseLayer& ly = layers[l];
+    const BglLayerWeights& ly = layers[l];
     const int wd = (int)ly.w_dtype;
     err[3] = l;
     kn->rms_norm(x, D, ly.ln1, sc->h, T, D, (float)d->eps);
