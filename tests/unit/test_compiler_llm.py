@@ -154,6 +154,28 @@ def test_router_counts_are_exact_in_one_kernel():
     assert ex.kernels[0].ops[0] == "aten.topk.default", ex.kernels[0].ops  # no softmax over all experts
 
 
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 13)])
+def test_topk_rows_with_nan_and_infinities_match_eager(dtype, n):
+    """Largest and smallest k, for a row read in place (fp32, a plain load), a computed row and a bf16 row:
+    NaN ranks above every number in both directions (ATen), infinities are ordinary. Values distinct, so
+    the indices are defined."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.stack([torch.randperm(n, generator=g) for _ in range(40)]).float() * 0.25 - 3).to(dtype)
+    x[3, 5] = x[4, 0] = x[4, n - 1] = float("nan")
+    x[5, 2], x[6, 7] = float("inf"), float("-inf")
+    x[7, :] = float("nan")
+    for k in (1, 6, 8):
+        for largest in (True, False):
+            def f(t, k=k, largest=largest):
+                return torch.topk(t, k, dim=-1, largest=largest), torch.topk(t * 2, k, dim=-1, largest=largest)
+            torch._dynamo.reset()
+            got = torch.compile(f, backend="powerfusion", dynamic=False)(x)
+            for (gv, gi), (wv, wi) in zip(got, f(x)):
+                torch.testing.assert_close(gv, wv, equal_nan=True, msg=f"k={k} largest={largest}")
+                ok = ~torch.isnan(wv).any(-1)  # NaN rows: ATen orders equal NaNs arbitrarily
+                assert torch.equal(gi[ok], wi[ok]), (k, largest)
+
+
 def test_router_rewrite_leaves_graphs_that_read_the_probabilities():
     def router_and_probs(logits):
         p = logits.softmax(-1)

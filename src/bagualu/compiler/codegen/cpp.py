@@ -24,6 +24,7 @@ from bagualu.compiler.codegen.cpp_expr import (
     IDENT,
     OMP_RED,
     PREFETCH_CHUNK,
+    SHORT_LOOP,
     ST,
     c_expr,
     dtype_class,
@@ -360,7 +361,7 @@ class _KernelWriter(TopkEmitter):
                 for stg, (buf, _base) in staged.items():
                     self.w(f"{ST[self.k.outputs[buf].dtype]} {stg}[{PREFETCH_CHUNK}] __attribute__((aligned(64)));")
             self.stage = {stg: lv for stg in staged}
-            if simd:
+            if simd and lv.size > SHORT_LOOP:
                 self.w("#pragma omp simd " + " ".join(clauses))
             if pref or staged:
                 self.w(f"for (int64_t {lv.name} = c_; {lv.name} < e_; ++{lv.name}) {{")

@@ -143,17 +143,20 @@ static inline void pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t 
       _mm256_storeu_si256((__m256i*)(cand + nc), _mm256_add_epi32(perm, _mm256_set1_epi32((int)(8 * j))));
       nc += __builtin_popcount(m);
     }
+    /* keys are sorted descending, so inserting x is keys = max(keys, min(x, keys shifted up one lane, +inf
+       entering lane 0)): a 6-cycle dependency per candidate (permute, blend, min, max), the loop's critical
+       path; the ids follow the lanes that x beats (strictly: ties keep the earlier, lower index) */
     __m256i keys = _mm256_set1_epi32(INT32_MIN), ids = _mm256_setzero_si256();
     const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
-    const __m256i not_first = _mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i top = _mm256_set1_epi32(INT32_MAX);
     for (int64_t c = 0; c < nc; ++c) {
       const int32_t e = cand[c];
       const __m256i xk = _mm256_set1_epi32(pf_fkey(buf[e]));
-      const __m256i beat = _mm256_cmpgt_epi32(xk, keys);  /* a suffix of lanes: keys are sorted */
-      const __m256i beat_prev = _mm256_and_si256(_mm256_permutevar8x32_epi32(beat, up), not_first);
-      const __m256i shifted_k = _mm256_permutevar8x32_epi32(keys, up);
+      const __m256i shifted_k = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(keys, up), top, 1);
       const __m256i shifted_i = _mm256_permutevar8x32_epi32(ids, up);
-      keys = _mm256_blendv_epi8(keys, _mm256_blendv_epi8(xk, shifted_k, beat_prev), beat);
+      const __m256i beat = _mm256_cmpgt_epi32(xk, keys);  /* a suffix of lanes */
+      const __m256i beat_prev = _mm256_cmpgt_epi32(xk, shifted_k);
+      keys = _mm256_max_epi32(keys, _mm256_min_epi32(xk, shifted_k));
       ids = _mm256_blendv_epi8(ids, _mm256_blendv_epi8(_mm256_set1_epi32(e), shifted_i, beat_prev), beat);
     }
     int32_t ko[8], io[8];

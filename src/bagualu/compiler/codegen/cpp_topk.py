@@ -1,19 +1,21 @@
 """Row top-k for the C code generator's kernel writer (``cpp._KernelWriter`` mixes this in).
 
-The row's values go to a local buffer in one vectorised loop; small k on fp32 (MoE routers: 6 of 64) then
-runs ``pf_topk8_f32`` from the prelude, anything else (or a row holding a NaN) one exact insertion pass.
+The row's values go to a local buffer in one vectorised loop — or, when they are an fp32 input's contiguous
+row, are read where they lie after a NaN scan; small k on fp32 (MoE routers: 6 of 64) then runs
+``pf_topk8_f32`` from the prelude, anything else (or a row holding a NaN) one exact insertion pass.
 Results are sorted, ties go to the lower index and NaN counts as largest, as in ATen.
 """
 
 from __future__ import annotations
 
 from bagualu.compiler.codegen import schedule as sch
-from bagualu.compiler.codegen.cpp_expr import CT
+from bagualu.compiler import index as ix
+from bagualu.compiler.codegen.cpp_expr import CT, c_expr
 from bagualu.compiler.ir import Value
 
 
 class TopkEmitter:
-    """Needs the writer's ``k``, ``m``, ``w``, ``ind``, ``mat_done``, ``uses_err``, ``ensure_row``,
+    """Needs the writer's ``k``, ``m``, ``w``, ``ind``, ``spans``, ``mat_done``, ``uses_err``, ``ensure_row``,
     ``define`` and ``leaf``."""
 
     BOUNDED_MAX_K = 8  # pf_topk8_f32 (a lane-maxima bound, then few candidates) handles k up to 8
@@ -39,6 +41,15 @@ class TopkEmitter:
         neg = bounded and not largest
         self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
         buf = f"tb{t.id}"
+        row = self._contiguous_row(it.value, var) if bounded and not neg else None
+        if row is not None:  # the row as it lies in the input: scan it for NaN, no copy
+            self.w(f"const float* __restrict {buf} = {row}; int32_t nan{t.id} = 0;")
+            self.w(f"#pragma omp simd reduction(|:nan{t.id})")
+            self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) "
+                   f"nan{t.id} |= ({buf}[{var.name}] != {buf}[{var.name}]);")
+            self.emit_topk_select(t, buf, n, k, largest, T, bounded, nan_first=True)
+            names[t.id] = lv_.name
+            return
         self.w(f"{T} {buf}[{n}] __attribute__((aligned(64))); int32_t nan{t.id} = 0;")
         self.w(f"#pragma omp simd reduction(|:nan{t.id})" + (" reduction(|:err)" if self.uses_err else ""))
         self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) {{")
@@ -55,23 +66,45 @@ class TopkEmitter:
         self.w(f"nan{t.id} |= ({x} != {x});")
         self.ind -= 1
         self.w("}")
+        self.emit_topk_select(t, buf, n, k, largest or neg, T, bounded, nan_first=not neg)
+        if neg:
+            self.w(f"for (int64_t j = 0; j < {k}; ++j) {lv_.name}[j] = -{lv_.name}[j];")
+        names[t.id] = lv_.name
+
+    def emit_topk_select(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str, bounded: bool,
+                         nan_first: bool) -> None:
+        """The top-k of ``buf`` (its NaN flag computed): ``pf_topk8_f32`` where bounded and NaN-free, else
+        the insertion pass. ``nan_first``: NaN ranks before every number (ATen's largest-k, and its
+        smallest-k computed directly); False for a smallest-k computed as the largest of the negated row,
+        where NaN must still rank last."""
+        lv_, li = t.attrs["vals"], t.attrs["idxs"]
         if bounded:
             self.w(f"if (!nan{t.id}) pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name});")
             self.w("else {")
         else:
             self.w("{")
         self.ind += 1
-        self.emit_topk_insert(t, buf, n, k, largest or neg, T)
+        self.emit_topk_insert(t, buf, n, k, largest, T, nan_first)
         self.ind -= 1
         self.w("}")
-        if neg:
-            self.w(f"for (int64_t j = 0; j < {k}; ++j) {lv_.name}[j] = -{lv_.name}[j];")
-        names[t.id] = lv_.name
 
-    def emit_topk_insert(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str) -> None:
+    def _contiguous_row(self, v: Value, var) -> str | None:
+        """``in<k> + base`` when ``v`` is a plain fp32 load, contiguous and in bounds along ``var``."""
+        if v.op != "load" or v.args or v.attrs["storage"] != "f32":
+            return None
+        e = v.attrs["expr"]
+        kb = v.attrs["buf"]
+        lo, hi = e.bounds()
+        if e.coeff(var) != 1 or not e.linear_in(var) or lo < 0 or hi >= self.spans[kb]:
+            return None
+        return f"in{kb} + ({c_expr(e.subs({var: ix.const(0)}), {})})"
+
+    def emit_topk_insert(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str, nan_first: bool) -> None:
         lv_, li = t.attrs["vals"], t.attrs["idxs"]
-        if largest:
+        if largest and nan_first:
             better = lambda a, b: f"(({a}) > ({b}) || (({a}) != ({a}) && ({b}) == ({b})))"  # noqa: E731
+        elif largest:  # NaN last
+            better = lambda a, b: f"(({a}) > ({b}) || (({b}) != ({b}) && ({a}) == ({a})))"  # noqa: E731
         else:
             better = lambda a, b: f"(({a}) < ({b}) || (({b}) != ({b}) && ({a}) == ({a})))"  # noqa: E731
         self.w("int64_t cnt = 0;")
