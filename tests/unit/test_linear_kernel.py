@@ -117,3 +117,35 @@ def _child_checks(fast, w, x, want):
 
     ok = all(torch.allclose(fast(x, w), want, rtol=1e-5, atol=1e-4) for _ in range(20))
     os._exit(0 if ok else 1)
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [False, True])
+def test_a_group_computes_each_problem_as_one_call(fast, wdt, split):
+    """``bgl_linear_group`` (an MoE layer's expert projections in one job) gives every problem bit for bit what
+    ``bgl_linear`` gives it alone: odd sizes, 1-5 rows, bias or not, row strides, empty problems."""
+    import ctypes
+
+    lib = __import__("bagualu.ops.native", fromlist=["load"]).load("linear_cpu", "linear_cpu.cpp")
+    g = torch.Generator().manual_seed(11)
+    shapes = [(1, 64, 32), (3, 13, 37), (5, 200, 48), (0, 8, 16), (2, 9, 8), (1, 7, 100)]
+    xs = [torch.randn(M, K + 3, generator=g)[:, :K] for M, _, K in shapes]  # row stride K + 3
+    ws = [torch.randn(N, K, generator=g).to(wdt) for _, N, K in shapes]
+    bs = [torch.randn(N, generator=g) if i % 2 else None for i, (_, N, _) in enumerate(shapes)]
+    ys = [torch.full((M, N), float("nan")) for M, N, _ in shapes]
+    probs = (linear_cpu.Gemm * len(shapes))(*[
+        linear_cpu.Gemm(x.data_ptr(), x.stride(0) if x.numel() else x.shape[1], w.data_ptr(),
+                        None if b is None else b.data_ptr(), y.data_ptr(), y.shape[1], *s)
+        for x, w, b, y, s in zip(xs, ws, bs, ys, shapes)])
+    work, chunk = (1, 1) if split else (linear_cpu.MIN_WORK_PER_THREAD, linear_cpu.CHUNK_WORK)
+    lib.bgl_linear_group.restype = None
+    lib.bgl_linear_group(probs, ctypes.c_int64(len(shapes)), ctypes.c_int(int(wdt is torch.bfloat16)), ctypes.c_int(2),
+                         ctypes.c_int64(work), ctypes.c_int64(chunk))
+    for x, w, b, y in zip(xs, ws, bs, ys):
+        one = torch.full_like(y, float("nan"))
+        if x.shape[0]:
+            fast._run(x.data_ptr(), x.stride(0), w.data_ptr(), int(wdt is torch.bfloat16),
+                      None if b is None else b.data_ptr(), one.data_ptr(), one.shape[1], *x.shape[:1], one.shape[1],
+                      x.shape[1], 2, work, chunk)
+        assert torch.equal(y, one)
+        torch.testing.assert_close(y, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)

@@ -32,7 +32,8 @@ _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 class _Kernels(ctypes.Structure):
-    _fields_ = [("linear", _p), ("rms_norm", _p), ("rope", _p), ("write_kv", _p), ("attention", _p)]
+    _fields_ = [("linear", _p), ("linear_group", _p), ("rms_norm", _p), ("rope", _p), ("write_kv", _p),
+                ("attention", _p)]
 
 
 class _MoE(ctypes.Structure):
@@ -85,8 +86,8 @@ def driver() -> _Driver | None:
         else:
             lib, lin, dops, attn = libs
             fn = lambda f: ctypes.cast(f, _p).value  # noqa: E731
-            _driver = _Driver(lib, _Kernels(fn(lin.bgl_linear), fn(dops.bgl_rms_norm), fn(dops.bgl_rope),
-                                            fn(dops.bgl_write_kv), fn(attn.lib.bgl_paged_attention)))
+            _driver = _Driver(lib, _Kernels(fn(lin.bgl_linear), fn(lin.bgl_linear_group), fn(dops.bgl_rms_norm),
+                                            fn(dops.bgl_rope), fn(dops.bgl_write_kv), fn(attn.lib.bgl_paged_attention)))
     return _driver
 
 
@@ -110,7 +111,7 @@ def _ok(w: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
 
 
 def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
-    """The C description of an MoE block and its widest hidden layer; None if not covered."""
+    """The C description of an MoE block and its shared experts' width; None if not covered."""
     E, F = m.gate_w.shape[0], m.gate_w.shape[1] if m.gate_w.dim() == 3 else -1
     Fs = m.shared_down_w.shape[1] if m.shared_down_w is not None and m.shared_down_w.dim() == 2 else 0
     ok = (_ok(m.router_w, wdt, (E, D)) and _ok(m.gate_w, wdt, (E, F, D)) and _ok(m.up_w, wdt, (E, F, D))
@@ -124,7 +125,7 @@ def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     return _MoE(m.router_w.data_ptr(), m.gate_w.data_ptr(), m.up_w.data_ptr(), m.down_w.data_ptr(),
                 ptr(m.shared_gate_up_w), ptr(m.shared_down_w), ptr(m.shared_gate_w), E, m.top_k, F, Fs,
-                ROUTERS.index(m.router), int(m.norm_topk_prob)), max(F, Fs)
+                ROUTERS.index(m.router), int(m.norm_topk_prob)), Fs
 
 
 def _build(stack: LayerStack, caches) -> tuple | None:
@@ -163,9 +164,10 @@ def _build(stack: LayerStack, caches) -> tuple | None:
             got = _moe(ly.moe, wdt, D)
             if got is None:
                 return None
-            moe, width = got
+            moe, shared = got
             moes.append(moe)
-            widest, E_max, K_max = max(widest, width), max(E_max, moe.E), max(K_max, moe.K)
+            widest = max(widest, moe.K * moe.F, shared)
+            E_max, K_max = max(E_max, moe.E), max(K_max, moe.K)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         rows.append(_Layer(ptr(ly.input_norm), ptr(ly.qkv_w), ptr(ly.qkv_b), ptr(ly.o_w), ptr(ly.o_b),
                            ptr(ly.post_norm), ptr(ly.gate_up_w), ptr(ly.gate_up_b), ptr(ly.down_w), ptr(ly.down_b),
@@ -174,8 +176,9 @@ def _build(stack: LayerStack, caches) -> tuple | None:
     layers = (_Layer * len(rows))(*rows)
     dims = _Dims(D, H, G, Dh, F, 0, N, Bs, int(k0.dtype is torch.bfloat16), 1, linear_cpu.MIN_WORK_PER_THREAD,
                  linear_cpu.CHUNK_WORK, stack.eps, stack.scale)
-    # per token: h, qkv, q, k, o, y, gu, a, logits, rows, z, route_w (fp32) and route_e (int64, 2 slots each)
-    sizes = (D, Q, H * Dh, G * Dh, H * Dh, D, 2 * widest, widest, E_max, D, D, K_max, 2 * K_max)
+    # per token: h, qkv, q, k, o, y, gu, a, logits, rows, z, route_w (fp32) and route_e (int64, 2 slots each);
+    # an MoE layer's gu/a/rows/z hold its K routes per token (csrc: moe_block)
+    sizes = (D, Q, H * Dh, G * Dh, H * Dh, D, 2 * widest, widest, E_max, K_max * D, K_max * D, K_max, 2 * K_max)
     return layers, dims, wdt, sizes, moes  # moes: the structures the layer array points into, kept alive
 
 

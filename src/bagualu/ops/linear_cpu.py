@@ -66,6 +66,14 @@ def _covered(x, w, bias) -> bool:
             and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous() and bias.shape == (w.shape[0],))))
 
 
+class Gemm(ctypes.Structure):
+    """One problem of ``bgl_linear_group`` (mirrors ``csrc/gemm_problem.h``): ``y = x @ w.T (+ bias)``. The
+    C side (``decoder_layers_cpu.cpp``) passes an MoE layer's expert projections as one group."""
+
+    _fields_ = [("x", _ptr), ("ldx", _i64), ("w", _ptr), ("bias", _ptr), ("y", _ptr), ("ldy", _i64), ("M", _i64),
+                ("N", _i64), ("K", _i64)]
+
+
 _kernel: LinearKernel | None | bool = False
 
 

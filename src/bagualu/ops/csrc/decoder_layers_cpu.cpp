@@ -21,11 +21,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
+
+#include "gemm_problem.h"
 
 extern "C" {
 
 typedef void (*bgl_linear_fn)(const float*, int64_t, const void*, int, const float*, float*, int64_t, int64_t,
                               int64_t, int64_t, int, int64_t, int64_t);
+typedef void (*bgl_linear_group_fn)(const BglGemm*, int64_t, int, int, int64_t, int64_t);
 typedef void (*bgl_rms_norm_fn)(const float*, int64_t, const float*, float*, int64_t, int64_t, float);
 typedef void (*bgl_rope_fn)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*, int64_t,
@@ -39,6 +43,7 @@ typedef int (*bgl_attention_fn)(const void*, const void*, const void*, void*, in
 // Mirrored by ctypes Structures in ops/decoder_layers_cpu.py: keep the field order and types in step.
 struct BglKernels {
   bgl_linear_fn linear;
+  bgl_linear_group_fn linear_group;
   bgl_rms_norm_fn rms_norm;
   bgl_rope_fn rope;
   bgl_write_kv_fn write_kv;
@@ -94,8 +99,8 @@ struct BglStep {
 };
 
 // Scratch, contiguous fp32: h [T, D], qkv [T, (H + 2G) Dh], q [T, H, Dh], k [T, G, Dh], o [T, H, Dh],
-// y [T, D], gu [T, 2F], a [T, F] (F: the widest MLP, MoE expert or shared, of any layer); for MoE layers also
-// logits [T, E], rows [T, D], z [T, D] and routes [T, K] of int64 (route_e) and fp32 (route_w).
+// y [T, D], gu [T, 2W], a [T, W], logits [T, E], rows [T, K D], z [T, K D], route_w [T, K], route_e [T, K]
+// (int64), where W = max(MLP width, K x expert width, shared width) over the layers.
 struct BglScratch {
   float *h, *qkv, *q, *k, *o, *y, *gu, *a;
   float *logits, *rows, *z, *route_w;
@@ -139,42 +144,52 @@ void route(const float* l, int64_t E, int64_t K, int64_t kind, int64_t norm, int
   }
 }
 
-// y[T, D] = the MoE block of h[T, D] (see the header comment).
+// y[T, D] = the MoE block of h[T, D] (see the header comment). The R = T K routes are laid out expert by
+// expert (ascending id, tokens in order within one): rows [R, D] the routed inputs, gu [R, 2F] their gate
+// then up projections, a [R, F], z [R, D]. Every expert's gate and up projections are one linear_group
+// call, their down projections another: the helper threads spread all experts' weights over the cores.
 void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const BglDims* d, int64_t T,
                const BglScratch* sc, float* y) {
-  const int64_t D = d->D, E = m.E, K = m.K, F = m.F;
+  const int64_t D = d->D, E = m.E, K = m.K, F = m.F, R = T * K;
   const int th = (int)d->threads;
   kn->linear(sc->h, D, m.router_w, wd, nullptr, sc->logits, E, T, E, D, th, d->min_work, d->chunk_work);
   for (int64_t t = 0; t < T; ++t)
     route(sc->logits + t * E, E, K, m.router, m.norm_topk, sc->route_e + t * K, sc->route_w + t * K);
-  for (int64_t i = 0; i < T * D; ++i) y[i] = 0.0f;
+  std::vector<int64_t> start(E + 1, 0);  // routes of expert e: [start[e], start[e + 1])
+  for (int64_t r = 0; r < R; ++r) ++start[sc->route_e[r] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> at(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t r = at[sc->route_e[t * K + j]]++;
+      for (int64_t c = 0; c < D; ++c) sc->rows[r * D + c] = sc->h[t * D + c];
+    }
+  float* g = sc->gu;       // [R, F]
+  float* u = sc->gu + R * F;  // [R, F]
+  std::vector<BglGemm> up, down;
   for (int64_t e = 0; e < E; ++e) {
-    int64_t n = 0;  // gather the rows routed to e, in token order
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < K; ++j)
-        if (sc->route_e[t * K + j] == e) {
-          for (int64_t c = 0; c < D; ++c) sc->rows[n * D + c] = sc->h[t * D + c];
-          ++n;
-        }
+    const int64_t r0 = start[e], n = start[e + 1] - r0;
     if (!n) continue;
-    const char* g_w = static_cast<const char*>(m.gate_w) + e * F * D * esz;
-    const char* u_w = static_cast<const char*>(m.up_w) + e * F * D * esz;
-    const char* d_w = static_cast<const char*>(m.down_w) + e * D * F * esz;
-    float* g = sc->gu;
-    float* u = sc->gu + n * F;
-    kn->linear(sc->rows, D, g_w, wd, nullptr, g, F, n, F, D, th, d->min_work, d->chunk_work);
-    kn->linear(sc->rows, D, u_w, wd, nullptr, u, F, n, F, D, th, d->min_work, d->chunk_work);
-    for (int64_t i = 0; i < n * F; ++i) sc->a[i] = silu(g[i]) * u[i];
-    kn->linear(sc->a, F, d_w, wd, nullptr, sc->z, D, n, D, F, th, d->min_work, d->chunk_work);
-    int64_t r = 0;  // scatter back: y[t] += z[r] * w, in the same token order
+    const void* g_w = static_cast<const char*>(m.gate_w) + e * F * D * esz;
+    const void* u_w = static_cast<const char*>(m.up_w) + e * F * D * esz;
+    const void* d_w = static_cast<const char*>(m.down_w) + e * D * F * esz;
+    up.push_back({sc->rows + r0 * D, D, g_w, nullptr, g + r0 * F, F, n, F, D});
+    up.push_back({sc->rows + r0 * D, D, u_w, nullptr, u + r0 * F, F, n, F, D});
+    down.push_back({sc->a + r0 * F, F, d_w, nullptr, sc->z + r0 * D, D, n, D, F});
+  }
+  kn->linear_group(up.data(), (int64_t)up.size(), wd, th, d->min_work, d->chunk_work);
+  for (int64_t i = 0; i < R * F; ++i) sc->a[i] = silu(g[i]) * u[i];
+  kn->linear_group(down.data(), (int64_t)down.size(), wd, th, d->min_work, d->chunk_work);
+  for (int64_t i = 0; i < T * D; ++i) y[i] = 0.0f;
+  for (int64_t e = 0; e < E; ++e) at[e] = start[e];
+  for (int64_t e = 0; e < E; ++e)  // y[t] += z[r] * w: experts in ascending order, as the Python path sums
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < K; ++j)
         if (sc->route_e[t * K + j] == e) {
+          const int64_t r = at[e]++;
           const float w = sc->route_w[t * K + j];
           for (int64_t c = 0; c < D; ++c) y[t * D + c] = y[t * D + c] + sc->z[r * D + c] * w;
-          ++r;
         }
-  }
   if (m.shared_gu_w) {
     const int64_t Fs = m.Fs;
     kn->linear(sc->h, D, m.shared_gu_w, wd, nullptr, sc->gu, 2 * Fs, T, 2 * Fs, D, th, d->min_work, d->chunk_work);

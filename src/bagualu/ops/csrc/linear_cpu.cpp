@@ -19,6 +19,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "gemm_problem.h"
 #include "helpers.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -170,6 +173,57 @@ void linear(const float* x, int64_t ldx, const void* w, const float* bias, float
   bgl::Helpers::run(nt - 1, chunks, run_chunk<WD>, &j);
 }
 
+// A group of independent GEMMs as one job: the chunks of every problem back to back, shared by the caller
+// and the helpers, so an MoE layer's expert projections (a few small GEMVs each) cost one post, not one per
+// projection, and two experts' weights stream on two cores at once. Each output is computed exactly as
+// linear() computes it (same tiles, same order).
+struct Group {
+  std::vector<Job> jobs;
+  std::vector<int64_t> first;  // first[g]: job g's first chunk; first.back(): all chunks
+};
+
+template <int WD>
+void run_group_chunk(const void* ctx, int64_t c) {
+  const Group& g = *static_cast<const Group*>(ctx);
+  int64_t i = 0;
+  while (c >= g.first[i + 1]) ++i;
+  run_chunk<WD>(&g.jobs[i], c - g.first[i]);
+}
+
+template <int WD>
+void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, int64_t chunk_work) {
+  int64_t work = 0;
+  for (int64_t i = 0; i < n; ++i) work += p[i].M * p[i].N * p[i].K;
+  const int64_t per = min_work > 0 ? min_work : 1;
+  int nt = static_cast<int>(work / per < threads ? work / per : threads);
+  if (nt < 1) nt = 1;
+  Group g;
+  g.jobs.reserve(n);
+  g.first.assign(1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const BglGemm& q = p[i];
+    if (q.M == 0) continue;
+    const int64_t nr = q.M == 1 ? NR1 : NR;
+    Job j{q.x, q.ldx, q.w, q.bias, q.y, q.ldy, q.M, q.N, q.K, q.N / nr, 1, nr};
+    int64_t chunks = 1;
+    if (nt > 1 && j.tiles > 1) {
+      const int64_t tile_work = q.M * nr * q.K;
+      j.per_chunk = chunk_work / tile_work > 1 ? chunk_work / tile_work : 1;
+      chunks = (j.tiles + j.per_chunk - 1) / j.per_chunk;
+    } else {
+      j.per_chunk = j.tiles > 0 ? j.tiles : 1;
+    }
+    g.jobs.push_back(j);
+    g.first.push_back(g.first.back() + chunks);
+  }
+  const int64_t total = g.first.back();
+  if (total <= bgl::Helpers::kMaxChunks) {
+    bgl::Helpers::run(nt - 1, total, run_group_chunk<WD>, &g);
+  } else {  // beyond 2^20 chunks (never at decode sizes): on this thread
+    for (int64_t c = 0; c < total; ++c) run_group_chunk<WD>(&g, c);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -183,5 +237,12 @@ void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const f
                 int64_t M, int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
   if (w_dtype == F32) linear<F32>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
   else linear<BF16>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
+}
+
+// n problems (weights all in w_dtype), as bgl_linear each, run as one job (see linear_group).
+void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threads, int64_t min_work,
+                      int64_t chunk_work) {
+  if (w_dtype == F32) linear_group<F32>(problems, n, threads, min_work, chunk_work);
+  else linear_group<BF16>(problems, n, threads, min_work, chunk_work);
 }
 }
