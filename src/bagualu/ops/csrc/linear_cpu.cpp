@@ -119,13 +119,7 @@ inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, fl
 // latency that 4 chains (one 1 x 4 tile) would expose.
 constexpr int NR1 = 8;
 
-struct Job {
-  const float* x;
-  int64_t ldx;
-  const void* w;
-  const float* bias;
-  float* y;
-  int64_t ldy, M, N, K;
+struct Job : BglGemm {  // the problem and how it is cut
   int64_t tiles, per_chunk, nr;  // tiles of nr weight rows; chunk c covers tiles [c*per_chunk, ...)
 };
 
@@ -157,7 +151,7 @@ void linear(const float* x, int64_t ldx, const void* w, const float* bias, float
   int nt = static_cast<int>(work / per < threads ? work / per : threads);
   if (nt < 1) nt = 1;
   const int64_t nr = M == 1 ? NR1 : NR;
-  Job j{x, ldx, w, bias, y, ldy, M, N, K, N / nr, 1, nr};
+  Job j{{x, ldx, w, bias, y, ldy, M, N, K}, N / nr, 1, nr};
   const int64_t tile_work = M * nr * K;
   int64_t chunks = 1;
   if (nt > 1 && j.tiles > 1) {
@@ -204,7 +198,7 @@ void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, in
     const BglGemm& q = p[i];
     if (q.M == 0) continue;
     const int64_t nr = q.M == 1 ? NR1 : NR;
-    Job j{q.x, q.ldx, q.w, q.bias, q.y, q.ldy, q.M, q.N, q.K, q.N / nr, 1, nr};
+    Job j{q, q.N / nr, 1, nr};
     int64_t chunks = 1;
     if (nt > 1 && j.tiles > 1) {
       const int64_t tile_work = q.M * nr * q.K;
