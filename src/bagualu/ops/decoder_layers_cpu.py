@@ -96,7 +96,8 @@ def _vec(t: torch.Tensor | None, n: int) -> bool:
 
 
 def _table(stack: LayerStack, caches) -> tuple | None:
-    """(layer array, dims, weight dtype, kept tensors) for ``stack`` over ``caches``; None if not covered."""
+    """(layer array, dims, weight dtype, scratch floats per token, the MoE structures the layer array points
+    into) for ``stack`` over ``caches``, built once per set of caches; None if not covered."""
     key = tuple((k.data_ptr(), v.data_ptr()) for k, v in caches)
     hit = stack.native.get("cpu")
     if hit is not None and hit[0] == key:
