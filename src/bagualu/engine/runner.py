@@ -116,8 +116,9 @@ class ModelRunner:
                 xs[i] = self.backend.run_layers(i, self.stack, xs[i], *rope[i])
             else:
                 self._pre(0, i, xs[i], rope[i])
-        L = len(self.layers) if self.stack is None else 0
-        for l, layer in enumerate(self.layers[:L]):
+        layers = self.layers if self.stack is None else []  # the operator ran them all above
+        L = len(layers)
+        for l, layer in enumerate(layers):
             for i in live:
                 o_THDh = self.backend.wait(l, i)
                 x = xs[i]

@@ -107,6 +107,10 @@ def _table(stack: LayerStack, caches) -> tuple | None:
     return table
 
 
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def _ok(w: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
     return w is not None and w.dtype is dtype and w.is_cpu and w.is_contiguous() and w.shape == shape
 
@@ -123,7 +127,7 @@ def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
           and (m.shared_gate_w is None or (Fs and _ok(m.shared_gate_w, wdt, (1, D)))))
     if not ok:
         return None
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    ptr = _addr
     return _MoE(m.router_w.data_ptr(), m.gate_w.data_ptr(), m.up_w.data_ptr(), m.down_w.data_ptr(),
                 ptr(m.shared_gate_up_w), ptr(m.shared_down_w), ptr(m.shared_gate_w), E, m.top_k, F, Fs,
                 ROUTERS.index(m.router), int(m.norm_topk_prob)), Fs
@@ -169,7 +173,7 @@ def _build(stack: LayerStack, caches) -> tuple | None:
             moes.append(moe)
             widest = max(widest, moe.K * moe.F, shared)
             E_max, K_max = max(E_max, moe.E), max(K_max, moe.K)
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        ptr = _addr
         rows.append(_Layer(ptr(ly.input_norm), ptr(ly.qkv_w), ptr(ly.qkv_b), ptr(ly.o_w), ptr(ly.o_b),
                            ptr(ly.post_norm), ptr(ly.gate_up_w), ptr(ly.gate_up_b), ptr(ly.down_w), ptr(ly.down_b),
                            kc.data_ptr(), vc.data_ptr(), None if moe is None else ctypes.addressof(moe),

@@ -164,7 +164,7 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
       const int64_t r = at[sc->route_e[t * K + j]]++;
       for (int64_t c = 0; c < D; ++c) sc->rows[r * D + c] = sc->h[t * D + c];
     }
-  float* g = sc->gu;       // [R, F]
+  float* g = sc->gu;          // [R, F]
   float* u = sc->gu + R * F;  // [R, F]
   std::vector<BglGemm> up, down;
   for (int64_t e = 0; e < E; ++e) {
