@@ -81,9 +81,10 @@ static inline int64_t pf_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i >
 /* Top-k (k <= 8) of a NaN-free row of n >= 8 floats, descending, ties to the lower index (as ATen).
    The k-th largest of the 8 lane-wise maxima bounds the k-th largest value from below (those k lane
    maxima are k distinct elements at least that large), so only elements >= it are candidates: about
-   k + 3 on real data. With AVX2 everything is branch-free (random data makes every data-dependent
-   branch a coin flip): candidates are compacted with a permutation table, then inserted into a sorted
-   8-lane register of order-preserving integer keys (INT_MIN marks an empty slot, below -inf). */
+   k + 3 on real data. With AVX2, each 64 elements' candidates form a bit mask (8 compares), walked
+   lowest bit first; each candidate is inserted into a sorted 8-lane register of order-preserving integer
+   keys (INT_MIN marks an empty slot, below -inf) without a data-dependent branch. (Compacting the
+   candidates' indices through a permutation table first cost as much as the insertions.) */
 static inline int32_t pf_fkey(float f) { int32_t b = (int32_t)pf_f_bits(f); return b ^ ((b >> 31) & 0x7fffffff); }
 static inline float pf_fkey_inv(int32_t k) { return pf_bits_f((uint32_t)(k ^ ((k >> 31) & 0x7fffffff))); }
 static void pf_topk8_generic(const float* __restrict buf, int64_t n, int64_t k, float t, float* __restrict vals,
@@ -98,21 +99,10 @@ static void pf_topk8_generic(const float* __restrict buf, int64_t n, int64_t k, 
     vals[j] = x; idx[j] = e;
   }
 }
-#ifdef __AVX2__
-static uint32_t pf_compact_lut[256];
-static int pf_compact_ready = 0;
-static void pf_compact_init(void) {
-  for (int m = 0; m < 256; ++m) { uint32_t packed = 0; int c = 0;
-    for (int b = 0; b < 8; ++b) if (m & (1 << b)) packed |= (uint32_t)b << (4 * c++);
-    pf_compact_lut[m] = packed; }
-  __atomic_store_n(&pf_compact_ready, 1, __ATOMIC_RELEASE);
-}
-#endif
 static inline void pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t k, float* __restrict vals,
                                 int64_t* __restrict idx) {
   const int64_t nv = n / 8;
 #ifdef __AVX2__
-  if (!__atomic_load_n(&pf_compact_ready, __ATOMIC_ACQUIRE)) pf_compact_init();
   __m256 mx = _mm256_loadu_ps(buf);
   for (int64_t j = 1; j < nv; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf + 8 * j));
   float lm[8];
@@ -132,37 +122,37 @@ static inline void pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t 
   const float t = lm[k - 1];
 #ifdef __AVX2__
   if (n % 8 == 0) {
-    int32_t cand[n]; /* VLA: indices of the candidates, in increasing order */
-    int64_t nc = 0;
-    const __m256 tv = _mm256_set1_ps(t);
-    for (int64_t j = 0; j < nv; ++j) {
-      const unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(buf + 8 * j), tv, _CMP_GE_OQ));
-      const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-      const __m256i perm = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)pf_compact_lut[m]), sh),
-                                            _mm256_set1_epi32(7));
-      _mm256_storeu_si256((__m256i*)(cand + nc), _mm256_add_epi32(perm, _mm256_set1_epi32((int)(8 * j))));
-      nc += __builtin_popcount(m);
-    }
     /* keys are sorted descending, so inserting x is keys = max(keys, min(x, keys shifted up one lane, +inf
        entering lane 0)): a 6-cycle dependency per candidate (permute, blend, min, max), the loop's critical
        path; the ids follow the lanes that x beats (strictly: ties keep the earlier, lower index) */
+    const __m256 tv = _mm256_set1_ps(t);
     __m256i keys = _mm256_set1_epi32(INT32_MIN), ids = _mm256_setzero_si256();
     const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
     const __m256i top = _mm256_set1_epi32(INT32_MAX);
-    for (int64_t c = 0; c < nc; ++c) {
-      const int32_t e = cand[c];
-      const __m256i xk = _mm256_set1_epi32(pf_fkey(buf[e]));
-      const __m256i shifted_k = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(keys, up), top, 1);
-      const __m256i shifted_i = _mm256_permutevar8x32_epi32(ids, up);
-      const __m256i beat = _mm256_cmpgt_epi32(xk, keys);  /* a suffix of lanes */
-      const __m256i beat_prev = _mm256_cmpgt_epi32(xk, shifted_k);
-      keys = _mm256_max_epi32(keys, _mm256_min_epi32(xk, shifted_k));
-      ids = _mm256_blendv_epi8(ids, _mm256_blendv_epi8(_mm256_set1_epi32(e), shifted_i, beat_prev), beat);
+    for (int64_t j0 = 0; j0 < nv; j0 += 8) {
+      const int64_t nj = nv - j0 < 8 ? nv - j0 : 8;
+      uint64_t m = 0;
+      for (int64_t j = 0; j < nj; ++j)
+        m |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(buf + 8 * (j0 + j)), tv, _CMP_GE_OQ))
+             << (8 * j);
+      for (; m; m &= m - 1) {
+        const int32_t e = (int32_t)(8 * j0 + __builtin_ctzll(m));
+        const __m256i xk = _mm256_set1_epi32(pf_fkey(buf[e]));
+        const __m256i shifted_k = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(keys, up), top, 1);
+        const __m256i shifted_i = _mm256_permutevar8x32_epi32(ids, up);
+        const __m256i beat = _mm256_cmpgt_epi32(xk, keys);  /* a suffix of lanes */
+        const __m256i beat_prev = _mm256_cmpgt_epi32(xk, shifted_k);
+        keys = _mm256_max_epi32(keys, _mm256_min_epi32(xk, shifted_k));
+        ids = _mm256_blendv_epi8(ids, _mm256_blendv_epi8(_mm256_set1_epi32(e), shifted_i, beat_prev), beat);
+      }
     }
-    int32_t ko[8], io[8];
-    _mm256_storeu_si256((__m256i*)ko, keys);
+    int32_t io[8];
+    float vo[8];
+    /* keys back to floats, all lanes at once */
+    _mm256_storeu_si256((__m256i*)vo, _mm256_xor_si256(keys, _mm256_and_si256(_mm256_srai_epi32(keys, 31),
+                                                                               _mm256_set1_epi32(0x7fffffff))));
     _mm256_storeu_si256((__m256i*)io, ids);
-    for (int64_t j = 0; j < k; ++j) { vals[j] = pf_fkey_inv(ko[j]); idx[j] = io[j]; }
+    for (int64_t j = 0; j < k; ++j) { vals[j] = vo[j]; idx[j] = io[j]; }
     return;
   }
 #endif
