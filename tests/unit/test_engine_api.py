@@ -1,5 +1,7 @@
 """``bagualu.LLM`` as a user drives it: stop strings, EOS, n > 1, seeds, logprobs, aborts, errors."""
 
+import gc
+
 import pytest
 import torch
 
@@ -130,3 +132,11 @@ def test_half_precision_models_keep_a_half_kv_cache(llm):
     for e in (half, as_model):
         assert len(e.generate("hi", sp, use_tqdm=False)[0].token_ids) == 6
         e.close()
+
+
+def test_the_engine_freezes_what_it_was_built_with(llm):
+    """What is alive when the engine is built (torch, the model, the tokenizer) is out of the collector's
+    generations (``gc.freeze``), so a full collection during serving does not rescan it."""
+    model = llm.engine.model
+    assert gc.get_freeze_count() > 0
+    assert gc.is_tracked(model) and all(o is not model for o in gc.get_objects())
