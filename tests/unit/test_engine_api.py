@@ -12,14 +12,19 @@ from hf_models import hf_configs, save_hf_model
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     cfg = hf_configs()["llama"]
     cfg.max_position_embeddings = 96
     cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 259, 256, 257  # the byte-level tokenizer's
     save_hf_model(cfg, path)
     byte_level_tokenizer().save(path)
-    llm = bagualu.LLM(str(path), num_kv_blocks=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    llm = bagualu.LLM(str(model_path), num_kv_blocks=32)
     yield llm
     llm.close()
 
@@ -140,3 +145,25 @@ def test_the_engine_freezes_what_it_was_built_with(llm):
     model = llm.engine.model
     assert gc.get_freeze_count() > 0
     assert gc.is_tracked(model) and all(o is not model for o in gc.get_objects())
+
+
+def test_logit_bias_equals_transformers_sequence_bias(llm, model_path):
+    """Greedy decoding with a logit bias equals ``transformers`` ``generate`` with the same single-token
+    ``sequence_bias``; banning (-100) the tokens of the unbiased output keeps all of them out."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    prompt = llm.tokenizer.encode("def main():")
+    plain = llm.generate([prompt], greedy(8), use_tqdm=False)[0].token_ids
+    bias = {plain[0]: -100.0, plain[1]: -3.5, 97: 2.0, 98: -1.25}
+    got = llm.generate([prompt], greedy(8, logit_bias=bias), use_tqdm=False)[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                          sequence_bias={(t,): b for t, b in bias.items()})[0, len(prompt):].tolist()
+    assert got == ref and got != plain
+    banned = llm.generate([prompt], greedy(8, logit_bias={t: -100 for t in plain}), use_tqdm=False)[0].token_ids
+    assert len(banned) == 8 and not set(banned) & set(plain)
+    with pytest.raises(RequestError, match="logit_bias"):
+        llm.generate([prompt], greedy(2, logit_bias={259: 1.0}), use_tqdm=False)  # vocab is 259
+    with pytest.raises(ValueError, match="logit_bias"):
+        bagualu.SamplingParams(logit_bias={5: 101})

@@ -187,6 +187,9 @@ class EngineCore:
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
             raise RequestError(f"prompt token ids must lie in [0, {V}); got {min(ids)}..{max(ids)}", param="prompt")
+        if params.logit_bias and max(params.logit_bias) >= V:
+            raise RequestError(f"logit_bias token ids must lie in [0, {V}); got {max(params.logit_bias)}",
+                               param="logit_bias")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len}; "
                                f"shorten the prompt", param="prompt", code="context_length_exceeded")

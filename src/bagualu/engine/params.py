@@ -2,7 +2,7 @@
 
 Field names and meanings follow vLLM's ``SamplingParams`` (and through it the OpenAI API), so users
 and the HTTP front end map onto it without translation. Order of application in the sampler:
-repetition penalty → presence/frequency penalties → temperature → top-k → top-p → min-p → draw.
+logit bias → repetition penalty → presence/frequency penalties → temperature → top-k → top-p → min-p → draw.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the sampled token's log-probability and this many top alternatives (0 = only the sampled)."""
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    """Token id -> a value in [-100, 100] added to its logit before everything else (OpenAI's ``logit_bias``:
+    -100 bans a token, +100 all but forces it). Reported logprobs stay those of the raw distribution."""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -44,6 +47,8 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _bias(self.logit_bias))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         _check(self.n >= 1, f"n={self.n} must be >= 1")
@@ -73,6 +78,16 @@ class SamplingParams:
     @property
     def needs_filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+
+def _bias(bias) -> dict[int, float] | None:
+    try:
+        out = {int(t): float(b) for t, b in dict(bias).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias={bias!r} must map token ids to numbers") from None
+    bad = [t for t, b in out.items() if t < 0 or not -100 <= b <= 100]
+    _check(not bad, f"logit_bias={bias!r}: token ids must be >= 0 and biases in [-100, 100] (see token {bad[:1]})")
+    return out or None
 
 
 def _check(ok: bool, message: str) -> None:

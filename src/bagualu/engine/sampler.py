@@ -2,7 +2,7 @@
 
 Legend: R rows (requests due a token this step), V vocabulary.
 
-Order (vLLM's and HF's): ``min_tokens`` masking of EOS/stop tokens → repetition penalty → presence/frequency penalties → temperature → top-k →
+Order (vLLM's and HF's): logit bias → ``min_tokens`` masking of EOS/stop tokens → repetition penalty → presence/frequency penalties → temperature → top-k →
 top-p → min-p → draw. Greedy rows take the argmax of the penalised logits. A random row draws by the
 exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` — the same distribution as ``multinomial(p)`` but a
 row's noise is one independent draw of V values from *its own* generator when it has a seed, so a
@@ -69,6 +69,10 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
     params = [r.params for r in reqs]
     want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw_lp = torch.log_softmax(logits_RV[want_lp], dim=-1) if want_lp else None
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias.items())
+            logits_RV[i, list(ids)] += torch.tensor(bias, dtype=logits_RV.dtype, device=logits_RV.device)
     pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
     if pen_rows:
         _apply_penalties(logits_RV, reqs, pen_rows)

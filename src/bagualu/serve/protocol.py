@@ -4,7 +4,7 @@ Field names and defaults follow OpenAI's API (``max_tokens`` 16 for completions,
 vLLM's extra sampling fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ...) are accepted too, so clients written for vLLM work unchanged
 (the ``openai`` client sends them through ``extra_body``). Unknown fields are ignored, as OpenAI does;
-fields we cannot honour (``suffix``, ``logit_bias``, ``best_of != n``, ``tools``, non-text message
+fields we cannot honour (``suffix``, ``best_of != n``, ``tools``, non-text message
 parts, ``echo`` together with ``logprobs``) are refused with a 400 rather than silently dropped.
 Range checks live in ``SamplingParams`` (one source of truth); ``to_sampling_params`` turns its
 ``ValueError`` into a 400 naming the API field.
@@ -54,8 +54,6 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
 
     def _refuse_unsupported(self) -> None:
-        if self.logit_bias:
-            raise APIError.unsupported("logit_bias", "logit_bias is not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise APIError.invalid("stream_options", "stream_options is only allowed when stream is true")
 
@@ -153,7 +151,7 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
             seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens)
+            skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias)
     except (ValueError, TypeError) as e:
         m = _FIELD.match(str(e))
         field = m.group(1) if m else None
