@@ -276,6 +276,30 @@ def test_logit_bias_through_the_openai_client(server):
     assert g.choices[0].message.content == "zzz"
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, model_dir):
+    """``echo`` + ``logprobs``, as an evaluation harness asks for a loglikelihood: the prompt's tokens come
+    first in the logprobs (the first scored null) with the offline engine's prompt logprobs (which the
+    engine's test checks against transformers); streamed, the echo chunk carries them and comes first."""
+    ids = [72, 101, 108, 108, 111, 32, 119, 111, 114]
+    llm = bagualu.LLM(model_dir, num_kv_blocks=64)
+    ref = llm.generate([ids], bagualu.SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    llm.close()
+    want = [ref.prompt_logprobs[j][ids[j]] for j in range(1, len(ids))]
+    client = server.client()
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])  # keyed by text: tokens may share one
+    assert text == "".join(lp.tokens) and lp.text_offset == sorted(lp.text_offset)
+    chunks = [c for ev in client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0, echo=True,
+                                                    logprobs=2, stream=True) for c in ev.choices]
+    assert chunks[0].text == "".join(lp.tokens[:len(ids)])
+    assert chunks[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert sum((c.logprobs.tokens for c in chunks), []) == lp.tokens
+
+
 def _error(r, status=400, param=None, code=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -308,7 +332,7 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server):
     _error(_post(server, c, {"prompt": "hi", "logit_bias": {"five": 1}}), param="logit_bias")
     _error(_post(server, c, {"prompt": "hi", "logit_bias": {"5": 101}}), param="logit_bias")
     _error(_post(server, c, {"prompt": "hi", "logit_bias": {"320": 1}}), param="logit_bias")  # vocab is 320
-    _error(_post(server, c, {"prompt": "hi", "echo": True, "logprobs": 1}), param="echo", code="unsupported")
+    _error(_post(server, c, {"prompt": "hi", "echo": True, "logprobs": 21}), param="logprobs")
     _error(httpx.post(server.base + c, content=b"{not json", headers={"content-type": "application/json"}),
            code="invalid_json")
     chat = "/v1/chat/completions"

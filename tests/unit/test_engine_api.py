@@ -167,3 +167,30 @@ def test_logit_bias_equals_transformers_sequence_bias(llm, model_path):
         llm.generate([prompt], greedy(2, logit_bias={259: 1.0}), use_tqdm=False)  # vocab is 259
     with pytest.raises(ValueError, match="logit_bias"):
         bagualu.SamplingParams(logit_bias={5: 101})
+
+
+def test_prompt_logprobs_equal_transformers(model_path):
+    """Every prompt token's logprob given those before it (and the top alternatives) equal ``transformers``'
+    log-softmax, with the prompt prefilled in chunks of 8 tokens, again with its blocks in the prefix cache
+    (a scoring request computes its whole prompt), and for n=2 (the first sequence scores it)."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    llm = bagualu.LLM(str(model_path), num_kv_blocks=32, max_num_batched_tokens=8)
+    prompt = list(range(40, 77))
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    try:
+        for params in (greedy(2, prompt_logprobs=3), greedy(2, prompt_logprobs=3), greedy(2, prompt_logprobs=0, n=2)):
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            plp = out.prompt_logprobs
+            assert len(plp) == len(prompt) and plp[0] is None
+            for j in range(1, len(prompt)):
+                assert plp[j][prompt[j]] == pytest.approx(ref[j - 1, prompt[j]].item(), abs=1e-5)
+                want = set(ref[j - 1].topk(params.prompt_logprobs).indices.tolist()) | {prompt[j]}
+                assert set(plp[j]) == want
+        assert llm.generate([prompt], greedy(2), use_tqdm=False)[0].prompt_logprobs is None
+    finally:
+        llm.close()
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        bagualu.SamplingParams(prompt_logprobs=21)

@@ -14,7 +14,7 @@ Everything here is built on the host (lists → tensors once per step), never pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,10 @@ class StepInputs:
     logits_rows: list[int]  # token rows whose logits are sampled (a sequence's last token, when due)
     due: list[Request]  # the requests those rows belong to
     pools: list[PoolSlice]  # one per pool (empty slices included), in pool order
+    # rows whose logits score the next prompt token (requests with prompt_logprobs): one span per request,
+    # (request, first prompt position scored, count); their rows follow logits_rows in the runner's output
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_spans: list[tuple[Request, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +67,7 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
     ids: list[int] = []
     pos_parts, slot_parts = [], []
     logits_rows, due = [], []
+    prompt_rows, prompt_spans = [], []
     seq_bounds = [0] * (num_pools + 1)  # sequence index where each pool starts
     tok_bounds = [0] * (num_pools + 1)
     t = 0
@@ -73,6 +78,11 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
         b = np.asarray(blocks, dtype=np.int64)
         pos_parts.append(p)
         slot_parts.append(b[p // block_size] * block_size + p % block_size)
+        if r.prompt_logprobs is not None:  # positions start.. whose next token is still a prompt token
+            c = min(start + n, r.num_prompt_tokens - 1) - start
+            if c > 0:
+                prompt_rows.extend(range(t, t + c))
+                prompt_spans.append((r, start, c))
         t += n
         if start + n == r.num_tokens:
             logits_rows.append(t - 1)
@@ -102,4 +112,4 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
                                slot_mapping_T=torch.from_numpy(slots[t0:t1].copy())))
     return StepInputs(requests=reqs, input_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
                       positions_T=torch.from_numpy(positions).to(device), logits_rows=logits_rows, due=due,
-                      pools=pools)
+                      pools=pools, prompt_rows=prompt_rows, prompt_spans=prompt_spans)

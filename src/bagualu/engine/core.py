@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,24 @@ def _gc_release(at_exit: bool = False) -> None:
         gc.unfreeze()
 
 
+def _score_prompt(logits_QV: torch.Tensor, spans) -> None:
+    """Prompt logprobs: row j of a span scores the prompt token after its position (rows in span order).
+    Written by position, so a recompute after preemption rewrites the same entries."""
+    lp_QV = torch.log_softmax(logits_QV, dim=-1)
+    q = 0
+    for req, p0, c in spans:
+        ids = req.prompt_token_ids[p0 + 1:p0 + 1 + c]
+        lp = lp_QV[q:q + c]
+        chosen = lp.gather(1, torch.tensor(ids, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+        k = req.params.prompt_logprobs
+        top = lp.topk(k, dim=-1) if k else None
+        for j in range(c):
+            d = dict(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else {}
+            d[ids[j]] = chosen[j]
+            req.prompt_logprobs[p0 + 1 + j] = d
+        q += c
+
+
 class EngineCore:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.config = cfg = config or EngineConfig()
@@ -207,9 +226,9 @@ class EngineCore:
         for i in range(params.n):
             p = params
             if params.n > 1 and params.seed is not None:
-                import dataclasses
-
-                p = dataclasses.replace(params, seed=params.seed + i)
+                p = dataclasses.replace(p, seed=params.seed + i)
+            if i > 0 and params.prompt_logprobs is not None:  # the first sequence scores the shared prompt
+                p = dataclasses.replace(p, prompt_logprobs=None)
             sid = request_id if params.n == 1 else f"{request_id}#{i}"
             seqs.append(Request(request_id=sid, prompt_token_ids=list(ids), params=p,
                                 eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
@@ -260,7 +279,10 @@ class EngineCore:
                 logits = self.runner.execute(mbs)
                 due = self.scheduler.advance(batch)
                 self.metrics.computed_tokens += batch.total_tokens
-                rows = [lg for lg in logits if lg is not None]
+                rows = [lg[:len(st.logits_rows)] for lg, st in zip(logits, mbs) if lg is not None and st.logits_rows]
+                for lg, st in zip(logits, mbs):
+                    if st.prompt_spans:
+                        _score_prompt(lg[len(st.logits_rows):], st.prompt_spans)
                 due_order = [r for st in mbs for r in st.due]
                 assert len(due_order) == len(due)
                 sampled = sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator) if rows else []
@@ -357,8 +379,12 @@ class EngineCore:
         metrics = RequestMetrics(arrival_time=g.arrival_time, first_token_time=min(first) if first else None,
                                  finished_time=time.monotonic() if finished else None,
                                  num_preemptions=sum(s.num_preemptions for s in g.seqs))
+        plp = g.seqs[0].prompt_logprobs
+        if plp is not None and len(plp) > 1 and plp[-1] is None:  # scored once the whole prompt is computed
+            plp = None
         return RequestOutput(request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids,
-                             outputs=comps, finished=finished, metrics=metrics)
+                             outputs=comps, finished=finished, metrics=metrics,
+                             prompt_logprobs=list(plp) if plp is not None else None)
 
     def close(self) -> None:
         self.backend.close()

@@ -84,7 +84,9 @@ class KVManager:
         already computed (a multiple of the block size), or None if no pool can take ``num_new_tokens``
         more tokens after the hit. Takes nothing yet: ``allocate`` does."""
         best: tuple[int, int, int, list[int]] | None = None  # (hit tokens, free blocks after, pool, hit)
-        max_hit_blocks = (req.num_tokens - 1) // self.block_size if self.prefix_caching else 0
+        # a request scoring its prompt computes all of it (a hit's positions would have no logits)
+        caching = self.prefix_caching and req.params.prompt_logprobs is None
+        max_hit_blocks = (req.num_tokens - 1) // self.block_size if caching else 0
         hashes = self._hash_chain(req, max_hit_blocks) if max_hit_blocks else []
         for i, pool in enumerate(self.pools):
             hit: list[int] = []

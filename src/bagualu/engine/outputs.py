@@ -47,6 +47,9 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: per prompt token (None for the first), its logprob given the
+    tokens before it, and the top alternatives'."""
 
     @property
     def text(self) -> str:

@@ -35,6 +35,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     """Return the sampled token's log-probability and this many top alternatives (0 = only the sampled)."""
+    prompt_logprobs: int | None = None
+    """Also the log-probability of every prompt token after the first given the ones before it, with this many
+    top alternatives (0 = only the prompt's token). Such a request computes its whole prompt (no prefix-cache
+    hit): what ``echo`` with ``logprobs`` scores (an evaluation harness's loglikelihood)."""
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     """Token id -> a value in [-100, 100] added to its logit before everything else (OpenAI's ``logit_bias``:
@@ -65,6 +69,8 @@ class SamplingParams:
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs={self.logprobs} must be in [0, 20]")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+               f"prompt_logprobs={self.prompt_logprobs} must be in [0, 20]")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop={self.stop!r} must be non-empty strings")
 
     @property

@@ -48,10 +48,14 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: id -> logprob
     sampled_logprobs: list[float] = field(default_factory=list)
+    # per prompt token (None for the first): id -> logprob, the prompt's token and the top alternatives
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
             raise ValueError("the prompt is empty; give at least one token")
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
         if self.params.seed is not None and not self.params.greedy:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

@@ -100,8 +100,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, mbs: list[StepInputs]) -> list[torch.Tensor | None]:
-        """Run one step over its micro-batches; returns, per micro-batch, the logits ``[R, V]`` (fp32) of
-        its ``logits_rows`` (None when it samples nothing)."""
+        """Run one step over its micro-batches; returns, per micro-batch, the logits ``[R + Q, V]`` (fp32) of
+        its ``logits_rows`` then its ``prompt_rows`` (None when it has neither)."""
         m = self.model
         live = [i for i, st in enumerate(mbs) if st.num_tokens]
         xs: dict[int, torch.Tensor] = {}
@@ -130,7 +130,7 @@ class ModelRunner:
                     self._pre(l + 1, i, x, rope[i])
         out: list[torch.Tensor | None] = [None] * len(mbs)
         for i in live:
-            rows = mbs[i].logits_rows
+            rows = mbs[i].logits_rows + mbs[i].prompt_rows
             if rows:
                 h = m.model.norm(xs[i][torch.tensor(rows, device=xs[i].device)])
                 out[i] = self.linear(h, m.lm_head.weight).float()

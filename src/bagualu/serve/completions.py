@@ -2,8 +2,9 @@
 
 Prompts: a string, a list of strings, a list of token ids, or a list of such lists; each becomes one
 engine request of ``n`` sequences, and choices are numbered ``prompt_index * n + i``. ``echo`` puts
-the prompt's text in front of the completion (without prompt logprobs, so not with ``logprobs``).
-``logprobs`` uses the legacy shape (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``).
+the prompt's text in front of the completion; with ``logprobs`` too, the prompt's tokens come first in
+the logprobs, the first with ``null`` (what evaluation harnesses score as a loglikelihood). ``logprobs``
+uses the legacy shape (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,28 @@ def legacy_logprobs(tt: TokenText, c: CompletionOutput, start: int, offset: int)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": text_offset}
+
+
+def prompt_legacy_logprobs(tt: TokenText, out: RequestOutput) -> dict:
+    """The prompt's part of echoed logprobs: every prompt token, scored given those before it (the first:
+    null)."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    offset = 0
+    for j, t in enumerate(out.prompt_token_ids):
+        s = tt.text(t)
+        d = out.prompt_logprobs[j] if j else None
+        tokens.append(s)
+        token_logprobs.append(finite(d[t]) if d else None)
+        top_logprobs.append({tt.text(a): finite(lp) for a, lp in sorted(d.items(), key=lambda kv: -kv[1])}
+                            if d else None)
+        text_offset.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def _echoed(prompt: dict, completion: dict) -> dict:
+    return {k: prompt[k] + completion[k] for k in prompt}
 
 
 def _offset(tt: TokenText, c: CompletionOutput, upto: int, base: int) -> int:
@@ -72,10 +95,11 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServeCont
     choices = []
     for i, out in enumerate(outs):
         for c in out.outputs:
-            choices.append({
-                "index": i * params.n + c.index, "text": echo[i] + c.text,
-                "logprobs": legacy_logprobs(tt, c, 0, len(echo[i])) if req.logprobs is not None else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            lp = legacy_logprobs(tt, c, 0, len(echo[i])) if req.logprobs is not None else None
+            if lp is not None and req.echo:
+                lp = _echoed(prompt_legacy_logprobs(tt, out), lp)
+            choices.append({"index": i * params.n + c.index, "text": echo[i] + c.text, "logprobs": lp,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return JSONResponse({**head, "choices": choices, "usage": _usage(outs)})
 
 
@@ -85,13 +109,22 @@ async def _stream(streams, head: dict, n: int, echo: list[str], want_logprobs: b
     finished: dict[int, RequestOutput] = {}
     extra = {"usage": None} if include_usage else {}
     gen = merged(streams)
+    # the prompt first, as its own chunk per choice: at once, or with its logprobs once it is scored
+    unechoed = set(range(len(echo))) if any(echo) and want_logprobs else set()
     try:
-        if any(echo):  # the prompt first, as its own chunk per choice
+        if any(echo) and not want_logprobs:
             yield sse({**head, "choices": [{"index": i * n + j, "text": echo[i], "logprobs": None,
                                             "finish_reason": None} for i in range(len(echo)) for j in range(n)],
                        **extra})
         async for i, out in gen:
             choices = []
+            if i in unechoed:
+                if out.prompt_logprobs is None:  # hold this prompt's tokens: its echo goes first
+                    continue
+                unechoed.discard(i)
+                plp = prompt_legacy_logprobs(tt, out)
+                choices += [{"index": i * n + j, "text": echo[i], "logprobs": plp, "finish_reason": None}
+                            for j in range(n)]
             for idx, c, text, start, finish in tracker.deltas(i, out):
                 lp = legacy_logprobs(tt, c, start, _offset(tt, c, start, len(echo[i]))) if want_logprobs else None
                 choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": finish,

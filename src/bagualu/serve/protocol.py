@@ -5,7 +5,7 @@ vLLM's extra sampling fields (``top_k``, ``min_p``, ``repetition_penalty``, ``mi
 ``ignore_eos``, ``stop_token_ids``, ...) are accepted too, so clients written for vLLM work unchanged
 (the ``openai`` client sends them through ``extra_body``). Unknown fields are ignored, as OpenAI does;
 fields we cannot honour (``suffix``, ``best_of != n``, ``tools``, non-text message
-parts, ``echo`` together with ``logprobs``) are refused with a 400 rather than silently dropped.
+parts) are refused with a 400 rather than silently dropped.
 Range checks live in ``SamplingParams`` (one source of truth); ``to_sampling_params`` turns its
 ``ValueError`` into a 400 naming the API field.
 """
@@ -81,9 +81,6 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of != self.n:
             raise APIError.unsupported("best_of", f"best_of={self.best_of} != n={self.n} is not supported; "
                                                   "leave best_of unset")
-        if self.echo and self.logprobs is not None:
-            raise APIError.unsupported("echo", "echo together with logprobs needs prompt logprobs, which this "
-                                               "server does not compute; drop one of them")
 
 
 class ChatMessage(BaseModel):
@@ -151,7 +148,8 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
             seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias)
+            skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias,
+            prompt_logprobs=req.logprobs if not chat and req.echo else None)
     except (ValueError, TypeError) as e:
         m = _FIELD.match(str(e))
         field = m.group(1) if m else None
