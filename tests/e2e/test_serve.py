@@ -300,6 +300,31 @@ def test_echo_with_logprobs_scores_the_prompt(server, model_dir):
     assert sum((c.logprobs.tokens for c in chunks), []) == lp.tokens
 
 
+def test_response_format_json_schema_and_json_object(server):
+    """OpenAI's response_format through the official client: a json_schema's answer parses and matches it
+    (chat and completions); json_object starts an object; an unknown type or a schema-less json_schema is a
+    400 naming response_format."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    client = server.client()
+    g = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
+                                       temperature=0, response_format=fmt)
+    obj = json.loads(g.choices[0].message.content)
+    assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool) and 0 <= obj["n"] <= 9
+    assert g.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=40, temperature=1.0, seed=3, n=2,
+                                  extra_body={"response_format": fmt})
+    assert all(set(json.loads(c.text)) == {"ok", "n"} for c in r.choices)
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].text.startswith("{")
+    c = "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "Hi"}]
+    _error(_post(server, c, {"messages": msgs, "response_format": {"type": "yaml"}}), param="response_format")
+    _error(_post(server, c, {"messages": msgs, "response_format": {"type": "json_schema"}}), param="response_format")
+
+
 def _error(r, status=400, param=None, code=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]

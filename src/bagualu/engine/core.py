@@ -34,6 +34,7 @@ from bagualu.engine.request import Request
 from bagualu.engine.runner import ModelRunner, check_supported
 from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
+from bagualu.engine.structured import GrammarError, Grammars
 from bagualu.ops.threads import small_step
 from bagualu.utils.logging import get_logger
 
@@ -184,6 +185,7 @@ class EngineCore:
         eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self._groups: dict[str, _Group] = {}
+        self.grammars = Grammars(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._group_of: dict[str, _Group] = {}  # sequence id -> its user request
         log.info("engine: %s %s (KV %s), KV %d blocks x %d tokens per pool, %d pool(s) (%s), %.1f MiB of KV",
                  mc.arch, model.dtype, self.kv_spec.dtype, self.num_blocks, cfg.block_size, num_pools, cfg.attention_mode,
@@ -233,6 +235,11 @@ class EngineCore:
             seqs.append(Request(request_id=sid, prompt_token_ids=list(ids), params=p,
                                 eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
                                 arrival_time=arrival))
+            if params.structured_output is not None:
+                try:
+                    seqs[-1].matcher = self.grammars.matcher(params.structured_output)
+                except GrammarError as e:
+                    raise RequestError(str(e), param="response_format") from None
             detoks.append(Detokenizer(self.tokenizer, stop=params.stop,
                                       include_stop=params.include_stop_str_in_output,
                                       skip_special_tokens=params.skip_special_tokens))
@@ -285,7 +292,8 @@ class EngineCore:
                         _score_prompt(lg[len(st.logits_rows):], st.prompt_spans)
                 due_order = [r for st in mbs for r in st.due]
                 assert len(due_order) == len(due)
-                sampled = sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator) if rows else []
+                sampled = (sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator,
+                                  self.grammars) if rows else [])
             now = time.monotonic()
             for req, s in zip(due_order, sampled):
                 self._accept(req, s, now)
@@ -325,6 +333,10 @@ class EngineCore:
         g = self._group_of[req.request_id]
         g.changed = True
         finished = req.check_stop_token()
+        if req.matcher is not None and not finished:
+            req.matcher.accept_token(s.token)
+            if req.matcher.is_terminated():  # the grammar is complete: its end token was drawn
+                finished = req.finish("stop", s.token)
         det = g.detoks[g.seqs.index(req)]
         hit = det.update(req.output_token_ids, final=finished)
         if hit is not None and not finished:

@@ -2,12 +2,14 @@
 
 Field names and meanings follow vLLM's ``SamplingParams`` (and through it the OpenAI API), so users
 and the HTTP front end map onto it without translation. Order of application in the sampler:
-logit bias → repetition penalty → presence/frequency penalties → temperature → top-k → top-p → min-p → draw.
+logit bias → structured-output mask → repetition penalty → presence/frequency penalties → temperature → top-k → top-p → min-p → draw.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from bagualu.engine.structured import StructuredOutput
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     """Token id -> a value in [-100, 100] added to its logit before everything else (OpenAI's ``logit_bias``:
     -100 bans a token, +100 all but forces it). Reported logprobs stay those of the raw distribution."""
+    structured_output: StructuredOutput | None = None
+    """Constrain the tokens to a JSON schema, any JSON object, a regex or a grammar (``engine.structured``);
+    the sequence ends when the grammar is complete (``min_tokens`` and ``ignore_eos`` do not apply)."""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

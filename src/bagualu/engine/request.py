@@ -48,6 +48,7 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: id -> logprob
     sampled_logprobs: list[float] = field(default_factory=list)
+    matcher: object | None = None  # its structured output's xgrammar GrammarMatcher (engine.structured)
     # per prompt token (None for the first): id -> logprob, the prompt's token and the top alternatives
     prompt_logprobs: list[dict[int, float] | None] | None = None
 

@@ -2,7 +2,7 @@
 
 Legend: R rows (requests due a token this step), V vocabulary.
 
-Order (vLLM's and HF's): logit bias → ``min_tokens`` masking of EOS/stop tokens → repetition penalty → presence/frequency penalties → temperature → top-k →
+Order (vLLM's and HF's): logit bias → structured-output mask (rows with a grammar matcher) → ``min_tokens`` masking of EOS/stop tokens → repetition penalty → presence/frequency penalties → temperature → top-k →
 top-p → min-p → draw. Greedy rows take the argmax of the penalised logits. A random row draws by the
 exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` — the same distribution as ``multinomial(p)`` but a
 row's noise is one independent draw of V values from *its own* generator when it has a seed, so a
@@ -61,9 +61,11 @@ def _filter(logits_RV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
 
 
 @torch.inference_mode()
-def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Generator | None = None) -> list[Sampled]:
+def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Generator | None = None,
+           grammars=None) -> list[Sampled]:
     """One token per row. ``logits_RV`` may be modified in place; it is converted to fp32 on the CPU side
-    of the caller's choosing (the engine passes the LM head's output)."""
+    of the caller's choosing (the engine passes the LM head's output). ``grammars``: the engine's
+    ``structured.Grammars``, which masks the rows whose requests carry a grammar matcher."""
     R, V = logits_RV.shape
     logits_RV = logits_RV.float()
     params = [r.params for r in reqs]
@@ -73,11 +75,14 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias.items())
             logits_RV[i, list(ids)] += torch.tensor(bias, dtype=logits_RV.dtype, device=logits_RV.device)
+    constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
+    if constrained:
+        grammars.mask(logits_RV, constrained, [reqs[i].matcher for i in constrained])
     pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
     if pen_rows:
         _apply_penalties(logits_RV, reqs, pen_rows)
     for i, r in enumerate(reqs):  # min_tokens: the tokens that would end the sequence cannot be drawn yet
-        if len(r.output_token_ids) < r.params.min_tokens:
+        if len(r.output_token_ids) < r.params.min_tokens and r.matcher is None:
             banned = [t for t in r.stop_token_ids_all() if t < V]
             if banned:
                 logits_RV[i, banned] = float("-inf")

@@ -3,21 +3,24 @@
 Field names and defaults follow OpenAI's API (``max_tokens`` 16 for completions, unbounded for chat);
 vLLM's extra sampling fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ...) are accepted too, so clients written for vLLM work unchanged
-(the ``openai`` client sends them through ``extra_body``). Unknown fields are ignored, as OpenAI does;
-fields we cannot honour (``suffix``, ``best_of != n``, ``tools``, non-text message
-parts) are refused with a 400 rather than silently dropped.
+(the ``openai`` client sends them through ``extra_body``). ``response_format`` (``json_object``,
+``json_schema``) constrains the output (``engine.structured``). Unknown fields are ignored, as OpenAI does;
+fields we cannot honour (``suffix``, ``best_of != n``, ``tools``, non-text message parts) are refused with
+a 400 rather than silently dropped.
 Range checks live in ``SamplingParams`` (one source of truth); ``to_sampling_params`` turns its
 ``ValueError`` into a 400 naming the API field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from bagualu.engine.params import SamplingParams
+from bagualu.engine.structured import StructuredOutput
 from bagualu.serve.errors import APIError
 
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -43,6 +46,9 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}`` (OpenAI's;
+    accepted on completions too, as vLLM does)."""
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None
@@ -114,16 +120,30 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         self._refuse_unsupported()
         if self.tools:
             raise APIError.unsupported("tools", "tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError.unsupported("response_format", "only response_format type 'text' is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.invalid("top_logprobs", "top_logprobs needs logprobs=true")
+
+
+def _structured(fmt: dict[str, Any] | None) -> StructuredOutput | None:
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, bool)):
+            raise APIError.invalid("response_format", "response_format json_schema needs "
+                                                      "{'json_schema': {'name': ..., 'schema': {...}}}")
+        return StructuredOutput(json=json.dumps(schema))
+    raise APIError.invalid("response_format", f"response_format type {kind!r} is not one of 'text', "
+                                              "'json_object', 'json_schema'")
 
 
 # SamplingParams field -> API field, where they differ per endpoint
@@ -139,6 +159,7 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
     else:
         max_tokens, logprobs = req.max_tokens, req.logprobs
     stop = req.stop if req.stop is not None else ()
+    structured = _structured(req.response_format)
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
@@ -149,7 +170,8 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias,
-            prompt_logprobs=req.logprobs if not chat and req.echo else None)
+            prompt_logprobs=req.logprobs if not chat and req.echo else None,
+            structured_output=structured)
     except (ValueError, TypeError) as e:
         m = _FIELD.match(str(e))
         field = m.group(1) if m else None

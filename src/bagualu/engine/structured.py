@@ -1,0 +1,104 @@
+"""Structured outputs: a request's tokens constrained to a JSON schema, any JSON object, a regex or an EBNF
+grammar, through xgrammar (the library vLLM and SGLang use).
+
+Per engine, ``Grammars`` holds xgrammar's view of the tokenizer (built on the first constrained request) and a
+compiler whose cache shares compiled grammars across requests. Per sequence, a ``GrammarMatcher`` follows
+the accepted tokens. Each step, every constrained row's allowed next tokens become a bitmask that sends the
+others' logits to -inf before any other processing; the sampled token is then fed to the matcher. When the
+grammar is complete only the end-of-sequence tokens stay allowed, so a constrained sequence ends by itself.
+The matcher state survives preemption (accepted tokens are never resampled).
+
+xgrammar is an optional dependency (``pip install bagualu[structured]``); without it a constrained request is
+refused with a message saying so. Why a library: token masks over a 32k-152k vocabulary per step need a
+precompiled, cached automaton per grammar, which is what xgrammar is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Exactly one of: ``json`` (a JSON schema, dict or string), ``json_object`` (any JSON object),
+    ``regex``, ``grammar`` (EBNF in xgrammar's dialect). ``compact``: no optional whitespace in JSON."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    compact: bool = True
+
+    def __post_init__(self):
+        given = [self.json is not None, self.json_object, self.regex is not None, self.grammar is not None]
+        if sum(given) != 1:
+            raise ValueError("structured output must give exactly one of json (a schema), json_object, regex "
+                             "or grammar")
+
+    def key(self) -> str:
+        schema = self.json if isinstance(self.json, str) or self.json is None else json.dumps(self.json, sort_keys=True)
+        return json.dumps([schema, self.json_object, self.regex, self.grammar, self.compact])
+
+
+class GrammarError(ValueError):
+    """The grammar cannot be compiled, or xgrammar is not installed."""
+
+
+class Grammars:
+    """xgrammar's tokenizer view and compiler for one engine (the model's vocabulary size, its EOS ids)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, eos_token_ids
+        self._compiler = None
+        self._compiled: dict[str, object] = {}
+
+    def _xgr(self):
+        try:
+            import xgrammar
+        except ImportError:
+            raise GrammarError("structured output needs xgrammar: pip install 'bagualu[structured]'") from None
+        return xgrammar
+
+    def matcher(self, spec: StructuredOutput):
+        """A fresh matcher for ``spec`` (compiled once per distinct spec)."""
+        xgr = self._xgr()
+        if self._compiler is None:
+            import transformers
+
+            tok = self.tokenizer
+            hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token=tok.bos_token,
+                                                      eos_token=tok.eos_token)
+            info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
+                                                      stop_token_ids=list(self.eos_token_ids) or None)
+            self._compiler = xgr.GrammarCompiler(info)
+        key = spec.key()
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            c = self._compiler
+            try:
+                if spec.json is not None:
+                    schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                    compiled = c.compile_json_schema(schema, any_whitespace=not spec.compact)
+                elif spec.json_object:
+                    compiled = c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.compact)
+                elif spec.regex is not None:
+                    compiled = c.compile_regex(spec.regex)
+                else:
+                    compiled = c.compile_grammar(spec.grammar)
+            except Exception as e:  # xgrammar raises RuntimeError/ValueError with the parser's message
+                raise GrammarError(f"cannot compile the structured output: {e}") from None
+            self._compiled[key] = compiled
+        return xgr.GrammarMatcher(compiled)
+
+    def mask(self, logits_RV: torch.Tensor, rows: list[int], matchers: list) -> None:
+        """Send the logits of the tokens each row's grammar forbids to -inf, in place."""
+        xgr = self._xgr()
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for j, m in enumerate(matchers):
+            m.fill_next_token_bitmask(bitmask, j)
+        sub = logits_RV[rows]
+        xgr.apply_token_bitmask_inplace(sub, bitmask)
+        logits_RV[rows] = sub

@@ -1,0 +1,96 @@
+"""Structured outputs (``SamplingParams.structured_output``, xgrammar): outputs that parse and match the
+schema, greedy decoding equal to ``transformers``' argmax restricted to the grammar's tokens, clear errors."""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+import bagualu
+from bagualu.engine import RequestError
+from bagualu.engine.structured import StructuredOutput
+from hf_models import hf_configs, save_hf_model
+
+xgr = pytest.importorskip("xgrammar")
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "colour"],
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "colour": {"enum": ["red", "green", "blue"]}}}
+
+
+def _matches(obj) -> bool:
+    return (isinstance(obj, dict) and set(obj) == {"ok", "n", "colour"} and isinstance(obj["ok"], bool)
+            and isinstance(obj["n"], int) and 0 <= obj["n"] <= 99 and obj["colour"] in ("red", "green", "blue"))
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    from bagualu.models.byte_tokenizer import byte_level_tokenizer
+
+    path = tmp_path_factory.mktemp("llama")
+    cfg = hf_configs()["llama"]
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 259, 256, 257  # the byte-level tokenizer's
+    save_hf_model(cfg, path)
+    byte_level_tokenizer().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    llm = bagualu.LLM(str(model_path), num_kv_blocks=64)
+    yield llm
+    llm.close()
+
+
+def test_outputs_parse_and_match_the_schema(llm):
+    so = StructuredOutput(json=SCHEMA)
+    plain = llm.generate(["Hello"], bagualu.SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
+    with pytest.raises(ValueError):
+        json.loads(plain.text)  # the model alone does not write JSON
+    for params in (bagualu.SamplingParams(temperature=0, max_tokens=80, structured_output=so),
+                   bagualu.SamplingParams(temperature=1.0, seed=1, n=3, max_tokens=80, structured_output=so,
+                                          min_tokens=70, ignore_eos=True)):  # the grammar ends them anyway
+        for out in llm.generate(["Hello", [5, 6, 7, 8, 9]], params, use_tqdm=False):
+            for c in out.outputs:
+                assert c.finish_reason == "stop" and c.token_ids[-1] == 257, c
+                assert _matches(json.loads(c.text)), c.text
+    out = llm.generate(["x"], bagualu.SamplingParams(temperature=1.0, seed=2, max_tokens=30, structured_output=
+                       StructuredOutput(regex=r"(yes|no)-[0-9]{3}")), use_tqdm=False)[0]
+    assert re.fullmatch(r"(yes|no)-[0-9]{3}", out.text) and out.outputs[0].finish_reason == "stop"
+
+
+def test_greedy_equals_transformers_argmax_over_the_grammars_tokens(llm, model_path):
+    """At every step the engine's token is the argmax of ``transformers``' logits over the tokens an
+    independent xgrammar matcher allows there."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    prompt = llm.tokenizer.encode("Hello")
+    got = llm.generate([prompt], bagualu.SamplingParams(temperature=0, max_tokens=80, structured_output=
+                       StructuredOutput(json=SCHEMA)), use_tqdm=False)[0].token_ids
+    matcher = llm.engine.grammars.matcher(StructuredOutput(json=SCHEMA))
+    bitmask = xgr.allocate_token_bitmask(1, 259)
+    ids = list(prompt)
+    with torch.no_grad():
+        for tok in got:
+            logits = hf(torch.tensor([ids])).logits[:, -1].float()
+            matcher.fill_next_token_bitmask(bitmask)
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            assert int(logits.argmax()) == tok
+            matcher.accept_token(tok)
+            ids.append(tok)
+    assert matcher.is_terminated()
+
+
+def test_bad_grammars_and_a_missing_xgrammar_are_clear_errors(llm, monkeypatch):
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutput(json=SCHEMA, regex="a")
+    with pytest.raises(RequestError, match="cannot compile") as e:
+        llm.generate(["x"], bagualu.SamplingParams(structured_output=StructuredOutput(regex="(")), use_tqdm=False)
+    assert e.value.param == "response_format"
+    fresh = type(llm.engine.grammars)(llm.tokenizer, 259, (257,))
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if it were not installed
+    with pytest.raises(ValueError, match="pip install 'bagualu\\[structured\\]'"):
+        fresh.matcher(StructuredOutput(json_object=True))
