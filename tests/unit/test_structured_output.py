@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from hf_models import hf_configs, save_hf_model
 
 import bagualu
 from bagualu.engine import RequestError
 from bagualu.engine.structured import StructuredOutput
-from hf_models import hf_configs, save_hf_model
 
 xgr = pytest.importorskip("xgrammar")
 

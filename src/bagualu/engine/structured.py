@@ -88,7 +88,7 @@ class Grammars:
                     compiled = c.compile_regex(spec.regex)
                 else:
                     compiled = c.compile_grammar(spec.grammar)
-            except Exception as e:  # xgrammar raises RuntimeError/ValueError with the parser's message
+            except (RuntimeError, ValueError) as e:  # xgrammar's parser and schema converter raise these
                 raise GrammarError(f"cannot compile the structured output: {e}") from None
             self._compiled[key] = compiled
         return xgr.GrammarMatcher(compiled)

@@ -23,37 +23,33 @@ from bagualu.serve.streams import (SSE_HEADERS, ClientDisconnected, DeltaTracker
                                    final_outputs, finite, merged, sse, submit_all)
 
 
-def legacy_logprobs(tt: TokenText, c: CompletionOutput, start: int, offset: int) -> dict:
-    """Logprobs of tokens ``start:`` of ``c``; ``offset`` is where token ``start`` begins in the text."""
+def _legacy(tt: TokenText, entries, offset: int) -> dict:
+    """The legacy logprobs object of ``entries``: (token id, its logprob, {id: logprob} of the top
+    alternatives) per token, None for an unscored one; ``offset``: where the first token begins in the text."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for j in range(start, len(c.token_ids)):
-        s = tt.text(c.token_ids[j])
+    for t, lp, top in entries:
+        s = tt.text(t)
         tokens.append(s)
-        token_logprobs.append(finite(c.token_logprobs[j]))
-        top = sorted(c.logprobs[j].items(), key=lambda kv: -kv[1])
-        top_logprobs.append({tt.text(t): finite(lp) for t, lp in top})
+        token_logprobs.append(None if lp is None else finite(lp))
+        top_logprobs.append(None if top is None else
+                            {tt.text(a): finite(v) for a, v in sorted(top.items(), key=lambda kv: -kv[1])})
         text_offset.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": text_offset}
+
+
+def legacy_logprobs(tt: TokenText, c: CompletionOutput, start: int, offset: int) -> dict:
+    """Logprobs of tokens ``start:`` of ``c``; ``offset`` is where token ``start`` begins in the text."""
+    return _legacy(tt, ((c.token_ids[j], c.token_logprobs[j], c.logprobs[j]) for j in range(start, len(c.token_ids))),
+                   offset)
 
 
 def prompt_legacy_logprobs(tt: TokenText, out: RequestOutput) -> dict:
     """The prompt's part of echoed logprobs: every prompt token, scored given those before it (the first:
     null)."""
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    offset = 0
-    for j, t in enumerate(out.prompt_token_ids):
-        s = tt.text(t)
-        d = out.prompt_logprobs[j] if j else None
-        tokens.append(s)
-        token_logprobs.append(finite(d[t]) if d else None)
-        top_logprobs.append({tt.text(a): finite(lp) for a, lp in sorted(d.items(), key=lambda kv: -kv[1])}
-                            if d else None)
-        text_offset.append(offset)
-        offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    plp = out.prompt_logprobs
+    return _legacy(tt, ((t, plp[j][t] if j else None, plp[j]) for j, t in enumerate(out.prompt_token_ids)), 0)
 
 
 def _echoed(prompt: dict, completion: dict) -> dict:
