@@ -91,6 +91,20 @@ def save_hf_model(config, path: Path, seed: int = 0):
     return model
 
 
+def save_byte_level_llama(path: Path, **overrides) -> Path:
+    """The tiny Llama with the byte-level tokenizer's vocabulary (259: bytes, BOS 256, EOS 257), saved with
+    that tokenizer: engine tests that need text in and out."""
+    from bagualu.models.byte_tokenizer import byte_level_tokenizer
+
+    cfg = hf_configs()["llama"]
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 259, 256, 257
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    save_hf_model(cfg, path)
+    byte_level_tokenizer().save(path)
+    return path
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error of a logit tensor."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

@@ -7,19 +7,12 @@ import torch
 
 import bagualu
 from bagualu.engine import RequestError
-from bagualu.models.byte_tokenizer import byte_level_tokenizer
-from hf_models import hf_configs, save_hf_model
+from hf_models import save_byte_level_llama
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    cfg = hf_configs()["llama"]
-    cfg.max_position_embeddings = 96
-    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 259, 256, 257  # the byte-level tokenizer's
-    save_hf_model(cfg, path)
-    byte_level_tokenizer().save(path)
-    return path
+    return save_byte_level_llama(tmp_path_factory.mktemp("llama"), max_position_embeddings=96)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from hf_models import hf_configs, save_hf_model
+from hf_models import save_byte_level_llama
 
 import bagualu
 from bagualu.engine import RequestError
@@ -27,14 +27,7 @@ def _matches(obj) -> bool:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    from bagualu.models.byte_tokenizer import byte_level_tokenizer
-
-    path = tmp_path_factory.mktemp("llama")
-    cfg = hf_configs()["llama"]
-    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id = 259, 256, 257  # the byte-level tokenizer's
-    save_hf_model(cfg, path)
-    byte_level_tokenizer().save(path)
-    return path
+    return save_byte_level_llama(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
