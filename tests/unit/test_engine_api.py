@@ -187,3 +187,40 @@ def test_prompt_logprobs_equal_transformers(model_path):
         llm.close()
     with pytest.raises(ValueError, match="prompt_logprobs"):
         bagualu.SamplingParams(prompt_logprobs=21)
+
+
+def test_speculative_decoding_equals_plain_decoding(model_path):
+    """Prompt-lookup speculation changes how many tokens a step computes, never which: greedy tokens, texts,
+    finish reasons and logprobs equal a plain engine's with stop ids, stop strings and max_tokens falling
+    inside accepted runs; penalised requests do not speculate; seeded sampling stays reproducible."""
+    plain = bagualu.LLM(str(model_path), num_kv_blocks=64)
+    spec = bagualu.LLM(str(model_path), num_kv_blocks=64, speculative_tokens=5, prompt_lookup_min=1)
+    try:
+        prompts = ["abcabcabcabcabc", "def main():\n    main()\n    main()\n", "x"]
+        ref = plain.generate(prompts, greedy(30, ignore_eos=True), use_tqdm=False)
+        stop_id = ref[0].token_ids[9]
+        stop_str = ref[1].text[12:14]
+        for params in (greedy(30, ignore_eos=True), greedy(30, stop_token_ids=[stop_id]), greedy(30, stop=[stop_str]),
+                       greedy(7), greedy(20, logprobs=2, ignore_eos=True), greedy(20, min_tokens=15)):
+            want = plain.generate(prompts, params, use_tqdm=False)
+            got = spec.generate(prompts, params, use_tqdm=False)
+            for w, g in zip(want, got):
+                assert (g.token_ids, g.text, g.outputs[0].finish_reason) == (w.token_ids, w.text,
+                                                                                w.outputs[0].finish_reason)
+                if params.logprobs is not None:
+                    assert g.outputs[0].token_logprobs == pytest.approx(w.outputs[0].token_logprobs, abs=1e-4)
+        m = spec.engine.metrics
+        assert m.spec_accepted_tokens > 20
+        drafts = m.spec_draft_tokens
+        pen = greedy(20, repetition_penalty=1.3)
+        assert [o.token_ids for o in spec.generate(prompts, pen, use_tqdm=False)] == [
+            o.token_ids for o in plain.generate(prompts, pen, use_tqdm=False)]
+        assert m.spec_draft_tokens == drafts
+        seeded = bagualu.SamplingParams(temperature=0.9, seed=4, max_tokens=25)
+        assert [o.token_ids for o in spec.generate(prompts, seeded, use_tqdm=False)] == [
+            o.token_ids for o in spec.generate(prompts, seeded, use_tqdm=False)]
+    finally:
+        plain.close()
+        spec.close()
+    with pytest.raises(ValueError, match="speculative_tokens"):
+        bagualu.LLM(str(model_path), speculative_tokens=-1)

@@ -45,12 +45,17 @@ MODES = {
     "steady": dict(admission="steady", num_kv_blocks=8),
     "r-workers": dict(r_workers=2),
     "r-workers-preemption": dict(r_workers=2, admission="greedy", num_kv_blocks=4, max_num_batched_tokens=32),
+    # prompt-lookup speculation (one-token suffixes too, so random models' repetitive outputs draft a lot)
+    "speculative": dict(speculative_tokens=4, prompt_lookup_min=1),
+    "speculative-chunked-preemption": dict(speculative_tokens=3, prompt_lookup_min=1, num_kv_blocks=6,
+                                           max_num_batched_tokens=20),
+    "r-workers-speculative": dict(r_workers=2, speculative_tokens=4, prompt_lookup_min=1),
 }
 
 
 # every mode on llama; the other architectures (MoE, sliding window) in the default and preemption modes
 CASES = [("llama", m) for m in MODES] + [(a, m) for a in ARCHS[1:] for m in ("default", "preemption")] + [
-    ("mixtral-sliding", "r-workers")]
+    ("mixtral-sliding", "r-workers"), ("mixtral", "speculative"), ("qwen2_moe", "speculative")]
 
 
 @pytest.mark.parametrize("case,mode", CASES, indirect=["case"])
@@ -64,6 +69,8 @@ def test_greedy_equals_transformers(case, mode):
     m = llm.engine.metrics
     if mode.endswith("preemption"):
         assert m.preemptions > 0
+    if "speculative" in mode:  # drafts were computed, and some accepted (else this would test nothing)
+        assert m.spec_accepted_tokens > 0 and m.spec_draft_tokens > m.spec_accepted_tokens
     if mode == "default":  # a second round finds the first round's blocks in the prefix cache
         before = llm.engine.kv.hit_tokens
         again = llm.generate(prompts()[-3:], params, use_tqdm=False)

@@ -48,8 +48,8 @@ class StepInputs:
     requests: list[Request]
     input_ids_T: torch.Tensor
     positions_T: torch.Tensor
-    logits_rows: list[int]  # token rows whose logits are sampled (a sequence's last token, when due)
-    due: list[Request]  # the requests those rows belong to
+    logits_rows: list[int]  # token rows whose logits are sampled (a sequence's last token, when due; and
+    due: list[Request]  # its drafts' in a speculative step); the requests those rows belong to
     pools: list[PoolSlice]  # one per pool (empty slices included), in pool order
     # rows whose logits score the next prompt token (requests with prompt_logprobs): one span per request,
     # (request, first prompt position scored, count); their rows follow logits_rows in the runner's output
@@ -84,9 +84,10 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
                 prompt_rows.extend(range(t, t + c))
                 prompt_spans.append((r, start, c))
         t += n
-        if start + n == r.num_tokens:
-            logits_rows.append(t - 1)
-            due.append(r)
+        if start + n == r.num_tokens + len(r.draft):  # its next token is due: one row, or one per draft more
+            k = len(r.draft)
+            logits_rows.extend(range(t - 1 - k, t))
+            due.extend([r] * (k + 1))
         seq_bounds[r.pool + 1] = i + 1
         tok_bounds[r.pool + 1] = t
     for w in range(1, num_pools + 1):  # empty pools inherit the previous bound

@@ -50,6 +50,13 @@ class EngineConfig:
     MLPs or MoE blocks with a plain top-k router: Llama, Mixtral, Qwen2-MoE), run each step's layers as that
     operator — on CPU one native call per step instead of 25-40 Python-level calls per layer. False keeps
     the per-layer loop (the two compute the same)."""
+    speculative_tokens: int = 0
+    """Speculative decoding by prompt lookup (``engine.speculative``): up to this many draft tokens per
+    decoding sequence and step, copied from where its last tokens occurred before; 0 = off. Outputs are
+    exact (greedy ones equal those without it)."""
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 2
+    """The longest and shortest suffix (in tokens) looked up for a draft."""
 
     def __post_init__(self):
         if self.gemm_dtype not in ("auto", "model"):
@@ -68,6 +75,11 @@ class EngineConfig:
             raise ValueError(f"r_worker_threads={self.r_worker_threads} must be >= 1")
         if self.micro_batches is not None and self.micro_batches not in (1, 2):
             raise ValueError(f"micro_batches={self.micro_batches} must be 1 or 2")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens={self.speculative_tokens} must be >= 0 (0 = off)")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max="
+                             f"{self.prompt_lookup_max} must satisfy 1 <= min <= max")
         if self.admission is not None and self.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission={self.admission!r} is not one of {ADMISSION_POLICIES}")
         self.scheduler_config()  # validates the scheduler's share

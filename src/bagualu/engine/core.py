@@ -34,6 +34,7 @@ from bagualu.engine.request import Request
 from bagualu.engine.runner import ModelRunner, check_supported
 from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
+from bagualu.engine.speculative import PromptLookup
 from bagualu.engine.structured import GrammarError, Grammars
 from bagualu.ops.threads import small_step
 from bagualu.utils.logging import get_logger
@@ -186,6 +187,8 @@ class EngineCore:
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self._groups: dict[str, _Group] = {}
         self.grammars = Grammars(tokenizer, mc.vocab_size, self.eos_token_ids)
+        self.lookup = (PromptLookup(cfg.speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+                       if cfg.speculative_tokens else None)
         self._group_of: dict[str, _Group] = {}  # sequence id -> its user request
         log.info("engine: %s %s (KV %s), KV %d blocks x %d tokens per pool, %d pool(s) (%s), %.1f MiB of KV",
                  mc.arch, model.dtype, self.kv_spec.dtype, self.num_blocks, cfg.block_size, num_pools, cfg.attention_mode,
@@ -277,6 +280,9 @@ class EngineCore:
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run, sample; returns the outputs of requests that changed (finished ones once)."""
+        if self.lookup is not None:
+            for r in self.scheduler.running:
+                r.draft = self.lookup.propose(r) if self.lookup.eligible(r) else []
         batch = self.scheduler.schedule()
         self.metrics.preemptions += len(batch.preempted)
         if batch.requests:
@@ -290,13 +296,17 @@ class EngineCore:
                 for lg, st in zip(logits, mbs):
                     if st.prompt_spans:
                         _score_prompt(lg[len(st.logits_rows):], st.prompt_spans)
-                due_order = [r for st in mbs for r in st.due]
-                assert len(due_order) == len(due)
+                due_order = [r for st in mbs for r in st.due]  # a speculative step's request: once per row
+                assert len(due_order) == len(due) + sum(len(r.draft) for r in due)
                 sampled = (sample(torch.cat(rows) if len(rows) > 1 else rows[0], due_order, self.generator,
                                   self.grammars) if rows else [])
             now = time.monotonic()
-            for req, s in zip(due_order, sampled):
-                self._accept(req, s, now)
+            j = 0
+            while j < len(due_order):
+                req = due_order[j]
+                k = len(req.draft)
+                self._accept_run(req, sampled[j:j + k + 1], now) if k else self._accept(req, sampled[j], now)
+                j += k + 1
         self._update_gauges()
         return self._collect()
 
@@ -321,6 +331,21 @@ class EngineCore:
                                     [self.kv.block_ids(r.request_id) for r in reqs], len(self.kv.pools),
                                     self.config.block_size, self.model.device))
         return out
+
+    def _accept_run(self, req: Request, run, now: float) -> None:
+        """A speculative step's tokens, one per row: accepted while each equals the next draft (each match
+        makes that draft's KV valid); the first mismatch, or the token after the last draft, ends the run."""
+        draft = req.draft
+        req.draft = []
+        self.metrics.spec_draft_tokens += len(draft)
+        for i, s in enumerate(run):
+            self._accept(req, s, now)
+            if req.finished or i == len(draft) or s.token != draft[i]:
+                break
+            req.num_computed_tokens += 1
+            self.metrics.spec_accepted_tokens += 1
+        if not req.finished:
+            self.kv.cache_full_blocks(req)
 
     def _accept(self, req: Request, s, now: float) -> None:
         req.append_token(s.token, now)

@@ -49,6 +49,8 @@ class EngineMetrics:
     generation_tokens: int = 0
     computed_tokens: int = 0  # tokens run through the model (prefill + decode + recompute)
     preemptions: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: drafts computed, and those accepted
+    spec_accepted_tokens: int = 0
     requests_finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     steps: int = 0
     num_running: int = 0

@@ -49,6 +49,9 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: id -> logprob
     sampled_logprobs: list[float] = field(default_factory=list)
     matcher: object | None = None  # its structured output's xgrammar GrammarMatcher (engine.structured)
+    draft: list[int] = field(default_factory=list)  # this step's speculative tokens (engine.speculative)
+    ngrams: dict | None = None  # the prompt-lookup index of its tokens, and how far it is built
+    ngrams_upto: int = 0
     # per prompt token (None for the first): id -> logprob, the prompt's token and the top alternatives
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
@@ -73,6 +76,8 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids_slice(self, start: int, stop: int) -> list[int]:
+        if stop > self.num_tokens:  # a speculative step's drafts follow the last token
+            return self.token_ids_slice(start, self.num_tokens) + self.draft[:stop - self.num_tokens]
         p = len(self.prompt_token_ids)
         if stop <= p:
             return self.prompt_token_ids[start:stop]
@@ -131,6 +136,7 @@ class Request:
     def reset_for_recompute(self) -> None:
         """Preempted: its KV is gone; everything (prompt and outputs so far) is computed again."""
         self.num_computed_tokens = 0
+        self.draft = []
         self.status = Status.WAITING
         self.pool = None
         self.num_preemptions += 1

@@ -81,8 +81,10 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
     pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
     if pen_rows:
         _apply_penalties(logits_RV, reqs, pen_rows)
+    run: dict[int, int] = {}  # a speculative step's request has one row per position: row j of it is token j
     for i, r in enumerate(reqs):  # min_tokens: the tokens that would end the sequence cannot be drawn yet
-        if len(r.output_token_ids) < r.params.min_tokens and r.matcher is None:
+        j = run[id(r)] = run.get(id(r), -1) + 1
+        if len(r.output_token_ids) + j < r.params.min_tokens and r.matcher is None:
             banned = [t for t in r.stop_token_ids_all() if t < V]
             if banned:
                 logits_RV[i, banned] = float("-inf")

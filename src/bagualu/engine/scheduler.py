@@ -1,7 +1,7 @@
 """``Scheduler``: continuous batching under a token budget — no prefill/decode phases, no device calls.
 
 Each step hands out ``{request_id: n_tokens}`` with ``Σ n ≤ max_num_batched_tokens``: running requests
-first, in arrival order (a decoding one needs 1 token; one mid-prompt gets as much of its prompt as the
+first, in arrival order (a decoding one needs 1 token, plus its speculative drafts if it has any; one mid-prompt gets as much of its prompt as the
 budget allows — chunked prefill falls out of this), then waiting ones while sequences and budget last.
 When a running request's pool has no block for its next tokens, the most recently admitted running
 request of that pool is preempted (blocks freed, recomputed later; counted), as vLLM v1 does.
@@ -141,7 +141,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = req.num_tokens - req.num_computed_tokens
+            if req.draft:  # a speculative step: its drafts as far as the budget goes
+                req.draft = req.draft[:max(budget - n, 0)]
+                n += len(req.draft)
+            n = min(n, budget)
             if n <= 0:  # nothing to compute (cannot happen for a running request; guard the budget)
                 i += 1
                 continue
@@ -217,7 +221,7 @@ class Scheduler:
         are now in the cache), in batch order."""
         due = []
         for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
+            req.num_computed_tokens += n - len(req.draft)  # drafts count once accepted (EngineCore.step)
             self.kv.cache_full_blocks(req)
             if req.num_computed_tokens == req.num_tokens:
                 due.append(req)

@@ -8,6 +8,7 @@ follow vLLM's (``bagualu_`` instead of ``vllm:``), with a ``model_name`` label, 
     bagualu_kv_cache_usage_perc                     gauge   fraction of KV blocks in use (0..1)
     bagualu_num_preemptions_total                   counter preemptions by recompute
     bagualu_prompt_tokens_total / generation_tokens_total
+    bagualu_spec_decode_num_draft_tokens_total / _num_accepted_tokens_total   speculative decoding
     bagualu_request_success_total{finished_reason}  counter finished sequences (stop, length, abort)
     bagualu_requests_rejected_total{reason}         counter refused before queueing (overloaded, loading, ...)
     bagualu_time_to_first_token_seconds             histogram
@@ -77,6 +78,8 @@ class EngineCollector:
             ("generation_tokens", "Generated tokens", m.generation_tokens),
             ("computed_tokens", "Tokens run through the model (prefill, decode and recompute)", m.computed_tokens),
             ("engine_steps", "Engine steps", m.steps),
+            ("spec_decode_num_draft_tokens", "Speculative draft tokens computed", m.spec_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted", m.spec_accepted_tokens),
         ]:
             c = CounterMetricFamily(P + name, doc, labels=["model_name"])
             c.add_metric([model], value)
