@@ -325,6 +325,51 @@ def test_response_format_json_schema_and_json_object(server):
     _error(_post(server, c, {"messages": msgs, "response_format": {"type": "json_schema"}}), param="response_format")
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+              "type": "object", "additionalProperties": False, "required": ["city", "days"],
+              "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
+                                                                             "maximum": 7}}}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+              "type": "object", "additionalProperties": False, "required": ["a", "b"],
+              "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                             "b": {"type": "integer", "minimum": 0, "maximum": 9}}}}}]
+
+
+def _valid_call(call) -> bool:
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7 and len(args) == 2
+    return call.function.name == "add" and set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values())
+
+
+def test_forced_tool_calls_through_the_openai_client(server):
+    """tool_choice naming a function, or required: the answer is tool_calls whose arguments follow the
+    functions' schemas; none: text; auto (a model-specific parser this server lacks) and malformed choices:
+    400s naming the field."""
+    client = server.client()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=60, temperature=0,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = g.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and _valid_call(call) and call.id.startswith("call_")
+    assert g.choices[0].finish_reason == "tool_calls" and g.choices[0].message.content is None
+    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=300, temperature=0.7,
+                                       seed=1, tool_choice="required")
+    calls = g.choices[0].message.tool_calls
+    assert calls and all(_valid_call(c) for c in calls), g
+    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0,
+                                       tool_choice="none")
+    assert g.choices[0].message.tool_calls is None and isinstance(g.choices[0].message.content, str)
+    c = "/v1/chat/completions"
+    _error(_post(server, c, {"messages": msgs, "tools": TOOLS}), param="tool_choice", code="unsupported")
+    _error(_post(server, c, {"messages": msgs, "tools": TOOLS, "tool_choice": {"function": {"name": "nope"}}}),
+           param="tool_choice")
+    _error(_post(server, c, {"messages": msgs, "tools": [{"type": "function"}], "tool_choice": "required"}),
+           param="tools.0")
+    _error(_post(server, c, {"messages": msgs, "tools": TOOLS, "tool_choice": "required", "stream": True}),
+           param="stream")
+
+
 def _error(r, status=400, param=None, code=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]

@@ -8,10 +8,16 @@ with ``bagualu serve --chat-template FILE``, or else the documented default, Cha
 Message content may be a string or a list of text parts. A template that refuses the conversation
 (``raise_exception`` in Jinja, e.g. roles that do not alternate) is the client's 400. Logprobs use
 the chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``.
+
+Tools: the template sees ``tools``. A forced call (``tool_choice`` naming a function, or ``required``)
+constrains the output to the call's JSON schema (``engine.structured``) and answers with ``tool_calls``
+(``finish_reason`` ``tool_calls``); ``none`` answers in text; ``auto`` is refused (see
+``ChatCompletionRequest.tool_schema``). Forced calls are answered whole, not streamed.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -42,9 +48,11 @@ def with_chat_template(tokenizer, template: str | None = None):
 def render_chat(ctx: ServeContext, req: ChatCompletionRequest) -> list[int]:
     """The prompt's token ids (the template writes its own special tokens)."""
     messages = [m.for_template() for m in req.messages]
+    kwargs = {"tools": req.tools} if req.tools else {}
+    kwargs.update(req.chat_template_kwargs or {})
     try:
         return ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                 tokenize=True, **(req.chat_template_kwargs or {}))
+                                                 tokenize=True, **kwargs)
     except Exception as e:  # jinja2.TemplateError and friends: the conversation does not fit the template
         raise APIError.invalid("messages", f"the chat template refused these messages: {e}") from None
 
@@ -58,6 +66,28 @@ def chat_logprobs(tt: TokenText, c: CompletionOutput, start: int, top_n: int) ->
                         "top_logprobs": [{"token": tt.text(a), "logprob": finite(lp), "bytes": tt.bytes(a)}
                                          for a, lp in top]})
     return {"content": content}
+
+
+def tool_calls(req: ChatCompletionRequest, text: str) -> list[dict] | None:
+    """The forced call(s) in ``text`` (the constrained output), or None if it does not parse (cut short)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(req.tool_choice, dict):
+        calls = [(req.tool_choice["function"]["name"], value)]
+    else:  # required: [{"name": ..., "parameters": {...}}, ...]
+        calls = [(c["name"], c["parameters"]) for c in value]
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
+
+
+def _message(req: ChatCompletionRequest, forced: bool, c: CompletionOutput) -> tuple[dict, str | None]:
+    calls = tool_calls(req, c.text) if forced else None
+    if calls is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    return ({"role": "assistant", "content": None, "tool_calls": calls},
+            "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
 
 
 def _usage(out: RequestOutput) -> dict:
@@ -76,6 +106,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
                                else "max_completion_tokens")
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     tt = ctx.token_text
+    forced = req.tool_schema() is not None
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -89,9 +120,12 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         return Response(status_code=499)
     except Exception as e:
         raise from_engine(e) from None
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(tt, c, 0, top_n) if top_n is not None else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish = _message(req, forced, c)
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": chat_logprobs(tt, c, 0, top_n) if top_n is not None else None,
+                        "finish_reason": finish, "stop_reason": c.stop_reason})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                          "choices": choices, "usage": _usage(out)})
 

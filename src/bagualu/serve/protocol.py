@@ -120,13 +120,49 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def check(self) -> None:
         self._refuse_unsupported()
-        if self.tools:
-            raise APIError.unsupported("tools", "tool calling is not supported by this server")
+        if self.tool_schema() is not None and self.stream:
+            raise APIError.unsupported("stream", "a forced tool call (tool_choice required or a named function) is "
+                                                 "answered whole; set stream to false")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.invalid("top_logprobs", "top_logprobs needs logprobs=true")
+
+    def tool_schema(self) -> dict | None:
+        """The JSON schema a forced tool call's output follows (``tool_choice`` a named function: its
+        parameters; ``required``: an array of ``{"name", "parameters"}`` of the given functions), or None when
+        no call is forced (no tools, or ``tool_choice`` ``none``). ``auto`` needs a model-specific parser of
+        free-form calls, which this server does not have: it is refused."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise APIError.invalid("tool_choice", "tool_choice needs tools")
+            return None
+        functions = {}
+        for i, t in enumerate(self.tools):
+            fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError.invalid(f"tools.{i}", "each tool must be {'type': 'function', 'function': {'name': ..., "
+                                                     "'parameters': {...}}}")
+            functions[fn["name"]] = fn.get("parameters") or {"type": "object", "properties": {}}
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
+        if choice == "none":
+            return None
+        if choice == "required":
+            return {"type": "array", "minItems": 1, "items": {"anyOf": [
+                {"type": "object", "properties": {"name": {"const": name}, "parameters": params},
+                 "required": ["name", "parameters"], "additionalProperties": False}
+                for name, params in functions.items()]}}
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if name not in functions:
+                raise APIError.invalid("tool_choice", f"tool_choice names {name!r}, which is not among the tools "
+                                                      f"{sorted(functions)}")
+            return functions[name]
+        raise APIError.unsupported("tool_choice", f"tool_choice {choice!r} needs a parser for this model's free-form "
+                                                  "tool calls, which this server does not have; use 'required' or "
+                                                  "name a function (the output is then constrained to its schema)")
 
 
 def _structured(fmt: dict[str, Any] | None) -> StructuredOutput | None:
@@ -160,6 +196,11 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
         max_tokens, logprobs = req.max_tokens, req.logprobs
     stop = req.stop if req.stop is not None else ()
     structured = _structured(req.response_format)
+    tools = req.tool_schema() if chat else None
+    if tools is not None:
+        if structured is not None:
+            raise APIError.invalid("response_format", "response_format and a forced tool call cannot be combined")
+        structured = StructuredOutput(json=json.dumps(tools))
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
