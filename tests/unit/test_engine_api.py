@@ -222,5 +222,14 @@ def test_speculative_decoding_equals_plain_decoding(model_path):
     finally:
         plain.close()
         spec.close()
+    capped = bagualu.LLM(str(model_path), num_kv_blocks=64, speculative_tokens=4, prompt_lookup_min=1,
+                         speculative_max_seqs=2)
+    try:  # no drafts while more sequences run than speculative_max_seqs
+        capped.generate(prompts, greedy(20, ignore_eos=True), use_tqdm=False)
+        assert capped.engine.metrics.spec_draft_tokens == 0
+        capped.generate(prompts[:2], greedy(20, ignore_eos=True), use_tqdm=False)
+        assert capped.engine.metrics.spec_draft_tokens > 0
+    finally:
+        capped.close()
     with pytest.raises(ValueError, match="speculative_tokens"):
         bagualu.LLM(str(model_path), speculative_tokens=-1)

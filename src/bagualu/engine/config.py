@@ -57,6 +57,9 @@ class EngineConfig:
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 2
     """The longest and shortest suffix (in tokens) looked up for a draft."""
+    speculative_max_seqs: int = 8
+    """No drafts in a step with more sequences running than this: a large batch is compute-bound, where a
+    rejected draft costs what it computed (vLLM's ``disable_by_batch_size``)."""
 
     def __post_init__(self):
         if self.gemm_dtype not in ("auto", "model"):
@@ -75,6 +78,8 @@ class EngineConfig:
             raise ValueError(f"r_worker_threads={self.r_worker_threads} must be >= 1")
         if self.micro_batches is not None and self.micro_batches not in (1, 2):
             raise ValueError(f"micro_batches={self.micro_batches} must be 1 or 2")
+        if self.speculative_max_seqs < 1:
+            raise ValueError(f"speculative_max_seqs={self.speculative_max_seqs} must be >= 1")
         if self.speculative_tokens < 0:
             raise ValueError(f"speculative_tokens={self.speculative_tokens} must be >= 0 (0 = off)")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

@@ -280,9 +280,10 @@ class EngineCore:
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run, sample; returns the outputs of requests that changed (finished ones once)."""
-        if self.lookup is not None:
+        if self.lookup is not None:  # drafts for this step (none in a large batch: see speculative_max_seqs)
+            on = len(self.scheduler.running) <= self.config.speculative_max_seqs
             for r in self.scheduler.running:
-                r.draft = self.lookup.propose(r) if self.lookup.eligible(r) else []
+                r.draft = self.lookup.propose(r) if on and self.lookup.eligible(r) else []
         batch = self.scheduler.schedule()
         self.metrics.preemptions += len(batch.preempted)
         if batch.requests:
