@@ -370,6 +370,21 @@ def test_forced_tool_calls_through_the_openai_client(server):
            param="stream")
 
 
+def test_tokenize_and_detokenize(server, offline):
+    """vLLM's /tokenize and /detokenize: a prompt's ids are the engine's (the offline run's prompt ids), chat
+    messages count what the chat endpoint bills as prompt tokens, and ids decode back."""
+    refs, chat_ref = offline
+    r = _post(server, "/tokenize", {"prompt": PROMPTS[1]}).json()
+    assert r["tokens"] == refs[1].prompt_token_ids and r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
+    r = _post(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi there"}]}).json()
+    assert r["tokens"] == chat_ref.prompt_token_ids
+    text = _post(server, "/detokenize", {"tokens": refs[1].prompt_token_ids}).json()["prompt"]
+    assert text.endswith(PROMPTS[1])
+    _error(_post(server, "/detokenize", {"tokens": [10**6]}), param="tokens")
+    _error(_post(server, "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), param="prompt")
+    _error(_post(server, "/tokenize", {"prompt": "a", "model": "gpt-4"}), param="model", code="model_not_found")
+
+
 def _error(r, status=400, param=None, code=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]

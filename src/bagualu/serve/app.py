@@ -5,6 +5,8 @@
     GET  /v1/models            the served model name(s)
     POST /v1/completions       see ``serve.completions``
     POST /v1/chat/completions  see ``serve.chat``
+    POST /tokenize             {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"} (vLLM's)
+    POST /detokenize           {"tokens"} -> {"prompt"}
 
 The lifespan starts the engine thread (the model loads there, so the socket answers — with 503 —
 while it loads) and, at shutdown, drains it: uvicorn first waits for open responses, then the engine
@@ -18,12 +20,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from bagualu.serve.chat import create_chat_completion
+from bagualu.serve.chat import create_chat_completion, render_chat
 from bagualu.serve.completions import create_completion
 from bagualu.serve.context import ServeContext
-from bagualu.serve.errors import RETRY_AFTER_S, install_handlers
+from bagualu.serve.errors import RETRY_AFTER_S, APIError, install_handlers
 from bagualu.serve.metrics import MetricsExporter
-from bagualu.serve.protocol import ChatCompletionRequest, CompletionRequest
+from bagualu.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
 def build_app(ctx: ServeContext) -> FastAPI:
@@ -68,5 +70,23 @@ def build_app(ctx: ServeContext) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await create_chat_completion(req, raw, ctx)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        req.check()
+        ctx.check_model(req.model)
+        if req.messages is not None:
+            ids = render_chat(ctx, req)
+        else:
+            ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        ctx.check_model(req.model)
+        V = ctx.tokenizer.vocab_size
+        if any(not 0 <= t < V for t in req.tokens):
+            raise APIError.invalid("tokens", f"token ids must lie in [0, {V})")
+        return {"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     return app

@@ -220,3 +220,29 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
             field = "max_completion_tokens"
         field = _API_NAMES.get("chat" if chat else "completions", {}).get(field, field) if field else None
         raise APIError.invalid(field, str(e)) from None
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's): a ``prompt`` string, or chat ``messages`` rendered as the chat endpoint
+    renders them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError.invalid("prompt", "give exactly one of prompt (a string) or messages")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    tokens: list[StrictInt]
