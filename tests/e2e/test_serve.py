@@ -127,7 +127,7 @@ def servers(model_dir, tmp_path_factory, request):
     see it load, while the default one's tests run; the offline references are computed meanwhile."""
     logs = tmp_path_factory.mktemp("logs")
     main = Server(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "512", "--drain-timeout", "4",
-                  log=logs / "serve.log")
+                  "--tool-call-parser", "hermes", log=logs / "serve.log")
     rw = Server(model_dir, "--r-workers", "2", "--kv-cache-memory", "8MiB", "--max-num-seqs", "4", "--max-waiting", "1",
                 log=logs / "serve-rw.log")
     rw.errors = []
@@ -342,10 +342,11 @@ def _valid_call(call) -> bool:
     return call.function.name == "add" and set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values())
 
 
-def test_forced_tool_calls_through_the_openai_client(server):
+def test_tool_calls_through_the_openai_client(server, rw_server):
     """tool_choice naming a function, or required: the answer is tool_calls whose arguments follow the
-    functions' schemas; none: text; auto (a model-specific parser this server lacks) and malformed choices:
-    400s naming the field."""
+    functions' schemas; none: text; auto: the model's text parsed (this random model writes no call, so
+    text); auto on a server without --tool-call-parser, streamed tool answers and malformed choices: 400s
+    naming the field."""
     client = server.client()
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=60, temperature=0,
@@ -360,8 +361,10 @@ def test_forced_tool_calls_through_the_openai_client(server):
     g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0,
                                        tool_choice="none")
     assert g.choices[0].message.tool_calls is None and isinstance(g.choices[0].message.content, str)
+    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0)
+    assert g.choices[0].message.tool_calls is None and g.choices[0].message.content  # auto, parsed: no call
     c = "/v1/chat/completions"
-    _error(_post(server, c, {"messages": msgs, "tools": TOOLS}), param="tool_choice", code="unsupported")
+    _error(_post(rw_server, c, {"messages": msgs, "tools": TOOLS}), param="tool_choice", code="unsupported")
     _error(_post(server, c, {"messages": msgs, "tools": TOOLS, "tool_choice": {"function": {"name": "nope"}}}),
            param="tool_choice")
     _error(_post(server, c, {"messages": msgs, "tools": [{"type": "function"}], "tool_choice": "required"}),

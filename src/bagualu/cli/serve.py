@@ -68,6 +68,9 @@ def register(subparsers) -> None:
     s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL_DIR)")
     s.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file (default: the tokenizer's, else ChatML)")
+    s.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                   help="parse the model's free-form tool calls, so tool_choice 'auto' works (hermes: Hermes, "
+                        "Qwen2.5/3 <tool_call> JSON); without it 'auto' is refused")
     s.add_argument("--max-waiting", type=int, default=1024, metavar="N",
                    help="most sequences queued before requests get 503 + Retry-After (default 1024; 0 = no bound)")
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
@@ -115,5 +118,6 @@ def run(args: argparse.Namespace) -> int:
 
     engine = AsyncEngine(load, max_waiting=args.max_waiting or None)
     ctx = ServeContext(engine=engine, tokenizer=with_chat_template(tokenizer, template),
-                       served_model_names=args.served_model_name or [model_dir], drain_timeout=args.drain_timeout)
+                       served_model_names=args.served_model_name or [model_dir], drain_timeout=args.drain_timeout,
+                       tool_call_parser=args.tool_call_parser)
     return serve(ctx, host=args.host, port=args.port, log_level=args.log_level)

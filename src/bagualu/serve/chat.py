@@ -11,8 +11,9 @@ the chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [..
 
 Tools: the template sees ``tools``. A forced call (``tool_choice`` naming a function, or ``required``)
 constrains the output to the call's JSON schema (``engine.structured``) and answers with ``tool_calls``
-(``finish_reason`` ``tool_calls``); ``none`` answers in text; ``auto`` is refused (see
-``ChatCompletionRequest.tool_schema``). Forced calls are answered whole, not streamed.
+(``finish_reason`` ``tool_calls``); ``none`` answers in text; ``auto`` parses the model's text with the
+server's ``--tool-call-parser`` (``serve.tool_parsers``), and is refused without one. Answers with tools
+are whole, not streamed.
 """
 
 from __future__ import annotations
@@ -29,8 +30,19 @@ from bagualu.models.byte_tokenizer import DEFAULT_CHAT_TEMPLATE
 from bagualu.serve.context import ServeContext
 from bagualu.serve.errors import APIError, from_engine
 from bagualu.serve.protocol import ChatCompletionRequest, to_sampling_params
-from bagualu.serve.streams import (SSE_HEADERS, ClientDisconnected, DeltaTracker, TokenText, cancel_on_disconnect,
-                                   final_outputs, finite, merged, sse, submit_all)
+from bagualu.serve.streams import (
+    SSE_HEADERS,
+    ClientDisconnected,
+    DeltaTracker,
+    TokenText,
+    cancel_on_disconnect,
+    final_outputs,
+    finite,
+    merged,
+    sse,
+    submit_all,
+)
+from bagualu.serve.tool_parsers import PARSERS
 
 
 def with_chat_template(tokenizer, template: str | None = None):
@@ -68,26 +80,32 @@ def chat_logprobs(tt: TokenText, c: CompletionOutput, start: int, top_n: int) ->
     return {"content": content}
 
 
-def tool_calls(req: ChatCompletionRequest, text: str) -> list[dict] | None:
-    """The forced call(s) in ``text`` (the constrained output), or None if it does not parse (cut short)."""
+def forced_calls(req: ChatCompletionRequest, text: str) -> list[tuple[str, str]] | None:
+    """The forced call(s) in ``text`` (the constrained output) as (name, arguments JSON), or None if it does
+    not parse (cut short)."""
     try:
         value = json.loads(text)
     except ValueError:
         return None
     if isinstance(req.tool_choice, dict):
-        calls = [(req.tool_choice["function"]["name"], value)]
-    else:  # required: [{"name": ..., "parameters": {...}}, ...]
-        calls = [(c["name"], c["parameters"]) for c in value]
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
+        return [(req.tool_choice["function"]["name"], json.dumps(value))]
+    return [(c["name"], json.dumps(c["parameters"])) for c in value]  # required: [{"name", "parameters"}, ...]
 
 
-def _message(req: ChatCompletionRequest, forced: bool, c: CompletionOutput) -> tuple[dict, str | None]:
-    calls = tool_calls(req, c.text) if forced else None
+def message(req: ChatCompletionRequest, ctx: ServeContext, c: CompletionOutput) -> tuple[dict, str | None]:
+    """The assistant message of ``c`` and its finish reason: text, or tool calls (forced, or parsed)."""
+    content, calls = c.text, None
+    if req.tool_schema(ctx.tool_call_parser is not None) is not None:
+        calls = forced_calls(req, c.text)
+        content = None if calls is not None else c.text
+    elif req.parses_tools(ctx.tool_call_parser is not None):
+        content, calls = PARSERS[ctx.tool_call_parser](c.text)
+        calls = calls or None
     if calls is None:
-        return {"role": "assistant", "content": c.text}, c.finish_reason
-    return ({"role": "assistant", "content": None, "tool_calls": calls},
-            "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
+        return {"role": "assistant", "content": content}, c.finish_reason
+    return ({"role": "assistant", "content": content, "tool_calls": [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
+        for n, a in calls]}, "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
 
 
 def _usage(out: RequestOutput) -> dict:
@@ -96,9 +114,10 @@ def _usage(out: RequestOutput) -> dict:
 
 
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: ServeContext) -> Response:
-    req.check()
+    auto_tools = ctx.tool_call_parser is not None
+    req.check(auto_tools)
     model = ctx.check_model(req.model)
-    params = to_sampling_params(req)
+    params = to_sampling_params(req, auto_tools)
     prompt_ids = render_chat(ctx, req)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     streams = await submit_all(ctx.engine, rid, [prompt_ids], params, prompt_param="messages",
@@ -106,7 +125,6 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
                                else "max_completion_tokens")
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     tt = ctx.token_text
-    forced = req.tool_schema() is not None
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -122,8 +140,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         raise from_engine(e) from None
     choices = []
     for c in out.outputs:
-        message, finish = _message(req, forced, c)
-        choices.append({"index": c.index, "message": message,
+        msg, finish = message(req, ctx, c)
+        choices.append({"index": c.index, "message": msg,
                         "logprobs": chat_logprobs(tt, c, 0, top_n) if top_n is not None else None,
                         "finish_reason": finish, "stop_reason": c.stop_reason})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,

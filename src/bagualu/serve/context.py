@@ -17,6 +17,8 @@ class ServeContext:
     """A ``bagualu.models.tokenizer.Tokenizer`` (encode/decode, ``apply_chat_template``)."""
     served_model_names: list[str]
     drain_timeout: float = 30.0
+    tool_call_parser: str | None = None
+    """A ``serve.tool_parsers`` name: ``tool_choice`` ``auto`` answers parse the model's text for calls."""
     created: int = field(default_factory=lambda: int(time.time()))
     token_text: TokenText = field(init=False)
 

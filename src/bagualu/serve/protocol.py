@@ -122,19 +122,23 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    def check(self) -> None:
+    def check(self, auto_tools: bool = False) -> None:
+        """``auto_tools``: the server parses free-form tool calls (``--tool-call-parser``)."""
         self._refuse_unsupported()
-        if self.tool_schema() is not None and self.stream:
-            raise APIError.unsupported("stream", "a forced tool call (tool_choice required or a named function) is "
-                                                 "answered whole; set stream to false")
+        if self.stream and (self.tool_schema(auto_tools) is not None or self.parses_tools(auto_tools)):
+            raise APIError.unsupported("stream", "tool calls are answered whole, not streamed; set stream to false")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.invalid("top_logprobs", "top_logprobs needs logprobs=true")
 
-    def tool_schema(self) -> dict | None:
+    def parses_tools(self, auto_tools: bool) -> bool:
+        """Whether the answer's text is to be parsed for free-form tool calls (``tool_choice`` ``auto``)."""
+        return bool(self.tools) and auto_tools and self.tool_choice in (None, "auto")
+
+    def tool_schema(self, auto_tools: bool = False) -> dict | None:
         """The JSON schema a forced tool call's output follows (``tool_choice`` a named function: its
         parameters; ``required``: an array of ``{"name", "parameters"}`` of the given functions), or None when
-        no call is forced (no tools, or ``tool_choice`` ``none``). ``auto`` needs a model-specific parser of
-        free-form calls, which this server does not have: it is refused."""
+        no call is forced (no tools, ``tool_choice`` ``none``, or ``auto`` when ``auto_tools``: the server has a
+        parser of the model's free-form calls; without one ``auto`` is refused)."""
         if not self.tools:
             if self.tool_choice not in (None, "none"):
                 raise APIError.invalid("tool_choice", "tool_choice needs tools")
@@ -147,7 +151,7 @@ class ChatCompletionRequest(_Common):
                                                      "'parameters': {...}}}")
             functions[fn["name"]] = fn.get("parameters") or {"type": "object", "properties": {}}
         choice = self.tool_choice if self.tool_choice is not None else "auto"
-        if choice == "none":
+        if choice == "none" or (choice == "auto" and auto_tools):
             return None
         if choice == "required":
             return {"type": "array", "minItems": 1, "items": {"anyOf": [
@@ -160,8 +164,8 @@ class ChatCompletionRequest(_Common):
                 raise APIError.invalid("tool_choice", f"tool_choice names {name!r}, which is not among the tools "
                                                       f"{sorted(functions)}")
             return functions[name]
-        raise APIError.unsupported("tool_choice", f"tool_choice {choice!r} needs a parser for this model's free-form "
-                                                  "tool calls, which this server does not have; use 'required' or "
+        raise APIError.unsupported("tool_choice", f"tool_choice {choice!r} needs a parser of this model's free-form "
+                                                  "tool calls (bagualu serve --tool-call-parser); use 'required' or "
                                                   "name a function (the output is then constrained to its schema)")
 
 
@@ -187,7 +191,7 @@ _API_NAMES = {"chat": {"logprobs": "top_logprobs"}}
 _FIELD = re.compile(r"^(\w+)=")
 
 
-def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, auto_tools: bool = False) -> SamplingParams:
     chat = isinstance(req, ChatCompletionRequest)
     if chat:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -196,7 +200,7 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
         max_tokens, logprobs = req.max_tokens, req.logprobs
     stop = req.stop if req.stop is not None else ()
     structured = _structured(req.response_format)
-    tools = req.tool_schema() if chat else None
+    tools = req.tool_schema(auto_tools) if chat else None
     if tools is not None:
         if structured is not None:
             raise APIError.invalid("response_format", "response_format and a forced tool call cannot be combined")
