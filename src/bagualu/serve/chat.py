@@ -30,18 +30,8 @@ from bagualu.models.byte_tokenizer import DEFAULT_CHAT_TEMPLATE
 from bagualu.serve.context import ServeContext
 from bagualu.serve.errors import APIError, from_engine
 from bagualu.serve.protocol import ChatCompletionRequest, to_sampling_params
-from bagualu.serve.streams import (
-    SSE_HEADERS,
-    ClientDisconnected,
-    DeltaTracker,
-    TokenText,
-    cancel_on_disconnect,
-    final_outputs,
-    finite,
-    merged,
-    sse,
-    submit_all,
-)
+from bagualu.serve.streams import (SSE_HEADERS, ClientDisconnected, DeltaTracker, TokenText, cancel_on_disconnect,
+                                   final_outputs, finite, merged, sse, submit_all)
 from bagualu.serve.tool_parsers import PARSERS
 
 
