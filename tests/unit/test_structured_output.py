@@ -87,3 +87,25 @@ def test_bad_grammars_and_a_missing_xgrammar_are_clear_errors(llm, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if it were not installed
     with pytest.raises(ValueError, match="pip install 'bagualu\\[structured\\]'"):
         fresh.matcher(StructuredOutput(json_object=True))
+
+
+def test_vllm_guided_fields_map_onto_structured_outputs(llm):
+    """vLLM's guided_json / guided_regex / guided_choice / guided_grammar: each becomes the structured output
+    it names (a choice with regex metacharacters matches itself); two at once is a 400 naming one."""
+    from bagualu.serve.errors import APIError
+    from bagualu.serve.protocol import CompletionRequest, to_sampling_params
+
+    def so(**kw):
+        return to_sampling_params(CompletionRequest(prompt="x", **kw)).structured_output
+
+    assert so(guided_json=SCHEMA) == StructuredOutput(json=json.dumps(SCHEMA))
+    assert so(guided_regex="[ab]+") == StructuredOutput(regex="[ab]+")
+    assert so(guided_grammar='root ::= "yes"') == StructuredOutput(grammar='root ::= "yes"')
+    assert so() is None and so(response_format={"type": "text"}) is None
+    with pytest.raises(APIError):
+        so(guided_regex="a", response_format={"type": "json_object"})
+    choices = ["a.b (c)?", "x|y", "plain"]
+    params = to_sampling_params(CompletionRequest(prompt="x", guided_choice=choices, temperature=1.0, seed=3, n=6,
+                                                  max_tokens=20))
+    texts = {c.text for c in llm.generate(["pick"], params, use_tqdm=False)[0].outputs}
+    assert texts <= set(choices) and texts

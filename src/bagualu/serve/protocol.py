@@ -49,6 +49,11 @@ class _Common(BaseModel):
     response_format: dict[str, Any] | None = None
     """``{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}`` (OpenAI's;
     accepted on completions too, as vLLM does)."""
+    # vLLM's extra structured-output fields (at most one of them, or response_format)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None
@@ -169,7 +174,23 @@ class ChatCompletionRequest(_Common):
                                                   "name a function (the output is then constrained to its schema)")
 
 
-def _structured(fmt: dict[str, Any] | None) -> StructuredOutput | None:
+def _structured(req: _Common) -> StructuredOutput | None:
+    guided = {k: v for k, v in (("guided_json", req.guided_json), ("guided_regex", req.guided_regex),
+                                ("guided_choice", req.guided_choice), ("guided_grammar", req.guided_grammar))
+              if v is not None}
+    fmt = req.response_format
+    if len(guided) + (fmt is not None and fmt.get("type", "text") != "text") > 1:
+        raise APIError.invalid(next(iter(guided)), "give at most one of response_format, guided_json, guided_regex, "
+                                                   "guided_choice and guided_grammar")
+    if guided:
+        (name, value), = guided.items()
+        if name == "guided_json":
+            return StructuredOutput(json=value if isinstance(value, str) else json.dumps(value))
+        if name == "guided_regex":
+            return StructuredOutput(regex=value)
+        if name == "guided_choice":
+            return StructuredOutput(regex="|".join(f"({_literal(c)})" for c in value))
+        return StructuredOutput(grammar=value)
     kind = (fmt or {}).get("type", "text")
     if kind == "text":
         return None
@@ -189,6 +210,12 @@ def _structured(fmt: dict[str, Any] | None) -> StructuredOutput | None:
 # SamplingParams field -> API field, where they differ per endpoint
 _API_NAMES = {"chat": {"logprobs": "top_logprobs"}}
 _FIELD = re.compile(r"^(\w+)=")
+_REGEX_META = re.compile(r"[.^$*+?()\[\]{}|\\/-]")
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regex that matches exactly it (a ``guided_choice`` option)."""
+    return _REGEX_META.sub(lambda m: "\\" + m.group(0), text)
 
 
 def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, auto_tools: bool = False) -> SamplingParams:
@@ -199,7 +226,7 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, auto_tool
     else:
         max_tokens, logprobs = req.max_tokens, req.logprobs
     stop = req.stop if req.stop is not None else ()
-    structured = _structured(req.response_format)
+    structured = _structured(req)
     tools = req.tool_schema(auto_tools) if chat else None
     if tools is not None:
         if structured is not None:
