@@ -39,16 +39,30 @@ def test_repetition_presence_frequency_penalties():
     x = logits(1, rows=1)
     r = mk(SamplingParams(repetition_penalty=1.3), prompt=(1, 2), outputs=(7, 7, 9))
     got = x.clone()
-    _apply_penalties(got, [r], [0])
+    _apply_penalties(got, [r], [0], [0])
     hf = transformers.RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[1, 2, 7, 7, 9]]), x.clone())
     torch.testing.assert_close(got, hf)
     r = mk(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), outputs=(7, 7, 9))
     got = x.clone()
-    _apply_penalties(got, [r], [0])
+    _apply_penalties(got, [r], [0], [0])
     expect = x.clone()
     expect[0, 7] -= 0.5 + 2 * 0.25
     expect[0, 9] -= 0.5 + 0.25
     torch.testing.assert_close(got, expect)
+
+
+def test_a_speculative_rows_penalties_and_min_tokens_count_the_drafts_before_it():
+    """Row j of a speculative step's request samples as if its first j drafts were already output: here the
+    drafts repeat token 7, the favourite, so the frequency penalty grows row by row; and EOS stays banned
+    until the row's position reaches min_tokens."""
+    x = torch.zeros(3, V)
+    x[:, 7], x[:, 8], x[:, 0] = 3.0, 2.0, 5.0  # 0 is EOS
+    r = mk(SamplingParams(temperature=0, frequency_penalty=2.0, min_tokens=10), outputs=(5,))
+    r.draft = [7, 7]
+    assert [s.token for s in sample(x.clone(), [r, r, r])] == [7, 8, 8]  # 3 | 3 - 2 < 2 | 3 - 4 < 2
+    r2 = mk(SamplingParams(temperature=0, min_tokens=3), outputs=(5,))
+    r2.draft = [7, 7]
+    assert [s.token for s in sample(x.clone(), [r2, r2, r2])] == [7, 7, 0]  # EOS once 1 + 2 outputs precede
 
 
 def test_greedy_is_argmax_and_sampling_stays_in_the_top_k():

@@ -29,18 +29,21 @@ class Sampled:
     top: dict[int, float] | None = None  # the ``logprobs`` most likely tokens, when asked
 
 
-def _apply_penalties(logits_RV: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+def _apply_penalties(logits_RV: torch.Tensor, reqs: list[Request], rows: list[int], pos: list[int]) -> None:
+    """``pos[i]``: row i's position in its request's run (a speculative step's row j follows j drafts, which
+    count as output tokens there)."""
     V = logits_RV.shape[1]
     for i in rows:
         r, p = reqs[i], reqs[i].params
+        out = r.output_token_ids + r.draft[:pos[i]]
         row = logits_RV[i]
         if p.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(out)), dtype=torch.long)
             seen = seen[seen < V]
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-            counts = torch.bincount(torch.tensor(r.output_token_ids, dtype=torch.long), minlength=V)[:V]
+        if (p.presence_penalty or p.frequency_penalty) and out:
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=V)[:V]
             row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
@@ -78,13 +81,15 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
     constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
     if constrained:
         grammars.mask(logits_RV, constrained, [reqs[i].matcher for i in constrained])
+    pos, run = [], {}  # a speculative step's request has one row per position: its row j follows j drafts
+    for r in reqs:
+        run[id(r)] = run.get(id(r), -1) + 1
+        pos.append(run[id(r)])
     pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
     if pen_rows:
-        _apply_penalties(logits_RV, reqs, pen_rows)
-    run: dict[int, int] = {}  # a speculative step's request has one row per position: row j of it is token j
+        _apply_penalties(logits_RV, reqs, pen_rows, pos)
     for i, r in enumerate(reqs):  # min_tokens: the tokens that would end the sequence cannot be drawn yet
-        j = run[id(r)] = run.get(id(r), -1) + 1
-        if len(r.output_token_ids) + j < r.params.min_tokens and r.matcher is None:
+        if len(r.output_token_ids) + pos[i] < r.params.min_tokens and r.matcher is None:
             banned = [t for t in r.stop_token_ids_all() if t < V]
             if banned:
                 logits_RV[i, banned] = float("-inf")
