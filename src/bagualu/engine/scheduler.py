@@ -1,8 +1,9 @@
 """``Scheduler``: continuous batching under a token budget — no prefill/decode phases, no device calls.
 
 Each step hands out ``{request_id: n_tokens}`` with ``Σ n ≤ max_num_batched_tokens``: running requests
-first, in arrival order (a decoding one needs 1 token, plus its speculative drafts if it has any; one mid-prompt gets as much of its prompt as the
-budget allows — chunked prefill falls out of this), then waiting ones while sequences and budget last.
+first, in arrival order (a decoding one needs 1 token, plus its speculative drafts if it has any; one
+mid-prompt gets as much of its prompt as the budget allows — chunked prefill falls out of this), then
+waiting ones while sequences and budget last.
 When a running request's pool has no block for its next tokens, the most recently admitted running
 request of that pool is preempted (blocks freed, recomputed later; counted), as vLLM v1 does.
 
