@@ -154,7 +154,8 @@ def test_router_counts_are_exact_in_one_kernel():
     assert ex.kernels[0].ops[0] == "aten.topk.default", ex.kernels[0].ops  # no softmax over all experts
 
 
-@pytest.mark.parametrize("dtype,n", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 13), (torch.float32, 136)])
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 13),
+                                     (torch.float32, 136)])
 def test_topk_rows_with_nan_and_infinities_match_eager(dtype, n):
     """Largest and smallest k, for a row read in place (fp32, a plain load), a computed row and a bf16 row:
     NaN ranks above every number in both directions (ATen), infinities are ordinary. Values distinct, so

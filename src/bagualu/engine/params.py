@@ -1,8 +1,9 @@
 """``SamplingParams``: what a request asks of the sampler, validated on construction.
 
 Field names and meanings follow vLLM's ``SamplingParams`` (and through it the OpenAI API), so users
-and the HTTP front end map onto it without translation. Order of application in the sampler:
-logit bias → structured-output mask → repetition penalty → presence/frequency penalties → temperature → top-k → top-p → min-p → draw.
+and the HTTP front end map onto it without translation. Order of application in the sampler: logit bias →
+structured-output mask → repetition penalty → presence/frequency penalties → temperature → top-k → top-p →
+min-p → draw.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Legend: R rows (requests due a token this step), V vocabulary.
 
-Order (vLLM's and HF's): logit bias → structured-output mask (rows with a grammar matcher) → ``min_tokens`` masking of EOS/stop tokens → repetition penalty → presence/frequency penalties → temperature → top-k →
+Order (vLLM's and HF's): logit bias → structured-output mask (rows with a grammar matcher) → repetition
+penalty → presence/frequency penalties → ``min_tokens`` masking of EOS/stop tokens → temperature → top-k →
 top-p → min-p → draw. Greedy rows take the argmax of the penalised logits. A random row draws by the
 exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` — the same distribution as ``multinomial(p)`` but a
 row's noise is one independent draw of V values from *its own* generator when it has a seed, so a
