@@ -1,8 +1,8 @@
 """``bagualu serve`` as a user runs it: a real server process driven by the official ``openai`` client
 (completions, chat, streaming, n, logprobs) and by raw ``httpx`` (errors, overload, health, metrics,
 disconnects, SIGTERM). The reference for every greedy text is ``bagualu.LLM`` offline on the same
-weights. Two servers per module: a default one, and one with two R-workers, four running sequences and
-a waiting queue of one (for the overload case); both start together.
+weights. The two servers and the references are ``tests/e2e/conftest.py``'s (harness: ``tests/serve_harness.py``);
+``test_serve_api.py`` covers the API beyond plain completions.
 """
 
 from __future__ import annotations
@@ -11,169 +11,16 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-import bagualu
-from hf_models import save_hf_model, transformers
+from serve_harness import BAGUALU, LONG, PROMPTS, Server, error, free_port, post
 
 pytestmark = pytest.mark.e2e
-BAGUALU = str(Path(sys.executable).parent / "bagualu")
-PROMPTS = ["Hello", "The furnace of eight trigrams", "八卦炉"]
-LONG = {"max_tokens": 1900, "ignore_eos": True}  # far longer than any test waits for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir: str, *args: str, log: Path):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen([BAGUALU, "serve", model_dir, "--port", str(self.port), *args],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
-        self.health_seen: list[tuple[int, str]] = []
-
-    def wait_ready(self, timeout=180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bagualu serve exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                r = httpx.get(self.base + "/health", timeout=5)
-                self.health_seen.append((r.status_code, r.json()["status"]))
-                if r.status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready in {timeout} s:\n{self.log.read_text()}")
-
-    def client(self):
-        return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for fam in text_string_to_metric_families(httpx.get(self.base + "/metrics", timeout=10).text):
-            for s in fam.samples:
-                labels = "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-                out[s.name + labels] = s.value
-        return out
-
-    def until(self, pred, what: str, timeout=60.0) -> dict[str, float]:
-        """Poll /metrics until ``pred(metrics)`` holds (a bound on waiting, not a speed assertion)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            if pred(m):
-                return m
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {m}")
-            time.sleep(0.05)
-
-    def until_idle(self) -> dict[str, float]:
-        """Nothing runs, nothing waits and no KV block is in use."""
-        return self.until(lambda m: (m["bagualu_num_requests_running"], m["bagualu_num_requests_waiting"],
-                                     m["bagualu_kv_cache_usage_perc"]) == (0, 0, 0), "the server to go idle")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-
-def _post(server, path, body, **kw):
-    return httpx.post(server.base + path, json=body, timeout=kw.pop("timeout", 60), **kw)
-
-
-def _tiny_llama(path: Path, max_positions: int) -> str:
-    from bagualu.models.byte_tokenizer import byte_level_tokenizer
-
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                                   bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    save_hf_model(cfg, path)
-    byte_level_tokenizer().save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), 2048)
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory):
-    """The same tiny model with a 64k context, so that one request can outlast any drain time on any machine."""
-    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama-64k"), 65536)
-
-
-@pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory, request):
-    """Both servers start at once; the R-workers one is polled from its first moment, in a thread, to
-    see it load, while the default one's tests run; the offline references are computed meanwhile."""
-    logs = tmp_path_factory.mktemp("logs")
-    main = Server(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "512", "--drain-timeout", "4",
-                  "--tool-call-parser", "hermes", log=logs / "serve.log")
-    rw = Server(model_dir, "--r-workers", "2", "--kv-cache-memory", "8MiB", "--max-num-seqs", "4", "--max-waiting", "1",
-                log=logs / "serve-rw.log")
-    rw.errors = []
-    rw.poll = threading.Thread(target=_catch, args=(rw.wait_ready, rw.errors))
-    rw.poll.start()
-    try:
-        request.getfixturevalue("offline")
-        main.wait_ready()
-        yield main, rw
-    finally:
-        rw.poll.join()
-        codes = main.stop(), rw.stop()
-    assert codes == (0, 0)
-
-
-def _catch(fn, errors):
-    try:
-        fn()
-    except BaseException as e:
-        errors.append(e)
-
-
-@pytest.fixture(scope="module")
-def server(servers):
-    return servers[0]
-
-
-@pytest.fixture(scope="module")
-def rw_server(servers):
-    rw = servers[1]
-    rw.poll.join()
-    if rw.errors:
-        raise rw.errors[0]
-    return rw
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir):
-    """Greedy references: 8 tokens of each prompt, and of the chat prompt for one user message."""
-    llm = bagualu.LLM(model_dir, num_kv_blocks=64)
-    p = bagualu.SamplingParams(temperature=0, max_tokens=8)
-    texts = [o for o in llm.generate(PROMPTS, p, use_tqdm=False)]
-    chat_ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=True)
-    chat = llm.generate([chat_ids], p, use_tqdm=False)[0]
-    llm.close()
-    return texts, chat
 
 
 def test_health_models_and_greedy_completions_equal_offline(server, offline):
@@ -264,186 +111,49 @@ def test_n_seed_and_logprobs(server):
         assert t.top_logprobs[0].token == t.token and isinstance(t.bytes, list)
 
 
-def test_logit_bias_through_the_openai_client(server):
-    """OpenAI's logit_bias (token id strings -> [-100, 100]): +100 on a byte's token makes greedy decoding
-    repeat it, in completions and chat; the engine's own test checks the bias against transformers."""
-    client = server.client()
-    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5, temperature=0,
-                                  logit_bias={str(ord("Q")): 100})
-    assert r.choices[0].text == "QQQQQ"
-    g = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
-                                       temperature=0, logit_bias={str(ord("z")): 100})
-    assert g.choices[0].message.content == "zzz"
-
-
-def test_echo_with_logprobs_scores_the_prompt(server, model_dir):
-    """``echo`` + ``logprobs``, as an evaluation harness asks for a loglikelihood: the prompt's tokens come
-    first in the logprobs (the first scored null) with the offline engine's prompt logprobs (which the
-    engine's test checks against transformers); streamed, the echo chunk carries them and comes first."""
-    ids = [72, 101, 108, 108, 111, 32, 119, 111, 114]
-    llm = bagualu.LLM(model_dir, num_kv_blocks=64)
-    ref = llm.generate([ids], bagualu.SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
-                       use_tqdm=False)[0]
-    llm.close()
-    want = [ref.prompt_logprobs[j][ids[j]] for j in range(1, len(ids))]
-    client = server.client()
-    r = client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=2)
-    lp, text = r.choices[0].logprobs, r.choices[0].text
-    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
-    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])  # keyed by text: tokens may share one
-    assert text == "".join(lp.tokens) and lp.text_offset == sorted(lp.text_offset)
-    chunks = [c for ev in client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0, echo=True,
-                                                    logprobs=2, stream=True) for c in ev.choices]
-    assert chunks[0].text == "".join(lp.tokens[:len(ids)])
-    assert chunks[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
-    assert sum((c.logprobs.tokens for c in chunks), []) == lp.tokens
-
-
-def test_response_format_json_schema_and_json_object(server):
-    """OpenAI's response_format through the official client: a json_schema's answer parses and matches it
-    (chat and completions); json_object starts an object; an unknown type or a schema-less json_schema is a
-    400 naming response_format."""
-    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
-              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
-    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
-    client = server.client()
-    g = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
-                                       temperature=0, response_format=fmt)
-    obj = json.loads(g.choices[0].message.content)
-    assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool) and 0 <= obj["n"] <= 9
-    assert g.choices[0].finish_reason == "stop"
-    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=40, temperature=1.0, seed=3, n=2,
-                                  extra_body={"response_format": fmt})
-    assert all(set(json.loads(c.text)) == {"ok", "n"} for c in r.choices)
-    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
-                                  extra_body={"response_format": {"type": "json_object"}})
-    assert r.choices[0].text.startswith("{")
-    c = "/v1/chat/completions"
-    msgs = [{"role": "user", "content": "Hi"}]
-    _error(_post(server, c, {"messages": msgs, "response_format": {"type": "yaml"}}), param="response_format")
-    _error(_post(server, c, {"messages": msgs, "response_format": {"type": "json_schema"}}), param="response_format")
-
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-              "type": "object", "additionalProperties": False, "required": ["city", "days"],
-              "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
-                                                                             "maximum": 7}}}}},
-         {"type": "function", "function": {"name": "add", "parameters": {
-              "type": "object", "additionalProperties": False, "required": ["a", "b"],
-              "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
-                             "b": {"type": "integer", "minimum": 0, "maximum": 9}}}}}]
-
-
-def _valid_call(call) -> bool:
-    args = json.loads(call.function.arguments)
-    if call.function.name == "get_weather":
-        return args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7 and len(args) == 2
-    return call.function.name == "add" and set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values())
-
-
-def test_tool_calls_through_the_openai_client(server, rw_server):
-    """tool_choice naming a function, or required: the answer is tool_calls whose arguments follow the
-    functions' schemas; none: text; auto: the model's text parsed (this random model writes no call, so
-    text); auto on a server without --tool-call-parser, streamed tool answers and malformed choices: 400s
-    naming the field."""
-    client = server.client()
-    msgs = [{"role": "user", "content": "Weather in Paris?"}]
-    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=60, temperature=0,
-                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    (call,) = g.choices[0].message.tool_calls
-    assert call.function.name == "get_weather" and _valid_call(call) and call.id.startswith("call_")
-    assert g.choices[0].finish_reason == "tool_calls" and g.choices[0].message.content is None
-    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=300, temperature=0.7,
-                                       seed=1, tool_choice="required")
-    calls = g.choices[0].message.tool_calls
-    assert calls and all(_valid_call(c) for c in calls), g
-    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0,
-                                       tool_choice="none")
-    assert g.choices[0].message.tool_calls is None and isinstance(g.choices[0].message.content, str)
-    g = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0)
-    assert g.choices[0].message.tool_calls is None and g.choices[0].message.content  # auto, parsed: no call
-    c = "/v1/chat/completions"
-    _error(_post(rw_server, c, {"messages": msgs, "tools": TOOLS}), param="tool_choice", code="unsupported")
-    _error(_post(server, c, {"messages": msgs, "tools": TOOLS, "tool_choice": {"function": {"name": "nope"}}}),
-           param="tool_choice")
-    _error(_post(server, c, {"messages": msgs, "tools": [{"type": "function"}], "tool_choice": "required"}),
-           param="tools.0")
-    _error(_post(server, c, {"messages": msgs, "tools": TOOLS, "tool_choice": "required", "stream": True}),
-           param="stream")
-
-
-def test_tokenize_and_detokenize(server, offline):
-    """vLLM's /tokenize and /detokenize: a prompt's ids are the engine's (the offline run's prompt ids), chat
-    messages count what the chat endpoint bills as prompt tokens, and ids decode back."""
-    refs, chat_ref = offline
-    r = _post(server, "/tokenize", {"prompt": PROMPTS[1]}).json()
-    assert r["tokens"] == refs[1].prompt_token_ids and r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
-    r = _post(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi there"}]}).json()
-    assert r["tokens"] == chat_ref.prompt_token_ids
-    text = _post(server, "/detokenize", {"tokens": refs[1].prompt_token_ids}).json()["prompt"]
-    assert text.endswith(PROMPTS[1])
-    _error(_post(server, "/detokenize", {"tokens": [10**6]}), param="tokens")
-    _error(_post(server, "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), param="prompt")
-    _error(_post(server, "/tokenize", {"prompt": "a", "model": "gpt-4"}), param="model", code="model_not_found")
-
-
-def _error(r, status=400, param=None, code=None):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if status == 400:
-        assert err["type"] == "invalid_request_error"
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
 def test_bad_requests_get_400_and_the_server_keeps_serving(server):
     c = "/v1/completions"
-    _error(_post(server, c, {"max_tokens": 4}), param="prompt", code="missing_field")
-    _error(_post(server, c, {"prompt": 5}), param="prompt", code="invalid_type")
-    _error(_post(server, c, {"prompt": "hi", "temperature": "hot"}), param="temperature")
-    _error(_post(server, c, {"prompt": "hi", "temperature": -1}), param="temperature")
-    _error(_post(server, c, {"prompt": "hi", "top_p": 0}), param="top_p")
-    _error(_post(server, c, {"prompt": "hi", "n": 0}), param="n")
-    _error(_post(server, c, {"prompt": "hi", "max_tokens": 0}), param="max_tokens")
-    err = _error(_post(server, c, {"prompt": "hi", "max_tokens": 5000}), param="max_tokens",
+    error(post(server, c, {"max_tokens": 4}), param="prompt", code="missing_field")
+    error(post(server, c, {"prompt": 5}), param="prompt", code="invalid_type")
+    error(post(server, c, {"prompt": "hi", "temperature": "hot"}), param="temperature")
+    error(post(server, c, {"prompt": "hi", "temperature": -1}), param="temperature")
+    error(post(server, c, {"prompt": "hi", "top_p": 0}), param="top_p")
+    error(post(server, c, {"prompt": "hi", "n": 0}), param="n")
+    error(post(server, c, {"prompt": "hi", "max_tokens": 0}), param="max_tokens")
+    err = error(post(server, c, {"prompt": "hi", "max_tokens": 5000}), param="max_tokens",
                  code="context_length_exceeded")
     assert "5000" in err["message"] and "2048" in err["message"]
-    err = _error(_post(server, c, {"prompt": [7] * 3000}), param="prompt", code="context_length_exceeded")
+    err = error(post(server, c, {"prompt": [7] * 3000}), param="prompt", code="context_length_exceeded")
     assert "3000" in err["message"]
-    _error(_post(server, c, {"prompt": [[7, 8], [7] * 3000]}), param="prompt", code="context_length_exceeded")
-    _error(_post(server, c, {"prompt": "hi", "model": "gpt-4"}), param="model", code="model_not_found")
-    _error(_post(server, c, {"prompt": "hi", "logit_bias": {"five": 1}}), param="logit_bias")
-    _error(_post(server, c, {"prompt": "hi", "logit_bias": {"5": 101}}), param="logit_bias")
-    _error(_post(server, c, {"prompt": "hi", "logit_bias": {"320": 1}}), param="logit_bias")  # vocab is 320
-    _error(_post(server, c, {"prompt": "hi", "echo": True, "logprobs": 21}), param="logprobs")
-    _error(httpx.post(server.base + c, content=b"{not json", headers={"content-type": "application/json"}),
-           code="invalid_json")
+    error(post(server, c, {"prompt": [[7, 8], [7] * 3000]}), param="prompt", code="context_length_exceeded")
+    error(post(server, c, {"prompt": "hi", "model": "gpt-4"}), param="model", code="model_not_found")
+    error(post(server, c, {"prompt": "hi", "logit_bias": {"five": 1}}), param="logit_bias")
+    error(post(server, c, {"prompt": "hi", "logit_bias": {"5": 101}}), param="logit_bias")
+    error(post(server, c, {"prompt": "hi", "logit_bias": {"320": 1}}), param="logit_bias")  # vocab is 320
+    error(post(server, c, {"prompt": "hi", "echo": True, "logprobs": 21}), param="logprobs")
+    error(httpx.post(server.base + c, content=b"{not json", headers={"content-type": "application/json"}),
+          code="invalid_json")
     chat = "/v1/chat/completions"
-    _error(_post(server, chat, {"messages": []}), param="messages")
-    _error(_post(server, chat, {"messages": [{"content": "hi"}]}), param="messages.0.role", code="missing_field")
-    _error(_post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
-           param="top_logprobs")
-    _error(_post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999}),
-           param="max_completion_tokens", code="context_length_exceeded")
-    _error(_post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "model": "nope", "stream": True}),
-           param="model", code="model_not_found")
-    _error(httpx.get(server.base + "/v1/nothing"), status=404, code="not_found")
+    error(post(server, chat, {"messages": []}), param="messages")
+    error(post(server, chat, {"messages": [{"content": "hi"}]}), param="messages.0.role", code="missing_field")
+    error(post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+          param="top_logprobs")
+    error(post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999}),
+          param="max_completion_tokens", code="context_length_exceeded")
+    error(post(server, chat, {"messages": [{"role": "user", "content": "hi"}], "model": "nope", "stream": True}),
+          param="model", code="model_not_found")
+    error(httpx.get(server.base + "/v1/nothing"), status=404, code="not_found")
     with pytest.raises(openai.BadRequestError, match="not served"):
         server.client().completions.create(model="other", prompt="hi", max_tokens=2)
     # everyone else is still served
     assert httpx.get(server.base + "/health").status_code == 200
-    r = _post(server, c, {"prompt": "hi", "max_tokens": 3, "echo": True})
+    r = post(server, c, {"prompt": "hi", "max_tokens": 3, "echo": True})
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hi")
 
 
 def test_metrics_parse_and_move(server):
     before = server.metrics()
-    r = _post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    r = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200
     after = server.until_idle()
     assert after["bagualu_generation_tokens_total"] - before["bagualu_generation_tokens_total"] == 5
@@ -498,7 +208,7 @@ def test_overload_gets_503_with_retry_after(rw_server):
         waiting = streams.enter_context(http.stream("POST", url, json=body))
         assert waiting.status_code == 200  # ... this one is accepted and waits (--max-waiting 1) ...
         r = http.post(url, json={"prompt": "Hi", "max_tokens": 2})  # ... and this one is refused
-        err = _error(r, status=503, code="overloaded")
+        err = error(r, status=503, code="overloaded")
         assert err["type"] == "server_error" and "max_waiting=1" in err["message"]
         assert int(r.headers["Retry-After"]) >= 1
         rw_server.until(lambda m: (m["bagualu_num_requests_running"], m["bagualu_num_requests_waiting"]) == (4, 1),
@@ -527,13 +237,13 @@ def test_engine_loop_death_fails_requests_and_health(rw_server):
     workers = _children(rw_server.proc.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
-    r = _post(rw_server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
-    err = _error(r, status=500, code="engine_dead")
+    r = post(rw_server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+    err = error(r, status=500, code="engine_dead")
     assert "R-worker" in err["message"]
     health = httpx.get(rw_server.base + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["status"] == "dead" and "R-worker" in health.json()["error"]
-    r = _post(rw_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
-    _error(r, status=503, code="dead")
+    r = post(rw_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    error(r, status=503, code="dead")
     assert "Retry-After" not in r.headers
     assert rw_server.metrics()["bagualu_engine_healthy"] == 0
 
@@ -551,7 +261,7 @@ def test_sigterm_drains_in_flight_then_exits_0(long_model_dir, tmp_path):
     results = {}
 
     def short():
-        results["short"] = _post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 12, "ignore_eos": True})
+        results["short"] = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 12, "ignore_eos": True})
 
     def long():
         with httpx.stream("POST", server.base + "/v1/completions", timeout=120,
@@ -572,7 +282,7 @@ def test_sigterm_drains_in_flight_then_exits_0(long_model_dir, tmp_path):
     if r.status_code == 200:
         assert r.json()["usage"]["completion_tokens"] == 12
     else:
-        _error(r, status=503, code="shutting_down")
+        error(r, status=503, code="shutting_down")
     events = results["long"]
     assert events[-1] == "data: [DONE]"
     err = json.loads(events[-2][6:])["error"]
@@ -584,7 +294,7 @@ def test_sigterm_drains_in_flight_then_exits_0(long_model_dir, tmp_path):
 def test_a_model_that_fails_to_load_stops_the_server_with_exit_1(model_dir, tmp_path):
     for f in Path(model_dir).glob("tokenizer*"):  # a tokenizer but no weights or config
         (tmp_path / f.name).write_bytes(f.read_bytes())
-    p = subprocess.run([BAGUALU, "serve", str(tmp_path), "--port", str(_free_port())], capture_output=True,
+    p = subprocess.run([BAGUALU, "serve", str(tmp_path), "--port", str(free_port())], capture_output=True,
                        text=True, timeout=180)
     assert p.returncode == 1, p.stderr
     assert "the model failed to load" in p.stderr and "config.json" in p.stderr

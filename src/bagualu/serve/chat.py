@@ -12,8 +12,8 @@ the chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [..
 Tools: the template sees ``tools``. A forced call (``tool_choice`` naming a function, or ``required``)
 constrains the output to the call's JSON schema (``engine.structured``) and answers with ``tool_calls``
 (``finish_reason`` ``tool_calls``); ``none`` answers in text; ``auto`` parses the model's text with the
-server's ``--tool-call-parser`` (``serve.tool_parsers``), and is refused without one. Answers with tools
-are whole, not streamed.
+server's ``--tool-call-parser`` (``serve.tool_parsers``), and is refused without one. Streamed, an answer
+with tools comes as one delta per choice once it is complete.
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        return StreamingResponse(_stream(streams, head, params.n, top_n, include_usage, tt),
+        tools = req.tool_schema(auto_tools) is not None or req.parses_tools(auto_tools)
+        return StreamingResponse(_stream(streams, head, params.n, top_n, include_usage, tt,
+                                         (lambda c: message(req, ctx, c)) if tools else None),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     try:
@@ -138,7 +140,10 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
                          "choices": choices, "usage": _usage(out)})
 
 
-async def _stream(streams, head: dict, n: int, top_n: int | None, include_usage: bool, tt: TokenText):
+async def _stream(streams, head: dict, n: int, top_n: int | None, include_usage: bool, tt: TokenText,
+                  answer=None):
+    """``answer``: with tools, a choice's whole message (``message``), sent as one delta when it finishes: the
+    text has to be complete before it can be told apart from a call (parsed) or turned into one (forced)."""
     tracker = DeltaTracker(n)
     extra = {"usage": None} if include_usage else {}
     gen = merged(streams)
@@ -150,6 +155,15 @@ async def _stream(streams, head: dict, n: int, top_n: int | None, include_usage:
             last = out
             choices = []
             for idx, c, text, start, finish in tracker.deltas(0, out):
+                if answer is not None:
+                    if finish is None:
+                        continue
+                    msg, finish = answer(c)
+                    delta = {k: v for k, v in msg.items() if k != "role" and v is not None}
+                    for j, call in enumerate(delta.get("tool_calls", [])):
+                        call["index"] = j
+                    choices.append({"index": idx, "delta": delta, "logprobs": None, "finish_reason": finish})
+                    continue
                 choices.append({"index": idx, "delta": {"content": text} if text else {},
                                 "logprobs": chat_logprobs(tt, c, start, top_n) if top_n is not None else None,
                                 "finish_reason": finish})

@@ -130,8 +130,7 @@ class ChatCompletionRequest(_Common):
     def check(self, auto_tools: bool = False) -> None:
         """``auto_tools``: the server parses free-form tool calls (``--tool-call-parser``)."""
         self._refuse_unsupported()
-        if self.stream and (self.tool_schema(auto_tools) is not None or self.parses_tools(auto_tools)):
-            raise APIError.unsupported("stream", "tool calls are answered whole, not streamed; set stream to false")
+        self.tool_schema(auto_tools)  # validates tools and tool_choice
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.invalid("top_logprobs", "top_logprobs needs logprobs=true")
 
