@@ -79,13 +79,13 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias.items())
             logits_RV[i, list(ids)] += torch.tensor(bias, dtype=logits_RV.dtype, device=logits_RV.device)
-    constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
-    if constrained:
-        grammars.mask(logits_RV, constrained, [reqs[i].matcher for i in constrained])
     pos, run = [], {}  # a speculative step's request has one row per position: its row j follows j drafts
     for r in reqs:
         run[id(r)] = run.get(id(r), -1) + 1
         pos.append(run[id(r)])
+    constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
+    if constrained:
+        grammars.mask(logits_RV, constrained, reqs, pos)
     pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
     if pen_rows:
         _apply_penalties(logits_RV, reqs, pen_rows, pos)

@@ -13,8 +13,8 @@ are consumed differently, so its tokens differ from a run without speculation).
 
 Drafted positions' KV is written by the step; a rejected one is simply recomputed later (the sequence's
 computed length counts accepted tokens only, so neither the scheduler nor the prefix cache sees it).
-The sampler treats row j as following j accepted drafts (penalties count them, ``min_tokens`` counts
-them). A grammar-constrained sequence does not speculate (its matcher would have to follow the drafts).
+The sampler treats row j as following j accepted drafts: penalties and ``min_tokens`` count them, and a
+structured output's matcher takes them (then rolls back: ``structured.Grammars.mask``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class PromptLookup:
 
     @staticmethod
     def eligible(req: Request) -> bool:
-        return req.matcher is None and req.num_computed_tokens == req.num_tokens - 1
+        return req.num_computed_tokens == req.num_tokens - 1
 
     def propose(self, req: Request) -> list[int]:
         """Up to ``k`` draft tokens for a decoding sequence (none when nothing matches or no room is left)."""

@@ -93,12 +93,25 @@ class Grammars:
             self._compiled[key] = compiled
         return xgr.GrammarMatcher(compiled)
 
-    def mask(self, logits_RV: torch.Tensor, rows: list[int], matchers: list) -> None:
-        """Send the logits of the tokens each row's grammar forbids to -inf, in place."""
+    def mask(self, logits_RV: torch.Tensor, rows: list[int], reqs: list, pos: list[int]) -> None:
+        """Send the logits of the tokens each row's grammar forbids to -inf, in place. Row ``i`` belongs to
+        ``reqs[i]`` and follows its first ``pos[i]`` speculative drafts: the matcher takes those drafts in turn
+        (while the grammar allows them; a row after a refused draft is never accepted), and is rolled back
+        after, so only the tokens the engine accepts advance it."""
         xgr = self._xgr()
         bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for j, m in enumerate(matchers):
-            m.fill_next_token_bitmask(bitmask, j)
+        taken: dict[int, list] = {}  # id(request) -> [request, drafts taken into its matcher]
+        for b, i in enumerate(rows):
+            r, j = reqs[i], pos[i]
+            m = r.matcher
+            t = taken.setdefault(id(r), [r, 0])
+            if j > 0 and t[1] == j - 1 and not m.is_terminated() and m.accept_token(r.draft[j - 1]):
+                t[1] = j
+            if not m.is_terminated():
+                m.fill_next_token_bitmask(bitmask, b)
+        for r, n in taken.values():
+            if n:
+                r.matcher.rollback(n)
         sub = logits_RV[rows]
         xgr.apply_token_bitmask_inplace(sub, bitmask)
         logits_RV[rows] = sub
