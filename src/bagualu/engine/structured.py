@@ -1,8 +1,8 @@
 """Structured outputs: a request's tokens constrained to a JSON schema, any JSON object, a regex or an EBNF
 grammar, through xgrammar (the library vLLM and SGLang use).
 
-Per engine, ``Grammars`` holds xgrammar's view of the tokenizer (built on the first constrained request) and a
-compiler whose cache shares compiled grammars across requests. Per sequence, a ``GrammarMatcher`` follows
+Per engine, ``Grammars`` holds xgrammar's view of the tokenizer (built on the first constrained request) and its
+compiler, whose cache shares compiled grammars across requests. Per sequence, a ``GrammarMatcher`` follows
 the accepted tokens. Each step, every constrained row's allowed next tokens become a bitmask that sends the
 others' logits to -inf before any other processing; the sampled token is then fed to the matcher. When the
 grammar is complete only the end-of-sequence tokens stay allowed, so a constrained sequence ends by itself.
@@ -38,10 +38,6 @@ class StructuredOutput:
             raise ValueError("structured output must give exactly one of json (a schema), json_object, regex "
                              "or grammar")
 
-    def key(self) -> str:
-        schema = self.json if isinstance(self.json, str) or self.json is None else json.dumps(self.json, sort_keys=True)
-        return json.dumps([schema, self.json_object, self.regex, self.grammar, self.compact])
-
 
 class GrammarError(ValueError):
     """The grammar cannot be compiled, or xgrammar is not installed."""
@@ -52,8 +48,7 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, eos_token_ids
-        self._compiler = None
-        self._compiled: dict[str, object] = {}
+        self._compiler = None  # xgrammar's GrammarCompiler caches what it compiled
 
     def _xgr(self):
         try:
@@ -63,7 +58,7 @@ class Grammars:
         return xgrammar
 
     def matcher(self, spec: StructuredOutput):
-        """A fresh matcher for ``spec`` (compiled once per distinct spec)."""
+        """A fresh matcher for ``spec`` (the compiler's cache compiles each distinct grammar once)."""
         xgr = self._xgr()
         if self._compiler is None:
             import transformers
@@ -74,23 +69,19 @@ class Grammars:
             info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                       stop_token_ids=list(self.eos_token_ids) or None)
             self._compiler = xgr.GrammarCompiler(info)
-        key = spec.key()
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            c = self._compiler
-            try:
-                if spec.json is not None:
-                    schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
-                    compiled = c.compile_json_schema(schema, any_whitespace=not spec.compact)
-                elif spec.json_object:
-                    compiled = c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.compact)
-                elif spec.regex is not None:
-                    compiled = c.compile_regex(spec.regex)
-                else:
-                    compiled = c.compile_grammar(spec.grammar)
-            except (RuntimeError, ValueError) as e:  # xgrammar's parser and schema converter raise these
-                raise GrammarError(f"cannot compile the structured output: {e}") from None
-            self._compiled[key] = compiled
+        c = self._compiler
+        try:
+            if spec.json is not None:
+                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                compiled = c.compile_json_schema(schema, any_whitespace=not spec.compact)
+            elif spec.json_object:
+                compiled = c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.compact)
+            elif spec.regex is not None:
+                compiled = c.compile_regex(spec.regex)
+            else:
+                compiled = c.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError) as e:  # xgrammar's parser and schema converter raise these
+            raise GrammarError(f"cannot compile the structured output: {e}") from None
         return xgr.GrammarMatcher(compiled)
 
     def mask(self, logits_RV: torch.Tensor, rows: list[int], reqs: list, pos: list[int]) -> None:
