@@ -66,9 +66,30 @@ def test_generate_cli_engine_equals_the_reference_decoder(tmp_path):
     engine = run(*args).stdout
     ref = run(*args, "--reference").stdout
     workers = run(*args, "--r-workers", "1").stdout
+    spec = run(*args, "--speculative-tokens", "4").stdout
     text = lambda out: [ln for ln in out.splitlines() if not ln.startswith("---")]  # noqa: E731
-    assert text(engine) == text(ref) == text(workers)
+    assert text(engine) == text(ref) == text(workers) == text(spec)
     assert "engine, in_process" in engine and "engine, r_workers" in workers and "reference decoder" in ref
+
+
+def test_generate_cli_structured_outputs(tmp_path):
+    """--json-schema FILE and --regex constrain what the engine writes; a grammar that does not compile is a
+    clear error, not a traceback."""
+    import json
+
+    run("init-model", "tiny-llama", str(tmp_path / "m"))
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    p = run("generate", str(tmp_path / "m"), "--prompt", "a", "--prompt", "b", "--max-tokens", "20",
+            "--json-schema", str(tmp_path / "schema.json"))
+    outs = [ln for ln in p.stdout.splitlines() if not ln.startswith("---")]
+    assert len(outs) == 2 and all(isinstance(json.loads(o)["ok"], bool) for o in outs)
+    p = run("generate", str(tmp_path / "m"), "--prompt", "a", "--max-tokens", "10", "--regex", "(yes|no)!",
+            "--temperature", "1", "--seed", "3")
+    assert [ln for ln in p.stdout.splitlines() if not ln.startswith("---")][0] in ("yes!", "no!")
+    p = run("generate", str(tmp_path / "m"), "--prompt", "a", "--regex", "(", check=False)
+    assert p.returncode == 2 and "cannot compile" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_generate_cli_bad_model_dir_is_a_clear_error(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -28,6 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the output to this JSON schema (structured output; needs bagualu[structured])")
+    p.add_argument("--regex", default=None, help="constrain the output to this regular expression")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding by prompt lookup, up to K draft tokens per step (same output)")
     p.add_argument("--r-workers", type=int, default=0,
                    help="CPU worker processes that hold the KV cache and run attention (0 = in-process)")
     p.add_argument("--reference", action="store_true",
@@ -47,12 +53,18 @@ def run(args: argparse.Namespace) -> int:
         if args.reference:
             return _run_reference(args)
         from bagualu.engine import LLM, SamplingParams
+        from bagualu.engine.structured import StructuredOutput
 
+        structured = None
+        if args.json_schema is not None or args.regex is not None:
+            structured = StructuredOutput(json=Path(args.json_schema).read_text() if args.json_schema else None,
+                                          regex=args.regex)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                n=args.n, stop=tuple(args.stop), seed=args.seed)
-        llm = LLM(args.model_dir, dtype=args.dtype, r_workers=args.r_workers)
-    except (ModelLoadError, ValueError) as e:
+                                n=args.n, stop=tuple(args.stop), seed=args.seed, structured_output=structured)
+        llm = LLM(args.model_dir, dtype=args.dtype, r_workers=args.r_workers,
+                  speculative_tokens=args.speculative_tokens)
+    except (ModelLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tok = llm.tokenizer
@@ -61,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    except ValueError as e:  # a request the engine refuses (e.g. a grammar that does not compile)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         llm.close()
     dt = time.perf_counter() - t0
