@@ -26,9 +26,7 @@ class PromptLookup:
     """Per sequence: an index from each n-gram of its tokens to where it last ended (built incrementally)."""
 
     def __init__(self, num_tokens: int, max_n: int = 3, min_n: int = 2):
-        if num_tokens < 1 or not 1 <= min_n <= max_n:
-            raise ValueError(f"speculative_tokens={num_tokens} must be >= 1 and 1 <= prompt_lookup_min={min_n} "
-                             f"<= prompt_lookup_max={max_n}")
+        """``EngineConfig`` validates the three (speculative_tokens, prompt_lookup_max/min)."""
         self.k, self.max_n, self.min_n = num_tokens, max_n, min_n
 
     @staticmethod
