@@ -3,10 +3,13 @@
 Same inputs, one process run, interleaved repetitions, medians. Shapes are the ~110M Llama's GEMMs
 (fused q/k/v, o_proj, fused gate/up, down_proj, LM head); M is the number of rows (sequences decoding
 in one step). Reports GFLOP/s, weight GB/s, the fraction of copy bandwidth where memory-bound, and the
-ratio. ``bf16 weights`` is our kernel on bf16 weights (fp32 activations) against torch on the fp32 ones.
+ratio. ``bf16 weights`` is our kernel on bf16 weights (fp32 activations) against torch on the fp32 ones;
+``bf16 widened + torch`` widens the bf16 weight into a reused fp32 buffer and calls torch (what the kernel
+does above ``MAX_ROWS_BF16`` rows).
 
     python benchmarks/linear.py
     python benchmarks/linear.py --rows 1 8 64 --threads 1 --json out.json
+    python benchmarks/linear.py --rows 64 128 256 512 1024                # the bf16 crossover
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ def main(argv=None) -> int:
         print("the C++ kernel could not be built; nothing to compare", file=sys.stderr)
         return 1
     kern = linear_cpu.LinearKernel(lib)
-    old, linear_cpu.MAX_ROWS_FP32 = linear_cpu.MAX_ROWS_FP32, 1 << 30  # measure the kernel at every M
+    # measure the kernel at every M (the crossovers MAX_ROWS_FP32 and MAX_ROWS_BF16 come from these rows)
+    old = linear_cpu.MAX_ROWS_FP32, linear_cpu.MAX_ROWS_BF16
+    linear_cpu.MAX_ROWS_FP32 = linear_cpu.MAX_ROWS_BF16 = 1 << 30
     facts = machine_facts()
     print("machine:", facts)
     rows = []
@@ -59,14 +64,16 @@ def main(argv=None) -> int:
                 return lambda: [f() for _ in range(inner)]
 
             t = interleaved({"torch": rep(lambda: F.linear(x, w)), "ours": rep(lambda: kern(x, w)),
-                             "ours bf16 weights": rep(lambda: kern(x, wb))}, reps=args.reps)
+                             "ours bf16 weights": rep(lambda: kern(x, wb)),
+                             "bf16 widened + torch": rep(lambda: linear_cpu._widened_gemm(x, wb, None))},
+                            reps=args.reps)
             for impl, sec in t.items():
                 sec /= inner
-                wbytes = N * K * (2 if "bf16" in impl else 4)
+                wbytes = N * K * (2 if "bf16" in impl else 4)  # read from memory (widened: 2 + 4 + 4)
                 rows.append(dict(shape=name, M=M, impl=impl, ms=sec * 1e3, GFLOPs=2 * M * N * K / sec / 1e9,
                                  weight_GBps=wbytes / sec / 1e9, vs_torch=t["torch"] / t[impl] if impl != "torch"
                                  else 1.0))
-    linear_cpu.MAX_ROWS_FP32 = old
+    linear_cpu.MAX_ROWS_FP32, linear_cpu.MAX_ROWS_BF16 = old
     print_table(rows, ["shape", "M", "impl", "ms", "GFLOPs", "weight_GBps", "vs_torch"])
     ours = [r["vs_torch"] for r in rows if r["impl"] == "ours"]
     by_m = {}

@@ -38,8 +38,9 @@ def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0, moe=None) 
             layers.append(LayerWeights(*attn, r(2 * F, D), b(2 * F), r(D, F), b(D), w))
             continue
         E, Fe, Fs = moe.get("E", 6), 40, moe.get("Fs", 0)
-        shared = (r(2 * Fs, D), r(D, Fs), r(1, D) if moe.get("shared_gate") else None) if Fs else (None,) * 3
-        block = MoEBlock(r(E, D, sc=1.0), r(E, Fe, D), r(E, Fe, D), r(E, D, Fe), moe.get("K", 2),
+        gate = f if moe.get("fp32_gates") else r  # the router and shared gate kept in fp32 (engine, bf16 weights)
+        shared = (r(2 * Fs, D), r(D, Fs), gate(1, D) if moe.get("shared_gate") else None) if Fs else (None,) * 3
+        block = MoEBlock(gate(E, D) * 5 if gate is f else r(E, D, sc=1.0), r(E, Fe, D), r(E, Fe, D), r(E, D, Fe), moe.get("K", 2),
                          moe.get("router", "softmax_topk"), moe.get("norm", True), *shared)
         layers.append(LayerWeights(*attn, None, None, None, None, w, block))
     return LayerStack(tuple(layers), H, G, Dh, 1e-5, Dh**-0.5)
@@ -111,6 +112,7 @@ def test_native_equals_reference(counting, wdtype, kv_dtype, bias, window, Dr):
     (dict(router="topk_softmax", K=3, E=8), torch.float32, (1,)),                 # batch-1 decode
     (dict(norm=False, Fs=24, shared_gate=True, K=4), torch.float32, (2, 5)),      # Qwen2-MoE: shared + gate
     (dict(Fs=16), torch.bfloat16, (1, 3)),
+    (dict(Fs=16, shared_gate=True, fp32_gates=True), torch.bfloat16, (1, 3)),  # bf16 experts, fp32 gates
 ])
 def test_moe_layers_native_equal_reference(counting, moe, wdtype, new):
     stack = make_stack(wdtype, bias=True, moe=moe, seed=5)

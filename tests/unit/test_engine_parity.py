@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import bagualu
-from hf_models import hf_configs, save_hf_model
+from hf_models import hf_configs, make_hf_model, save_hf_model
 from bagualu.models.byte_tokenizer import byte_level_tokenizer
+from bagualu.moe.experts import gemm_via_fp32
+from bagualu.ops import linear_cpu, linear_weight_dtypes
 
 MAX_NEW = 12
 ARCHS = ["llama", "mixtral", "qwen2_moe", "mixtral-sliding"]
@@ -85,4 +87,57 @@ def test_greedy_equals_transformers(case, mode):
     if mode.startswith("r-workers"):
         assert llm.engine.config.attention_mode == "r_workers" and len(llm.engine.kv.pools) == 2
         assert all(p.num_used == 0 for p in llm.engine.kv.pools)
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def bf16_case(request, tmp_path_factory):
+    """A bf16 checkpoint, and transformers' greedy tokens for it computed in fp32 (its values are exact there)."""
+    name = request.param
+    path = tmp_path_factory.mktemp(name + "-bf16")
+    hf = make_hf_model(hf_configs()[name]).to(torch.bfloat16)
+    hf.save_pretrained(path)
+    byte_level_tokenizer().save(path)
+    hf = hf.float()
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)[0, len(p):]
+            .tolist() for p in prompts()]
+    return path, refs
+
+
+BF16_MODES = {"default": dict(), "per-layer-loop": dict(fused_layers=False), "r-workers": dict(r_workers=2),
+              "widened-fp32": dict(gemm_dtype="float32")}
+
+
+@pytest.mark.parametrize("bf16_case,mode", [("llama", m) for m in BF16_MODES] + [
+    ("mixtral", "default"), ("mixtral", "per-layer-loop"), ("qwen2_moe", "default")], indirect=["bf16_case"])
+def test_bf16_checkpoint_keeps_bf16_projections(bf16_case, mode, monkeypatch):
+    """A bf16 model on a platform whose bf16 GEMMs are slower than fp32 runs its activations in fp32 and, where
+    the platform's ``linear`` reads bf16 weights as stored, keeps every projection in bf16 (half the bytes a
+    decode step streams; embeddings, norms and routers in fp32): the model transformers computes in fp32 on
+    the same values, token for token. Steps of more than ``MAX_ROWS_BF16`` tokens (here 16: the prefill)
+    widen the weights for the BLAS GEMM; decode steps read them as bf16."""
+    path, refs = bf16_case
+    monkeypatch.setattr(linear_cpu, "MAX_ROWS_BF16", 16)
+    llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", **BF16_MODES[mode])
+    slow = gemm_via_fp32(torch.bfloat16, "cpu")
+    narrow = slow and mode != "widened-fp32" and torch.bfloat16 in linear_weight_dtypes()
+    m = llm.engine.model
+    assert m.dtype == (torch.float32 if slow else torch.bfloat16)
+    proj = torch.bfloat16 if narrow or not slow else torch.float32
+    layers = m.model.layers
+    weights = [m.lm_head.weight, layers[0].self_attn.qkv_weight, layers[0].self_attn.q_proj.weight,
+               layers[-1].self_attn.o_proj.weight]
+    if hasattr(layers[-1].mlp, "experts"):
+        moe = layers[-1].mlp
+        weights += [moe.experts.gate_proj, moe.experts.down_proj]
+        assert moe.gate.weight.dtype == m.dtype  # routers keep the activations' dtype
+        if moe.shared_experts is not None:
+            weights += [moe.shared_experts.gate_up_weight, moe.shared_experts.down_proj.weight]
+    else:
+        weights += [layers[0].mlp.gate_up_weight, layers[0].mlp.down_proj.weight]
+    assert [w.dtype for w in weights] == [proj] * len(weights)
+    assert layers[0].self_attn.q_proj.weight.data_ptr() == layers[0].self_attn.qkv_weight.data_ptr()  # a view
+    params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
+    outs = llm.generate(prompts(), params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == refs
     llm.close()

@@ -56,6 +56,28 @@ def test_uncovered_inputs_go_to_the_reference(fast):
     assert reference.linear(torch.randn(2, 16), wb).dtype == torch.float32  # narrow weights are widened
 
 
+def test_bf16_weights_at_many_rows_are_widened_for_the_blas(fast, monkeypatch):
+    """Above ``MAX_ROWS_BF16`` rows a bf16 weight is widened into a reused fp32 buffer for the sgemm; the
+    tiles are not called. A smaller weight after a larger one reuses the buffer's front."""
+    monkeypatch.setattr(linear_cpu, "MAX_ROWS_BF16", 8)
+    calls = []
+    monkeypatch.setattr(fast, "_run", lambda *a: calls.append(a))
+    g = torch.Generator().manual_seed(3)
+    for N, K in ((96, 64), (13, 37), (96, 64)):
+        x, w, b = torch.randn(20, K, generator=g), torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, generator=g)
+        torch.testing.assert_close(fast(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x[:, None], w), F.linear(x[:, None], w.float()), rtol=1e-5, atol=1e-5)
+    assert not calls
+    fast(torch.randn(8, 64), torch.randn(4, 64).bfloat16())  # at the limit: the tiles
+    assert len(calls) == 1
+
+
+def test_the_cpu_linear_reads_bf16_weights_as_stored(fast):
+    from bagualu.ops import linear_weight_dtypes
+
+    assert linear_weight_dtypes("cpu") == (torch.float32, torch.bfloat16)
+
+
 def test_registered_for_the_cpu_platform():
     assert kernel("linear", "cpu") is linear_cpu.linear
     x, w = torch.randn(3, 32), torch.randn(16, 32)

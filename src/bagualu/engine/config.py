@@ -23,8 +23,10 @@ class EngineConfig:
     kv_cache_dtype: str | None = None
     """None = ``dtype``."""
     gemm_dtype: str = "auto"
-    """``auto``: fp32 weights where the platform's half-precision GEMM is slower than fp32, else ``dtype``;
-    ``model``: always ``dtype``."""
+    """Where the platform's half-precision GEMM is slower than fp32 (bf16 on CPUs without bf16 units), the
+    GEMMs run in fp32 with fp32 activations; ``auto`` then keeps the projection weights in ``dtype`` if the
+    platform's ``linear`` reads them as stored (half the bytes per decode step), ``float32`` widens them
+    too. Elsewhere both mean ``dtype``. ``model``: always ``dtype``, weights and activations."""
     device: str | None = None
     """Where the S-part runs; None = the current platform's device."""
     block_size: int = 16
@@ -62,8 +64,8 @@ class EngineConfig:
     rejected draft costs what it computed (vLLM's ``disable_by_batch_size``)."""
 
     def __post_init__(self):
-        if self.gemm_dtype not in ("auto", "model"):
-            raise ValueError(f"gemm_dtype={self.gemm_dtype!r} must be 'auto' or 'model'")
+        if self.gemm_dtype not in ("auto", "float32", "model"):
+            raise ValueError(f"gemm_dtype={self.gemm_dtype!r} must be 'auto', 'float32' or 'model'")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size={self.block_size} must be one of 8, 16, 32, 64, 128")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -38,12 +38,15 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def resolve_dtypes(model_dir: str, config: EngineConfig):
-    """(dtype to load the weights in, config with ``kv_cache_dtype`` filled in).
+    """(dtype to load the weights in, dtype to store the projections in, config with ``kv_cache_dtype``
+    filled in).
 
     A half-precision model on a platform whose half GEMMs are slower than fp32 (measured; bf16 on AVX2
-    CPUs runs ~100x slower than fp32 there) loads its weights in fp32 — bf16 values are exact in fp32, so
-    the model is the same, only the rounding of each GEMM's output differs — and keeps the KV cache in the
-    half dtype, which halves the R-part's memory traffic.
+    CPUs runs ~100x slower than fp32 there) loads in fp32 — bf16 values are exact in fp32, so the model is
+    the same, only the rounding of each GEMM's output differs — and keeps the KV cache in the half dtype,
+    which halves the R-part's memory traffic. With ``gemm_dtype="auto"`` its projections then go back to
+    the half dtype where the platform's ``linear`` reads such weights as stored (bf16 on CPU): the
+    activations stay fp32, and a decode step streams half the bytes.
     """
     import dataclasses
 
@@ -51,16 +54,18 @@ def resolve_dtypes(model_dir: str, config: EngineConfig):
 
     from bagualu.models.hf.load import _default_device, read_config, resolve_dtype
     from bagualu.moe.experts import gemm_via_fp32
+    from bagualu.ops import linear_weight_dtypes
 
     cfg, _ = read_config(Path(model_dir))
     dtype = resolve_dtype(config.dtype, cfg.dtype)
     kv = resolve_dtype(config.kv_cache_dtype, str(dtype).removeprefix("torch.")) if config.kv_cache_dtype else dtype
-    weights = dtype
-    if config.gemm_dtype == "auto" and gemm_via_fp32(dtype, _default_device(config.device).type):
+    weights = projections = dtype
+    if config.gemm_dtype != "model" and gemm_via_fp32(dtype, _default_device(config.device).type):
         weights = torch.float32
-        log.info("engine: %s GEMMs are slower than fp32 on this platform; weights run in fp32, KV cache in %s",
-                 dtype, kv)
-    return weights, dataclasses.replace(config, kv_cache_dtype=str(kv).removeprefix("torch."))
+        projections = dtype if config.gemm_dtype == "auto" and dtype in linear_weight_dtypes() else weights
+        log.info("engine: %s GEMMs are slower than fp32 on this platform; they run in fp32 (projection weights "
+                 "stored in %s), KV cache in %s", dtype, projections, kv)
+    return weights, projections, dataclasses.replace(config, kv_cache_dtype=str(kv).removeprefix("torch."))
 
 
 def load_engine(model_dir: str, config: EngineConfig, tokenizer=None) -> EngineCore:
@@ -68,10 +73,12 @@ def load_engine(model_dir: str, config: EngineConfig, tokenizer=None) -> EngineC
     ``tokenizer``: a loaded tokenizer, a directory to load one from, or None for ``model_dir``'s."""
     from bagualu.models import from_pretrained, load_tokenizer
 
-    weights_dtype, config = resolve_dtypes(model_dir, config)  # reads config.json: a bad directory fails here
+    weights_dtype, projections, config = resolve_dtypes(model_dir, config)  # a bad directory fails here
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer or model_dir)
     model = from_pretrained(model_dir, device=config.device, dtype=weights_dtype)
+    if projections != weights_dtype:
+        model.narrow_projections(projections)
     return EngineCore(model, tokenizer, config)
 
 

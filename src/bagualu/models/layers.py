@@ -15,6 +15,7 @@ from bagualu.models.config import ModelConfig
 from bagualu.models.mla import MLAttention
 from bagualu.models.norm import RMSNorm
 from bagualu.moe import MLP, MoE
+from bagualu.moe.mlp import view_parts
 from bagualu.ops import kernel
 
 __all__ = ["RMSNorm", "Attention", "DecoderLayer"]
@@ -47,16 +48,23 @@ class Attention(nn.Module):
         if self.qkv_weight is not None:
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        w = torch.cat([p.weight for p in projs])
         b = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        i = 0
-        for p in projs:
-            n = p.weight.shape[0]
-            p.weight = nn.Parameter(w[i:i + n], requires_grad=False)
-            if b is not None:
+        if b is not None:
+            i = 0
+            for p in projs:
+                n = p.weight.shape[0]
                 p.bias = nn.Parameter(b[i:i + n], requires_grad=False)
-            i += n
-        self.qkv_weight, self.qkv_bias = w, b
+                i += n
+        self.qkv_weight, self.qkv_bias = view_parts(torch.cat([p.weight for p in projs]), projs), b
+
+    @torch.no_grad()
+    def narrow_projections(self, dtype: torch.dtype) -> None:
+        """For inference where the platform's ``linear`` reads ``dtype`` weights as stored (activations and
+        biases stay as they are): the fused q/k/v weight (q/k/v_proj views of it) and ``o_proj``'s in
+        ``dtype``."""
+        self.fuse_projections()
+        self.qkv_weight = view_parts(self.qkv_weight.to(dtype), (self.q_proj, self.k_proj, self.v_proj))
+        self.o_proj.weight = nn.Parameter(self.o_proj.weight.to(dtype), requires_grad=False)
 
     def qkv_tokens(self, x_TD: torch.Tensor, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor):
         """Projections of a flat run of tokens, normed and rotated: ``q [T, H, Dh]``, ``k``/``v [T, G, Dh]``.

@@ -107,6 +107,20 @@ class CausalLM(nn.Module):
             if m is not self and hasattr(m, "fuse_projections"):
                 m.fuse_projections()
 
+    @torch.no_grad()
+    def narrow_projections(self, dtype: torch.dtype) -> None:
+        """Inference only, where the platform's ``linear`` reads ``dtype`` weights as stored
+        (``ops.linear_weight_dtypes``): every projection the serving path multiplies through it — fused
+        q/k/v and gate/up, o and down projections, experts, an untied LM head — stored in ``dtype``, the
+        rest (embeddings, norms, routers, biases) and so the activations as they are. From a bf16 checkpoint
+        loaded in fp32 this is exact: the same values in half the bytes a decode step streams."""
+        self.fuse_projections()
+        for m in self.modules():
+            if m is not self and hasattr(m, "narrow_projections"):
+                m.narrow_projections(dtype)
+        if self.lm_head.weight is not self.model.embed_tokens.weight:
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.to(dtype), requires_grad=False)
+
     def on_moefy(self, settings: dict) -> None:
         """After ``bagualu.moe.moefy``: describe the upcycled model; a Llama becomes a Mixtral-style model."""
         import dataclasses

@@ -207,6 +207,13 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
 
+    @torch.no_grad()
+    def narrow_projections(self, dtype: torch.dtype) -> None:
+        """For inference where the platform's ``linear`` reads ``dtype`` weights as stored (the serving path,
+        ``moe.infer``, passes fp32 activations): the stacked weights in ``dtype``. Not for training."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, nn.Parameter(getattr(self, name).to(dtype), requires_grad=False))
+
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Apply expert e to its slice of ``x_ND``; rows grouped by expert in ascending order.
 

@@ -6,11 +6,11 @@ exists once and keeps its own build flags; only the layer loop, the residual add
 the MoE routing (top-k, softmax, gathering each expert's rows) are new. At batch 1 this removes ~25
 interpreter-level calls per MLP layer and ~40 per MoE layer (see the C file).
 
-Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights (routers and
-experts included) all fp32 or all bf16; fp32 or bf16 KV caches; with fp32 weights at most
-``linear_cpu.MAX_ROWS_FP32`` tokens (above that the BLAS GEMM wins, and the reference routes each projection
-to it). Anything else, or a library that cannot be
-built: the reference (``ops.decoder_layers.decoder_layers``), which composes the same kernels from Python.
+Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights (experts
+included) all fp32 or all bf16, an MoE layer's router and shared-expert gate in either; fp32 or bf16 KV
+caches; at most ``linear_cpu.MAX_ROWS_FP32`` tokens with fp32 weights, ``MAX_ROWS_BF16`` with bf16 ones
+(above that the BLAS GEMM wins, and the reference routes each projection to it). Anything else, or a
+library that cannot be built: the reference (``ops.decoder_layers.decoder_layers``), which composes the same kernels from Python.
 The stack's pointer table is built once per (stack, caches) and validated then: dtypes, shapes,
 contiguity. Per call only the step's tensors are checked; the index values are checked by the kernels
 themselves (slots by the KV write, block tables and lengths by attention) before they read the cache.
@@ -38,7 +38,7 @@ class _Kernels(ctypes.Structure):
 
 class _MoE(ctypes.Structure):
     _fields_ = [(n, _p) for n in ("router_w", "gate_w", "up_w", "down_w", "shared_gu_w", "shared_down_w",
-                                  "shared_gate_w")] + [(n, _i) for n in ("E", "K", "F", "Fs", "router", "norm_topk")]
+                                  "shared_gate_w")] + [(n, _i) for n in ("E", "K", "F", "Fs", "router", "norm_topk", "gate_dtype")]
 
 
 class _Layer(ctypes.Structure):
@@ -119,18 +119,19 @@ def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
     """The C description of an MoE block and its shared experts' width; None if not covered."""
     E, F = m.gate_w.shape[0], m.gate_w.shape[1] if m.gate_w.dim() == 3 else -1
     Fs = m.shared_down_w.shape[1] if m.shared_down_w is not None and m.shared_down_w.dim() == 2 else 0
-    ok = (_ok(m.router_w, wdt, (E, D)) and _ok(m.gate_w, wdt, (E, F, D)) and _ok(m.up_w, wdt, (E, F, D))
+    gdt = m.router_w.dtype if m.router_w.dtype in _W_DTYPES else wdt  # the gates' own dtype may be wider
+    ok = (_ok(m.router_w, gdt, (E, D)) and _ok(m.gate_w, wdt, (E, F, D)) and _ok(m.up_w, wdt, (E, F, D))
           and _ok(m.down_w, wdt, (E, D, F)) and 1 <= m.top_k <= E
           and (m.shared_gate_up_w is None) == (m.shared_down_w is None)
           and (m.shared_gate_up_w is None or (_ok(m.shared_gate_up_w, wdt, (2 * Fs, D))
                                               and _ok(m.shared_down_w, wdt, (D, Fs))))
-          and (m.shared_gate_w is None or (Fs and _ok(m.shared_gate_w, wdt, (1, D)))))
+          and (m.shared_gate_w is None or (Fs and _ok(m.shared_gate_w, gdt, (1, D)))))
     if not ok:
         return None
     ptr = _addr
     return _MoE(m.router_w.data_ptr(), m.gate_w.data_ptr(), m.up_w.data_ptr(), m.down_w.data_ptr(),
                 ptr(m.shared_gate_up_w), ptr(m.shared_down_w), ptr(m.shared_gate_w), E, m.top_k, F, Fs,
-                ROUTERS.index(m.router), int(m.norm_topk_prob)), Fs
+                ROUTERS.index(m.router), int(m.norm_topk_prob), _W_DTYPES[gdt]), Fs
 
 
 def _build(stack: LayerStack, caches) -> tuple | None:
@@ -203,7 +204,7 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
     S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
     Dr = cos_TDr.shape[-1]
     ok = (T >= 1 and x_TD.dtype is torch.float32 and x_TD.is_cpu and x_TD.shape[1] == dims.D
-          and (wdt is torch.bfloat16 or T <= linear_cpu.MAX_ROWS_FP32)
+          and T <= (linear_cpu.MAX_ROWS_BF16 if wdt is torch.bfloat16 else linear_cpu.MAX_ROWS_FP32)
           and all(c.dtype is torch.float32 and c.is_cpu and c.is_contiguous() and c.shape == (T, Dr)
                   for c in (cos_TDr, sin_TDr))
           and 0 < Dr <= dims.Dh and Dr % 2 == 0

@@ -78,3 +78,11 @@ def kernel(op: str, platform: str | None = None) -> Callable:
 
         platform = current_platform().name
     return _resolve(platform, op)
+
+
+def linear_weight_dtypes(platform: str | None = None) -> tuple[torch.dtype, ...]:
+    """Weight dtypes the platform's ``linear`` reads as stored, with fp32 activations and no widened copy per
+    call (a capability query: the kernel says so by a ``native_weight_dtypes`` attribute). Weights kept in
+    a narrower one halve what a memory-bound decode step reads; any other is widened by the reference."""
+    query = getattr(kernel("linear", platform), "native_weight_dtypes", None)
+    return tuple(query()) if query is not None else (torch.float32,)

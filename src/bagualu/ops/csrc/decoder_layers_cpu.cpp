@@ -61,6 +61,7 @@ struct BglMoE {
   int64_t E, K, F, Fs;
   int64_t router;  // 0 softmax_topk, 1 topk_softmax
   int64_t norm_topk;
+  int64_t gate_dtype;  // of router_w and shared_gate_w (0 fp32, 1 bf16); the experts' is the layer's w_dtype
 };
 
 struct BglLayerWeights {
@@ -152,7 +153,8 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
                const BglScratch* sc, float* y) {
   const int64_t D = d->D, E = m.E, K = m.K, F = m.F, R = T * K;
   const int th = (int)d->threads;
-  kn->linear(sc->h, D, m.router_w, wd, nullptr, sc->logits, E, T, E, D, th, d->min_work, d->chunk_work);
+  kn->linear(sc->h, D, m.router_w, (int)m.gate_dtype, nullptr, sc->logits, E, T, E, D, th, d->min_work,
+             d->chunk_work);
   for (int64_t t = 0; t < T; ++t)
     route(sc->logits + t * E, E, K, m.router, m.norm_topk, sc->route_e + t * K, sc->route_w + t * K);
   std::vector<int64_t> start(E + 1, 0);  // routes of expert e: [start[e], start[e + 1])
@@ -197,7 +199,8 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
       for (int64_t f = 0; f < Fs; ++f) sc->a[t * Fs + f] = silu(sc->gu[t * 2 * Fs + f]) * sc->gu[t * 2 * Fs + Fs + f];
     kn->linear(sc->a, Fs, m.shared_down_w, wd, nullptr, sc->z, D, T, D, Fs, th, d->min_work, d->chunk_work);
     if (m.shared_gate_w) {
-      kn->linear(sc->h, D, m.shared_gate_w, wd, nullptr, sc->logits, 1, T, 1, D, th, d->min_work, d->chunk_work);
+      kn->linear(sc->h, D, m.shared_gate_w, (int)m.gate_dtype, nullptr, sc->logits, 1, T, 1, D, th, d->min_work,
+                 d->chunk_work);
       for (int64_t t = 0; t < T; ++t) {
         const float s = 1.0f / (1.0f + std::exp(-sc->logits[t]));
         for (int64_t c = 0; c < D; ++c) sc->z[t * D + c] = s * sc->z[t * D + c];
