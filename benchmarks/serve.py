@@ -11,6 +11,7 @@ fixed request rates; TTFT and TPOT p50/p99 from the streamed chunks.
 
     python benchmarks/serve.py                                   # ~110M Llama + small Mixtral, fp32 + bf16
     python benchmarks/serve.py --models llama --dtypes float32 --requests 32 --reps 1
+    python benchmarks/serve.py --dtypes bfloat16 --requests 32 --output-len 64 --r-workers --widened
     python benchmarks/serve.py --online --rates 1 2 4            # needs bagualu serve
     python benchmarks/serve.py --tiny --json out.json            # a smoke run (seconds)
 """
@@ -145,6 +146,8 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             engines = {"bagualu in-process": lambda: Ours(path, dt_name)}
+            if args.widened and dtype != torch.float32:  # A/B: the half weights widened to fp32 at load
+                engines["bagualu in-process, weights fp32"] = lambda: Ours(path, dt_name, gemm_dtype="float32")
             for w in args.r_workers:
                 engines[f"bagualu r-workers={w}"] = (lambda w=w: Ours(path, dt_name, r_workers=w))
             engines["transformers static batch"] = lambda: HFStatic(path, dtype)
@@ -217,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch1-tokens", type=int, default=64)
     ap.add_argument("--no-batch1", action="store_true")
     ap.add_argument("--no-hf-continuous", action="store_true")
+    ap.add_argument("--widened", action="store_true",
+                    help="half dtypes: also our engine with the weights widened to fp32 (gemm_dtype=float32)")
     ap.add_argument("--online", action="store_true", help="HTTP load generator against bagualu serve")
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="requests/s (online mode)")
     ap.add_argument("--online-requests", type=int, default=32)
