@@ -94,7 +94,7 @@ def one_thread():
 
 @pytest.fixture
 def two_threads(one_thread):
-    torch.set_num_threads(2)  # the kernel's OpenMP path; the context split only happens with > 1 thread
+    torch.set_num_threads(2)  # the kernel's helper threads; the context split only happens with > 1 thread
 
 
 # ---- write_kv and the reference -------------------------------------------------------------------------------
@@ -159,6 +159,34 @@ def test_kernel_batch1_long_context_split(fast, two_threads, dtype, G, window):
     torch.testing.assert_close(fast(*b.args(), window), paged_kv.paged_attention(*b.args(), window), **TOL[dtype])
     b2 = Batch([2500, 9, 700], [1, 1, 4], H=8, G=G, Dh=64, B=32, dtype=dtype, seed=4)  # uneven lengths, split too
     torch.testing.assert_close(fast(*b2.args(), window), paged_kv.paged_attention(*b2.args(), window), **TOL[dtype])
+
+
+def test_kernel_and_linear_share_helpers_across_python_threads(fast, two_threads):
+    """The attention kernel posts to the linear kernel's helper pool (one set of helpers per process): calls
+    of both from several Python threads at once (one holds the pool, the others run inline) stay exact."""
+    import torch.nn.functional as F
+
+    from bagualu.ops import kernel as op
+
+    b = Batch([3001, 40], [1, 3], H=8, G=2, Dh=64, B=16, dtype=torch.float32, seed=8)
+    want = paged_kv.paged_attention(*b.args())
+    x, w = torch.randn(2, 512), torch.randn(4096, 512)
+    want_lin = F.linear(x, w)
+    bad = []
+
+    def loop(i):
+        for _ in range(20):
+            if i % 2 and not torch.allclose(fast(*b.args()), want, **TOL[torch.float32]):
+                bad.append(i)
+            if not i % 2 and not torch.allclose(op("linear", "cpu")(x, w), want_lin, rtol=1e-5, atol=1e-4):
+                bad.append(i)
+
+    ts = [threading.Thread(target=loop, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
 
 
 def test_kernel_out_buffer_and_strided_q(fast, two_threads):

@@ -1,4 +1,4 @@
-"""The CPU platform's fast ``paged_attention``: a C++/OpenMP kernel (``csrc/paged_attention_cpu.cpp``) via ctypes.
+"""The CPU platform's fast ``paged_attention``: a C++ kernel (``csrc/paged_attention_cpu.cpp``) via ctypes.
 
 Same signature and semantics as ``ops.paged_kv.paged_attention`` (the reference). The library is built on
 the first call, not at import (``ops.native``); when it cannot be built or ``BAGUALU_NO_NATIVE`` is set,
@@ -8,8 +8,11 @@ device) also go to the reference, silently: that is a supported configuration, n
 Before passing raw pointers this module checks everything the C++ side relies on: dtypes, shapes and
 strides here, and the index tensors' values (query_start_loc, context_lens, block ids) in one C pass that
 reports the first bad value, so a wrong block table raises a ValueError instead of reading stray memory.
-The thread count is ``ops.threads.kernel_threads()`` (torch's, unless inside ``small_step``); torch's OpenMP
-runtime is the one the kernel uses.
+The thread count is ``ops.threads.kernel_threads()`` (torch's, unless inside ``small_step``). The threads are
+the linear kernel's helper pool (``csrc/helpers.h``), adopted when both libraries load, not an OpenMP team:
+an OpenMP worker spins for milliseconds after each region without yielding, and on a 2-core box it took a
+core from the linear kernel's helper between the step's GEMMs (measured: a Mixtral batch-32 decode step
+~22% faster with OMP_WAIT_POLICY=passive; this removes the cause).
 
 Legend: N blocks, G KV heads, B block size, Dh head dim, T query tokens, H query heads, S sequences,
 M max blocks per sequence.
@@ -21,7 +24,7 @@ import ctypes
 
 import torch
 
-from bagualu.ops import native, paged_kv
+from bagualu.ops import linear_cpu, native, paged_kv
 from bagualu.ops.threads import kernel_threads
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -89,6 +92,11 @@ def kernel() -> PagedAttentionKernel | None:
     if lib is None:
         return None
     if not hasattr(lib, "_bgl_kernel"):
+        lin = linear_cpu.library()
+        if lin is not None:  # one set of helper threads for the kernels of a step (csrc/helpers.h)
+            lib.bgl_adopt_helpers.argtypes = [ctypes.c_void_p]
+            lin.bgl_helpers_pool.restype = ctypes.c_void_p
+            lib.bgl_adopt_helpers(lin.bgl_helpers_pool())
         lib._bgl_kernel = PagedAttentionKernel(lib)
     return lib._bgl_kernel
 

@@ -18,8 +18,10 @@
 //
 // After its last chunk a helper spins (pause, yielding the core now and then) for kSpinUs, so the GEMMs of
 // one decode step, microseconds apart, find it awake; then it sleeps on a condition variable, and a post
-// wakes it (the caller does not wait for that). One pool per shared library; a second concurrent caller
-// (another Python thread) and a forked child run their chunks inline.
+// wakes it (the caller does not wait for that). One pool per shared library, unless a library adopts
+// another's (adopt(): the linear and attention kernels of a decode step then share one set of helpers, one
+// per core, instead of two sets competing for the cores); a second concurrent caller (another Python
+// thread) runs its chunks inline, and a forked child makes a fresh pool.
 
 #pragma once
 
@@ -62,6 +64,11 @@ class Helpers {
     pool->busy_.store(false, std::memory_order_release);
   }
 
+  // This library's pool (made on first use), as an opaque handle for another library to adopt.
+  static void* handle() { return instance(); }
+  // Post to the pool `handle` (from another library built from this header) from now on.
+  static void adopt(void* handle) { slot().store(static_cast<Helpers*>(handle), std::memory_order_release); }
+
  private:
   static constexpr int kNextBits = 20, kNBits = 20;
   static constexpr uint64_t kMask = (uint64_t(1) << 20) - 1;
@@ -78,8 +85,13 @@ class Helpers {
   int spawned_ = 0;  // only the (busy_-holding) caller spawns
   pid_t pid_ = getpid();
 
-  static Helpers* instance() {
+  static std::atomic<Helpers*>& slot() {
     static std::atomic<Helpers*> pool{nullptr};
+    return pool;
+  }
+
+  static Helpers* instance() {
+    std::atomic<Helpers*>& pool = slot();
     Helpers* p = pool.load(std::memory_order_acquire);
     if (p == nullptr || p->pid_ != getpid()) {  // first use, or a forked child: its helpers did not survive
       // Never freed: detached helpers may still be inside wait() at exit. Two racing first callers make

@@ -234,6 +234,9 @@ extern "C" {
 
 int bgl_linear_simd() { return BGL_SIMD; }
 
+// This library's helper pool, for the other kernel libraries to adopt (helpers.h).
+void* bgl_helpers_pool() { return bgl::Helpers::handle(); }
+
 // x fp32 [M, K] (row stride ldx), w [N, K] contiguous in w_dtype (0 fp32, 1 bf16), bias fp32 [N] or null,
 // y fp32 [M, N] (row stride ldy). threads: at most this many, one per min_work multiply-adds; chunks of
 // about chunk_work multiply-adds.

@@ -1,4 +1,5 @@
-// Paged-KV attention on CPU: flash-decoding with online softmax, GQA-aware, fp32/bf16, OpenMP.
+// Paged-KV attention on CPU: flash-decoding with online softmax, GQA-aware, fp32/bf16, multi-threaded
+// through the helper pool of helpers.h (shared with the linear kernel when adopted).
 //
 // Work item = (sequence, tile of <= 32 query rows, slice of the context); rows are (token, head) pairs,
 // token-major, so a decode item holds all H heads of its token and reads each block's G KV heads as one
@@ -27,9 +28,9 @@
 #include <limits>
 #include <memory>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "helpers.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(BGL_SCALAR)
 #include <immintrin.h>
 #define BGL_AVX2 1
@@ -364,6 +365,24 @@ int check_indices(const int32_t* bt, const int32_t* ctx, const int32_t* qsl, int
   if (qsl[S] != T) { err[0] = qsl[S]; return 3; }
   return 0;
 }
+
+// One call's plan, for the threads that claim its items.
+struct Job {
+  const Args* A;
+  const Item *items, *merges;
+  const int64_t* nsplits;
+  std::atomic<int64_t>* done;  // per merge: slices finished
+  float *pm, *pl, *pacc;
+};
+
+void run_job_item(const void* ctx, int64_t x) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  thread_local Scratch w;  // grown once per thread, reused by every call
+  const Item& it = j.items[x];
+  run_item(*j.A, it, w, j.pm, j.pl, j.pacc);
+  if (it.merge >= 0 && j.done[it.merge].fetch_add(1, std::memory_order_acq_rel) + 1 == j.nsplits[it.merge])
+    merge(*j.A, j.merges[it.merge], j.nsplits[it.merge], j.pm, j.pl, j.pacc, w.s);
+}
 }  // namespace
 
 extern "C" {
@@ -419,21 +438,17 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
   const int64_t ni = int64_t(items.size());
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[merges.size() + 1]);
   for (size_t x = 0; x < merges.size(); ++x) done[x].store(0, std::memory_order_relaxed);
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && ni > 1)
-  {
-    // One barrier per call: the thread that finishes the last slice of a split context merges it, so
-    // nobody waits for a second phase (a barrier costs a time slice when a thread is descheduled).
-    Scratch w;
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t x = 0; x < ni; ++x) {
-      const Item& it = items[x];
-      run_item(A, it, w, pm.data(), pl.data(), pacc.data());
-      if (it.merge >= 0 && done[it.merge].fetch_add(1, std::memory_order_acq_rel) + 1 == nsplits[it.merge])
-        merge(A, merges[it.merge], nsplits[it.merge], pm.data(), pl.data(), pacc.data(), w.s);
-    }
-  }
+  // Items are claimed one at a time by the caller and the helper threads (helpers.h: the caller never
+  // waits for a helper to wake, only for items already running). No second phase: the thread that finishes
+  // the last slice of a split context merges it.
+  const Job job{&A, items.data(), merges.data(), nsplits.data(), done.get(), pm.data(), pl.data(), pacc.data()};
+  bgl::Helpers::run(num_threads > 1 && ni > 1 ? num_threads - 1 : 0, ni, run_job_item, &job);
   return 0;
 }
+
+// Post this library's parallel loops to `pool`, another library's helper pool (bgl_helpers_pool), so the
+// kernels of one decode step share a set of helper threads.
+void bgl_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
 
 int bgl_simd_width() { return BGL_AVX2 ? 8 : 1; }
 
