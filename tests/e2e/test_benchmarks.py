@@ -103,4 +103,4 @@ def test_linear_benchmark_smoke(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "headline: bagualu linear vs torch F.linear" in p.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"torch", "ours", "ours bf16 weights"} and len(rows) == 6
+    assert {r["impl"] for r in rows} == {"torch", "ours", "ours bf16 weights", "bf16 widened + torch"} and len(rows) == 8
