@@ -60,6 +60,9 @@ def test_bf16_weights_at_many_rows_are_widened_for_the_blas(fast, monkeypatch):
     """Above ``MAX_ROWS_BF16`` rows a bf16 weight is widened into a reused fp32 buffer for the sgemm; the
     tiles are not called. A smaller weight after a larger one reuses the buffer's front."""
     monkeypatch.setattr(linear_cpu, "MAX_ROWS_BF16", 8)
+    monkeypatch.setattr(linear_cpu._wide, "buf", None, raising=False)
+    with torch.inference_mode():  # the buffer made under inference mode (the engine's) serves outside it too
+        fast(torch.randn(9, 64), torch.randn(128, 64).bfloat16())  # larger than every weight below
     calls = []
     monkeypatch.setattr(fast, "_run", lambda *a: calls.append(a))
     g = torch.Generator().manual_seed(3)

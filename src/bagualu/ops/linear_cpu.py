@@ -74,7 +74,8 @@ def _widened_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     every call."""
     buf = getattr(_wide, "buf", None)
     if buf is None or buf.numel() < w.numel():
-        buf = _wide.buf = torch.empty(w.numel(), dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: written in place in and out of inference mode
+            buf = _wide.buf = torch.empty(w.numel(), dtype=torch.float32)
     wide = buf[:w.numel()].view(w.shape)
     wide.copy_(w)
     return F.linear(x, wide, bias)
