@@ -132,8 +132,12 @@ class ModelRunner:
         for i in live:
             rows = mbs[i].logits_rows + mbs[i].prompt_rows
             if rows:
-                h = m.model.norm(xs[i][torch.tensor(rows, device=xs[i].device)])
-                out[i] = self.linear(h, m.lm_head.weight).float()
+                r0, n = rows[0], len(rows)
+                # a run of rows (every decode step; a prefill chunk's last row) is a view, not a gather: the
+                # first torch ops after the layers stream the weights run cold, so each one saved counts
+                x = xs[i][r0:r0 + n] if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)) \
+                    else xs[i][torch.tensor(rows, device=xs[i].device)]
+                out[i] = self.linear(m.model.norm(x), m.lm_head.weight).float()
         return out
 
     def _pre(self, l: int, i: int, x_TD: torch.Tensor, rope) -> None:

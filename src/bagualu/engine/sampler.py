@@ -94,10 +94,13 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
             banned = [t for t in r.stop_token_ids_all() if t < V]
             if banned:
                 logits_RV[i, banned] = float("-inf")
-    tokens = torch.empty(R, dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
-        tokens[greedy] = logits_RV[greedy].argmax(-1).cpu() if len(greedy) < R else logits_RV.argmax(-1).cpu()
+    if len(greedy) == R:
+        tokens = logits_RV.argmax(-1).cpu()
+    else:
+        tokens = torch.empty(R, dtype=torch.long)
+        if greedy:
+            tokens[greedy] = logits_RV[greedy].argmax(-1).cpu()
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:
         x_RV = logits_RV[rand] if len(rand) < R else logits_RV
