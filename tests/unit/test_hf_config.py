@@ -172,3 +172,23 @@ def test_config_validation_messages():
         bm.MoEConfig(num_experts=8, top_k=9, ffn_dim=8)
     with pytest.raises(ValueError, match="unknown router 'nope'; known routers: softmax_topk"):
         bm.MoEConfig(num_experts=8, top_k=2, ffn_dim=8, router="nope")
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_rotary_rows_from_the_table_equal_the_computed_ones(tmp_path, kind):
+    """``Rotary.rows`` (the serving engine's cos/sin: gathered from a cached table, grown on demand) equals
+    computing them, bit for bit, for every rope type; dynamic NTK, whose frequencies depend on the length,
+    computes."""
+    cfg = transformers.LlamaConfig(intermediate_size=96, max_position_embeddings=16,
+                                   rope_parameters={"rope_theta": 10000.0, **ROPES[kind]}, **COMMON)
+    save_hf_model(cfg, tmp_path)
+    rot = bm.from_pretrained(tmp_path, device="cpu").rotary
+    for pos in ([0, 5, 7], [3], list(range(200, 300)) + [1], [999, 2]):
+        p = torch.tensor(pos)
+        for dt in (torch.float32, torch.bfloat16):
+            want = rot(p.unsqueeze(0), dt)
+            got = rot.rows(p, dt, max(pos) + 1)
+            assert torch.equal(got[0], want[0][0]) and torch.equal(got[1], want[1][0])
+    assert (rot._tables != {}) == (kind != "dynamic")
+    if kind != "dynamic":
+        assert rot._tables[(torch.device("cpu"), torch.float32)][0].shape[0] == 1024  # grown by doubling

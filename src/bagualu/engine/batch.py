@@ -55,6 +55,7 @@ class StepInputs:
     # (request, first prompt position scored, count); their rows follow logits_rows in the runner's output
     prompt_rows: list[int] = field(default_factory=list)
     prompt_spans: list[tuple[Request, int, int]] = field(default_factory=list)
+    max_position: int = 0  # the largest of positions_T, known on the host
 
     @property
     def num_tokens(self) -> int:
@@ -113,4 +114,5 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
                                slot_mapping_T=torch.from_numpy(slots[t0:t1].copy())))
     return StepInputs(requests=reqs, input_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
                       positions_T=torch.from_numpy(positions).to(device), logits_rows=logits_rows, due=due,
-                      pools=pools, prompt_rows=prompt_rows, prompt_spans=prompt_spans)
+                      pools=pools, prompt_rows=prompt_rows, prompt_spans=prompt_spans,
+                      max_position=max((s + n - 1 for s, n in zip(starts, counts)), default=0))

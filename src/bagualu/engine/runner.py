@@ -110,8 +110,7 @@ class ModelRunner:
             st = mbs[i]
             self.backend.prepare(i, st)
             xs[i] = m.model.embed_tokens(st.input_ids_T)
-            cos, sin = m.rotary(st.positions_T.unsqueeze(0), xs[i].dtype)
-            rope[i] = (cos[0], sin[0])
+            rope[i] = m.rotary.rows(st.positions_T, xs[i].dtype, st.max_position + 1)
             if self.stack is not None:
                 xs[i] = self.backend.run_layers(i, self.stack, xs[i], *rope[i])
             else:
