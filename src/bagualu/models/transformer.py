@@ -114,8 +114,7 @@ class CausalLM(nn.Module):
         q/k/v and gate/up, o and down projections, experts, an untied LM head — stored in ``dtype``, the
         rest (embeddings, norms, routers, biases) and so the activations as they are. From a bf16 checkpoint
         loaded in fp32 this is exact: the same values in half the bytes a decode step streams."""
-        self.fuse_projections()
-        for m in self.modules():
+        for m in self.modules():  # each module fuses its projections first
             if m is not self and hasattr(m, "narrow_projections"):
                 m.narrow_projections(dtype)
         if self.lm_head.weight is not self.model.embed_tokens.weight:

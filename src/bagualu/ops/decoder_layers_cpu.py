@@ -119,8 +119,8 @@ def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
     """The C description of an MoE block and its shared experts' width; None if not covered."""
     E, F = m.gate_w.shape[0], m.gate_w.shape[1] if m.gate_w.dim() == 3 else -1
     Fs = m.shared_down_w.shape[1] if m.shared_down_w is not None and m.shared_down_w.dim() == 2 else 0
-    gdt = m.router_w.dtype if m.router_w.dtype in _W_DTYPES else wdt  # the gates' own dtype may be wider
-    ok = (_ok(m.router_w, gdt, (E, D)) and _ok(m.gate_w, wdt, (E, F, D)) and _ok(m.up_w, wdt, (E, F, D))
+    gdt = m.router_w.dtype  # the gates' (router, shared-expert gate) own dtype: the experts' or wider
+    ok = (gdt in _W_DTYPES and _ok(m.router_w, gdt, (E, D)) and _ok(m.gate_w, wdt, (E, F, D)) and _ok(m.up_w, wdt, (E, F, D))
           and _ok(m.down_w, wdt, (E, D, F)) and 1 <= m.top_k <= E
           and (m.shared_gate_up_w is None) == (m.shared_down_w is None)
           and (m.shared_gate_up_w is None or (_ok(m.shared_gate_up_w, wdt, (2 * Fs, D))
