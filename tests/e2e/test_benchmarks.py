@@ -104,3 +104,13 @@ def test_linear_benchmark_smoke(tmp_path):
     assert "headline: bagualu linear vs torch F.linear" in p.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"torch", "ours", "ours bf16 weights", "bf16 widened + torch"} and len(rows) == 8
+
+
+def test_grouped_gemm_benchmark_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "grouped_gemm.py"), "--shapes", "E64", "--rows", "8", "--reps", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline: grouped GEMM vs torch.mm per expert" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"ours", "torch.mm"} and len(rows) == 12 and all(r["GFLOPs"] > 0 for r in rows)

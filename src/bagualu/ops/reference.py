@@ -9,6 +9,8 @@ Dr rotated features per head (MLA's rope slice), Dv value width.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,36 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         w = w.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, w, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_via_fp32(dtype: torch.dtype, device_type: str) -> bool:
+    """True where the platform's GEMM in ``dtype`` is slower than in fp32 — bf16 on CPUs without bf16 units
+    (measured here on an AVX2 EPYC: 1.4 vs 137 GFLOP/s). There GEMMs in ``dtype`` run on the fp32 units:
+    bf16 operands are exact in fp32, a bf16 GEMM accumulates in fp32 anyway, and the result is rounded
+    back to bf16 — the same numbers up to summation order, at fp32 speed. Decided from the platform's
+    measured (cached) peak figures, once per process."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from bagualu.platform import current_platform
+
+    plat = current_platform()
+    return plat.device_type == device_type and plat.peak_flops(dtype) < plat.peak_flops(torch.float32)
+
+
+def grouped_mm(problems) -> None:
+    """``out (+)= a @ b`` for every ``(a, b, out, accumulate)`` of ``problems`` (2-D tensors; ``out`` written in
+    place, in its own dtype): one ``torch.mm``/``addmm_`` each, through fp32 where the operands' dtypes differ
+    from ``out``'s or ``gemm_via_fp32`` says the platform's half-precision GEMM is slower."""
+    for a, b, out, accumulate in problems:
+        if a.dtype != out.dtype or b.dtype != out.dtype or gemm_via_fp32(out.dtype, out.device.type):
+            with torch.autocast(out.device.type, enabled=False):  # else autocast would cast the fp32 operands back
+                r = torch.addmm(out.float(), a.float(), b.float()) if accumulate else torch.mm(a.float(), b.float())
+            out.copy_(r)
+        elif accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

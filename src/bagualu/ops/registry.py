@@ -22,6 +22,7 @@ log = get_logger(__name__)
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": reference.rms_norm,
     "linear": reference.linear,
+    "grouped_mm": reference.grouped_mm,
     "silu_mul": reference.silu_mul,
     "apply_rope": reference.apply_rope,
     "apply_rope_interleaved": reference.apply_rope_interleaved,

@@ -71,6 +71,7 @@ class CpuPlatform(Platform):
     kernel_backends: ClassVar[dict[str, str]] = {
         "paged_attention": "bagualu.ops.paged_attention_cpu:paged_attention",
         "linear": "bagualu.ops.linear_cpu:linear",
+        "grouped_mm": "bagualu.ops.gemm_cpu:grouped_mm",
         "rms_norm": "bagualu.ops.decode_ops_cpu:rms_norm",
         "apply_rope": "bagualu.ops.decode_ops_cpu:apply_rope",
         "write_kv": "bagualu.ops.decode_ops_cpu:write_kv",

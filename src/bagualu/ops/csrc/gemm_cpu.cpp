@@ -1,0 +1,375 @@
+// C[M, N] (+)= A[M, K] · B[K, N] for a group of independent problems: the MoE experts' GEMMs (one per expert
+// slice, forward and backward) as one job, on AVX2 CPUs.
+//
+// Why not a loop of torch.mm: the BLAS sgemm this build links runs the experts' shapes (a few hundred to a
+// few thousand rows, K and N 512..5632) at 55-75% of this CPU's FMA peak, and one call per expert leaves the
+// second core idle at every call's ragged end. This is the BLIS scheme (Goto's algorithm) with a 6 x 16
+// register tile: per problem, C is cut into tiles (the job's chunks, claimed by the caller and the helper
+// threads, helpers.h); per tile
+//     for k0 in K by KC:                    pack B[k0:k0+KC, tile's columns] into 16-column panels (L3/L2)
+//       for i0 in the tile's rows by MC:    pack A[i0:i0+MC, k0:k0+KC] into 6-row panels (stays in L2)
+//         for each 16-column panel:         (16 x KC: stays in L1 ...)
+//           for each 6-row panel:           (... while every A panel streams past it)
+//             C[6, 16] (+)= A panel · B panel      12 ymm accumulators, 2 loads + 6 broadcasts per k
+// Operands are read through (row, column) strides, so transposed views (x @ w.T forward, dy.T @ x for the
+// weight gradients) need no copy: packing reorders them anyway. A and B may be fp32 or bf16 (widened while
+// packing), C fp32 or bf16 (a bf16 C tile is accumulated in fp32 and rounded once, to nearest even).
+//
+// Build: compiled on first use by ops/native.py (-O3 -march=native). Without AVX2/FMA the micro-kernel is
+// scalar (correct, slower); Python checks shapes, dtypes and strides.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "helpers.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(BGL_SCALAR)  // -DBGL_SCALAR: the tests' scalar build
+#include <immintrin.h>
+#define BGL_SIMD 1
+#else
+#define BGL_SIMD 0
+#endif
+
+// One problem (mirrored by ops/gemm_cpu.py's ctypes structure; every field 8 bytes, so no padding).
+struct BglMM {
+  const void* a;
+  int64_t sa_m, sa_k;  // A(i, k) = a[i * sa_m + k * sa_k]
+  const void* b;
+  int64_t sb_k, sb_n;  // B(k, j) = b[k * sb_k + j * sb_n]
+  void* c;
+  int64_t ldc;  // C(i, j) = c[i * ldc + j]
+  int64_t M, N, K;
+  int64_t flags;  // kABf16 | kBBf16 | kCBf16 | kAccumulate
+};
+
+namespace {
+
+constexpr int64_t kABf16 = 1, kBBf16 = 2, kCBf16 = 4, kAccumulate = 8;
+constexpr int MR = 6, NR = 16;
+constexpr int64_t KC = 256;  // packed A block MC x KC = 120 KB (L2), a B panel KC x NR = 16 KB (L1)
+constexpr int64_t MC = 120;
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN (quiet)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <bool BF>
+inline float at(const void* p, int64_t i) {
+  if constexpr (BF) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  else return static_cast<const float*>(p)[i];
+}
+
+#if BGL_SIMD
+template <bool BF>
+inline __m256 load8(const void* p, int64_t i) {  // 8 contiguous values as fp32
+  if constexpr (BF) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+// r[0..7] (rows) -> r[0..7] (columns): the 8 x 8 transpose by unpack / shuffle / permute.
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+// A[i0:i0+mc, k0:k0+kc] -> out[g][k][MR] for row groups g of MR rows (missing rows zero). out has room for
+// 2 floats past the last group (the vector path stores 8 per k and lets the next k overwrite the extra 2).
+template <bool BF>
+void pack_a(const BglMM& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out) {
+  if (p.sa_m == 1 && p.sa_k != 1) {  // a transposed view: each k's row segment, read once in order
+    const int64_t full = mc / MR * MR;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t base = (k0 + k) * p.sa_k + i0;
+      for (int64_t g = 0; g < full; g += MR)
+        for (int64_t ii = 0; ii < MR; ++ii) out[g * kc + k * MR + ii] = at<BF>(p.a, base + g + ii);
+    }
+    if (full == mc) return;
+    i0 += full;
+    mc -= full;
+    out += full * kc;
+  }
+  for (int64_t g = 0; g < mc; g += MR) {
+    float* o = out + g * kc;
+    const int64_t rows = mc - g < MR ? mc - g : MR;
+    if (p.sa_k == 1) {  // rows contiguous in k
+      int64_t k = 0;
+#if BGL_SIMD
+      if (rows == MR) {  // 8 k at a time: 6 rows (+2 ignored) transposed to 8 k-rows of 6
+        const int64_t base = (i0 + g) * p.sa_m + k0;
+        for (; k + 8 <= kc; k += 8) {
+          __m256 r[8];
+          for (int ii = 0; ii < MR; ++ii) r[ii] = load8<BF>(p.a, base + ii * p.sa_m + k);
+          r[6] = r[7] = _mm256_setzero_ps();
+          transpose8(r);
+          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(o + (k + q) * MR, r[q]);
+        }
+      }
+#endif
+      for (int64_t ii = 0; ii < MR; ++ii) {
+        if (ii < rows) {
+          const int64_t base = (i0 + g + ii) * p.sa_m + k0;
+          for (int64_t kk = k; kk < kc; ++kk) o[kk * MR + ii] = at<BF>(p.a, base + kk);
+        } else {
+          for (int64_t kk = k; kk < kc; ++kk) o[kk * MR + ii] = 0.f;
+        }
+      }
+    } else {  // a transposed view (columns contiguous) or general strides: one k at a time
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t base = (i0 + g) * p.sa_m + (k0 + k) * p.sa_k;
+        for (int64_t ii = 0; ii < MR; ++ii) o[k * MR + ii] = ii < rows ? at<BF>(p.a, base + ii * p.sa_m) : 0.f;
+      }
+    }
+  }
+}
+
+// B[k0:k0+kc, j0:j0+nc] -> out[g][k][NR] for column groups g of NR columns (missing columns zero).
+template <bool BF>
+void pack_b(const BglMM& p, int64_t j0, int64_t nc, int64_t k0, int64_t kc, float* out) {
+#if BGL_SIMD
+  if (p.sb_n == 1) {  // rows of B contiguous: each k's row segment, read once in order, dealt to the panels
+    const int64_t full = nc / NR * NR;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t base = (k0 + k) * p.sb_k + j0;
+      for (int64_t g = 0; g < full; g += NR) {
+        _mm256_storeu_ps(out + g * kc + k * NR, load8<BF>(p.b, base + g));
+        _mm256_storeu_ps(out + g * kc + k * NR + 8, load8<BF>(p.b, base + g + 8));
+      }
+    }
+    if (full == nc) return;
+    j0 += full;
+    nc -= full;
+    out += full * kc;
+  }
+#endif
+  for (int64_t g = 0; g < nc; g += NR) {
+    float* o = out + g * kc;
+    const int64_t cols = nc - g < NR ? nc - g : NR;
+    if (p.sb_n == 1) {  // rows of B contiguous: NR values per k
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t base = (k0 + k) * p.sb_k + j0 + g;
+        for (int64_t jj = 0; jj < NR; ++jj) o[k * NR + jj] = jj < cols ? at<BF>(p.b, base + jj) : 0.f;
+      }
+    } else {  // a transposed view (w.T of a [N, K] weight: columns contiguous in k)
+      int64_t k = 0;
+#if BGL_SIMD
+      if (cols == NR && p.sb_k == 1) {  // 8 x 8 blocks: 8 columns' next 8 k -> 8 k-rows of 8 columns
+        for (; k + 8 <= kc; k += 8)
+          for (int h = 0; h < NR; h += 8) {
+            __m256 r[8];
+            for (int jj = 0; jj < 8; ++jj) r[jj] = load8<BF>(p.b, (j0 + g + h + jj) * p.sb_n + k0 + k);
+            transpose8(r);
+            for (int q = 0; q < 8; ++q) _mm256_storeu_ps(o + (k + q) * NR + h, r[q]);
+          }
+      }
+#endif
+      for (int64_t jj = 0; jj < NR; ++jj) {
+        if (jj < cols) {
+          const int64_t base = (j0 + g + jj) * p.sb_n + k0 * p.sb_k;
+          for (int64_t kk = k; kk < kc; ++kk) o[kk * NR + jj] = at<BF>(p.b, base + kk * p.sb_k);
+        } else {
+          for (int64_t kk = k; kk < kc; ++kk) o[kk * NR + jj] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// C[mr, nr] (+)= a panel [kc][MR] · b panel [kc][NR] (C row stride ldc).
+void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool acc, int64_t mr, int64_t nr) {
+  alignas(32) float t[MR][NR];
+#if BGL_SIMD
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a), y = _mm256_broadcast_ss(a + 1);
+    c00 = _mm256_fmadd_ps(x, b0, c00);
+    c01 = _mm256_fmadd_ps(x, b1, c01);
+    c10 = _mm256_fmadd_ps(y, b0, c10);
+    c11 = _mm256_fmadd_ps(y, b1, c11);
+    x = _mm256_broadcast_ss(a + 2);
+    y = _mm256_broadcast_ss(a + 3);
+    c20 = _mm256_fmadd_ps(x, b0, c20);
+    c21 = _mm256_fmadd_ps(x, b1, c21);
+    c30 = _mm256_fmadd_ps(y, b0, c30);
+    c31 = _mm256_fmadd_ps(y, b1, c31);
+    x = _mm256_broadcast_ss(a + 4);
+    y = _mm256_broadcast_ss(a + 5);
+    c40 = _mm256_fmadd_ps(x, b0, c40);
+    c41 = _mm256_fmadd_ps(x, b1, c41);
+    c50 = _mm256_fmadd_ps(y, b0, c50);
+    c51 = _mm256_fmadd_ps(y, b1, c51);
+    a += MR;
+    b += NR;
+  }
+  const __m256 r[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (mr == MR && nr == NR) {
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc;
+      if (acc) {
+        _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), r[i][0]));
+        _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), r[i][1]));
+      } else {
+        _mm256_storeu_ps(ci, r[i][0]);
+        _mm256_storeu_ps(ci + 8, r[i][1]);
+      }
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(t[i], r[i][0]);
+    _mm256_store_ps(t[i] + 8, r[i][1]);
+  }
+#else
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) t[i][j] = 0.f;
+  for (int64_t k = 0; k < kc; ++k, a += MR, b += NR)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) t[i][j] += a[i] * b[j];
+#endif
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i][j] : t[i][j];
+}
+
+// Per-thread packing buffers and bf16-C scratch, kept at their largest size (helper threads live long).
+float* scratch(int which, size_t n) {
+  thread_local std::vector<float> bufs[3];
+  if (bufs[which].size() < n) bufs[which].resize(n);
+  return bufs[which].data();
+}
+
+struct Plan {
+  const BglMM* p;
+  std::vector<int64_t> tm, tn, cols, first;  // per problem: tile rows/cols, tiles per row; first chunk
+};
+
+template <bool ABF, bool BBF>
+void tile(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt) {
+  const bool cbf = p.flags & kCBf16, accumulate = p.flags & kAccumulate;
+  float* c = cbf ? scratch(2, static_cast<size_t>(mt * nt)) : static_cast<float*>(p.c) + i0 * p.ldc + j0;
+  const int64_t ldc = cbf ? nt : p.ldc;
+  if (p.K == 0) {
+    for (int64_t i = 0; i < mt; ++i)
+      for (int64_t j = 0; j < nt; ++j)
+        if (cbf || !accumulate) c[i * ldc + j] = 0.f;
+  }
+  const int64_t ntp = (nt + NR - 1) / NR * NR;
+  float* pb = scratch(0, static_cast<size_t>(ntp * KC));
+  float* pa = scratch(1, static_cast<size_t>((MC + MR) * KC + 8));
+  for (int64_t k0 = 0; k0 < p.K; k0 += KC) {
+    const int64_t kc = p.K - k0 < KC ? p.K - k0 : KC;
+    const bool acc = k0 > 0 || (accumulate && !cbf);
+    pack_b<BBF>(p, j0, nt, k0, kc, pb);
+    for (int64_t ib = 0; ib < mt; ib += MC) {
+      const int64_t mc = mt - ib < MC ? mt - ib : MC;
+      pack_a<ABF>(p, i0 + ib, mc, k0, kc, pa);
+      for (int64_t jr = 0; jr < nt; jr += NR)
+        for (int64_t ir = 0; ir < mc; ir += MR)
+          micro(kc, pa + ir * kc, pb + jr * kc, c + (ib + ir) * ldc + jr, ldc, acc, mc - ir < MR ? mc - ir : MR,
+                nt - jr < NR ? nt - jr : NR);
+    }
+  }
+  if (cbf) {
+    uint16_t* out = static_cast<uint16_t*>(p.c);
+    for (int64_t i = 0; i < mt; ++i) {
+      uint16_t* row = out + (i0 + i) * p.ldc + j0;
+      for (int64_t j = 0; j < nt; ++j) row[j] = f32_to_bf16(accumulate ? bf16_to_f32(row[j]) + c[i * nt + j] : c[i * nt + j]);
+    }
+  }
+}
+
+void run_chunk(const void* ctx, int64_t c) {
+  const Plan& pl = *static_cast<const Plan*>(ctx);
+  int64_t i = 0;
+  while (c >= pl.first[i + 1]) ++i;
+  const BglMM& p = pl.p[i];
+  const int64_t q = c - pl.first[i], i0 = q / pl.cols[i] * pl.tm[i], j0 = q % pl.cols[i] * pl.tn[i];
+  const int64_t mt = p.M - i0 < pl.tm[i] ? p.M - i0 : pl.tm[i], nt = p.N - j0 < pl.tn[i] ? p.N - j0 : pl.tn[i];
+  const bool abf = p.flags & kABf16, bbf = p.flags & kBBf16;
+  if (abf) {
+    if (bbf) tile<true, true>(p, i0, mt, j0, nt);
+    else tile<true, false>(p, i0, mt, j0, nt);
+  } else {
+    if (bbf) tile<false, true>(p, i0, mt, j0, nt);
+    else tile<false, false>(p, i0, mt, j0, nt);
+  }
+}
+
+constexpr int64_t kTileRows = 64 * MR, kTileCols = 48 * NR;  // 384 x 768: packing is < 2% of the FMAs
+
+int64_t count_tiles(const BglMM* p, int64_t n, int64_t tm, int64_t tn) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i].M > 0 && p[i].N > 0) total += ((p[i].M + tm - 1) / tm) * ((p[i].N + tn - 1) / tn);
+  return total;
+}
+
+}  // namespace
+
+extern "C" {
+
+int bgl_gemm_simd() { return BGL_SIMD; }
+
+// This library's helper pool (helpers.h), and adopting another library's.
+void* bgl_gemm_helpers_pool() { return bgl::Helpers::handle(); }
+void bgl_gemm_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
+
+// Every problem of the group, on the caller and up to threads - 1 helpers. Tiles: 384 x 768 of C, smaller
+// (columns first, then rows, halving) until there are 4 per thread or they reach 128 columns and 48 rows.
+void bgl_gemm_group(const BglMM* problems, int64_t n, int threads) {
+  int64_t tm = kTileRows, tn = kTileCols;
+  while (count_tiles(problems, n, tm, tn) < 4 * threads) {
+    if (tn > 8 * NR) tn /= 2;
+    else if (tm > 8 * MR) tm /= 2;
+    else break;
+  }
+  Plan pl;
+  pl.p = problems;
+  pl.first.assign(1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const BglMM& q = problems[i];
+    const bool empty = q.M <= 0 || q.N <= 0;
+    pl.tm.push_back(tm);
+    pl.tn.push_back(tn);
+    pl.cols.push_back(empty ? 1 : (q.N + tn - 1) / tn);
+    pl.first.push_back(pl.first.back() + (empty ? 0 : ((q.M + tm - 1) / tm) * pl.cols.back()));
+  }
+  const int64_t total = pl.first.back();
+  if (total <= bgl::Helpers::kMaxChunks) {
+    bgl::Helpers::run(threads - 1, total, run_chunk, &pl);
+  } else {
+    for (int64_t c = 0; c < total; ++c) run_chunk(&pl, c);
+  }
+}
+}

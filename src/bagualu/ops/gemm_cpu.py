@@ -1,0 +1,98 @@
+"""The CPU platform's ``grouped_mm``: ``csrc/gemm_cpu.cpp`` (packed, cache-blocked AVX2 GEMM) via ctypes.
+
+Same semantics as ``ops.reference.grouped_mm``: ``out (+)= a @ b`` for every ``(a, b, out, accumulate)``, all
+problems of a call as one job on the caller and the helper threads (the linear kernel's pool, adopted), so
+an MoE layer's per-expert GEMMs keep both cores busy to the end. Operands are fp32 or bf16 in any 2-D
+strided layout (a transposed view is packed, not copied); ``out`` is fp32 or bf16 with unit column stride.
+Problems outside that — other dtypes or devices, operands that need gradients — go to the reference, one
+``torch.mm`` each. Built on first use (``ops.native``); when the build is unavailable every call goes to
+the reference after one warning.
+
+Summation order differs from the BLAS (blocks of 256 along K, fp32 accumulators), so results agree with
+``torch.mm`` to fp32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bagualu.ops import linear_cpu, native, reference
+from bagualu.ops.threads import kernel_threads
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_A_BF16, _B_BF16, _C_BF16, _ACCUMULATE = 1, 2, 4, 8
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class MM(ctypes.Structure):
+    """One problem (mirrors ``BglMM`` in ``csrc/gemm_cpu.cpp``)."""
+
+    _fields_ = [("a", _ptr), ("sa_m", _i64), ("sa_k", _i64), ("b", _ptr), ("sb_k", _i64), ("sb_n", _i64),
+                ("c", _ptr), ("ldc", _i64), ("M", _i64), ("N", _i64), ("K", _i64), ("flags", _i64)]
+
+
+class GroupedGemmKernel:
+    def __init__(self, lib: ctypes.CDLL):
+        self._run = lib.bgl_gemm_group
+        self._run.restype = None
+        self._run.argtypes = [_ptr, _i64, ctypes.c_int]
+        lib.bgl_gemm_simd.restype = ctypes.c_int
+        self.simd = bool(lib.bgl_gemm_simd())
+
+    def __call__(self, problems) -> None:
+        native_, rest = [], []
+        for p in problems:
+            (native_ if covers(*p) else rest).append(p)
+        if rest:
+            reference.grouped_mm(rest)
+        if not native_:
+            return
+        arr = (MM * len(native_))()
+        for s, (a, b, out, accumulate) in zip(arr, native_):
+            s.a, s.sa_m, s.sa_k = a.data_ptr(), a.stride(0), a.stride(1)
+            s.b, s.sb_k, s.sb_n = b.data_ptr(), b.stride(0), b.stride(1)
+            s.c, s.ldc = out.data_ptr(), out.stride(0)
+            s.M, s.K = a.shape
+            s.N = b.shape[1]
+            s.flags = ((_A_BF16 if a.dtype is torch.bfloat16 else 0) | (_B_BF16 if b.dtype is torch.bfloat16 else 0)
+                       | (_C_BF16 if out.dtype is torch.bfloat16 else 0) | (_ACCUMULATE if accumulate else 0))
+        self._run(arr, len(native_), kernel_threads())
+
+
+def covers(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
+    """What the native kernel computes: 2-D CPU tensors, fp32/bf16, matching shapes, ``out`` with unit column
+    stride and no gradient to record (it writes through raw pointers)."""
+    return (a.dtype in _DTYPES and b.dtype in _DTYPES and out.dtype in _DTYPES
+            and a.dim() == 2 and b.dim() == 2 and out.dim() == 2
+            and a.device.type == "cpu" and b.device.type == "cpu" and out.device.type == "cpu"
+            and a.shape[1] == b.shape[0] and out.shape == (a.shape[0], b.shape[1])
+            and (out.stride(1) == 1 or out.shape[1] <= 1) and out.stride(0) >= out.shape[1]
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or out.requires_grad)))
+
+
+_kernel: GroupedGemmKernel | None | bool = False
+
+
+def _loaded() -> GroupedGemmKernel | None:
+    global _kernel
+    if _kernel is False:
+        lib = native.load("gemm_cpu", "gemm_cpu.cpp")
+        _kernel = None
+        if lib is not None:
+            _kernel = GroupedGemmKernel(lib)
+            lin = linear_cpu.library()
+            if lin is not None:  # one set of helper threads per process (csrc/helpers.h)
+                lib.bgl_gemm_adopt_helpers.argtypes = [_ptr]
+                lin.bgl_helpers_pool.restype = _ptr
+                lib.bgl_gemm_adopt_helpers(lin.bgl_helpers_pool())
+    return _kernel
+
+
+def grouped_mm(problems) -> None:
+    k = _loaded()
+    if k is None:
+        reference.grouped_mm(problems)
+        return
+    k(problems)

@@ -1,0 +1,140 @@
+"""The CPU grouped GEMM (``ops.gemm_cpu``, ``csrc/gemm_cpu.cpp``) against ``ops.reference.grouped_mm`` and fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bagualu.ops import gemm_cpu, kernel, native, reference
+
+pytestmark = pytest.mark.skipif(gemm_cpu._loaded() is None, reason="no C++ compiler: the kernel is not built")
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def operand(rows, cols, dtype, transposed, g):
+    """A [rows, cols] operand, as itself or as the transposed view of a [cols, rows] tensor."""
+    t = torch.randn(cols, rows, generator=g).t() if transposed else torch.randn(rows, cols, generator=g)
+    return t.to(dtype)
+
+
+def check(a, b, out, accumulate):
+    want = a.double() @ b.double() + (out.double() if accumulate else 0)
+    gemm_cpu.grouped_mm([(a, b, out, accumulate)])
+    # fp32: rounding of K products; bf16 out: one bf16 rounding of the result
+    tol = 2e-5 * a.shape[1] ** 0.5 + (8e-3 if out.dtype is BF16 else 0)
+    scale = want.abs().max().item() if want.numel() else 1.0
+    assert (out.double() - want).abs().max().item() <= tol * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 3, 7), (6, 16, 16), (7, 17, 33), (13, 300, 37), (130, 520, 50)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_layouts_and_edge_sizes(M, K, N, ta, tb):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    for accumulate in (False, True):
+        check(operand(M, K, F32, ta, g), operand(K, N, F32, tb, g), torch.randn(M, N, generator=g), accumulate)
+
+
+@pytest.mark.parametrize("da,db,dc", [(BF16, BF16, BF16), (BF16, F32, F32), (F32, BF16, BF16), (BF16, BF16, F32)])
+@pytest.mark.parametrize("tb", [False, True])
+def test_bf16_operands_and_outputs(da, db, dc, tb):
+    g = torch.Generator().manual_seed(7)
+    for accumulate in (False, True):
+        a, b = operand(70, 300, da, False, g), operand(300, 45, db, tb, g)
+        check(a, b, torch.randn(70, 45, generator=g).to(dc), accumulate)
+
+
+def test_bf16_output_is_rounded_once_to_nearest_even():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 64, generator=g), torch.randn(64, 30, generator=g)
+    out = torch.empty(20, 30, dtype=BF16)
+    gemm_cpu.grouped_mm([(a, b, out, False)])
+    fp32 = torch.empty(20, 30)
+    gemm_cpu.grouped_mm([(a, b, fp32, False)])
+    assert torch.equal(out, fp32.to(BF16))
+
+
+def test_empty_problems():
+    out = torch.full((4, 3), 5.0)
+    gemm_cpu.grouped_mm([(torch.randn(4, 0), torch.randn(0, 3), out, True)])
+    assert torch.equal(out, torch.full((4, 3), 5.0))  # K = 0: adds nothing
+    gemm_cpu.grouped_mm([(torch.randn(4, 0), torch.randn(0, 3), out, False)])
+    assert torch.equal(out, torch.zeros(4, 3))  # K = 0: the empty sum
+    gemm_cpu.grouped_mm([(torch.randn(0, 5), torch.randn(5, 3), torch.empty(0, 3), False),
+                         (torch.randn(2, 5), torch.randn(5, 0), torch.empty(2, 0), False)])
+
+
+def test_a_group_of_expert_slices_equals_the_reference():
+    """The MoE shapes: each expert's rows into its slice of one output, transposed weights, ragged counts."""
+    g = torch.Generator().manual_seed(0)
+    E, D, F = 8, 96, 160
+    counts = [0, 3, 200, 1, 40, 0, 7, 333]
+    x = torch.randn(sum(counts), D, generator=g)
+    w = torch.randn(E, F, D, generator=g)
+    ours, ref = torch.full((sum(counts), F), float("nan")), torch.full((sum(counts), F), float("nan"))
+    problems = lambda out: [(x[s:s + n], w[e].t(), out[s:s + n], False)  # noqa: E731
+                            for e, (s, n) in enumerate(zip([sum(counts[:i]) for i in range(E)], counts)) if n]
+    gemm_cpu.grouped_mm(problems(ours))
+    reference.grouped_mm(problems(ref))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_results_do_not_depend_on_threads_grouping_or_row_position():
+    """Each output's summation order is fixed (K in blocks, in order): the same bits on 1 or 2 threads,
+    alone or in a group, at any row offset — what lets expert parallelism reproduce one process exactly."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(37, 300, generator=g), torch.randn(300, 96, generator=g)
+    n = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for extra in (0, 7):
+                out = torch.empty(37, 96)
+                others = [(torch.randn(50, 300), torch.randn(300, 96), torch.empty(50, 96), False) for _ in range(extra)]
+                gemm_cpu.grouped_mm([*others, (a, b, out, False)])
+                results.append(out)
+    finally:
+        torch.set_num_threads(n)
+    big = torch.randn(100, 300, generator=g)
+    big[20:57] = a
+    whole = torch.empty(100, 96)
+    gemm_cpu.grouped_mm([(big, b, whole, False)])
+    results.append(whole[20:57])
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_uncovered_problems_go_to_the_reference():
+    g = torch.Generator().manual_seed(2)
+    a16, b16 = torch.randn(8, 16, generator=g).half(), torch.randn(16, 4, generator=g).half()
+    out16 = torch.empty(8, 4, dtype=torch.float16)
+    assert not gemm_cpu.covers(a16, b16, out16)
+    a = torch.randn(8, 16, generator=g, requires_grad=True)
+    assert not gemm_cpu.covers(a, torch.randn(16, 4), torch.empty(8, 4))
+    assert not gemm_cpu.covers(torch.randn(8, 16), torch.randn(16, 4), torch.empty(4, 8).t())  # column-major out
+    ok_a, ok_b, ok_out = torch.randn(8, 16, generator=g), torch.randn(16, 4, generator=g), torch.empty(8, 4)
+    gemm_cpu.grouped_mm([(a16, b16, out16, False), (ok_a, ok_b, ok_out, False)])
+    torch.testing.assert_close(out16, (a16.float() @ b16.float()).half())
+    torch.testing.assert_close(ok_out, ok_a @ ok_b)
+
+
+def test_cpu_platform_resolves_the_native_kernel_and_the_reference_falls_back(monkeypatch):
+    assert kernel("grouped_mm", "cpu") is gemm_cpu.grouped_mm
+    monkeypatch.setattr(gemm_cpu, "_kernel", None)  # as without a compiler: every problem through the reference
+    a, b, out = torch.randn(9, 12), torch.randn(12, 5), torch.empty(9, 5)
+    gemm_cpu.grouped_mm([(a, b, out, False)])
+    torch.testing.assert_close(out, a @ b)
+
+
+def test_scalar_build_matches_reference():
+    lib = native.load("gemm_cpu_scalar", "gemm_cpu.cpp", ("-DBGL_SCALAR",))
+    scalar = gemm_cpu.GroupedGemmKernel(lib)
+    assert not scalar.simd
+    g = torch.Generator().manual_seed(4)
+    for ta, tb in ((False, True), (True, False)):
+        a, b = operand(29, 70, F32, ta, g), operand(70, 41, BF16, tb, g)
+        out, ref = torch.randn(29, 41, generator=g), torch.empty(29, 41)
+        ref.copy_(out)
+        scalar([(a, b, out, True)])
+        reference.grouped_mm([(a, b, ref, True)])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
