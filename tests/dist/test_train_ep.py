@@ -26,6 +26,13 @@ def test_tiny_mixtral_ep_training_matches_single_process(tmp_path, nproc, ep, dp
     curve, ref = res["curve"], res["ref"]
     assert len(curve) == len(ref) == 20
     assert ref[-1] < ref[0] - 0.1, f"the reference did not learn: {ref}"
-    for a, b in zip(curve, ref):
-        assert abs(a - b) / abs(b) < 1e-4, (curve, ref)
+    # The two runs differ only in rounding (batch 2 vs 4 through the dense GEMMs, partial sums across ranks):
+    # ~1e-7 in the first steps. A router near-tie can flip under such a last-bit difference, after which AdamW
+    # (which normalises every gradient coordinate) carries the two runs apart slowly: measured up to 4.5e-3
+    # relative by step 20 for this data with the native grouped GEMM, 8.5e-6 with torch.mm, and 1e-7..1e-5 for
+    # both on other seeds. So: the first five steps to 1e-5, the whole curve to 1e-2 (a lost expert shard or
+    # misrouted gradients move it by far more; the gradients' scale, to which AdamW is blind, is held to 1e-5
+    # by the one-step tests in test_moe_ep.py).
+    for i, (a, b) in enumerate(zip(curve, ref)):
+        assert abs(a - b) / abs(b) < (1e-5 if i < 5 else 1e-2), (i, curve, ref)
     print("losses", [round(x, 4) for x in ref[::4]], "max rel diff", max(abs(a - b) / abs(b) for a, b in zip(curve, ref)))

@@ -53,7 +53,7 @@ def resolve_dtypes(model_dir: str, config: EngineConfig):
     import torch
 
     from bagualu.models.hf.load import _default_device, read_config, resolve_dtype
-    from bagualu.moe.experts import gemm_via_fp32
+    from bagualu.ops.reference import gemm_via_fp32
     from bagualu.ops import linear_weight_dtypes
 
     cfg, _ = read_config(Path(model_dir))

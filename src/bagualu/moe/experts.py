@@ -16,12 +16,15 @@ The compute is one ``autograd.Function`` (``SwiGLUExperts``) rather than autogra
   ``F.silu`` runs it), two in the forward. Gate and up stay two GEMMs: one ``[2F, D]`` GEMM against
   their concatenation measured slower here at F = 1024 (and no faster at 512) and costs a weight copy.
 
-Half-precision GEMMs run on the fp32 units where the platform measures them slower (``gemm_via_fp32``).
+Each pass's per-expert GEMMs are one call of the platform's ``grouped_mm`` (forward: gate and up, then down;
+backward: da and dW_down, then dx's gate term with dW_gate and dW_up, then dx's up term): on CPU one job
+that keeps every core busy to the last expert and reads bf16 operands as stored; the reference runs one
+``torch.mm`` each, half-precision ones on the fp32 units where the platform measures them slower
+(``gemm_via_fp32``).
 """
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -29,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bagualu.memory import workspace
+from bagualu.ops import kernel
+from bagualu.ops.reference import gemm_via_fp32
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -47,36 +52,11 @@ def cast_for_autocast(x, *weights):
     return (x.to(dt), *(w.to(dt) for w in weights))
 
 
-@functools.lru_cache(maxsize=None)
-def gemm_via_fp32(dtype: torch.dtype, device_type: str) -> bool:
-    """True where the platform's GEMM in ``dtype`` is slower than in fp32 — bf16 on CPUs without bf16 units
-    (measured here on an AVX2 EPYC: 1.4 vs 137 GFLOP/s). There the expert GEMMs run on the fp32 units:
-    bf16 operands are exact in fp32, a bf16 GEMM accumulates in fp32 anyway, and the result is rounded
-    back to bf16 — the same numbers up to summation order, at fp32 speed. Decided from the platform's
-    measured (cached) peak figures, once per process."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    from bagualu.platform import current_platform
-
-    plat = current_platform()
-    return plat.device_type == device_type and plat.peak_flops(dtype) < plat.peak_flops(torch.float32)
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.mm`` (into ``out``), through fp32 where ``gemm_via_fp32`` says so."""
-    if gemm_via_fp32(a.dtype, a.device.type):
-        with torch.autocast(a.device.type, enabled=False):  # else autocast would cast the fp32 operands back
-            r = torch.mm(a.float(), b.float())
-        return r.to(a.dtype) if out is None else out.copy_(r)
-    return torch.mm(a, b, out=out)
-
-
-def _addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``c += a @ b`` in place, through fp32 where ``gemm_via_fp32`` says so."""
-    if gemm_via_fp32(a.dtype, a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return c.copy_(torch.addmm(c.float(), a.float(), b.float()))
-    return c.addmm_(a, b)
+def _gemms(problems) -> None:
+    """``out (+)= a @ b`` for every ``(a, b, out, accumulate)``: the platform's grouped GEMM (on CPU one job over
+    every expert's slice, bf16 operands read as stored), else one ``torch.mm`` each, through fp32 where
+    ``gemm_via_fp32`` says so (``ops.reference.grouped_mm``)."""
+    kernel("grouped_mm")(problems)
 
 
 def _slices(counts: list[int]):
@@ -104,16 +84,14 @@ def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], k
     N, F_ = x_ND.shape[0], w_gate_EFD.shape[1]
     g_NF = take((N, F_), x_ND.dtype, x_ND.device)
     u_NF = take((N, F_), x_ND.dtype, x_ND.device)
-    for e, s, t in _slices(counts):
-        _mm(x_ND[s:t], w_gate_EFD[e].t(), out=g_NF[s:t])
-        _mm(x_ND[s:t], w_up_EFD[e].t(), out=u_NF[s:t])
+    _gemms([(x_ND[s:t], w[e].t(), o[s:t], False) for e, s, t in _slices(counts)
+            for w, o in ((w_gate_EFD, g_NF), (w_up_EFD, u_NF))])
     if keep:  # a = silu(g) · u in a pool buffer; g stays for the backward
         a_NF = torch._C._nn.silu(g_NF, out=workspace.take((N, F_), x_ND.dtype, x_ND.device)).mul_(u_NF)
     else:
         a_NF = F.silu(g_NF, inplace=True).mul_(u_NF)
     y_ND = x_ND.new_empty(N, w_down_EDF.shape[1])
-    for e, s, t in _slices(counts):
-        _mm(a_NF[s:t], w_down_EDF[e].t(), out=y_ND[s:t])
+    _gemms([(a_NF[s:t], w_down_EDF[e].t(), y_ND[s:t], False) for e, s, t in _slices(counts)])
     if keep:
         workspace.give(a_NF)
         return y_ND, (x_ND, g_NF, u_NF)
@@ -149,9 +127,8 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
     a_NF = torch.mul(silu, u_NF, out=workspace.take(shape, dt, dev))
     da_NF = workspace.take(shape, dt, dev)
     dw_down = _idle_zeroed(torch.empty_like(w_down), counts)
-    for e, s, t in _slices(counts):
-        _mm(dy_ND[s:t], w_down[e], out=da_NF[s:t])
-        _mm(dy_ND[s:t].t(), a_NF[s:t], out=dw_down[e])
+    _gemms([p for e, s, t in _slices(counts)
+            for p in ((dy_ND[s:t], w_down[e], da_NF[s:t], False), (dy_ND[s:t].t(), a_NF[s:t], dw_down[e], False))])
     du_NF = torch.mul(da_NF, silu, out=a_NF)  # a is no longer needed
     # dg = da · u · silu'(g): silu_backward is PyTorch's one-pass derivative (what autograd over F.silu
     # runs), written over silu, which is no longer needed
@@ -159,12 +136,12 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
     dx_ND = (dx_out if dx_out is not None else x_ND.new_empty(x_ND.shape)) if need_dx else None
     dw_gate = _idle_zeroed(torch.empty_like(w_gate), counts)
     dw_up = _idle_zeroed(torch.empty_like(w_up), counts)
-    for e, s, t in _slices(counts):
-        if dx_ND is not None:
-            _mm(dg_NF[s:t], w_gate[e], out=dx_ND[s:t])
-            _addmm_(dx_ND[s:t], du_NF[s:t], w_up[e])
-        _mm(dg_NF[s:t].t(), x_ND[s:t], out=dw_gate[e])
-        _mm(du_NF[s:t].t(), x_ND[s:t], out=dw_up[e])
+    # dx = dg · w_gate + du · w_up: the second term accumulates, so it runs after the first (its own job)
+    _gemms([p for e, s, t in _slices(counts)
+            for p in (((dg_NF[s:t], w_gate[e], dx_ND[s:t], False),) if dx_ND is not None else ())
+            + ((dg_NF[s:t].t(), x_ND[s:t], dw_gate[e], False), (du_NF[s:t].t(), x_ND[s:t], dw_up[e], False))])
+    if dx_ND is not None:
+        _gemms([(du_NF[s:t], w_up[e], dx_ND[s:t], True) for e, s, t in _slices(counts)])
     if dx_ND is not None and sum(counts) < x_ND.shape[0]:
         dx_ND[sum(counts):] = 0
     workspace.give(da_NF, du_NF, dg_NF)

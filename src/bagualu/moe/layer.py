@@ -27,10 +27,11 @@ from bagualu.moe.dispatch import capacity, kept_routes, make_dispatch
 from bagualu.moe.infer import local_experts_inference, one_token_experts
 from bagualu.moe.local import LocalExperts
 from bagualu.moe.ep import expert_parallel
-from bagualu.moe.experts import Experts, gemm_via_fp32
+from bagualu.moe.experts import Experts
 from bagualu.moe.mlp import MLP
 from bagualu.moe.router import CAPACITY_ROUTERS, Router
 from bagualu.ops.registry import serving_path
+from bagualu.ops.reference import gemm_via_fp32
 
 
 class MoE(nn.Module):
