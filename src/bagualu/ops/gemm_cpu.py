@@ -42,15 +42,15 @@ class GroupedGemmKernel:
         self.simd = bool(lib.bgl_gemm_simd())
 
     def __call__(self, problems) -> None:
-        native_, rest = [], []
+        ours, rest = [], []
         for p in problems:
-            (native_ if covers(*p) else rest).append(p)
+            (ours if covers(*p) else rest).append(p)
         if rest:
             reference.grouped_mm(rest)
-        if not native_:
+        if not ours:
             return
-        arr = (MM * len(native_))()
-        for s, (a, b, out, accumulate) in zip(arr, native_):
+        arr = (MM * len(ours))()
+        for s, (a, b, out, accumulate) in zip(arr, ours):
             s.a, s.sa_m, s.sa_k = a.data_ptr(), a.stride(0), a.stride(1)
             s.b, s.sb_k, s.sb_n = b.data_ptr(), b.stride(0), b.stride(1)
             s.c, s.ldc = out.data_ptr(), out.stride(0)
@@ -58,7 +58,7 @@ class GroupedGemmKernel:
             s.N = b.shape[1]
             s.flags = ((_A_BF16 if a.dtype is torch.bfloat16 else 0) | (_B_BF16 if b.dtype is torch.bfloat16 else 0)
                        | (_C_BF16 if out.dtype is torch.bfloat16 else 0) | (_ACCUMULATE if accumulate else 0))
-        self._run(arr, len(native_), kernel_threads())
+        self._run(arr, len(ours), kernel_threads())
 
 
 def covers(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:

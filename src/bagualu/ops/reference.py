@@ -50,7 +50,9 @@ def gemm_via_fp32(dtype: torch.dtype, device_type: str) -> bool:
 def grouped_mm(problems) -> None:
     """``out (+)= a @ b`` for every ``(a, b, out, accumulate)`` of ``problems`` (2-D tensors; ``out`` written in
     place, in its own dtype): one ``torch.mm``/``addmm_`` each, through fp32 where the operands' dtypes differ
-    from ``out``'s or ``gemm_via_fp32`` says the platform's half-precision GEMM is slower."""
+    from ``out``'s or ``gemm_via_fp32`` says the platform's half-precision GEMM is slower. A platform kernel may
+    run the problems concurrently: one call's outputs must not overlap each other or any operand (a second
+    term into the same output is a second call)."""
     for a, b, out, accumulate in problems:
         if a.dtype != out.dtype or b.dtype != out.dtype or gemm_via_fp32(out.dtype, out.device.type):
             with torch.autocast(out.device.type, enabled=False):  # else autocast would cast the fp32 operands back
