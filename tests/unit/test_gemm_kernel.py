@@ -138,3 +138,14 @@ def test_scalar_build_matches_reference():
         scalar([(a, b, out, True)])
         reference.grouped_mm([(a, b, ref, True)])
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_general_strides():
+    """Neither operand with a unit stride (every other row, every third column): the scalar packing paths."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(70, 60, generator=g)[:60:2, ::2]  # [30, 30], strides (120, 2)
+    for dtype in (F32, BF16):
+        a = torch.randn(80, 90, generator=g).to(dtype)[::2, ::3]  # [40, 30], strides (180, 3)
+        assert a.stride() == (180, 3) and gemm_cpu.covers(a, b, torch.empty(40, 30))
+        check(a, b, torch.empty(40, 30), False)
+        check(a, b, torch.randn(40, 30, generator=g), True)
