@@ -15,15 +15,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
+
 namespace {
 
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN (quiet)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
+using bgl::f32_to_bf16;
 
 }  // namespace
 

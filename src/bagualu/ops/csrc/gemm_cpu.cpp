@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "helpers.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(BGL_SCALAR)  // -DBGL_SCALAR: the tests' scalar build
@@ -50,19 +51,8 @@ constexpr int MR = 6, NR = 16;
 constexpr int64_t KC = 256;  // packed A block MC x KC = 120 KB (L2), a B panel KC x NR = 16 KB (L1)
 constexpr int64_t MC = 120;
 
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN (quiet)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using bgl::bf16_to_f32;
+using bgl::f32_to_bf16;
 
 template <bool BF>
 inline float at(const void* p, int64_t i) {
@@ -74,8 +64,7 @@ inline float at(const void* p, int64_t i) {
 template <bool BF>
 inline __m256 load8(const void* p, int64_t i) {  // 8 contiguous values as fp32
   if constexpr (BF) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return bgl::widen8_bf16(static_cast<const uint16_t*>(p) + i);
   } else {
     return _mm256_loadu_ps(static_cast<const float*>(p) + i);
   }

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "gemm_problem.h"
 #include "helpers.h"
 
@@ -35,12 +36,7 @@ namespace {
 
 enum { F32 = 0, BF16 = 1 };
 
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using bgl::bf16_to_f32;
 
 #if BGL_SIMD
 template <int WD>
@@ -48,8 +44,7 @@ inline __m256 load_w(const void* w, int64_t i) {
   if constexpr (WD == F32) {
     return _mm256_loadu_ps(static_cast<const float*>(w) + i);
   } else {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return bgl::widen8_bf16(static_cast<const uint16_t*>(w) + i);
   }
 }
 

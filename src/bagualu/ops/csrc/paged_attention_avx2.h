@@ -37,10 +37,7 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 
 // 8 consecutive cache values widened to fp32 (bf16 -> fp32 is a 16-bit shift)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
+inline __m256 load8(const uint16_t* p) { return bgl::widen8_bf16(p); }
 
 // QK: RT query vectors + one key vector + RT*JT accumulators; PV: RT broadcast probabilities + one value
 // vector + RT*NC accumulators; each at most 16 registers.

@@ -29,6 +29,7 @@
 #include <memory>
 #include <vector>
 
+#include "bf16.h"
 #include "helpers.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(BGL_SCALAR)
@@ -50,20 +51,8 @@ constexpr double kMinParallelWork = 1 << 18;  // rows x keys x Dh below which on
 
 enum DType : int { F32 = 0, BF16 = 1 };
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
+using bgl::bf16_to_f32;
+using bgl::f32_to_bf16;
 
 void to_f32(const void* src, int dtype, int64_t n, float* dst) {
   if (dtype == F32) {
@@ -73,10 +62,7 @@ void to_f32(const void* src, int dtype, int64_t n, float* dst) {
   const uint16_t* s = static_cast<const uint16_t*>(src);
   int64_t i = 0;
 #if BGL_AVX2
-  for (; i + 8 <= n; i += 8) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, bgl::widen8_bf16(s + i));
 #endif
   for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
 }
