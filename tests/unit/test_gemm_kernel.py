@@ -44,6 +44,18 @@ def test_bf16_operands_and_outputs(da, db, dc, tb):
         check(a, b, torch.randn(70, 45, generator=g).to(dc), accumulate)
 
 
+@pytest.mark.parametrize("M,K,N", [(5, 3, 7), (12, 16, 32), (13, 17, 33), (25, 401, 40), (130, 777, 50)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_bf16_times_bf16_every_layout_and_edge(M, K, N, ta, tb):
+    """Both operands bf16: on CPUs with AVX512-BF16 the pair-packed vdpbf16ps path (odd K pads its last pair,
+    K = 401 and 777 cross the 384-deep blocks), elsewhere the widening one; fp32 and bf16 outputs."""
+    g = torch.Generator().manual_seed(M + 7 * K + 13 * N)
+    for dc in (F32, BF16):
+        for accumulate in (False, True):
+            a, b = operand(M, K, BF16, ta, g), operand(K, N, BF16, tb, g)
+            check(a, b, torch.randn(M, N, generator=g).to(dc), accumulate)
+
+
 def test_bf16_output_is_rounded_once_to_nearest_even():
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(20, 64, generator=g), torch.randn(64, 30, generator=g)
@@ -126,18 +138,21 @@ def test_cpu_platform_resolves_the_native_kernel_and_the_reference_falls_back(mo
     torch.testing.assert_close(out, a @ b)
 
 
-def test_scalar_build_matches_reference():
-    lib = native.load("gemm_cpu_scalar", "gemm_cpu.cpp", ("-DBGL_SCALAR",))
-    scalar = gemm_cpu.GroupedGemmKernel(lib)
-    assert not scalar.simd
+@pytest.mark.parametrize("flag,isas", [("-DBGL_SCALAR", ("scalar",)), ("-DBGL_NO_AVX512", ("scalar", "avx2"))])
+def test_narrower_builds_match_reference(flag, isas):
+    """The scalar build, and the AVX2 build on a CPU that has AVX-512 (what an AVX2-only CPU runs)."""
+    lib = native.load("gemm_cpu" + flag.lower().replace("-dbgl", ""), "gemm_cpu.cpp", (flag,))
+    built = gemm_cpu.GroupedGemmKernel(lib)
+    assert built.isa in isas
     g = torch.Generator().manual_seed(4)
-    for ta, tb in ((False, True), (True, False)):
-        a, b = operand(29, 70, F32, ta, g), operand(70, 41, BF16, tb, g)
-        out, ref = torch.randn(29, 41, generator=g), torch.empty(29, 41)
-        ref.copy_(out)
-        scalar([(a, b, out, True)])
-        reference.grouped_mm([(a, b, ref, True)])
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for da, db in ((F32, BF16), (BF16, BF16), (F32, F32)):
+        for ta, tb in ((False, True), (True, False)):
+            a, b = operand(29, 70, da, ta, g), operand(70, 41, db, tb, g)
+            out, ref = torch.randn(29, 41, generator=g), torch.empty(29, 41)
+            ref.copy_(out)
+            built([(a, b, out, True)])
+            reference.grouped_mm([(a, b, ref, True)])
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_general_strides():
@@ -147,5 +162,6 @@ def test_general_strides():
     for dtype in (F32, BF16):
         a = torch.randn(80, 90, generator=g).to(dtype)[::2, ::3]  # [40, 30], strides (180, 3)
         assert a.stride() == (180, 3) and gemm_cpu.covers(a, b, torch.empty(40, 30))
-        check(a, b, torch.empty(40, 30), False)
-        check(a, b, torch.randn(40, 30, generator=g), True)
+        for bb in (b, b.to(dtype)):  # bf16 x bf16: the pair packing's scalar paths
+            check(a, bb, torch.empty(40, 30), False)
+            check(a, bb, torch.randn(40, 30, generator=g), True)

@@ -1,4 +1,4 @@
-"""The CPU platform's ``grouped_mm``: ``csrc/gemm_cpu.cpp`` (packed, cache-blocked AVX2 GEMM) via ctypes.
+"""The CPU platform's ``grouped_mm``: ``csrc/gemm_cpu.cpp`` (packed, cache-blocked AVX2/AVX-512 GEMM) via ctypes.
 
 Same semantics as ``ops.reference.grouped_mm``: ``out (+)= a @ b`` for every ``(a, b, out, accumulate)``, all
 problems of a call as one job on the caller and the helper threads (the linear kernel's pool, adopted), so
@@ -24,6 +24,7 @@ from bagualu.ops.threads import kernel_threads
 _DTYPES = (torch.float32, torch.bfloat16)
 _A_BF16, _B_BF16, _C_BF16, _ACCUMULATE = 1, 2, 4, 8
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_ISA = ("scalar", "avx2", "avx512", "avx512-bf16")  # bgl_gemm_simd()'s codes
 
 
 class MM(ctypes.Structure):
@@ -39,7 +40,8 @@ class GroupedGemmKernel:
         self._run.restype = None
         self._run.argtypes = [_ptr, _i64, ctypes.c_int]
         lib.bgl_gemm_simd.restype = ctypes.c_int
-        self.simd = bool(lib.bgl_gemm_simd())
+        self.isa = _ISA[lib.bgl_gemm_simd()]
+        self.simd = self.isa != "scalar"
 
     def __call__(self, problems) -> None:
         ours, rest = [], []

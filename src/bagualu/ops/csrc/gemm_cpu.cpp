@@ -31,6 +31,19 @@
 #else
 #define BGL_SIMD 0
 #endif
+// AVX-512 (-DBGL_NO_AVX512: the tests' AVX2 build on such a CPU): 12 x 32 tiles in 24 zmm accumulators; with
+// AVX512-BF16, bf16 x bf16 problems keep their operands bf16, packed in k-pairs, and multiply them with
+// vdpbf16ps (two bf16 products per fp32 lane per instruction: twice the fp32 rate).
+#if BGL_SIMD && defined(__AVX512F__) && !defined(BGL_NO_AVX512)
+#define BGL_AVX512 1
+#else
+#define BGL_AVX512 0
+#endif
+#if BGL_AVX512 && defined(__AVX512BF16__)
+#define BGL_DPBF16 1
+#else
+#define BGL_DPBF16 0
+#endif
 
 // One problem (mirrored by ops/gemm_cpu.py's ctypes structure; every field 8 bytes, so no padding).
 struct BglMM {
@@ -47,9 +60,15 @@ struct BglMM {
 namespace {
 
 constexpr int64_t kABf16 = 1, kBBf16 = 2, kCBf16 = 4, kAccumulate = 8;
+#if BGL_AVX512
+constexpr int MR = 12, NR = 32;
+constexpr int64_t KC = 192;  // a B panel KC x NR = 24 KB (L1), packed A block MC x KC = 90 KB (L2)
+#else
 constexpr int MR = 6, NR = 16;
-constexpr int64_t KC = 256;  // packed A block MC x KC = 120 KB (L2), a B panel KC x NR = 16 KB (L1)
+constexpr int64_t KC = 256;  // a B panel KC x NR = 16 KB (L1), packed A block MC x KC = 120 KB (L2)
+#endif
 constexpr int64_t MC = 120;
+constexpr int64_t KCB = 2 * KC;  // bf16 pairs: the same bytes per panel hold twice the k
 
 using bgl::bf16_to_f32;
 using bgl::f32_to_bf16;
@@ -113,15 +132,21 @@ void pack_a(const BglMM& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, floa
     if (p.sa_k == 1) {  // rows contiguous in k
       int64_t k = 0;
 #if BGL_SIMD
-      if (rows == MR) {  // 8 k at a time: 6 rows (+2 ignored) transposed to 8 k-rows of 6
+      if (rows == MR) {  // 8 k at a time: each 8 rows (the last group zero-padded) transposed to 8 k-rows
         const int64_t base = (i0 + g) * p.sa_m + k0;
-        for (; k + 8 <= kc; k += 8) {
-          __m256 r[8];
-          for (int ii = 0; ii < MR; ++ii) r[ii] = load8<BF>(p.a, base + ii * p.sa_m + k);
-          r[6] = r[7] = _mm256_setzero_ps();
-          transpose8(r);
-          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(o + (k + q) * MR, r[q]);
-        }
+        for (; k + 8 <= kc; k += 8)
+          for (int h = 0; h < MR; h += 8) {
+            const int n = MR - h < 8 ? MR - h : 8;
+            __m256 r[8];
+            for (int ii = 0; ii < 8; ++ii) r[ii] = ii < n ? load8<BF>(p.a, base + (h + ii) * p.sa_m + k) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int q = 0; q < 8; ++q) {
+              float* dst = o + (k + q) * MR + h;
+              if (n == 8) _mm256_storeu_ps(dst, r[q]);
+              else if (n == 4) _mm_storeu_ps(dst, _mm256_castps256_ps128(r[q]));
+              else _mm256_storeu_ps(dst, r[q]);  // n == 6: 2 past, overwritten by the next k (+2 floats of room)
+            }
+          }
       }
 #endif
       for (int64_t ii = 0; ii < MR; ++ii) {
@@ -149,10 +174,8 @@ void pack_b(const BglMM& p, int64_t j0, int64_t nc, int64_t k0, int64_t kc, floa
     const int64_t full = nc / NR * NR;
     for (int64_t k = 0; k < kc; ++k) {
       const int64_t base = (k0 + k) * p.sb_k + j0;
-      for (int64_t g = 0; g < full; g += NR) {
-        _mm256_storeu_ps(out + g * kc + k * NR, load8<BF>(p.b, base + g));
-        _mm256_storeu_ps(out + g * kc + k * NR + 8, load8<BF>(p.b, base + g + 8));
-      }
+      for (int64_t g = 0; g < full; g += NR)
+        for (int h = 0; h < NR; h += 8) _mm256_storeu_ps(out + g * kc + k * NR + h, load8<BF>(p.b, base + g + h));
     }
     if (full == nc) return;
     j0 += full;
@@ -193,8 +216,51 @@ void pack_b(const BglMM& p, int64_t j0, int64_t nc, int64_t k0, int64_t kc, floa
   }
 }
 
+// Writes the MR x NR accumulator tile t to C[mr, nr] (+=).
+inline void store_tile(const float (&t)[MR][NR], float* c, int64_t ldc, bool acc, int64_t mr, int64_t nr) {
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i][j] : t[i][j];
+}
+
+#if BGL_AVX512
+// The 24 accumulators r[i][h] (row i, 16-column half h) to C[mr, nr] (+=).
+inline void store_zmm(const __m512 (&r)[MR][2], float* c, int64_t ldc, bool acc, int64_t mr, int64_t nr) {
+  if (mr == MR && nr == NR) {
+    for (int i = 0; i < MR; ++i)
+      for (int h = 0; h < 2; ++h) {
+        float* ci = c + i * ldc + 16 * h;
+        _mm512_storeu_ps(ci, acc ? _mm512_add_ps(_mm512_loadu_ps(ci), r[i][h]) : r[i][h]);
+      }
+    return;
+  }
+  alignas(64) float t[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(t[i], r[i][0]);
+    _mm512_store_ps(t[i] + 16, r[i][1]);
+  }
+  store_tile(t, c, ldc, acc, mr, nr);
+}
+#endif
+
 // C[mr, nr] (+)= a panel [kc][MR] · b panel [kc][NR] (C row stride ldc).
 void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool acc, int64_t mr, int64_t nr) {
+#if BGL_AVX512
+  __m512 r[MR][2];
+  for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i]);
+      r[i][0] = _mm512_fmadd_ps(x, b0, r[i][0]);
+      r[i][1] = _mm512_fmadd_ps(x, b1, r[i][1]);
+    }
+    a += MR;
+    b += NR;
+  }
+  store_zmm(r, c, ldc, acc, mr, nr);
+#else
   alignas(32) float t[MR][NR];
 #if BGL_SIMD
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
@@ -247,8 +313,8 @@ void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bo
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) t[i][j] += a[i] * b[j];
 #endif
-  for (int64_t i = 0; i < mr; ++i)
-    for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i][j] : t[i][j];
+  store_tile(t, c, ldc, acc, mr, nr);
+#endif
 }
 
 // Per-thread packing buffers and bf16-C scratch, kept at their largest size (helper threads live long).
@@ -263,22 +329,15 @@ struct Plan {
   std::vector<int64_t> tm, tn, cols, first;  // per problem: tile rows/cols, tiles per row; first chunk
 };
 
+// The K loop of a tile, fp32 panels: C[mt, nt] (+)= A[i0.., :] · B[:, j0..] (acc: add to what C holds).
 template <bool ABF, bool BBF>
-void tile(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt) {
-  const bool cbf = p.flags & kCBf16, accumulate = p.flags & kAccumulate;
-  float* c = cbf ? scratch(2, static_cast<size_t>(mt * nt)) : static_cast<float*>(p.c) + i0 * p.ldc + j0;
-  const int64_t ldc = cbf ? nt : p.ldc;
-  if (p.K == 0) {
-    for (int64_t i = 0; i < mt; ++i)
-      for (int64_t j = 0; j < nt; ++j)
-        if (cbf || !accumulate) c[i * ldc + j] = 0.f;
-  }
+void blocks(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt, float* c, int64_t ldc, bool accumulate) {
   const int64_t ntp = (nt + NR - 1) / NR * NR;
   float* pb = scratch(0, static_cast<size_t>(ntp * KC));
   float* pa = scratch(1, static_cast<size_t>((MC + MR) * KC + 8));
   for (int64_t k0 = 0; k0 < p.K; k0 += KC) {
     const int64_t kc = p.K - k0 < KC ? p.K - k0 : KC;
-    const bool acc = k0 > 0 || (accumulate && !cbf);
+    const bool acc = k0 > 0 || accumulate;
     pack_b<BBF>(p, j0, nt, k0, kc, pb);
     for (int64_t ib = 0; ib < mt; ib += MC) {
       const int64_t mc = mt - ib < MC ? mt - ib : MC;
@@ -289,11 +348,163 @@ void tile(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt) {
                 nt - jr < NR ? nt - jr : NR);
     }
   }
+}
+
+#if BGL_DPBF16
+// bf16 x bf16 with vdpbf16ps. Panels hold (k, k+1) pairs as 32-bit words (an odd block's last pair padded
+// with zero): A[i0:i0+mc, k0:k0+kc] -> out[g][q][MR][2], B[k0:k0+kc, j0:j0+nc] -> out[g][q][NR][2].
+inline uint32_t pair(const uint16_t* x, int64_t lo, int64_t step, bool odd) {
+  return static_cast<uint32_t>(x[lo]) | (odd ? 0u : static_cast<uint32_t>(x[lo + step]) << 16);
+}
+
+// n <= 8 sources' next 8 pairs (8 dwords each, from src[i] + off) -> 8 rows of n dwords at dst, dst + ld, ...
+inline void transpose_pairs(const uint16_t* const* src, int n, int64_t off, uint32_t* dst, int64_t ld) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = i < n ? _mm256_loadu_ps(reinterpret_cast<const float*>(src[i] + off)) : _mm256_setzero_ps();
+  transpose8(r);
+  for (int q = 0; q < 8; ++q) {
+    float* d = reinterpret_cast<float*>(dst + q * ld);
+    if (n == 8) _mm256_storeu_ps(d, r[q]);
+    else _mm_storeu_ps(d, _mm256_castps256_ps128(r[q]));  // n == 4
+  }
+}
+
+void pack_a_pairs(const BglMM& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
+  const uint16_t* a = static_cast<const uint16_t*>(p.a);
+  const int64_t kp = (kc + 1) / 2;
+  for (int64_t g = 0; g < mc; g += MR) {
+    uint32_t* o = out + g * kp;
+    const int64_t rows = mc - g < MR ? mc - g : MR;
+    int64_t q = 0;
+    if (p.sa_m == 1 && rows == MR) {  // a transposed view: rows k and k + 1 hold the MR values, interleaved
+      const __mmask16 m = (1u << MR) - 1;
+      for (; 2 * q + 1 < kc; ++q) {
+        const uint16_t* r0 = a + (k0 + 2 * q) * p.sa_k + i0 + g;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + p.sa_k));
+        _mm512_mask_storeu_epi32(o + q * MR, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    if (p.sa_k == 1 && rows == MR) {  // rows contiguous in k: 8 pairs of 8 (then 4) rows at a time, transposed
+      const uint16_t* src[MR];
+      for (int ii = 0; ii < MR; ++ii) src[ii] = a + (i0 + g + ii) * p.sa_m + k0;
+      for (; 2 * q + 16 <= kc; q += 8)
+        for (int h = 0; h < MR; h += 8) transpose_pairs(src + h, MR - h < 8 ? MR - h : 8, 2 * q, o + q * MR + h, MR);
+    }
+    for (; q < kp; ++q) {
+      const bool odd = 2 * q + 1 >= kc;
+      const int64_t k = k0 + 2 * q;
+      for (int64_t ii = 0; ii < MR; ++ii)
+        o[q * MR + ii] = ii < rows ? pair(a, (i0 + g + ii) * p.sa_m + k * p.sa_k, p.sa_k, odd) : 0u;
+    }
+  }
+}
+
+void pack_b_pairs(const BglMM& p, int64_t j0, int64_t nc, int64_t k0, int64_t kc, uint32_t* out) {
+  const uint16_t* b = static_cast<const uint16_t*>(p.b);
+  const int64_t kp = (kc + 1) / 2;
+  int64_t full = 0;
+  if (p.sb_n == 1) {  // rows of B contiguous: two rows' segments, read once in order, interleaved 16 at a time
+    full = nc / NR * NR;
+    for (int64_t q = 0; q < kp; ++q) {
+      const int64_t k = k0 + 2 * q;
+      const uint16_t* r0 = b + k * p.sb_k + j0;
+      const uint16_t* r1 = r0 + p.sb_k;
+      const bool odd = 2 * q + 1 >= kc;
+      for (int64_t g = 0; g < full; g += NR)
+        for (int h = 0; h < NR; h += 16) {
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + g + h)));
+          const __m512i hi = odd ? _mm512_setzero_si512()
+                                 : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + g + h)));
+          _mm512_storeu_si512(out + g * kp + q * NR + h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+  }
+  for (int64_t g = full; g < nc; g += NR) {  // column by column (a transposed view: each column's pairs in order)
+    uint32_t* o = out + g * kp;
+    const int64_t cols = nc - g < NR ? nc - g : NR;
+    int64_t q0 = 0;
+    if (p.sb_k == 1 && cols == NR) {  // columns contiguous in k: 8 pairs of 8 columns at a time, transposed
+      const uint16_t* src[NR];
+      for (int jj = 0; jj < NR; ++jj) src[jj] = b + (j0 + g + jj) * p.sb_n + k0;
+      for (; 2 * q0 + 16 <= kc; q0 += 8)
+        for (int h = 0; h < NR; h += 8) transpose_pairs(src + h, 8, 2 * q0, o + q0 * NR + h, NR);
+    }
+    for (int64_t jj = 0; jj < NR; ++jj)
+      for (int64_t q = q0; q < kp; ++q)
+        o[q * NR + jj] = jj < cols ? pair(b, (k0 + 2 * q) * p.sb_k + (j0 + g + jj) * p.sb_n, p.sb_k, 2 * q + 1 >= kc) : 0u;
+  }
+}
+
+// C[mr, nr] (+)= a pair panel [kp][MR] · b pair panel [kp][NR]: 24 vdpbf16ps per pair of k.
+void micro_pairs(int64_t kp, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc, bool acc, int64_t mr,
+                 int64_t nr) {
+  __m512 r[MR][2];
+  for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t q = 0; q < kp; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i]));
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], x, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], x, b1);
+    }
+    a += MR;
+    b += NR;
+  }
+  store_zmm(r, c, ldc, acc, mr, nr);
+}
+
+void blocks_pairs(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt, float* c, int64_t ldc,
+                  bool accumulate) {
+  const int64_t ntp = (nt + NR - 1) / NR * NR;
+  uint32_t* pb = reinterpret_cast<uint32_t*>(scratch(0, static_cast<size_t>(ntp * KCB / 2)));
+  uint32_t* pa = reinterpret_cast<uint32_t*>(scratch(1, static_cast<size_t>((MC + MR) * KCB / 2)));
+  for (int64_t k0 = 0; k0 < p.K; k0 += KCB) {
+    const int64_t kc = p.K - k0 < KCB ? p.K - k0 : KCB, kp = (kc + 1) / 2;
+    const bool acc = k0 > 0 || accumulate;
+    pack_b_pairs(p, j0, nt, k0, kc, pb);
+    for (int64_t ib = 0; ib < mt; ib += MC) {
+      const int64_t mc = mt - ib < MC ? mt - ib : MC;
+      pack_a_pairs(p, i0 + ib, mc, k0, kc, pa);
+      for (int64_t jr = 0; jr < nt; jr += NR)
+        for (int64_t ir = 0; ir < mc; ir += MR)
+          micro_pairs(kp, pa + ir * kp, pb + jr * kp, c + (ib + ir) * ldc + jr, ldc, acc, mc - ir < MR ? mc - ir : MR,
+                      nt - jr < NR ? nt - jr : NR);
+    }
+  }
+}
+#endif
+
+template <bool ABF, bool BBF>
+void tile(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt) {
+  const bool cbf = p.flags & kCBf16, accumulate = p.flags & kAccumulate;
+  float* c = cbf ? scratch(2, static_cast<size_t>(mt * nt)) : static_cast<float*>(p.c) + i0 * p.ldc + j0;
+  const int64_t ldc = cbf ? nt : p.ldc;
+  if (p.K == 0) {
+    for (int64_t i = 0; i < mt; ++i)
+      for (int64_t j = 0; j < nt; ++j)
+        if (cbf || !accumulate) c[i * ldc + j] = 0.f;
+  }
+#if BGL_DPBF16
+  if constexpr (ABF && BBF) blocks_pairs(p, i0, mt, j0, nt, c, ldc, accumulate && !cbf);
+  else
+#endif
+    blocks<ABF, BBF>(p, i0, mt, j0, nt, c, ldc, accumulate && !cbf);
   if (cbf) {
     uint16_t* out = static_cast<uint16_t*>(p.c);
     for (int64_t i = 0; i < mt; ++i) {
       uint16_t* row = out + (i0 + i) * p.ldc + j0;
-      for (int64_t j = 0; j < nt; ++j) row[j] = f32_to_bf16(accumulate ? bf16_to_f32(row[j]) + c[i * nt + j] : c[i * nt + j]);
+      const float* ci = c + i * nt;
+      int64_t j = 0;
+#if BGL_SIMD
+      for (; j + 8 <= nt; j += 8) {
+        const __m256 v = _mm256_loadu_ps(ci + j);
+        bgl::narrow8_bf16(accumulate ? _mm256_add_ps(bgl::widen8_bf16(row + j), v) : v, row + j);
+      }
+#endif
+      for (; j < nt; ++j) row[j] = f32_to_bf16(accumulate ? bf16_to_f32(row[j]) + ci[j] : ci[j]);
     }
   }
 }
@@ -317,7 +528,7 @@ void run_chunk(const void* ctx, int64_t c) {
 
 // Tiles of 1026 x 768 (each packs its own A rows and B columns; an expert's slice is usually one tile):
 // packing is 5-7% of a tile's time (perf, 1024 x 1024 x 2816).
-constexpr int64_t kTileRows = 171 * MR, kTileCols = 48 * NR;
+constexpr int64_t kTileRows = (1026 + MR - 1) / MR * MR, kTileCols = 768;
 
 int64_t count_tiles(const BglMM* p, int64_t n, int64_t tm, int64_t tn) {
   int64_t total = 0;
@@ -330,7 +541,8 @@ int64_t count_tiles(const BglMM* p, int64_t n, int64_t tm, int64_t tn) {
 
 extern "C" {
 
-int bgl_gemm_simd() { return BGL_SIMD; }
+// 0: scalar, 1: AVX2, 2: AVX-512, 3: AVX-512 with bf16 dot products
+int bgl_gemm_simd() { return BGL_DPBF16 ? 3 : BGL_AVX512 ? 2 : BGL_SIMD; }
 
 // This library's helper pool (helpers.h), and adopting another library's.
 void* bgl_gemm_helpers_pool() { return bgl::Helpers::handle(); }
@@ -341,8 +553,8 @@ void bgl_gemm_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
 void bgl_gemm_group(const BglMM* problems, int64_t n, int threads) {
   int64_t tm = kTileRows, tn = kTileCols;
   while (count_tiles(problems, n, tm, tn) < 4 * threads) {
-    if (tn > 8 * NR) tn /= 2;
-    else if (tm > 8 * MR) tm /= 2;
+    if (tn > 128) tn = (tn / 2 + NR - 1) / NR * NR;
+    else if (tm > 48) tm = (tm / 2 + MR - 1) / MR * MR;
     else break;
   }
   Plan pl;
