@@ -13,6 +13,7 @@ from hf_models import hf_configs, make_hf_model, save_hf_model
 from bagualu.models.byte_tokenizer import byte_level_tokenizer
 from bagualu.moe.experts import gemm_via_fp32
 from bagualu.ops import linear_cpu, linear_weight_dtypes
+from bagualu.platform import current_platform
 
 MAX_NEW = 12
 ARCHS = ["llama", "mixtral", "qwen2_moe", "mixtral-sliding"]
@@ -108,14 +109,28 @@ BF16_MODES = {"default": dict(), "per-layer-loop": dict(fused_layers=False), "r-
               "widened-fp32": dict(gemm_dtype="float32")}
 
 
+@pytest.fixture
+def slow_bf16_platform(monkeypatch):
+    """The platform as a CPU without bf16 units sees itself (bf16 GEMMs far slower than fp32), whatever this
+    machine has: the decisions that follow from it (``gemm_via_fp32``) are cached, so they are cleared."""
+    plat = current_platform()  # a Platform class
+    fp32 = plat.peak_flops(torch.float32)
+    monkeypatch.setattr(plat, "peak_flops", classmethod(lambda cls, dt: fp32 / 100 if dt is torch.bfloat16 else fp32))
+    gemm_via_fp32.cache_clear()
+    yield
+    monkeypatch.undo()
+    gemm_via_fp32.cache_clear()
+
+
 @pytest.mark.parametrize("bf16_case,mode", [("llama", m) for m in BF16_MODES] + [
     ("mixtral", "default"), ("mixtral", "per-layer-loop"), ("qwen2_moe", "default")], indirect=["bf16_case"])
-def test_bf16_checkpoint_keeps_bf16_projections(bf16_case, mode, monkeypatch):
+def test_bf16_checkpoint_keeps_bf16_projections(bf16_case, mode, monkeypatch, slow_bf16_platform):
     """A bf16 model on a platform whose bf16 GEMMs are slower than fp32 runs its activations in fp32 and, where
     the platform's ``linear`` reads bf16 weights as stored, keeps every projection in bf16 (half the bytes a
     decode step streams; embeddings, norms and routers in fp32): the model transformers computes in fp32 on
     the same values, token for token. Steps of more than ``MAX_ROWS_BF16`` tokens (here 16: the prefill)
-    widen the weights for the BLAS GEMM; decode steps read them as bf16."""
+    widen the weights for the BLAS GEMM; decode steps read them as bf16. (On a CPU with bf16 units the
+    model runs in bf16; the fixture makes this one look like a CPU without them.)"""
     path, refs = bf16_case
     monkeypatch.setattr(linear_cpu, "MAX_ROWS_BF16", 16)
     llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", **BF16_MODES[mode])

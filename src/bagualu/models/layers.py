@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bagualu.models.config import ModelConfig
 from bagualu.models.mla import MLAttention
@@ -17,6 +16,7 @@ from bagualu.models.norm import RMSNorm
 from bagualu.moe import MLP, MoE
 from bagualu.moe.mlp import view_parts
 from bagualu.ops import kernel
+from bagualu.ops.dense import Linear, linear
 
 __all__ = ["RMSNorm", "Attention", "DecoderLayer"]
 
@@ -27,10 +27,10 @@ class Attention(nn.Module):
         D, H, G, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
         self.H, self.G, self.Dh = H, G, Dh
         self.scale = Dh**-0.5
-        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, H * Dh, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, G * Dh, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, G * Dh, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * Dh, D, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3-style: RMSNorm over each head's features, before RoPE
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
@@ -85,7 +85,7 @@ class Attention(nn.Module):
             projs = (self.q_proj, self.k_proj, self.v_proj)
             w = torch.cat([p.weight for p in projs])
             b = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-            q, k, v = F.linear(x_TD, w, b).split([self.H * self.Dh, self.G * self.Dh, self.G * self.Dh], dim=-1)
+            q, k, v = linear(x_TD, w, b).split([self.H * self.Dh, self.G * self.Dh, self.G * self.Dh], dim=-1)
             q, k, v = q.view(T, self.H, self.Dh), k.view(T, self.G, self.Dh), v.view(T, self.G, self.Dh)
         else:
             q = self.q_proj(x_TD).view(T, self.H, self.Dh)

@@ -23,6 +23,7 @@ from bagualu.models.config import ModelConfig
 from bagualu.models.norm import RMSNorm
 from bagualu.models.rope import yarn_mscale
 from bagualu.ops import kernel
+from bagualu.ops.dense import Linear
 
 # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -58,15 +59,15 @@ class MLAttention(nn.Module):
             "apply_rope_interleaved" if m.rope_interleave else "apply_rope")
         self.q_lora = m.q_lora_rank is not None
         if not self.q_lora:
-            self.q_proj = nn.Linear(D, H * Dq, bias=False)
+            self.q_proj = Linear(D, H * Dq, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_proj = Linear(D, m.q_lora_rank, bias=cfg.qkv_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, H * Dq, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.C + self.Dr, bias=cfg.qkv_bias)
+            self.q_b_proj = Linear(m.q_lora_rank, H * Dq, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.C + self.Dr, bias=cfg.qkv_bias)
         self.kv_a_layernorm = RMSNorm(self.C, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.C, H * (self.Dn + self.Dv), bias=False)
-        self.o_proj = nn.Linear(H * self.Dv, D, bias=cfg.o_bias)
+        self.kv_b_proj = Linear(self.C, H * (self.Dn + self.Dv), bias=False)
+        self.o_proj = Linear(H * self.Dv, D, bias=cfg.o_bias)
 
     def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
         if not self.q_lora:

@@ -19,6 +19,7 @@ from bagualu.models.config import ModelConfig
 from bagualu.models.layers import DecoderLayer, RMSNorm
 from bagualu.models.rope import Rotary
 from bagualu.moe import Experts, Router
+from bagualu.ops.dense import Linear
 
 
 class Backbone(nn.Module):
@@ -58,7 +59,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
         self.source_dir: Path | None = None  # where tokenizer files are copied from on save
         self.tie_weights()

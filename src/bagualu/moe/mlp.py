@@ -10,14 +10,15 @@ import torch
 import torch.nn as nn
 
 from bagualu.ops import kernel
+from bagualu.ops.dense import Linear
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, *, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn_dim, bias=bias)
-        self.up_proj = nn.Linear(dim, ffn_dim, bias=bias)
-        self.down_proj = nn.Linear(ffn_dim, dim, bias=bias)
+        self.gate_proj = Linear(dim, ffn_dim, bias=bias)
+        self.up_proj = Linear(dim, ffn_dim, bias=bias)
+        self.down_proj = Linear(ffn_dim, dim, bias=bias)
         self.gate_up_weight: torch.Tensor | None = None
         self.gate_up_bias: torch.Tensor | None = None
 

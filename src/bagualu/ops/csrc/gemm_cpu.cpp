@@ -372,19 +372,27 @@ inline void transpose_pairs(const uint16_t* const* src, int n, int64_t off, uint
 void pack_a_pairs(const BglMM& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
   const uint16_t* a = static_cast<const uint16_t*>(p.a);
   const int64_t kp = (kc + 1) / 2;
+  if (p.sa_m == 1 && p.sa_k != 1) {  // a transposed view: rows k and k + 1 hold a group's MR values; read in order
+    const int64_t full = mc / MR * MR;
+    const __mmask16 m = (1u << MR) - 1;
+    for (int64_t q = 0; q < kp; ++q) {
+      const uint16_t* r0 = a + (k0 + 2 * q) * p.sa_k + i0;
+      const bool odd = 2 * q + 1 >= kc;
+      for (int64_t g = 0; g < full; g += MR) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + g));
+        const __m512i hi = odd ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + p.sa_k + g));
+        _mm512_mask_storeu_epi32(out + g * kp + q * MR, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    if (full == mc) return;
+    i0 += full;
+    mc -= full;
+    out += full * kp;
+  }
   for (int64_t g = 0; g < mc; g += MR) {
     uint32_t* o = out + g * kp;
     const int64_t rows = mc - g < MR ? mc - g : MR;
     int64_t q = 0;
-    if (p.sa_m == 1 && rows == MR) {  // a transposed view: rows k and k + 1 hold the MR values, interleaved
-      const __mmask16 m = (1u << MR) - 1;
-      for (; 2 * q + 1 < kc; ++q) {
-        const uint16_t* r0 = a + (k0 + 2 * q) * p.sa_k + i0 + g;
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
-        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + p.sa_k));
-        _mm512_mask_storeu_epi32(o + q * MR, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-      }
-    }
     if (p.sa_k == 1 && rows == MR) {  // rows contiguous in k: 8 pairs of 8 (then 4) rows at a time, transposed
       const uint16_t* src[MR];
       for (int ii = 0; ii < MR; ++ii) src[ii] = a + (i0 + g + ii) * p.sa_m + k0;
