@@ -62,7 +62,10 @@ namespace {
 constexpr int64_t kABf16 = 1, kBBf16 = 2, kCBf16 = 4, kAccumulate = 8;
 #if BGL_AVX512
 constexpr int MR = 12, NR = 32;
-constexpr int64_t KC = 192;  // a B panel KC x NR = 24 KB (L1), packed A block MC x KC = 90 KB (L2)
+#ifndef BGL_KC
+#define BGL_KC 256
+#endif
+constexpr int64_t KC = BGL_KC;  // a B panel KC x NR = 32 KB (L1), packed A block MC x KC = 120 KB (L2)
 #else
 constexpr int MR = 6, NR = 16;
 constexpr int64_t KC = 256;  // a B panel KC x NR = 16 KB (L1), packed A block MC x KC = 120 KB (L2)
