@@ -8,8 +8,10 @@ Problems outside that — other dtypes or devices, operands that need gradients 
 ``torch.mm`` each. Built on first use (``ops.native``); when the build is unavailable every call goes to
 the reference after one warning.
 
-Summation order differs from the BLAS (blocks of 256 along K, fp32 accumulators), so results agree with
-``torch.mm`` to fp32 rounding, not bit for bit.
+Summation order differs from the BLAS (blocks of 256 along K, 512 for bf16 pairs; fp32 accumulators), so
+results agree with ``torch.mm`` to fp32 rounding, not bit for bit; on CPUs with AVX512-BF16 a bf16 x bf16
+problem uses the bf16 dot-product instruction, which flushes denormals to zero. ``isa`` names the build:
+scalar, avx2, avx512 or avx512-bf16.
 """
 
 from __future__ import annotations

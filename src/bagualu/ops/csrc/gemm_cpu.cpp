@@ -1,19 +1,24 @@
 // C[M, N] (+)= A[M, K] · B[K, N] for a group of independent problems: the MoE experts' GEMMs (one per expert
-// slice, forward and backward) as one job, on AVX2 CPUs.
+// slice, forward and backward) as one job, and a training linear layer's three GEMMs (ops/dense.py).
 //
 // Why not a loop of torch.mm: the BLAS sgemm this build links runs the experts' shapes (a few hundred to a
-// few thousand rows, K and N 512..5632) at 55-75% of this CPU's FMA peak, and one call per expert leaves the
-// second core idle at every call's ragged end. This is the BLIS scheme (Goto's algorithm) with a 6 x 16
-// register tile: per problem, C is cut into tiles (the job's chunks, claimed by the caller and the helper
-// threads, helpers.h); per tile
-//     for k0 in K by KC:                    pack B[k0:k0+KC, tile's columns] into 16-column panels (L3/L2)
-//       for i0 in the tile's rows by MC:    pack A[i0:i0+MC, k0:k0+KC] into 6-row panels (stays in L2)
-//         for each 16-column panel:         (16 x KC: stays in L1 ...)
-//           for each 6-row panel:           (... while every A panel streams past it)
-//             C[6, 16] (+)= A panel · B panel      12 ymm accumulators, 2 loads + 6 broadcasts per k
+// few thousand rows, K and N 512..5632) at 55-75% of an AVX2 CPU's FMA peak and, on AVX-512 CPUs, with
+// 256-bit code at half their peak; and one call per expert leaves the second core idle at every call's
+// ragged end. This is the BLIS scheme (Goto's algorithm) with an MR x NR register tile: per problem, C is cut
+// into tiles (the job's chunks, claimed by the caller and the helper threads, helpers.h); per tile
+//     for k0 in K by KC:                    pack B[k0:k0+KC, tile's columns] into NR-column panels (L2)
+//       for i0 in the tile's rows by MC:    pack A[i0:i0+MC, k0:k0+KC] into MR-row panels (stays in L2)
+//         for each NR-column panel:         (NR x KC: stays in L1 ...)
+//           for each MR-row panel:          (... while every A panel streams past it)
+//             C[MR, NR] (+)= A panel · B panel      in registers for the whole KC block
+// AVX2: 6 x 16 (12 ymm accumulators, 2 loads + 6 broadcasts per k). AVX-512: 12 x 32 (24 zmm accumulators).
+// AVX512-BF16, both operands bf16: panels of (k, k+1) bf16 pairs, 12 x 32 tiles of vdpbf16ps (twice the
+// fp32 rate; each product exact in fp32, accumulated in fp32; the instruction flushes denormal inputs and
+// results to zero, an absolute difference below 1.2e-38 per product from torch.mm, which keeps them).
 // Operands are read through (row, column) strides, so transposed views (x @ w.T forward, dy.T @ x for the
 // weight gradients) need no copy: packing reorders them anyway. A and B may be fp32 or bf16 (widened while
-// packing), C fp32 or bf16 (a bf16 C tile is accumulated in fp32 and rounded once, to nearest even).
+// packing, unless both are bf16 on a CPU with bf16 dot products), C fp32 or bf16 (a bf16 C tile is
+// accumulated in fp32 and rounded once, to nearest even).
 //
 // Build: compiled on first use by ops/native.py (-O3 -march=native). Without AVX2/FMA the micro-kernel is
 // scalar (correct, slower); Python checks shapes, dtypes and strides.
