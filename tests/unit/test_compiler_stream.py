@@ -125,3 +125,38 @@ def test_dynamic_batch_mode_never_streams(monkeypatch):
     reports = [r for r in G.REPORTS if r.seq >= start]
     assert len(reports) == 1 and "dynamic batch" in reports[0].label
     assert reports[0].kernels and not any(k.mapping.endswith("/nt") for k in reports[0].kernels)
+
+
+def _softmax_kernel():
+    torch._dynamo.reset()
+    start = G.SEQ[0]
+    torch.compile(lambda x: torch.softmax(x, -1), backend="powerfusion")(torch.randn(64, 512))
+    return next(kr.kernel for r in G.REPORTS if r.seq >= start for kr in r.kernels)
+
+
+def test_reduction_lanes_follow_the_cpu(monkeypatch):
+    """simdlen is two of the CPU's widest vectors: 16 fp32 lanes on AVX2, 32 on AVX-512 (where GCC builds
+    simdlen(16) from 256-bit registers), and the generated loops say so."""
+    k = _softmax_kernel()
+    for cap, lanes in (("AVX2", 16), ("AVX512", 32)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cap=cap: cap)
+        cpu.simd_lanes.cache_clear()
+        vecs = {m.vector for m in cpu.CppCodegen().candidates(k)}
+        assert vecs == {0, lanes}
+        src = cpu.CppCodegen().source([(k, next(m for m in cpu.CppCodegen().candidates(k) if m.vector))])
+        assert f"simdlen({lanes})" in src
+    cpu.simd_lanes.cache_clear()
+
+
+def test_a_measured_mapping_no_longer_offered_is_decided_again(monkeypatch, tmp_path):
+    k = _softmax_kernel()
+    gen = cpu.CppCodegen()
+    monkeypatch.setattr(search, "_decision_dir", lambda: tmp_path)
+    offered = gen.candidates(k)[0]
+    gone = dataclasses.replace(offered, vector=12)  # e.g. a lane count an older build offered
+    for m, source in ((offered, "cache"), (gone, "model")):
+        mapping = {"parallel": m.parallel, "vector": m.vector, "materialize": sorted(m.materialize),
+                   "prefetch": m.prefetch, "stream": m.stream, "row_block": m.row_block}
+        search._save(search._key(k, gen.name), {"mapping": mapping, "source": "measured", "measured_s": 1e-3})
+        choice = search.choose(k, gen)
+        assert choice.source == source and (choice.mapping.key() == m.key()) == (source == "cache")

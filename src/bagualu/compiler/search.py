@@ -95,8 +95,8 @@ def choose(k: Kernel, gen) -> Choice:
     key = _key(k, gen.name)
     autotune = env.get("BAGUALU_COMPILER_AUTOTUNE")
     cached = _load(key)
-    if cached is not None and cached.get("source") == "measured":
-        m = _from_json(cached["mapping"])
+    m = _from_json(cached["mapping"]) if cached is not None and cached.get("source") == "measured" else None
+    if m is not None and any(c.key() == m.key() for c in cands):  # (a mapping the generator no longer offers: re-decide)
         pred = next((p for p, _, c in ranked if c.key() == m.key()), ranked[0][0])
         return Choice(m, pred, len(cands), cached.get("measured_s"), "cache")
     best_pred, _, best = ranked[0]
