@@ -56,21 +56,35 @@ def test_uncovered_inputs_go_to_the_reference(fast):
     assert reference.linear(torch.randn(2, 16), wb).dtype == torch.float32  # narrow weights are widened
 
 
-def test_bf16_weights_at_many_rows_are_widened_for_the_blas(fast, monkeypatch):
-    """Above ``MAX_ROWS_BF16`` rows a bf16 weight is widened into a reused fp32 buffer for the sgemm; the
-    tiles are not called. A smaller weight after a larger one reuses the buffer's front."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_many_rows_go_to_the_grouped_gemm_or_the_blas(fast, monkeypatch, grouped):
+    """Above ``MAX_ROWS_FP32``/``MAX_ROWS_BF16`` rows (a prefill chunk) the tiles are not called: the grouped GEMM
+    runs it (a bf16 weight read as stored), or without that kernel the BLAS sgemm (a bf16 weight widened into
+    a reused fp32 buffer; a smaller weight after a larger one reuses the buffer's front)."""
+    from bagualu.ops import gemm_cpu
+
+    if grouped and gemm_cpu._loaded() is None:
+        pytest.skip("no grouped GEMM kernel")
+    if not grouped:
+        monkeypatch.setattr(gemm_cpu, "_kernel", None)
     monkeypatch.setattr(linear_cpu, "MAX_ROWS_BF16", 8)
+    monkeypatch.setattr(linear_cpu, "MAX_ROWS_FP32", 8)
     monkeypatch.setattr(linear_cpu._wide, "buf", None, raising=False)
     with torch.inference_mode():  # the buffer made under inference mode (the engine's) serves outside it too
         fast(torch.randn(9, 64), torch.randn(128, 64).bfloat16())  # larger than every weight below
-    calls = []
+    assert (getattr(linear_cpu._wide, "buf", None) is None) == grouped
+    calls, grouped_calls = [], []
     monkeypatch.setattr(fast, "_run", lambda *a: calls.append(a))
+    if grouped:
+        real = gemm_cpu.grouped_mm
+        monkeypatch.setattr(gemm_cpu, "grouped_mm", lambda p: (grouped_calls.append(len(p)), real(p)))
     g = torch.Generator().manual_seed(3)
-    for N, K in ((96, 64), (13, 37), (96, 64)):
-        x, w, b = torch.randn(20, K, generator=g), torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, generator=g)
-        torch.testing.assert_close(fast(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fast(x[:, None], w), F.linear(x[:, None], w.float()), rtol=1e-5, atol=1e-5)
-    assert not calls
+    for wdt in (torch.bfloat16, torch.float32):
+        for N, K in ((96, 64), (13, 37), (96, 64)):
+            x, w, b = torch.randn(20, K, generator=g), torch.randn(N, K, generator=g).to(wdt), torch.randn(N, generator=g)
+            torch.testing.assert_close(fast(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast(x[:, None], w), F.linear(x[:, None], w.float()), rtol=1e-5, atol=1e-5)
+    assert not calls and len(grouped_calls) == (12 if grouped else 0)
     fast(torch.randn(8, 64), torch.randn(4, 64).bfloat16())  # at the limit: the tiles
     assert len(calls) == 1
 
