@@ -1,6 +1,8 @@
 """The CPU ``linear`` kernel equals ``F.linear`` (fp32 and bf16 weights, bias, odd sizes, strided inputs) and
 hands anything it does not cover to the reference."""
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,25 @@ def test_a_group_computes_each_problem_as_one_call(fast, wdt, split):
                       x.shape[1], 2, work, chunk)
         assert torch.equal(y, one)
         torch.testing.assert_close(y, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)
+
+
+def test_many_row_calls_handed_to_the_grouped_gemm(fast):
+    """``bgl_linear`` hands calls of at least the set number of rows to the grouped GEMM (AVX-512 builds set
+    32): forced here from 1 row on, on any CPU, bias and bf16 weights included; then restored."""
+    from bagualu.ops import gemm_cpu
+
+    g = gemm_cpu._loaded()
+    if g is None:
+        pytest.skip("no grouped GEMM kernel")
+    lib = linear_cpu.library()
+    restore = gemm_cpu.LINEAR_HANDOFF_ROWS if g.isa.startswith("avx512") else 0
+    lib.bgl_linear_set_gemm(ctypes.cast(gemm_cpu._loaded_lib().bgl_gemm_group, ctypes.c_void_p), 1)
+    try:
+        gen = torch.Generator().manual_seed(11)
+        for wdt in (torch.float32, torch.bfloat16):
+            for M in (1, 5, 40):
+                x, w, b = torch.randn(M, 70, generator=gen), torch.randn(33, 70, generator=gen).to(wdt), torch.randn(33, generator=gen)
+                torch.testing.assert_close(fast(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(fast(x, w), F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+    finally:
+        lib.bgl_linear_set_gemm(ctypes.cast(gemm_cpu._loaded_lib().bgl_gemm_group, ctypes.c_void_p), restore)

@@ -22,7 +22,7 @@ import ctypes
 
 import torch
 
-from bagualu.ops import decode_ops_cpu, linear_cpu, native, paged_attention_cpu
+from bagualu.ops import decode_ops_cpu, gemm_cpu, linear_cpu, native, paged_attention_cpu
 from bagualu.ops.decoder_layers import ROUTERS, LayerStack
 from bagualu.ops.decoder_layers import decoder_layers as reference
 from bagualu.ops.threads import kernel_threads
@@ -79,6 +79,7 @@ def driver() -> _Driver | None:
     """The driver, or None when it or one of the kernel libraries it calls cannot be built."""
     global _driver
     if _driver is False:
+        gemm_cpu._loaded()  # sets the linear kernel's hand-off of many-row calls to the grouped GEMM
         libs = (native.load("decoder_layers_cpu", "decoder_layers_cpu.cpp"), linear_cpu.library(),
                 decode_ops_cpu.library(), paged_attention_cpu.kernel())
         if any(lib is None for lib in libs):

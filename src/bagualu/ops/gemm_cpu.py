@@ -27,6 +27,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _A_BF16, _B_BF16, _C_BF16, _ACCUMULATE = 1, 2, 4, 8
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _ISA = ("scalar", "avx2", "avx512", "avx512-bf16")  # bgl_gemm_simd()'s codes
+# From this many rows the linear kernel's calls run on this one, on AVX-512 builds (measured on a Zen 5,
+# ~110M Llama shapes: 32 rows 168 -> 249 GFLOP/s, 64 rows 179 -> 313; at 8 rows the row tiles win, 151 vs 74).
+# On AVX2 the linear kernel keeps them (its thresholds were measured there).
+LINEAR_HANDOFF_ROWS = 32
 
 
 class MM(ctypes.Structure):
@@ -77,12 +81,19 @@ def covers(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
 
 
 _kernel: GroupedGemmKernel | None | bool = False
+_lib: ctypes.CDLL | None = None
+
+
+def _loaded_lib() -> ctypes.CDLL | None:
+    """The compiled library behind ``_loaded()`` (None without it)."""
+    _loaded()
+    return _lib
 
 
 def _loaded() -> GroupedGemmKernel | None:
-    global _kernel
+    global _kernel, _lib
     if _kernel is False:
-        lib = native.load("gemm_cpu", "gemm_cpu.cpp")
+        lib = _lib = native.load("gemm_cpu", "gemm_cpu.cpp")
         _kernel = None
         if lib is not None:
             _kernel = GroupedGemmKernel(lib)
@@ -91,6 +102,10 @@ def _loaded() -> GroupedGemmKernel | None:
                 lib.bgl_gemm_adopt_helpers.argtypes = [_ptr]
                 lin.bgl_helpers_pool.restype = _ptr
                 lib.bgl_gemm_adopt_helpers(lin.bgl_helpers_pool())
+                # the linear kernel's many-row calls (batched decode steps, also inside decoder_layers) come here
+                lin.bgl_linear_set_gemm.argtypes = [_ptr, _i64]
+                lin.bgl_linear_set_gemm(ctypes.cast(lib.bgl_gemm_group, _ptr),
+                                        LINEAR_HANDOFF_ROWS if _kernel.isa.startswith("avx512") else 0)
     return _kernel
 
 

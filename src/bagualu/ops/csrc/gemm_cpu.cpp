@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "gemm_problem.h"
 #include "helpers.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(BGL_SCALAR)  // -DBGL_SCALAR: the tests' scalar build
@@ -49,18 +50,6 @@
 #else
 #define BGL_DPBF16 0
 #endif
-
-// One problem (mirrored by ops/gemm_cpu.py's ctypes structure; every field 8 bytes, so no padding).
-struct BglMM {
-  const void* a;
-  int64_t sa_m, sa_k;  // A(i, k) = a[i * sa_m + k * sa_k]
-  const void* b;
-  int64_t sb_k, sb_n;  // B(k, j) = b[k * sb_k + j * sb_n]
-  void* c;
-  int64_t ldc;  // C(i, j) = c[i * ldc + j]
-  int64_t M, N, K;
-  int64_t flags;  // kABf16 | kBBf16 | kCBf16 | kAccumulate
-};
 
 namespace {
 

@@ -235,8 +235,26 @@ void* bgl_helpers_pool() { return bgl::Helpers::handle(); }
 // x fp32 [M, K] (row stride ldx), w [N, K] contiguous in w_dtype (0 fp32, 1 bf16), bias fp32 [N] or null,
 // y fp32 [M, N] (row stride ldy). threads: at most this many, one per min_work multiply-adds; chunks of
 // about chunk_work multiply-adds.
+// A GEMM kernel for calls of at least min_rows rows (0: none), set by ops/gemm_cpu.py where its packed tiles
+// beat these row tiles from that many rows on (AVX-512 CPUs, from 32). Only bgl_linear hands off, never
+// bgl_linear_group: its problems run inside a helper job, and the GEMM kernel's job uses the same helpers.
+static bgl_gemm_group_fn g_gemm = nullptr;
+static int64_t g_gemm_min_rows = 0;
+void bgl_linear_set_gemm(void* fn, int64_t min_rows) {
+  g_gemm = reinterpret_cast<bgl_gemm_group_fn>(fn);
+  g_gemm_min_rows = fn ? min_rows : 0;
+}
+
 void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const float* bias, float* y, int64_t ldy,
                 int64_t M, int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
+  if (g_gemm_min_rows > 0 && M >= g_gemm_min_rows && K > 0) {  // y = bias, then y += x · w^T
+    if (bias)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) y[i * ldy + j] = bias[j];
+    const BglMM mm = {x, ldx, 1, w, 1, K, y, ldy, M, N, K, (w_dtype == F32 ? 0 : 2) | (bias ? 8 : 0)};
+    g_gemm(&mm, 1, threads);
+    return;
+  }
   if (w_dtype == F32) linear<F32>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
   else linear<BF16>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
 }
