@@ -5,6 +5,7 @@ kernels of these small tests take the path that large ones take."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -160,3 +161,16 @@ def test_a_measured_mapping_no_longer_offered_is_decided_again(monkeypatch, tmp_
         search._save(search._key(k, gen.name), {"mapping": mapping, "source": "measured", "measured_s": 1e-3})
         choice = search.choose(k, gen)
         assert choice.source == source and (choice.mapping.key() == m.key()) == (source == "cache")
+
+
+def test_autotuning_measures_real_kernels_inside_the_trace(monkeypatch, tmp_path):
+    """``BAGUALU_COMPILER_AUTOTUNE=1``: the candidates are timed on real inputs while AOTAutograd traces under
+    fake tensors, the measured choice is cached on disk, and the compiled function equals eager."""
+    monkeypatch.setenv("BAGUALU_COMPILER_AUTOTUNE", "1")
+    monkeypatch.setattr(search, "_decision_dir", lambda: tmp_path)
+    torch._dynamo.reset()
+    x = torch.randn(64, 700)
+    fn = torch.compile(lambda t: torch.softmax(t * 2, -1), backend="powerfusion")
+    torch.testing.assert_close(fn(x), torch.softmax(x * 2, -1))
+    decisions = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert decisions and all(d["source"] == "measured" and d["measured_s"] > 0 for d in decisions)

@@ -28,6 +28,7 @@ from bagualu.compiler.ir import Kernel, Mapping
 from bagualu.compiler.lower import IR_TO_TORCH
 from bagualu.utils import env
 from bagualu.utils.logging import get_logger
+from bagualu.utils.tracing import real_tensors
 
 log = get_logger(__name__)
 AUTOTUNE_TOP = 4
@@ -135,10 +136,15 @@ def synthetic_inputs(k: Kernel) -> list[torch.Tensor]:
 
 
 def measure(k: Kernel, gen, mappings: list[Mapping], reps: int = 5) -> list[float]:
-    """Median seconds per call of ``k`` under each mapping (built together, interleaved runs)."""
+    """Median seconds per call of ``k`` under each mapping (built together, interleaved runs). Called while
+    AOTAutograd traces under fake tensors, so the inputs and the runs are made outside the tracer's modes."""
     variants = [replace_name(k, f"{k.name}_m{i}") for i in range(len(mappings))]
     runners = gen.build(list(zip(variants, mappings)))
-    args = synthetic_inputs(k)
+    with real_tensors():
+        return _timed(runners, synthetic_inputs(k), reps)
+
+
+def _timed(runners, args, reps: int) -> list[float]:
     for r in runners:
         r(*args)
     times: list[list[float]] = [[] for _ in runners]
