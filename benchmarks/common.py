@@ -18,6 +18,7 @@ def machine_facts() -> dict:
         "load_avg_1m": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
         "platform": plat.name,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...: which kernels ran
         "allocator": allocator(),
         "copy_GBps": plat.peak_memory_bandwidth() / 1e9,
         "gemm_fp32_GFLOPs": plat.peak_flops(torch.float32) / 1e9,
