@@ -96,11 +96,15 @@ def test_streamed_source_stages_long_contiguous_stores_only():
     assert f"pf_stream(&out{stack}" not in body and f"out{stack}[" in body
 
 
-def test_candidates_stream_only_above_the_last_level_cache(monkeypatch):
+def _softmax_kernel():
     torch._dynamo.reset()
     start = G.SEQ[0]
     torch.compile(lambda x: torch.softmax(x, -1), backend="powerfusion")(torch.randn(64, 512))
-    k = next(kr.kernel for r in G.REPORTS if r.seq >= start for kr in r.kernels)
+    return next(kr.kernel for r in G.REPORTS if r.seq >= start for kr in r.kernels)
+
+
+def test_candidates_stream_only_above_the_last_level_cache(monkeypatch):
+    k = _softmax_kernel()
     gen = cpu.CppCodegen()
     monkeypatch.setattr(cpu, "last_level_cache_bytes", lambda: 64 * 512 * 8 + 1)  # traffic is 64*512*8 bytes
     assert not any(m.stream for m in gen.candidates(k))
@@ -128,13 +132,6 @@ def test_dynamic_batch_mode_never_streams(monkeypatch):
     assert reports[0].kernels and not any(k.mapping.endswith("/nt") for k in reports[0].kernels)
 
 
-def _softmax_kernel():
-    torch._dynamo.reset()
-    start = G.SEQ[0]
-    torch.compile(lambda x: torch.softmax(x, -1), backend="powerfusion")(torch.randn(64, 512))
-    return next(kr.kernel for r in G.REPORTS if r.seq >= start for kr in r.kernels)
-
-
 def test_reduction_lanes_follow_the_cpu(monkeypatch):
     """simdlen is two of the CPU's widest vectors: 16 fp32 lanes on AVX2, 32 on AVX-512 (where GCC builds
     simdlen(16) from 256-bit registers), and the generated loops say so."""
@@ -156,9 +153,7 @@ def test_a_measured_mapping_no_longer_offered_is_decided_again(monkeypatch, tmp_
     offered = gen.candidates(k)[0]
     gone = dataclasses.replace(offered, vector=12)  # e.g. a lane count an older build offered
     for m, source in ((offered, "cache"), (gone, "model")):
-        mapping = {"parallel": m.parallel, "vector": m.vector, "materialize": sorted(m.materialize),
-                   "prefetch": m.prefetch, "stream": m.stream, "row_block": m.row_block}
-        search._save(search._key(k, gen.name), {"mapping": mapping, "source": "measured", "measured_s": 1e-3})
+        search._save(search._key(k, gen.name), {"mapping": search._to_json(m), "source": "measured", "measured_s": 1e-3})
         choice = search.choose(k, gen)
         assert choice.source == source and (choice.mapping.key() == m.key()) == (source == "cache")
 

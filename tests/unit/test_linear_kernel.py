@@ -202,7 +202,7 @@ def test_many_row_calls_handed_to_the_grouped_gemm(fast):
         pytest.skip("no grouped GEMM kernel")
     lib = linear_cpu.library()
     restore = gemm_cpu.LINEAR_HANDOFF_ROWS if g.isa.startswith("avx512") else 0
-    lib.bgl_linear_set_gemm(ctypes.cast(gemm_cpu._loaded_lib().bgl_gemm_group, ctypes.c_void_p), 1)
+    lib.bgl_linear_set_gemm(ctypes.cast(g.lib.bgl_gemm_group, ctypes.c_void_p), 1)
     try:
         gen = torch.Generator().manual_seed(11)
         for wdt in (torch.float32, torch.bfloat16):
@@ -211,4 +211,4 @@ def test_many_row_calls_handed_to_the_grouped_gemm(fast):
                 torch.testing.assert_close(fast(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)
                 torch.testing.assert_close(fast(x, w), F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
     finally:
-        lib.bgl_linear_set_gemm(ctypes.cast(gemm_cpu._loaded_lib().bgl_gemm_group, ctypes.c_void_p), restore)
+        lib.bgl_linear_set_gemm(ctypes.cast(g.lib.bgl_gemm_group, ctypes.c_void_p), restore)

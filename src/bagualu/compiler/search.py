@@ -77,6 +77,11 @@ def _save(key: str, payload: dict) -> None:
         log.debug("powerfusion: cannot cache decision %s: %s", key, e)
 
 
+def _to_json(m: Mapping) -> dict:
+    return {"parallel": m.parallel, "vector": m.vector, "materialize": sorted(m.materialize),
+            "row_block": m.row_block, "prefetch": m.prefetch, "stream": m.stream}
+
+
 def _from_json(d: dict) -> Mapping:
     return Mapping(parallel=d["parallel"], vector=int(d["vector"]), materialize=frozenset(d["materialize"]),
                    row_block=int(d.get("row_block", 0)), prefetch=bool(d.get("prefetch", False)),
@@ -112,11 +117,8 @@ def choose(k: Kernel, gen) -> Choice:
             log.info("powerfusion: autotuning %s failed (%s); using the cost model's choice", k.name, e)
     if choice.source != "measured":
         return choice  # the model is cheap and its inputs (platform figures) may change: never cached
-    _save(key, {"mapping": {"parallel": choice.mapping.parallel, "vector": choice.mapping.vector,
-                            "materialize": sorted(choice.mapping.materialize),
-                            "row_block": choice.mapping.row_block, "prefetch": choice.mapping.prefetch,
-                            "stream": choice.mapping.stream},
-                "source": choice.source, "measured_s": choice.measured_s, "predicted_s": choice.predicted_s})
+    _save(key, {"mapping": _to_json(choice.mapping), "source": choice.source, "measured_s": choice.measured_s,
+                "predicted_s": choice.predicted_s})
     return choice
 
 

@@ -42,6 +42,7 @@ class MM(ctypes.Structure):
 
 class GroupedGemmKernel:
     def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
         self._run = lib.bgl_gemm_group
         self._run.restype = None
         self._run.argtypes = [_ptr, _i64, ctypes.c_int]
@@ -81,19 +82,12 @@ def covers(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
 
 
 _kernel: GroupedGemmKernel | None | bool = False
-_lib: ctypes.CDLL | None = None
-
-
-def _loaded_lib() -> ctypes.CDLL | None:
-    """The compiled library behind ``_loaded()`` (None without it)."""
-    _loaded()
-    return _lib
 
 
 def _loaded() -> GroupedGemmKernel | None:
-    global _kernel, _lib
+    global _kernel
     if _kernel is False:
-        lib = _lib = native.load("gemm_cpu", "gemm_cpu.cpp")
+        lib = native.load("gemm_cpu", "gemm_cpu.cpp")
         _kernel = None
         if lib is not None:
             _kernel = GroupedGemmKernel(lib)
