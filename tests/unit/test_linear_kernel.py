@@ -212,3 +212,34 @@ def test_many_row_calls_handed_to_the_grouped_gemm(fast):
                 torch.testing.assert_close(fast(x, w), F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
     finally:
         lib.bgl_linear_set_gemm(ctypes.cast(g.lib.bgl_gemm_group, ctypes.c_void_p), restore)
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_its_batch(fast, wdt):
+    """Every output sums in one order whatever the row count and tile (1-row tiles, row tiles, tails), so a
+    sequence decodes the same numbers in a batch of 1 or of 13."""
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(13, 203, generator=g), torch.randn(37, 203, generator=g).to(wdt)
+    full = fast(x, w)
+    for m in (1, 2, 3, 5):
+        assert torch.equal(fast(x[:m], w), full[:m])
+    assert torch.equal(fast(x[7:8], w), full[7:8])
+
+
+def test_narrower_builds_match_reference():
+    """The AVX2 tiles (what an AVX2-only CPU runs) built on a CPU that has AVX-512, and the scalar loops."""
+    from bagualu.ops import native
+
+    for name, flags, isa in (("noavx512", ("-DBGL_NO_AVX512",), "avx2"),
+                             ("scalar", ("-U__AVX512F__", "-U__AVX2__"), "scalar")):
+        lib = native.load("linear_cpu_" + name, "linear_cpu.cpp", flags)
+        if lib is None:
+            pytest.skip("no C++ compiler")
+        k = linear_cpu.LinearKernel(lib)
+        assert k.isa in (isa, "scalar")
+        g = torch.Generator().manual_seed(3)
+        for M, N, K in ((1, 19, 45), (4, 24, 64), (7, 13, 37)):
+            x, b = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+            for wdt in (torch.float32, torch.bfloat16):
+                w = torch.randn(N, K, generator=g).to(wdt)
+                torch.testing.assert_close(k(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5 * K)

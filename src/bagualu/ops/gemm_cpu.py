@@ -27,10 +27,11 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _A_BF16, _B_BF16, _C_BF16, _ACCUMULATE = 1, 2, 4, 8
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _ISA = ("scalar", "avx2", "avx512", "avx512-bf16")  # bgl_gemm_simd()'s codes
-# From this many rows the linear kernel's calls run on this one, on AVX-512 builds (measured on a Zen 5,
-# ~110M Llama shapes: 32 rows 168 -> 249 GFLOP/s, 64 rows 179 -> 313; at 8 rows the row tiles win, 151 vs 74).
-# On AVX2 the linear kernel keeps them (its thresholds were measured there).
-LINEAR_HANDOFF_ROWS = 32
+# From this many rows the linear kernel's calls run on this one, on AVX-512 builds. Measured on a Zen 5 with
+# ~110M Llama shapes, GFLOP/s of the linear kernel's 512-bit row tiles vs this kernel: 32 rows 245-307 vs
+# 173-266, 64 rows 286-342 vs 237-347, 128 rows 336-410 vs 331-412 (packing the weight is a pass over it that
+# few rows do not pay back). On AVX2 the linear kernel keeps them (its thresholds were measured there).
+LINEAR_HANDOFF_ROWS = 128
 
 
 class MM(ctypes.Structure):

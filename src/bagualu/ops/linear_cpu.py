@@ -1,4 +1,4 @@
-"""The CPU platform's fast ``linear``: ``csrc/linear_cpu.cpp`` (AVX2 FMA tiles, OpenMP over output rows).
+"""The CPU platform's fast ``linear``: ``csrc/linear_cpu.cpp`` (AVX2 or AVX-512 FMA row tiles on the helper threads).
 
 Same semantics as ``ops.reference.linear``: ``y = x @ w.T + b`` with ``x`` fp32 ``[..., K]`` and ``w``
 ``[N, K]`` in fp32 or bf16 (bf16 weights are widened in registers; accumulation is fp32; ``y`` is fp32).
@@ -43,7 +43,7 @@ class LinearKernel:
         self._run.restype = None
         self._run.argtypes = [_ptr, _i64, _ptr, ctypes.c_int, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64]
         lib.bgl_linear_simd.restype = ctypes.c_int
-        self.simd = bool(lib.bgl_linear_simd())
+        self.isa = ("scalar", "avx2", "avx512")[lib.bgl_linear_simd()]  # which tiles this build has
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # A decode step makes ~50 of these calls per token, so the Python side is kept to ~6 us: 2-D inputs
