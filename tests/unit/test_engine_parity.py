@@ -156,3 +156,48 @@ def test_bf16_checkpoint_keeps_bf16_projections(bf16_case, mode, monkeypatch, sl
     outs = llm.generate(prompts(), params, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs
     llm.close()
+
+
+@pytest.fixture
+def fast_bf16_platform(monkeypatch):
+    """The platform as a CPU with bf16 units sees itself (bf16 GEMMs faster than fp32), whatever this machine has."""
+    plat = current_platform()
+    fp32 = plat.peak_flops(torch.float32)
+    monkeypatch.setattr(plat, "peak_flops", classmethod(lambda cls, dt: fp32 * 4 if dt is torch.bfloat16 else fp32))
+    gemm_via_fp32.cache_clear()
+    yield
+    monkeypatch.undo()
+    gemm_via_fp32.cache_clear()
+
+
+@pytest.mark.parametrize("bf16_case", ["llama", "mixtral", "qwen2_moe"], indirect=True)
+def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fast_bf16_platform):
+    """A bf16 model on a platform with fast bf16 GEMMs runs in bf16, except that a step of at most
+    ``FP32_ACTIVATION_ROWS`` tokens runs the layer operator with fp32 activations over the same bf16 weights
+    (the decode GEMV reads them as stored). With every step that small (a 16-token budget) the engine computes
+    what transformers computes in fp32 on the checkpoint's values, token for token; larger steps run in bf16."""
+    from bagualu.engine import attention, core
+
+    if torch.bfloat16 not in linear_weight_dtypes():
+        pytest.skip("the platform's linear does not read bf16 weights (no C++ compiler)")
+    path, refs = bf16_case
+    monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 16)
+    seen = []
+    run_layers = attention.LocalAttention.run_layers
+    monkeypatch.setattr(attention.LocalAttention, "run_layers",
+                        lambda self, i, stack, x, *a: seen.append((x.shape[0], x.dtype)) or run_layers(self, i, stack, x, *a))
+    params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
+    llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=16)
+    assert llm.engine.model.dtype == torch.bfloat16 and llm.engine.runner.wide is not None
+    outs = llm.generate(prompts(), params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == refs
+    assert seen and all(dt == torch.float32 for _, dt in seen)
+    llm.close()
+    seen.clear()
+    llm = bagualu.LLM(str(path), dtype="bfloat16", max_num_batched_tokens=64)  # prefill steps above 16 tokens
+    llm.generate(prompts()[:4], params, use_tqdm=False)
+    assert {dt for n, dt in seen if n > 16} == {torch.bfloat16} and {dt for n, dt in seen if n <= 16} == {torch.float32}
+    llm.close()
+    llm = bagualu.LLM(str(path), dtype="bfloat16", gemm_dtype="model")
+    assert llm.engine.runner.wide is None  # always bf16
+    llm.close()

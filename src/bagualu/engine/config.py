@@ -26,7 +26,10 @@ class EngineConfig:
     """Where the platform's half-precision GEMM is slower than fp32 (bf16 on CPUs without bf16 units), the
     GEMMs run in fp32 with fp32 activations; ``auto`` then keeps the projection weights in ``dtype`` if the
     platform's ``linear`` reads them as stored (half the bytes per decode step), ``float32`` widens them
-    too. Elsewhere both mean ``dtype``. ``model``: always ``dtype``, weights and activations."""
+    too. Elsewhere ``auto`` runs the model in ``dtype`` but a small step (a few decoding sequences: up to
+    ``engine.core.FP32_ACTIVATION_ROWS`` tokens) with fp32 activations over the same half weights, where the
+    platform's ``linear`` reads them as stored — faster there, and closer to fp32; ``float32`` means ``dtype``.
+    ``model``: always ``dtype``, weights and activations."""
     device: str | None = None
     """Where the S-part runs; None = the current platform's device."""
     block_size: int = 16

@@ -16,19 +16,33 @@ runner computes post(l, 0) and pre(l+1, 0) — FastDecode's ping-pong of S and R
 With the in-process back-end ``submit`` computes at once and one micro-batch is used. There, a model whose
 layers ``decoder_layers`` covers (Llama, Mixtral, Qwen2-MoE) runs them as one operator per micro-batch instead
 (``EngineConfig.fused_layers``): the same computation, which the CPU platform does in one native call.
+
+A half-precision model on a platform whose half GEMMs are fast (bf16 on CPUs with bf16 units) is bandwidth-
+bound in a small step and compute-bound in a large one, and the platform's fastest kernel differs between the
+two: the half GEMM for many rows, ``linear``'s GEMV reading the half weights as stored for a few. So a step
+of at most ``fp32_activation_rows`` tokens runs the operator with fp32 activations over the same half weights
+(norm weights and biases widened once: a few KiB), as the platforms without half GEMMs always do; a larger
+step runs in the model's dtype. The two differ only in where activations are rounded.
 The model is only read (its modules are called); it knows nothing of paging.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from bagualu.engine.batch import StepInputs
 from bagualu.models.layers import Attention
 from bagualu.moe import MLP, MoE
-from bagualu.ops import kernel
+from bagualu.ops import kernel, linear_weight_dtypes
 from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
 from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
+
+
+# Up to this many tokens a step with fp32 activations runs its layers in the layer operator's native call on CPU
+# (``ops.decoder_layers_cpu``: up to the linear kernel's row limit for fp32 weights).
+NATIVE_STEP_TOKENS = 64
 
 
 class UnsupportedModelError(ValueError):
@@ -85,18 +99,42 @@ def _moe_block(m: MoE) -> MoEBlock | None:
                     None if sg is None else sg.weight)
 
 
+def widened_stack(stack: LayerStack) -> LayerStack:
+    """``stack`` for fp32 activations: the same projection weights, its norm weights and biases in fp32."""
+    def f(t):
+        return None if t is None else t.float()
+
+    return dataclasses.replace(stack, native={}, layers=tuple(
+        dataclasses.replace(ly, input_norm=f(ly.input_norm), qkv_b=f(ly.qkv_b), o_b=f(ly.o_b),
+                            post_norm=f(ly.post_norm), gate_up_b=f(ly.gate_up_b), down_b=f(ly.down_b))
+        for ly in stack.layers))
+
+
 class ModelRunner:
-    def __init__(self, model, backend, *, fused_layers: bool = True):
+    def __init__(self, model, backend, *, fused_layers: bool = True, fp32_activation_rows: int = 0):
         check_supported(model)
         self.model = model
         model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
         # a back-end that computes attention in this process can run the model's layers as one operator
         self.stack = layer_stack(model) if fused_layers and hasattr(backend, "run_layers") else None
+        # (stack, final norm weight) with fp32 activations for a half model's small steps (module docstring)
+        self.fp32_activation_rows = fp32_activation_rows
+        self.wide = None
+        if (fp32_activation_rows and self.stack is not None and model.dtype in (torch.bfloat16, torch.float16)
+                and self.stack.layers[0].qkv_w.dtype in linear_weight_dtypes()):
+            self.wide = (widened_stack(self.stack), model.model.norm.weight.float())
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         cfg = model.config
         self.H, self.Dh = cfg.num_heads, cfg.dim_head
+
+    def native_step(self, tokens: int) -> bool:
+        """Whether a step of ``tokens`` tokens spends its time in the platform's own kernels (the layer operator
+        with fp32 activations, up to ``NATIVE_STEP_TOKENS``) rather than in torch's ops."""
+        if self.stack is None or tokens > NATIVE_STEP_TOKENS:
+            return False
+        return self.model.dtype is torch.float32 or (self.wide is not None and tokens <= self.fp32_activation_rows)
 
     @torch.inference_mode()
     def execute(self, mbs: list[StepInputs]) -> list[torch.Tensor | None]:
@@ -106,13 +144,18 @@ class ModelRunner:
         live = [i for i, st in enumerate(mbs) if st.num_tokens]
         xs: dict[int, torch.Tensor] = {}
         rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        wide: set[int] = set()  # micro-batches run with fp32 activations
         for i in live:
             st = mbs[i]
             self.backend.prepare(i, st)
             xs[i] = m.model.embed_tokens(st.input_ids_T)
+            stack = self.stack
+            if self.wide is not None and st.num_tokens <= self.fp32_activation_rows:
+                wide.add(i)
+                stack, xs[i] = self.wide[0], xs[i].float()
             rope[i] = m.rotary.rows(st.positions_T, xs[i].dtype, st.max_position + 1)
-            if self.stack is not None:
-                xs[i] = self.backend.run_layers(i, self.stack, xs[i], *rope[i])
+            if stack is not None:
+                xs[i] = self.backend.run_layers(i, stack, xs[i], *rope[i])
             else:
                 self._pre(0, i, xs[i], rope[i])
         layers = self.layers if self.stack is None else []  # the operator ran them all above
@@ -136,7 +179,9 @@ class ModelRunner:
                 # first torch ops after the layers stream the weights run cold, so each one saved counts
                 x = xs[i][r0:r0 + n] if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)) \
                     else xs[i][torch.tensor(rows, device=xs[i].device)]
-                out[i] = self.linear(m.model.norm(x), m.lm_head.weight).float()
+                norm = m.model.norm
+                h = kernel("rms_norm")(x, self.wide[1], norm.eps) if i in wide else norm(x)
+                out[i] = self.linear(h, m.lm_head.weight).float()
         return out
 
     def _pre(self, l: int, i: int, x_TD: torch.Tensor, rope) -> None:
