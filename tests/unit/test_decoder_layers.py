@@ -123,6 +123,32 @@ def test_moe_layers_native_equal_reference(counting, moe, wdtype, new):
         torch.testing.assert_close(kn, kr, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("moe", [None, dict(Fs=16, shared_gate=True, fp32_gates=True)])
+def test_half_operands_native_equal_reference(counting, moe, monkeypatch):
+    """``half_operands``: every projection's input rounded to bf16 (vdpbf16ps on CPUs with AVX512-BF16,
+    rounding then widening elsewhere) — native against the reference on torch's ops, and not the
+    fp32-activation result."""
+    import dataclasses
+
+    from bagualu.ops import registry
+
+    stack = make_stack(torch.bfloat16, bias=True, moe=moe, seed=7)
+    half = dataclasses.replace(stack, half_operands=True, native={})
+    x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=(5, 19), past=(20, 0))
+    c_nat, c_ref = clone_caches(caches), clone_caches(caches)
+    with torch.inference_mode():
+        got = kernel("decoder_layers", "cpu")(x, half, c_nat, cos, sin, bt, ctx, qsl, slots)
+        plain = kernel("decoder_layers", "cpu")(x, stack, clone_caches(caches), cos, sin, bt, ctx, qsl, slots)
+        # the reference on torch's own ops (not the platform's kernels): rounding in torch, products in fp32
+        monkeypatch.setattr(registry, "kernel", lambda op, platform=None: registry._REFERENCE[op])
+        want = decoder_layers(x, half, c_ref, cos, sin, bt, ctx, qsl, slots)
+    assert counting.calls == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for (kr, vr), (kn, vn) in zip(c_ref, c_nat):
+        torch.testing.assert_close(kn, kr, rtol=1e-4, atol=1e-4)
+    assert (plain - want).abs().max() > 1e-2  # the rounding happened
+
+
 def test_moe_reference_is_the_moe_layer():
     """The operator's MoE block computes what ``bagualu.moe.MoE`` computes for inference."""
     from bagualu.engine.runner import _moe_block

@@ -243,3 +243,23 @@ def test_narrower_builds_match_reference():
             for wdt in (torch.float32, torch.bfloat16):
                 w = torch.randn(N, K, generator=g).to(wdt)
                 torch.testing.assert_close(k(x, w, b), F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5 * K)
+                half = F.linear(x.to(wdt).float(), w.float(), b)  # x rounded to bf16 (to itself for fp32 weights)
+                torch.testing.assert_close(k(x, w, b, half_operands=True), half, rtol=1e-5, atol=1e-5 * K)
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 9, 64, 130, 300])
+def test_half_operands_round_the_input(fast, M):
+    """``half_operands=True`` with bf16 weights: x rounded to bf16 first (autocast's rule), fp32 accumulation —
+    vdpbf16ps tiles on AVX512-BF16 CPUs, the packed GEMM's bf16 path from 128 rows, above ``MAX_ROWS_BF16`` the
+    many-row path; the same numbers up to summation order, and not those of the unrounded input."""
+    g = torch.Generator().manual_seed(M)
+    for K in (45, 64, 200):
+        x, w, b = torch.randn(M, K, generator=g), torch.randn(37, K, generator=g).bfloat16(), torch.randn(37, generator=g)
+        want = F.linear(x.bfloat16().float(), w.float(), b)
+        got = fast(x, w, b, half_operands=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K)
+        assert (F.linear(x, w.float(), b) - want).abs().max() > 1e-3
+        torch.testing.assert_close(reference.linear(x, w, b, half_operands=True), want, rtol=1e-5, atol=1e-5 * K)
+    fp32_w = torch.randn(5, 16, generator=g)
+    x = torch.randn(3, 16, generator=g)
+    assert torch.equal(fast(x, fp32_w, half_operands=True), fast(x, fp32_w))  # fp32 weights: nothing to round to

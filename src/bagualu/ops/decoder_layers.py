@@ -19,6 +19,7 @@ S sequences, M block-table columns.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,10 @@ class LayerStack:
     eps: float
     scale: float
     native: dict = field(default_factory=dict, repr=False)
+    half_operands: bool = False
+    """The projections' inputs are rounded to their half weights' dtype first (autocast's rule for a half
+    GEMM: both operands half, fp32 accumulation): where the platform multiplies half operands natively
+    (AVX512-BF16), twice the fp32 rate. Routers and gates keep their inputs; nothing else changes."""
 
 
 def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
@@ -98,6 +103,8 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
     T = x_TD.shape[0]
     cos, sin = cos_TDr.unsqueeze(1), sin_TDr.unsqueeze(1)
     x = x_TD
+    if stack.half_operands:
+        lin = functools.partial(lin, half_operands=True)
     for layer, (k_cache, v_cache) in zip(stack.layers, caches, strict=True):
         qkv = lin(rms(x, layer.input_norm, stack.eps), layer.qkv_w, layer.qkv_b)
         q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
@@ -108,21 +115,23 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
         x = x + lin(o.reshape(T, H * Dh), layer.o_w, layer.o_b)
         h = rms(x, layer.post_norm, stack.eps)
         if layer.moe is not None:
-            x = x + moe_block(h, layer.moe)
+            x = x + moe_block(h, layer.moe, lin)
         else:
             gate, up = lin(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
             x = x + lin(silu_mul(gate, up), layer.down_w, layer.down_b)
     return x
 
 
-def moe_block(h_TD: torch.Tensor, m: MoEBlock) -> torch.Tensor:
+def moe_block(h_TD: torch.Tensor, m: MoEBlock, experts_linear=None) -> torch.Tensor:
     """The MoE block as ``bagualu.moe.MoE`` computes it for inference: routing weights in fp32, each expert
     (ascending id) on its rows (in token order) through ``linear``, ``y[t] += z * w`` in that order, then
-    the shared experts."""
+    the shared experts. ``experts_linear``: the experts' (routed and shared) ``linear``, if not the
+    platform's (``decoder_layers`` passes its half-operand one); routers and gates use the platform's."""
     from bagualu.ops.registry import kernel
 
-    lin, silu_mul = kernel("linear"), kernel("silu_mul")
-    logits = lin(h_TD, m.router_w)
+    gates, silu_mul = kernel("linear"), kernel("silu_mul")
+    lin = experts_linear or gates
+    logits = gates(h_TD, m.router_w)
     if m.router == "softmax_topk":
         w_TK, e_TK = torch.topk(torch.softmax(logits.float(), dim=-1), m.top_k, dim=-1)
         if m.norm_topk_prob:
@@ -140,6 +149,6 @@ def moe_block(h_TD: torch.Tensor, m: MoEBlock) -> torch.Tensor:
         gate, up = lin(h_TD, m.shared_gate_up_w).chunk(2, dim=-1)
         z = lin(silu_mul(gate, up), m.shared_down_w)
         if m.shared_gate_w is not None:
-            z = torch.sigmoid(lin(h_TD, m.shared_gate_w)) * z
+            z = torch.sigmoid(gates(h_TD, m.shared_gate_w)) * z
         y = y + z
     return y

@@ -151,6 +151,7 @@ def _build(stack: LayerStack, caches) -> tuple | None:
     if (Gc, Dhc) != (G, Dh):
         return None
     Q = (H + 2 * G) * Dh
+    code = linear_cpu.HALF_OPERANDS if stack.half_operands and wdt is torch.bfloat16 else _W_DTYPES[wdt]
     rows, moes, widest, E_max, K_max = [], [], F, 1, 1
     for ly, (kc, vc) in zip(stack.layers, caches):
         weights = ((ly.qkv_w, (Q, D)), (ly.o_w, (D, H * Dh)))
@@ -179,7 +180,7 @@ def _build(stack: LayerStack, caches) -> tuple | None:
         rows.append(_Layer(ptr(ly.input_norm), ptr(ly.qkv_w), ptr(ly.qkv_b), ptr(ly.o_w), ptr(ly.o_b),
                            ptr(ly.post_norm), ptr(ly.gate_up_w), ptr(ly.gate_up_b), ptr(ly.down_w), ptr(ly.down_b),
                            kc.data_ptr(), vc.data_ptr(), None if moe is None else ctypes.addressof(moe),
-                           _W_DTYPES[wdt], ly.window or 0))
+                           code, ly.window or 0))
     layers = (_Layer * len(rows))(*rows)
     dims = _Dims(D, H, G, Dh, F, 0, N, Bs, int(k0.dtype is torch.bfloat16), 1, linear_cpu.MIN_WORK_PER_THREAD,
                  linear_cpu.CHUNK_WORK, stack.eps, stack.scale)

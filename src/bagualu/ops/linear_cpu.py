@@ -19,6 +19,7 @@ from bagualu.ops import native, reference
 from bagualu.ops.threads import kernel_threads
 
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+HALF_OPERANDS = 2  # the C side's code for bf16 weights with the x rows rounded to bf16 (csrc: BF16_OPS)
 # Above this many rows the BLAS sgemm (packed panels, cache blocking over M too) is as fast or faster
 # for fp32 weights (measured with benchmarks/linear.py).
 MAX_ROWS_FP32 = 64
@@ -43,13 +44,20 @@ class LinearKernel:
         self._run.restype = None
         self._run.argtypes = [_ptr, _i64, _ptr, ctypes.c_int, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64]
         lib.bgl_linear_simd.restype = ctypes.c_int
-        self.isa = ("scalar", "avx2", "avx512")[lib.bgl_linear_simd()]  # which tiles this build has
+        # which tiles this build has; "avx512-bf16" multiplies bf16 operands in hardware (half_operands)
+        self.isa = ("scalar", "avx2", "avx512", "avx512-bf16")[lib.bgl_linear_simd()]
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 half_operands: bool = False) -> torch.Tensor:
+        """``half_operands`` (bf16 weights): round ``x`` to bf16 first, as autocast does for a bf16 GEMM."""
         # A decode step makes ~50 of these calls per token, so the Python side is kept to ~6 us: 2-D inputs
         # skip the reshape/view round trip, and the cheapest checks run first.
         if not _covered(x, w, bias):
-            return reference.linear(x, w, bias)
+            return reference.linear(x, w, bias, half_operands=half_operands)
+        half = half_operands and w.dtype is torch.bfloat16
+        if half and x.shape[:-1].numel() > MAX_ROWS_BF16:  # the rounded values, then as any fp32 input
+            xr = x.to(w.dtype).float()
+            return _many_rows(xr, xr.reshape(-1, x.shape[-1]), w, bias)
         flat = x.dim() == 2
         x2 = x if flat else x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
@@ -60,7 +68,7 @@ class LinearKernel:
             return _many_rows(x, x2, w, bias)
         y = torch.empty((M, N), dtype=torch.float32)
         if M:
-            self._run(x2.data_ptr(), x2.stride(0), w.data_ptr(), _W_DTYPES[w.dtype],
+            self._run(x2.data_ptr(), x2.stride(0), w.data_ptr(), HALF_OPERANDS if half else _W_DTYPES[w.dtype],
                       None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, kernel_threads(),
                       MIN_WORK_PER_THREAD, CHUNK_WORK)
         return y if flat else y.view(x.shape[:-1] + (N,))
@@ -128,11 +136,12 @@ def _loaded() -> LinearKernel | None:
     return _kernel
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+           half_operands: bool = False) -> torch.Tensor:
     k = _loaded()
     if k is None:
-        return reference.linear(x, w, bias)
-    return k(x, w, bias)
+        return reference.linear(x, w, bias, half_operands=half_operands)
+    return k(x, w, bias, half_operands=half_operands)
 
 
 def _native_weight_dtypes() -> tuple[torch.dtype, ...]:
@@ -141,3 +150,4 @@ def _native_weight_dtypes() -> tuple[torch.dtype, ...]:
 
 # what ops.registry.linear_weight_dtypes reports for this kernel: bf16 weights are read as they are stored
 linear.native_weight_dtypes = _native_weight_dtypes
+

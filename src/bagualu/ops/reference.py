@@ -24,9 +24,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T + bias``; a weight stored narrower than ``x`` (bf16 weights, fp32 activations) is widened."""
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+           half_operands: bool = False) -> torch.Tensor:
+    """``x @ w.T + bias``; a weight stored narrower than ``x`` (bf16 weights, fp32 activations) is widened.
+    ``half_operands``: ``x`` is first rounded to such a weight's dtype (autocast's rule for a half GEMM: both
+    operands half, fp32 accumulation), so a platform may multiply half operands natively."""
     if w.dtype != x.dtype:
+        if half_operands:
+            x = x.to(w.dtype).to(x.dtype)
         w = w.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, w, bias)

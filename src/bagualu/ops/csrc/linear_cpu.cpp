@@ -40,10 +40,18 @@
 #else
 #define BGL_SIMD 0
 #endif
+#if BGL_SIMD == 2 && defined(__AVX512BF16__)
+#define BGL_DPBF16 1  // bf16-operand products in hardware (vdpbf16ps)
+#else
+#define BGL_DPBF16 0
+#endif
 
 namespace {
 
-enum { F32 = 0, BF16 = 1 };
+// Weight dtype codes. BF16_OPS: bf16 weights and both operands bf16 — each x row is rounded to bf16 first
+// (autocast's rule for a bf16 GEMM; fp32 accumulation and output), so on CPUs with AVX512-BF16 the
+// products run as vdpbf16ps at twice the fp32 rate, with no widening of the weights.
+enum { F32 = 0, BF16 = 1, BF16_OPS = 2 };
 
 using bgl::bf16_to_f32;
 
@@ -128,6 +136,42 @@ inline void tile(const float* x, int64_t ldx, const void* w, int64_t K, float* y
 
 constexpr int NR = 6;  // weight rows per tile
 constexpr int MR = 4;  // input rows per tile: MR*NR = 24 accumulators + MR + 1 operand registers <= 32 zmm
+
+#if BGL_DPBF16
+// The BF16_OPS tile: x already bf16 (rounded once per call), 32 values of k per step as 16 (k, k+1) pairs,
+// vdpbf16ps into fp32 lanes; the K % 32 tail by masked loads (zeros add nothing).
+template <int MR_, int NR_>
+inline void tile_ops(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy,
+                     const float* bias, int64_t m0, int64_t n0) {
+  __m512 acc[MR_][NR_];
+  for (int i = 0; i < MR_; ++i)
+    for (int j = 0; j < NR_; ++j) acc[i][j] = _mm512_setzero_ps();
+  const bool prefetch = MR_ == 1 && K * 2 <= kPrefetchRowBytes;
+  const char* pf = reinterpret_cast<const char*>(w + (n0 + NR_) * K);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    if (prefetch)
+      for (int64_t b = 0; b < NR_ * 64; b += 64) _mm_prefetch(pf + k * NR_ * 2 + b, _MM_HINT_T2);
+    __m512bh xv[MR_];
+    for (int i = 0; i < MR_; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * ldx + k);
+    for (int j = 0; j < NR_; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + j) * K + k);
+      for (int i = 0; i < MR_; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 n = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh xv[MR_];
+    for (int i = 0; i < MR_; ++i) xv[i] = (__m512bh)_mm512_maskz_loadu_epi16(n, x + (m0 + i) * ldx + k);
+    for (int j = 0; j < NR_; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(n, w + (n0 + j) * K + k);
+      for (int i = 0; i < MR_; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+    }
+  }
+  for (int i = 0; i < MR_; ++i)
+    for (int j = 0; j < NR_; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
+}
+#endif
 #else
 // One MR x NR tile: rows m0.. of x against rows n0.. of w.
 template <int WD, int MR, int NR>
@@ -172,15 +216,32 @@ constexpr int NR = 4;  // weight rows per tile
 constexpr int MR = 3;  // input rows per tile: MR*NR = 12 accumulators + NR + 1 operand registers <= 16 ymm
 #endif
 
+// tile<WD> for F32 and BF16 weights; for BF16_OPS, x holds the rounded rows (round_rows below): bf16 words
+// for tile_ops on AVX512-BF16 CPUs, else their fp32 values for the widening tiles (the same products).
+template <int WD, int MR_, int NR_>
+inline void tile_any(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
+                     const float* bias, int64_t m0, int64_t n0) {
+  if constexpr (WD == BF16_OPS) {
+#if BGL_DPBF16
+    tile_ops<MR_, NR_>(reinterpret_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(w), K, y, ldy, bias,
+                       m0, n0);
+#else
+    tile<BF16, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
+#endif
+  } else {
+    tile<WD, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
+  }
+}
+
 template <int WD, int NRr>
 inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
                        const float* bias, int64_t M, int64_t n0) {
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) tile<WD, MR, NRr>(x, ldx, w, K, y, ldy, bias, m, n0);
+  for (; m + MR <= M; m += MR) tile_any<WD, MR, NRr>(x, ldx, w, K, y, ldy, bias, m, n0);
   switch (M - m) {
-    case 3: if constexpr (MR > 3) tile<WD, 3, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
-    case 2: tile<WD, 2, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
-    case 1: tile<WD, 1, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
+    case 3: if constexpr (MR > 3) tile_any<WD, 3, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
+    case 2: tile_any<WD, 2, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
+    case 1: tile_any<WD, 1, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
     default: break;
   }
 }
@@ -200,9 +261,9 @@ void run_chunk(const void* ctx, int64_t c) {
   const int64_t t0 = c * j.per_chunk, t1 = t0 + j.per_chunk < j.tiles ? t0 + j.per_chunk : j.tiles;
   const bool last = t1 == j.tiles;
   if (j.M == 1) {
-    for (int64_t t = t0; t < t1; ++t) tile<WD, 1, NR1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, 0, t * NR1);
+    for (int64_t t = t0; t < t1; ++t) tile_any<WD, 1, NR1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, 0, t * NR1);
     if (last)
-      for (int64_t n = j.tiles * NR1; n < j.N; ++n) tile<WD, 1, 1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, 0, n);
+      for (int64_t n = j.tiles * NR1; n < j.N; ++n) tile_any<WD, 1, 1>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, 0, n);
     return;
   }
   for (int64_t t = t0; t < t1; ++t) rows_block<WD, NR>(j.x, j.ldx, j.w, j.K, j.y, j.ldy, j.bias, j.M, t * NR);
@@ -288,11 +349,40 @@ void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, in
   }
 }
 
+// x [M, K] (row stride ldx) rounded to bf16 (nearest even) into buf from element offset `at` (in 4-byte
+// units), rows of K: bf16 words where the tiles multiply them (AVX512-BF16), else their fp32 values. Returns
+// the rows as the tiles take them (through a float pointer either way); row stride K.
+const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::vector<uint32_t>& buf, size_t at) {
+#if BGL_DPBF16
+  uint16_t* out = reinterpret_cast<uint16_t*>(buf.data() + at);
+  for (int64_t i = 0; i < M; ++i) {
+    const float* r = x + i * ldx;
+    uint16_t* o = out + i * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r + k)));
+    for (; k < K; ++k) o[k] = bgl::f32_to_bf16(r[k]);
+  }
+  return reinterpret_cast<const float*>(out);
+#else
+  float* out = reinterpret_cast<float*>(buf.data() + at);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) out[i * K + k] = bf16_to_f32(bgl::f32_to_bf16(x[i * ldx + k]));
+  return out;
+#endif
+}
+
+// 4-byte units that M rounded rows of K take (bf16 words pack two to a unit), plus a unit of slack
+int64_t rounded_units(int64_t M, int64_t K) { return BGL_DPBF16 ? (M * K + 1) / 2 + 1 : M * K; }
+
+thread_local std::vector<uint32_t> t_rounded;  // the calling thread's rounded rows, kept at the largest size
+
 }  // namespace
 
 extern "C" {
 
-int bgl_linear_simd() { return BGL_SIMD; }
+// 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 with bf16 products in hardware (BF16_OPS at twice the fp32 rate)
+int bgl_linear_simd() { return BGL_SIMD + BGL_DPBF16; }
 
 // This library's helper pool, for the other kernel libraries to adopt (helpers.h).
 void* bgl_helpers_pool() { return bgl::Helpers::handle(); }
@@ -310,24 +400,48 @@ void bgl_linear_set_gemm(void* fn, int64_t min_rows) {
   g_gemm_min_rows = fn ? min_rows : 0;
 }
 
+// w_dtype: 0 fp32, 1 bf16, 2 bf16 with the x rows rounded to bf16 first (BF16_OPS).
 void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const float* bias, float* y, int64_t ldy,
                 int64_t M, int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
+  int64_t a_bf16 = 0;
+  if (w_dtype == BF16_OPS && M > 0) {
+    if (t_rounded.size() < static_cast<size_t>(rounded_units(M, K))) t_rounded.resize(rounded_units(M, K));
+    x = round_rows(x, ldx, M, K, t_rounded, 0);
+    ldx = K;
+    a_bf16 = BGL_DPBF16;
+  }
   if (g_gemm_min_rows > 0 && M >= g_gemm_min_rows && K > 0) {  // y = bias, then y += x · w^T
     if (bias)
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < N; ++j) y[i * ldy + j] = bias[j];
-    const BglMM mm = {x, ldx, 1, w, 1, K, y, ldy, M, N, K, (w_dtype == F32 ? 0 : 2) | (bias ? 8 : 0)};
+    const BglMM mm = {x, ldx, 1, w, 1, K, y, ldy, M, N, K, a_bf16 | (w_dtype == F32 ? 0 : 2) | (bias ? 8 : 0)};
     g_gemm(&mm, 1, threads);
     return;
   }
   if (w_dtype == F32) linear<F32>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
-  else linear<BF16>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
+  else if (w_dtype == BF16) linear<BF16>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
+  else linear<BF16_OPS>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
 }
 
 // n problems (weights all in w_dtype), as bgl_linear each, run as one job (see linear_group).
 void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threads, int64_t min_work,
                       int64_t chunk_work) {
-  if (w_dtype == F32) linear_group<F32>(problems, n, threads, min_work, chunk_work);
-  else linear_group<BF16>(problems, n, threads, min_work, chunk_work);
+  if (w_dtype == F32) {
+    linear_group<F32>(problems, n, threads, min_work, chunk_work);
+  } else if (w_dtype == BF16) {
+    linear_group<BF16>(problems, n, threads, min_work, chunk_work);
+  } else {  // every problem's x rows rounded (one buffer), then the tiles
+    int64_t units = 0;
+    for (int64_t i = 0; i < n; ++i) units += rounded_units(problems[i].M, problems[i].K);
+    if (t_rounded.size() < static_cast<size_t>(units)) t_rounded.resize(units);
+    std::vector<BglGemm> r(problems, problems + n);
+    size_t at = 0;
+    for (auto& q : r) {
+      q.x = round_rows(q.x, q.ldx, q.M, q.K, t_rounded, at);
+      q.ldx = q.K;
+      at += rounded_units(q.M, q.K);
+    }
+    linear_group<BF16_OPS>(r.data(), n, threads, min_work, chunk_work);
+  }
 }
 }
