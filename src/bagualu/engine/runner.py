@@ -126,6 +126,7 @@ class ModelRunner:
             self.wide = (widened_stack(self.stack), model.model.norm.weight.float())
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
+        self.rms_norm = kernel("rms_norm")
         cfg = model.config
         self.H, self.Dh = cfg.num_heads, cfg.dim_head
 
@@ -180,7 +181,7 @@ class ModelRunner:
                 x = xs[i][r0:r0 + n] if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)) \
                     else xs[i][torch.tensor(rows, device=xs[i].device)]
                 norm = m.model.norm
-                h = kernel("rms_norm")(x, self.wide[1], norm.eps) if i in wide else norm(x)
+                h = self.rms_norm(x, self.wide[1], norm.eps) if i in wide else norm(x)
                 out[i] = self.linear(h, m.lm_head.weight).float()
         return out
 

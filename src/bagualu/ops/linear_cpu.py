@@ -1,7 +1,8 @@
 """The CPU platform's fast ``linear``: ``csrc/linear_cpu.cpp`` (AVX2 or AVX-512 FMA row tiles on the helper threads).
 
 Same semantics as ``ops.reference.linear``: ``y = x @ w.T + b`` with ``x`` fp32 ``[..., K]`` and ``w``
-``[N, K]`` in fp32 or bf16 (bf16 weights are widened in registers; accumulation is fp32; ``y`` is fp32).
+``[N, K]`` in fp32 or bf16 (bf16 weights are widened in registers, or with ``half_operands`` multiplied as
+bf16 pairs against the rounded ``x``; accumulation is fp32; ``y`` is fp32).
 Anything else — other dtypes, non-CPU tensors, inputs that need gradients — goes to the reference, so
 callers may use it unconditionally. Built on first use (``ops.native``); when the build is unavailable
 every call goes to the reference after one warning.
