@@ -12,7 +12,7 @@ import bagualu
 from hf_models import hf_configs, make_hf_model, save_hf_model
 from bagualu.models.byte_tokenizer import byte_level_tokenizer
 from bagualu.moe.experts import gemm_via_fp32
-from bagualu.ops import linear_cpu, linear_weight_dtypes
+from bagualu.ops import linear_cpu, linear_half_operand_dtypes, linear_weight_dtypes
 from bagualu.platform import current_platform
 
 MAX_NEW = 12
@@ -175,7 +175,8 @@ def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fas
     """A bf16 model on a platform with fast bf16 GEMMs runs in bf16, except that a step of at most
     ``FP32_ACTIVATION_ROWS`` tokens runs the layer operator with fp32 activations over the same bf16 weights
     (the decode GEMV reads them as stored). With every step that small (a 16-token budget) the engine computes
-    what transformers computes in fp32 on the checkpoint's values, token for token; larger steps run in bf16."""
+    what transformers computes in fp32 on the checkpoint's values, token for token. Larger steps run with half
+    operands where the platform multiplies them natively (see the next test), else in bf16."""
     from bagualu.engine import attention, core
 
     if torch.bfloat16 not in linear_weight_dtypes():
@@ -184,20 +185,63 @@ def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fas
     monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 16)
     seen = []
     run_layers = attention.LocalAttention.run_layers
-    monkeypatch.setattr(attention.LocalAttention, "run_layers",
-                        lambda self, i, stack, x, *a: seen.append((x.shape[0], x.dtype)) or run_layers(self, i, stack, x, *a))
+    monkeypatch.setattr(attention.LocalAttention, "run_layers", lambda self, i, stack, x, *a: seen.append(
+        (x.shape[0], x.dtype, stack.half_operands)) or run_layers(self, i, stack, x, *a))
     params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
     llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=16)
     assert llm.engine.model.dtype == torch.bfloat16 and llm.engine.runner.wide is not None
     outs = llm.generate(prompts(), params, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs
-    assert seen and all(dt == torch.float32 for _, dt in seen)
+    assert seen and all(dt == torch.float32 and not half for _, dt, half in seen)
     llm.close()
     seen.clear()
     llm = bagualu.LLM(str(path), dtype="bfloat16", max_num_batched_tokens=64)  # prefill steps above 16 tokens
     llm.generate(prompts()[:4], params, use_tqdm=False)
-    assert {dt for n, dt in seen if n > 16} == {torch.bfloat16} and {dt for n, dt in seen if n <= 16} == {torch.float32}
+    native_half = llm.engine.runner.half is not None
+    assert native_half == (torch.bfloat16 in linear_half_operand_dtypes())
+    above = {(dt, half) for n, dt, half in seen if n > 16}
+    assert above == ({(torch.float32, True)} if native_half else {(torch.bfloat16, False)})
+    assert {(dt, half) for n, dt, half in seen if n <= 16} == {(torch.float32, False)}
     llm.close()
     llm = bagualu.LLM(str(path), dtype="bfloat16", gemm_dtype="model")
-    assert llm.engine.runner.wide is None  # always bf16
+    assert llm.engine.runner.wide is None and llm.engine.runner.half is None  # always bf16
     llm.close()
+
+
+def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fast_bf16_platform):
+    """Steps above ``FP32_ACTIVATION_ROWS`` (here all: 0) on a platform that multiplies bf16 operands natively
+    run the layer operator with each projection's input rounded to bf16 (autocast's rule): the model
+    transformers computes in fp32 on the checkpoint's values with every ``nn.Linear``'s input rounded to bf16.
+    Compared on every prompt position's logprob (teacher-forced, so a near-tie cannot fork the text), in
+    chunked and whole prefill steps, and far from the unrounded model's. (Forced here on any CPU: without AVX512-BF16 the kernel rounds, then widens.)"""
+    import transformers
+
+    from bagualu.engine import core, runner
+
+    if torch.bfloat16 not in linear_weight_dtypes():
+        pytest.skip("the platform's linear does not read bf16 weights (no C++ compiler)")
+    make_hf_model(hf_configs()["llama"]).to(torch.bfloat16).save_pretrained(tmp_path)
+    byte_level_tokenizer().save(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # the checkpoint's values
+    ps = [p for p in prompts() if len(p) > 16]
+    with torch.no_grad():
+        plain = [hf(torch.tensor([p])).logits[0].log_softmax(-1) for p in ps]
+        hooks = [m.register_forward_pre_hook(lambda m, a: (a[0].bfloat16().float(),))
+                 for m in hf.modules() if isinstance(m, torch.nn.Linear)]
+        rounded = [hf(torch.tensor([p])).logits[0].log_softmax(-1) for p in ps]
+    for h in hooks:
+        h.remove()
+    monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 0)
+    monkeypatch.setattr(runner, "linear_half_operand_dtypes", lambda: (torch.bfloat16,))
+    for budget in (24, 256):
+        llm = bagualu.LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=budget)
+        assert llm.engine.runner.half is not None
+        outs = llm.generate(ps, bagualu.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        for p, out, want, far in zip(ps, outs, rounded, plain):
+            got = torch.tensor([out.prompt_logprobs[j][p[j]] for j in range(1, len(p))])
+            idx = torch.arange(len(p) - 1)
+            # summation order may tip an input across a bf16 rounding boundary now and then (one position of
+            # ~40 moved by 1e-4 here); on average the rounded model is 20x closer than the unrounded one
+            near, off = (got - want[idx, p[1:]]).abs(), (got - far[idx, p[1:]]).abs()
+            assert near.mean() < 2e-5 and near.max() < 5e-4 and off.mean() > 1e-4
+        llm.close()

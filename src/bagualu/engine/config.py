@@ -28,8 +28,10 @@ class EngineConfig:
     platform's ``linear`` reads them as stored (half the bytes per decode step), ``float32`` widens them
     too. Elsewhere ``auto`` runs the model in ``dtype`` but a small step (a few decoding sequences: up to
     ``engine.core.FP32_ACTIVATION_ROWS`` tokens) with fp32 activations over the same half weights, where the
-    platform's ``linear`` reads them as stored — faster there, and closer to fp32; ``float32`` means ``dtype``.
-    ``model``: always ``dtype``, weights and activations."""
+    platform's ``linear`` reads them as stored — faster there, and closer to fp32 — and, where the platform
+    multiplies half operands natively, a step of up to 256 tokens with fp32 activations rounded to ``dtype``
+    at each projection's input (autocast's rule); ``float32`` means ``dtype``. ``model``: always ``dtype``,
+    weights and activations."""
     device: str | None = None
     """Where the S-part runs; None = the current platform's device."""
     block_size: int = 16

@@ -46,9 +46,10 @@ DEFAULT_KV_MEMORY_CAP = 4 << 30
 # kernels keep every thread. Up to a few decode rows nothing but the GEMMs gains from a second thread.
 SMALL_STEP_TOKENS = 16
 # A half model on a platform with fast half GEMMs runs steps of at most this many tokens with fp32
-# activations over its half weights (engine.runner: the GEMV that reads them as stored), larger ones in its
-# dtype (the half GEMM). Measured on a Zen 5 (~110M Llama, bf16, ms per decode step, fp32 activations vs bf16):
-# 1 row 6.1 vs 16.6, 8 rows 15.1 vs 20.7, 16 rows 21.1 vs 24.8, 24 rows 28.7 vs 25.8, 32 rows 32.8 vs 30.1.
+# activations over its half weights (engine.runner: the GEMV that reads them as stored), larger ones with half
+# operands in the layer operator where the platform multiplies them natively, else in its dtype. Measured on
+# a Zen 5 (~110M Llama, bf16, ms per decode step, fp32 activations vs bf16): 1 row 6.1 vs 16.6, 8 rows 15.1 vs
+# 20.7, 16 rows 21.1 vs 24.8, 24 rows 28.7 vs 25.8, 32 rows 32.8 vs 30.1.
 FP32_ACTIVATION_ROWS = 16
 
 
@@ -186,7 +187,7 @@ class EngineCore:
         self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
         self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers,
-                                  fp32_activation_rows=FP32_ACTIVATION_ROWS if cfg.gemm_dtype == "auto" else 0)
+                                  fp32_activation_rows=FP32_ACTIVATION_ROWS if cfg.gemm_dtype == "auto" else -1)
         self.metrics = EngineMetrics()
         self.generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)

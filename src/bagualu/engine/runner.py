@@ -21,8 +21,11 @@ A half-precision model on a platform whose half GEMMs are fast (bf16 on CPUs wit
 bound in a small step and compute-bound in a large one, and the platform's fastest kernel differs between the
 two: the half GEMM for many rows, ``linear``'s GEMV reading the half weights as stored for a few. So a step
 of at most ``fp32_activation_rows`` tokens runs the operator with fp32 activations over the same half weights
-(norm weights and biases widened once: a few KiB), as the platforms without half GEMMs always do; a larger
-step runs in the model's dtype. The two differ only in where activations are rounded.
+(norm weights and biases widened once: a few KiB), as the platforms without half GEMMs always do. Where the
+operator also multiplies half operands natively (``ops.linear_half_operand_dtypes``), a step of up to
+``NATIVE_HALF_STEP_TOKENS`` runs it too, with each projection's input rounded to the half dtype (autocast's
+rule: ``LayerStack.half_operands``); a larger step runs in the model's dtype. The three differ only in where
+activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op.
 The model is only read (its modules are called); it knows nothing of paging.
 """
 
@@ -35,7 +38,7 @@ import torch
 from bagualu.engine.batch import StepInputs
 from bagualu.models.layers import Attention
 from bagualu.moe import MLP, MoE
-from bagualu.ops import kernel, linear_weight_dtypes
+from bagualu.ops import kernel, linear_half_operand_dtypes, linear_weight_dtypes
 from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
 from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
 
@@ -43,6 +46,8 @@ from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
 # Up to this many tokens a step with fp32 activations runs its layers in the layer operator's native call on CPU
 # (``ops.decoder_layers_cpu``: up to the linear kernel's row limit for fp32 weights).
 NATIVE_STEP_TOKENS = 64
+# ... and with bf16 weights up to this many (the linear kernel's row limit for them)
+NATIVE_HALF_STEP_TOKENS = 256
 
 
 class UnsupportedModelError(ValueError):
@@ -111,19 +116,22 @@ def widened_stack(stack: LayerStack) -> LayerStack:
 
 
 class ModelRunner:
-    def __init__(self, model, backend, *, fused_layers: bool = True, fp32_activation_rows: int = 0):
+    def __init__(self, model, backend, *, fused_layers: bool = True, fp32_activation_rows: int = -1):
         check_supported(model)
         self.model = model
         model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
         # a back-end that computes attention in this process can run the model's layers as one operator
         self.stack = layer_stack(model) if fused_layers and hasattr(backend, "run_layers") else None
-        # (stack, final norm weight) with fp32 activations for a half model's small steps (module docstring)
+        # (stack, final norm weight) with fp32 activations for a half model's small steps, and the stack with
+        # half operands for its mid-size ones (module docstring); fp32_activation_rows < 0: neither
         self.fp32_activation_rows = fp32_activation_rows
-        self.wide = None
-        if (fp32_activation_rows and self.stack is not None and model.dtype in (torch.bfloat16, torch.float16)
+        self.wide = self.half = None
+        if (fp32_activation_rows >= 0 and self.stack is not None and model.dtype in (torch.bfloat16, torch.float16)
                 and self.stack.layers[0].qkv_w.dtype in linear_weight_dtypes()):
             self.wide = (widened_stack(self.stack), model.model.norm.weight.float())
+            if self.stack.layers[0].qkv_w.dtype in linear_half_operand_dtypes():
+                self.half = dataclasses.replace(self.wide[0], half_operands=True, native={})
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         self.rms_norm = kernel("rms_norm")
@@ -133,9 +141,19 @@ class ModelRunner:
     def native_step(self, tokens: int) -> bool:
         """Whether a step of ``tokens`` tokens spends its time in the platform's own kernels (the layer operator
         with fp32 activations, up to ``NATIVE_STEP_TOKENS``) rather than in torch's ops."""
-        if self.stack is None or tokens > NATIVE_STEP_TOKENS:
+        if self.stack is None:
             return False
-        return self.model.dtype is torch.float32 or (self.wide is not None and tokens <= self.fp32_activation_rows)
+        if self.model.dtype is torch.float32:
+            return tokens <= NATIVE_STEP_TOKENS
+        return self._fp32_stack(tokens) is not None
+
+    def _fp32_stack(self, tokens: int) -> LayerStack | None:
+        """The stack a half model's step of ``tokens`` runs with fp32 activations; None: in its dtype."""
+        if self.wide is not None and tokens <= self.fp32_activation_rows:
+            return self.wide[0]
+        if self.half is not None and tokens <= NATIVE_HALF_STEP_TOKENS:
+            return self.half
+        return None
 
     @torch.inference_mode()
     def execute(self, mbs: list[StepInputs]) -> list[torch.Tensor | None]:
@@ -145,15 +163,15 @@ class ModelRunner:
         live = [i for i, st in enumerate(mbs) if st.num_tokens]
         xs: dict[int, torch.Tensor] = {}
         rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        wide: set[int] = set()  # micro-batches run with fp32 activations
+        wide: dict[int, LayerStack] = {}  # micro-batches run with fp32 activations, and their stack
         for i in live:
             st = mbs[i]
             self.backend.prepare(i, st)
             xs[i] = m.model.embed_tokens(st.input_ids_T)
             stack = self.stack
-            if self.wide is not None and st.num_tokens <= self.fp32_activation_rows:
-                wide.add(i)
-                stack, xs[i] = self.wide[0], xs[i].float()
+            if (fp32 := self._fp32_stack(st.num_tokens)) is not None:
+                wide[i] = stack = fp32
+                xs[i] = xs[i].float()
             rope[i] = m.rotary.rows(st.positions_T, xs[i].dtype, st.max_position + 1)
             if stack is not None:
                 xs[i] = self.backend.run_layers(i, stack, xs[i], *rope[i])
@@ -182,7 +200,9 @@ class ModelRunner:
                     else xs[i][torch.tensor(rows, device=xs[i].device)]
                 norm = m.model.norm
                 h = self.rms_norm(x, self.wide[1], norm.eps) if i in wide else norm(x)
-                out[i] = self.linear(h, m.lm_head.weight).float()
+                half = i in wide and wide[i].half_operands  # the LM head's input rounded as the layers' were
+                out[i] = (self.linear(h, m.lm_head.weight, half_operands=True) if half
+                          else self.linear(h, m.lm_head.weight)).float()
         return out
 
     def _pre(self, l: int, i: int, x_TD: torch.Tensor, rope) -> None:

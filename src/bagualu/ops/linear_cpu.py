@@ -152,3 +152,11 @@ def _native_weight_dtypes() -> tuple[torch.dtype, ...]:
 # what ops.registry.linear_weight_dtypes reports for this kernel: bf16 weights are read as they are stored
 linear.native_weight_dtypes = _native_weight_dtypes
 
+
+def _half_operand_dtypes() -> tuple[torch.dtype, ...]:
+    k = _loaded()
+    return (torch.bfloat16,) if k is not None and k.isa == "avx512-bf16" else ()
+
+
+# what ops.registry.linear_half_operand_dtypes reports: bf16 products in hardware (csrc: BF16_OPS)
+linear.half_operand_dtypes = _half_operand_dtypes

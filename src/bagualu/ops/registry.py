@@ -87,3 +87,12 @@ def linear_weight_dtypes(platform: str | None = None) -> tuple[torch.dtype, ...]
     a narrower one halve what a memory-bound decode step reads; any other is widened by the reference."""
     query = getattr(kernel("linear", platform), "native_weight_dtypes", None)
     return tuple(query()) if query is not None else (torch.float32,)
+
+
+def linear_half_operand_dtypes(platform: str | None = None) -> tuple[torch.dtype, ...]:
+    """Weight dtypes whose products the platform's ``linear`` and layer operator multiply natively when their
+    inputs are rounded to them (``half_operands``; bf16 on CPUs with AVX512-BF16): there a half GEMM of a
+    few rows runs at the half rate without the framework's per-op overhead. A ``half_operand_dtypes``
+    attribute of the platform's ``linear`` says so; none otherwise."""
+    query = getattr(kernel("linear", platform), "half_operand_dtypes", None)
+    return tuple(query()) if query is not None else ()
