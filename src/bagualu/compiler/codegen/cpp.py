@@ -57,6 +57,7 @@ class _KernelWriter(TopkEmitter):
         self.spans = [sch.span(b) for b in k.inputs]
         self.gmemo: dict[int, bool] = {}
         self.mat_done: set[int] = set()
+        self.mat_out = self._materialized_outputs()
         self.seg_id = 0
         self.indirect_size = sch.indirect_sizes(k)
         self.uses_err = bool(self.indirect_size)
@@ -153,6 +154,8 @@ class _KernelWriter(TopkEmitter):
             self.w(f"{t}* __restrict acc{cr.id} = part{cr.id} + tid * {cr.size};")
             self.w(f"for (int64_t i = 0; i < {cr.size}; ++i) acc{cr.id}[i] = ({t}){ident};")
         for vid in sorted(self.m.materialize):
+            if vid in self.mat_out:
+                continue  # kept in its output (_materialized_outputs)
             v = k.values[vid]
             sp = k.space_of(v)
             self.w(f"{CT[v.dtype]}* __restrict mat{vid} = ({CT[v.dtype]}*)malloc(sizeof({CT[v.dtype]}) * {sp.numel});")
@@ -172,7 +175,8 @@ class _KernelWriter(TopkEmitter):
             self.ind -= 1
             self.w("}")
         for vid in sorted(self.m.materialize):
-            self.w(f"free(mat{vid});")
+            if vid not in self.mat_out:
+                self.w(f"free(mat{vid});")
         if self.m.stream:
             self.w("pf_sfence();")
         self.ind -= 1
@@ -373,12 +377,12 @@ class _KernelWriter(TopkEmitter):
             for v in needed:
                 sv = spec.value(v) if spec else v
                 if v.id in self.m.materialize and v.id in self.mat_done:
-                    local[sv.id] = f"mat{v.id}[{flat}]"
+                    local[sv.id] = self._mat_read(v.id, flat, spec, local)
                     continue
                 if sv.op == "const" or sv.id in local:
                     continue
                 self.define(sv, local)
-                if v.id in self.m.materialize:
+                if v.id in self.m.materialize and v.id not in self.mat_out:
                     self.w(f"mat{v.id}[{flat}] = {local[sv.id]};")
             for it in p.items:
                 sv = spec.value(it.value) if spec else it.value
@@ -459,6 +463,35 @@ class _KernelWriter(TopkEmitter):
             e = e + ix.var(v) * stride
             stride *= v.size
         return c_expr(e, {})
+
+    def _materialized_outputs(self) -> dict[int, sch.Item]:
+        """Materialised values that the pass computing them first also stores, whole, to an fp32 or bf16
+        output, with nothing streamed: later passes read that output back (its row is cache-hot) instead of
+        a separate fp32 row buffer — one stream of stores less. A bf16 output gives back the stored, rounded
+        value: what eager computes from the half tensor it materialises (and Inductor reads back too)."""
+        out: dict[int, sch.Item] = {}
+        if not self.m.materialize or self.m.stream or self.m.parallel == "tiles":
+            return out
+        for vid in self.m.materialize:
+            v = self.k.values[vid]
+            first = next((p for p in self.passes if p.space is not None
+                          and any(u.id == vid for u in sch.values_needed([it.value for it in p.items]))), None)
+            store = None if first is None else next(
+                (it for it in first.items if it.kind == "store" and it.value.id == vid
+                 and self.k.outputs[it.obj.buf].dtype in ("f32", "bf16")), None)
+            if store is not None and v.dtype == "f32":
+                out[vid] = store
+        return out
+
+    def _mat_read(self, vid: int, flat: str, spec, names: dict[int, str]) -> str:
+        """A later pass's read of materialised value ``vid``: its row buffer, or the output that holds it."""
+        store = self.mat_out.get(vid)
+        if store is None:
+            return f"mat{vid}[{flat}]"
+        st = store.obj
+        e = spec.expr(st.index) if spec else st.index
+        raw = f"out{st.buf}[{c_expr(e, names)}]"
+        return f"pf_bf2f({raw})" if self.k.outputs[st.buf].dtype == "bf16" else raw
 
     def item_effect(self, it: sch.Item, names: dict[int, str], spec, value: Value | None = None,
                     top: bool = False) -> None:
