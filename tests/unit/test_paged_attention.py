@@ -216,6 +216,22 @@ def test_kernel_mixed_dtypes_and_odd_head_dim(fast):
     torch.testing.assert_close(fast(*b32.args(), 9), paged_kv.paged_attention(*b32.args(), 9), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("flag", [None, "-DBGL_NO_AVX512"])
+@pytest.mark.parametrize("Dh", [16, 48, 112, 144])
+def test_tiles_match_reference_for_every_group_size_and_width(fast, flag, Dh):
+    """Head dims that fill 1..9 sixteen-lane chunks (the 512-bit tiles' full and remainder widths on AVX-512
+    CPUs), GQA groups of 1, 2, 3, 4 and 6 heads, decode rows and prefill chunks; and the AVX2 build of the
+    same kernel (what an AVX2-only CPU runs)."""
+    k = fast if flag is None else paged_attention_cpu.PagedAttentionKernel(
+        native.load("paged_attention_cpu_noavx512", "paged_attention_cpu.cpp", (flag,)))
+    if flag is not None:
+        assert k.simd_width in (8, 1)
+    for H, G in ((4, 4), (4, 2), (6, 2), (8, 2), (6, 1)):
+        for dtype in (torch.float32, torch.bfloat16):
+            b = Batch([37, 150], [1, 5], H=H, G=G, Dh=Dh, B=16, dtype=dtype, seed=Dh + H)
+            torch.testing.assert_close(k(*b.args()), paged_kv.paged_attention(*b.args()), **TOL[dtype])
+
+
 def test_scalar_build_matches_reference(fast):
     lib = native.load("paged_attention_cpu_scalar", "paged_attention_cpu.cpp", ("-DBGL_SCALAR",))
     scalar = paged_attention_cpu.PagedAttentionKernel(lib)

@@ -17,7 +17,8 @@
 //
 // SIMD: AVX2+FMA intrinsics when the compiler targets them (-march=native on x86-64); otherwise, or when
 // Dh is not a multiple of 8, plain loops on blocks widened to fp32 (define BGL_SCALAR to force that path,
-// as the tests do). AVX-512 machines run the AVX2 path.
+// as the tests do). On AVX-512 CPUs the QK and PV tiles are 512-bit where Dh is a multiple of 16
+// (paged_attention_avx512.h; -DBGL_NO_AVX512 keeps the AVX2 ones).
 // Layout: cache [N blocks][G kv heads][B slots][Dh]; q/out rows of H*Dh with a token stride.
 
 #include <algorithm>
@@ -37,6 +38,11 @@
 #define BGL_AVX2 1
 #else
 #define BGL_AVX2 0
+#endif
+#if BGL_AVX2 && defined(__AVX512F__) && !defined(BGL_NO_AVX512)
+#define BGL_AVX512 1  // 512-bit QK and PV tiles where Dh % 16 == 0
+#else
+#define BGL_AVX512 0
 #endif
 
 #ifndef BGL_PREFETCH
@@ -78,6 +84,9 @@ void from_f32(const float* src, int64_t n, int dtype, void* dst) {
 
 #if BGL_AVX2
 #include "paged_attention_avx2.h"
+#endif
+#if BGL_AVX512
+#include "paged_attention_avx512.h"
 #endif
 
 // Online-softmax step of one row over its scores s[a:e): s becomes p = exp(s - m'), (m, l) are updated,
@@ -156,7 +165,30 @@ inline void prefetch_range(const char* k, const char* v, int64_t bytes) {
 // per-row softmax bookkeeping (max, rescale of the accumulator) is paid once per step, not per block.
 constexpr int64_t kStepKeys = 64;
 
-template <typename T>
+// The QK and PV tiles of group size RT: 512-bit ones (W512) or AVX2 ones.
+template <bool W512, int RT, typename T>
+inline void qk(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
+#if BGL_AVX512
+  if constexpr (W512) {
+    qk_group512<RT>(q, K, Dh, a, e, scale, s, ss);
+    return;
+  }
+#endif
+  qk_group<RT>(q, K, Dh, a, e, scale, s, ss);
+}
+
+template <bool W512, int RT, typename T>
+inline void pv(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e, const float* al) {
+#if BGL_AVX512
+  if constexpr (W512) {
+    pv_group512<RT>(acc, V, Dh, p, ss, a, e, al);
+    return;
+  }
+#endif
+  pv_group<RT>(acc, V, Dh, p, ss, a, e, al);
+}
+
+template <typename T, bool W512>
 void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t sB) {
   const int64_t Dh = A.Dh, B = A.B, KS = std::max<int64_t>(1, kStepKeys / B);
   const int32_t* bt = A.block_tables + it.s * A.M;
@@ -185,10 +217,10 @@ void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t
         const int64_t ja = std::max(a, b * B) - b * B, je = std::min(e, (b + 1) * B) - b * B;
         float* sb = s + (b - b0) * B;
         switch (rt) {
-          case 1: qk_group<1>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
-          case 2: qk_group<2>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
-          case 3: qk_group<3>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
-          default: qk_group<4>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 1: qk<W512, 1>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 2: qk<W512, 2>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 3: qk<W512, 3>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          default: qk<W512, 4>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
         }
       }
       float alpha[4];
@@ -205,10 +237,10 @@ void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t
         const float* pb = s + (b - b0) * B;
         const float* al = b * B <= a ? alpha : ones;
         switch (rt) {
-          case 1: pv_group<1>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
-          case 2: pv_group<2>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
-          case 3: pv_group<3>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
-          default: pv_group<4>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 1: pv<W512, 1>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 2: pv<W512, 2>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 3: pv<W512, 3>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          default: pv<W512, 4>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
         }
       }
     }
@@ -283,8 +315,9 @@ void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* p
     r += n_same;
   }
 #if BGL_AVX2
-  if (simd && A.kv_dtype == F32) scan_simd<float>(A, it, R, w, sB);
-  else if (simd) scan_simd<uint16_t>(A, it, R, w, sB);
+  const bool w512 = BGL_AVX512 && Dh % 16 == 0;
+  if (simd && A.kv_dtype == F32) w512 ? scan_simd<float, true>(A, it, R, w, sB) : scan_simd<float, false>(A, it, R, w, sB);
+  else if (simd) w512 ? scan_simd<uint16_t, true>(A, it, R, w, sB) : scan_simd<uint16_t, false>(A, it, R, w, sB);
   else scan_generic(A, it, R, w, sB);
 #else
   scan_generic(A, it, R, w, sB);
@@ -436,6 +469,7 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
 // kernels of one decode step share a set of helper threads.
 void bgl_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
 
-int bgl_simd_width() { return BGL_AVX2 ? 8 : 1; }
+// lanes of the widest tiles this build has (16: AVX-512 ones, used where Dh % 16 == 0)
+int bgl_simd_width() { return BGL_AVX512 ? 16 : BGL_AVX2 ? 8 : 1; }
 
 }  // extern "C"
