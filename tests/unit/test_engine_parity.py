@@ -109,17 +109,22 @@ BF16_MODES = {"default": dict(), "per-layer-loop": dict(fused_layers=False), "r-
               "widened-fp32": dict(gemm_dtype="float32")}
 
 
-@pytest.fixture
-def slow_bf16_platform(monkeypatch):
-    """The platform as a CPU without bf16 units sees itself (bf16 GEMMs far slower than fp32), whatever this
-    machine has: the decisions that follow from it (``gemm_via_fp32``) are cached, so they are cleared."""
+def _bf16_speed(monkeypatch, factor: float):
+    """The platform's bf16 GEMMs measured at ``factor`` times its fp32 rate, whatever this machine has: the
+    decisions that follow from it (``gemm_via_fp32``) are cached, so they are cleared before and after."""
     plat = current_platform()  # a Platform class
     fp32 = plat.peak_flops(torch.float32)
-    monkeypatch.setattr(plat, "peak_flops", classmethod(lambda cls, dt: fp32 / 100 if dt is torch.bfloat16 else fp32))
+    monkeypatch.setattr(plat, "peak_flops", classmethod(lambda cls, dt: fp32 * factor if dt is torch.bfloat16 else fp32))
     gemm_via_fp32.cache_clear()
     yield
     monkeypatch.undo()
     gemm_via_fp32.cache_clear()
+
+
+@pytest.fixture
+def slow_bf16_platform(monkeypatch):
+    """The platform as a CPU without bf16 units sees itself (bf16 GEMMs far slower than fp32)."""
+    yield from _bf16_speed(monkeypatch, 1 / 100)
 
 
 @pytest.mark.parametrize("bf16_case,mode", [("llama", m) for m in BF16_MODES] + [
@@ -160,14 +165,8 @@ def test_bf16_checkpoint_keeps_bf16_projections(bf16_case, mode, monkeypatch, sl
 
 @pytest.fixture
 def fast_bf16_platform(monkeypatch):
-    """The platform as a CPU with bf16 units sees itself (bf16 GEMMs faster than fp32), whatever this machine has."""
-    plat = current_platform()
-    fp32 = plat.peak_flops(torch.float32)
-    monkeypatch.setattr(plat, "peak_flops", classmethod(lambda cls, dt: fp32 * 4 if dt is torch.bfloat16 else fp32))
-    gemm_via_fp32.cache_clear()
-    yield
-    monkeypatch.undo()
-    gemm_via_fp32.cache_clear()
+    """The platform as a CPU with bf16 units sees itself (bf16 GEMMs faster than fp32)."""
+    yield from _bf16_speed(monkeypatch, 4)
 
 
 @pytest.mark.parametrize("bf16_case", ["llama", "mixtral", "qwen2_moe"], indirect=True)
@@ -213,7 +212,8 @@ def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fas
     run the layer operator with each projection's input rounded to bf16 (autocast's rule): the model
     transformers computes in fp32 on the checkpoint's values with every ``nn.Linear``'s input rounded to bf16.
     Compared on every prompt position's logprob (teacher-forced, so a near-tie cannot fork the text), in
-    chunked and whole prefill steps, and far from the unrounded model's. (Forced here on any CPU: without AVX512-BF16 the kernel rounds, then widens.)"""
+    chunked and whole prefill steps, and far from the unrounded model's. (Forced here on any CPU: without
+    AVX512-BF16 the kernel rounds, then widens.)"""
     import transformers
 
     from bagualu.engine import core, runner
