@@ -12,6 +12,7 @@ import torch
 
 def machine_facts() -> dict:
     from bagualu.platform import current_platform
+    from bagualu.utils.openmp import openmp_settings
 
     plat = current_platform()
     return {
@@ -23,6 +24,7 @@ def machine_facts() -> dict:
         "copy_GBps": plat.peak_memory_bandwidth() / 1e9,
         "gemm_fp32_GFLOPs": plat.peak_flops(torch.float32) / 1e9,
         "gemm_bf16_GFLOPs": plat.peak_flops(torch.bfloat16) / 1e9 if plat.supports_dtype(torch.bfloat16) else None,
+        "openmp": openmp_settings(),  # how torch's idle OpenMP threads wait (bagualu.utils.openmp)
     }
 
 

@@ -21,6 +21,10 @@ import subprocess
 import sys
 import time
 
+from bagualu.utils.openmp import tune_openmp_spin
+
+tune_openmp_spin()  # as the bagualu command does, before torch loads libgomp (both sides of the run get it)
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn

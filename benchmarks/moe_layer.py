@@ -14,6 +14,10 @@ import argparse
 import os
 import sys
 
+from bagualu.utils.openmp import tune_openmp_spin
+
+tune_openmp_spin()  # as the bagualu command does, before torch loads libgomp (both sides of the run get it)
+
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -26,6 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bagualu.utils.openmp import tune_openmp_spin
+
+tune_openmp_spin()  # as the bagualu command does, before torch loads libgomp (both sides of the run get it)
+
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -27,6 +27,10 @@ import os
 import sys
 import tempfile
 
+from bagualu.utils.openmp import tune_openmp_spin
+
+tune_openmp_spin()  # as the bagualu command does, before torch loads libgomp (both sides of the run get it)
+
 import torch
 import torch.nn.functional as F
 

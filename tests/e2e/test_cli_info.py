@@ -72,3 +72,17 @@ def test_info_unavailable_platform_fails_clearly(env):
     env["BAGUALU_PLATFORM"] = "no-such-chip"
     r = bagualu("info", env=env, check=False)
     assert r.returncode == 1 and "unknown platform 'no-such-chip'" in r.stderr and "cpu" in r.stderr
+
+
+def test_the_command_shortens_openmp_spinning_unless_told_otherwise(env):
+    """The ``bagualu`` command sets ``GOMP_SPINCOUNT=10000`` before any command loads torch (utils/openmp.py:
+    torch's idle OpenMP workers would spin on the core our kernels' helper threads need); an explicit spin
+    count or wait policy stays as given."""
+    for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        env.pop(k, None)
+    assert json.loads(bagualu("info", "--json", env=env).stdout)["openmp"]["GOMP_SPINCOUNT"] == "10000"
+    assert "openmp        GOMP_SPINCOUNT=10000" in bagualu("info", env=env).stdout
+    omp = json.loads(bagualu("info", "--json", env={**env, "GOMP_SPINCOUNT": "77"}).stdout)["openmp"]
+    assert omp["GOMP_SPINCOUNT"] == "77"
+    omp = json.loads(bagualu("info", "--json", env={**env, "OMP_WAIT_POLICY": "active"}).stdout)["openmp"]
+    assert omp["GOMP_SPINCOUNT"] is None and omp["OMP_WAIT_POLICY"] == "active"

@@ -42,6 +42,7 @@ def collect() -> dict:
     """Everything ``bagualu info`` reports, as a JSON-able dict (may measure; see the module doc)."""
     from bagualu.platform import available_platforms, current_platform
     from bagualu.utils import env
+    from bagualu.utils.openmp import openmp_settings
 
     plat = current_platform()
     forced = env.get("BAGUALU_PLATFORM")
@@ -61,6 +62,7 @@ def collect() -> dict:
         "selected_by": f"BAGUALU_PLATFORM={forced}" if forced else "auto-detected: highest priority",
         "platform": plat.describe(),
         "platforms": platforms,
+        "openmp": openmp_settings(),
     }
 
 
@@ -89,7 +91,9 @@ def format_text(info: dict) -> str:
     lines.append(f"  bandwidth     {bw['bytes_per_s'] / 1e9:.1f} GB/s  ({bw['source']})")
     for dtype, f in p["peak_flops"].items():
         lines.append(f"  GEMM {dtype:<9}{f['flop_per_s'] / 1e9:.1f} GFLOP/s  ({f['source']})")
-    lines += [f"  figures cache {p['figures_cache']}", "", "platforms (* = selected)"]
+    lines.append(f"  figures cache {p['figures_cache']}")
+    omp = ", ".join(f"{k}={v}" for k, v in info["openmp"].items() if v is not None) or "defaults"
+    lines += [f"  openmp        {omp}", "", "platforms (* = selected)"]
     for q in info["platforms"]:
         mark = "*" if q["selected"] else " "
         avail = "available" if q["available"] else "not available"

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     With no command, prints the help and returns 0 (as ``pip`` and ``docker`` do).
     """
+    from bagualu.utils.openmp import tune_openmp_spin
+
+    tune_openmp_spin()  # before any command imports torch (and so loads libgomp): see utils/openmp.py
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: dict[str, str] = {}
