@@ -83,6 +83,9 @@ class CountingDriver:
         self.calls += 1
         return self.drv.run(*a)
 
+    def __getattr__(self, name):  # the rest of the driver as it is
+        return getattr(self.drv, name)
+
 
 @pytest.fixture
 def counting(monkeypatch):
@@ -149,6 +152,20 @@ def test_half_operands_native_equal_reference(counting, moe, monkeypatch):
     assert (plain - want).abs().max() > 1e-2  # the rounding happened
 
 
+def test_many_rows_with_fp32_weights(counting):
+    """A 130-token step with fp32 weights (a batch-130 decode, or a prefill chunk): the native call where the
+    linear kernel hands many-row calls to the grouped GEMM (AVX-512 builds), the reference elsewhere; the same
+    result either way."""
+    from bagualu.ops import gemm_cpu
+
+    stack = make_stack(torch.float32, bias=True, seed=9)
+    want, got, c_ref, c_nat = run_both(stack, make_step(new=(50, 80), past=(20, 0)))
+    assert counting.calls == (1 if gemm_cpu.linear_handoff_rows() else 0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for (kr, vr), (kn, vn) in zip(c_ref, c_nat):
+        torch.testing.assert_close(kn, kr, rtol=1e-4, atol=1e-4)
+
+
 def test_moe_reference_is_the_moe_layer():
     """The operator's MoE block computes what ``bagualu.moe.MoE`` computes for inference."""
     from bagualu.engine.runner import _moe_block
@@ -188,6 +205,7 @@ def test_uncovered_inputs_take_the_reference(counting):
     stack = make_stack()
     step = make_step()
     x, caches, cos, sin, bt, ctx, qsl, slots = step
+    counting.max_rows_fp32 = 64  # as on an AVX2 build, where the linear kernel hands nothing to the GEMM
     with torch.inference_mode():  # fp32 weights and more rows than the GEMV kernel takes: the BLAS path
         big = make_step(new=(70,), past=(0,))
         kernel("decoder_layers", "cpu")(*big[:1], stack, *big[1:])

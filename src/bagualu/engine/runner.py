@@ -43,10 +43,11 @@ from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
 from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
 
 
-# Up to this many tokens a step with fp32 activations runs its layers in the layer operator's native call on CPU
-# (``ops.decoder_layers_cpu``: up to the linear kernel's row limit for fp32 weights).
-NATIVE_STEP_TOKENS = 64
-# ... and with bf16 weights up to this many (the linear kernel's row limit for them)
+# Up to this many tokens a step with fp32 activations spends its time in the platform's kernels: on CPU the
+# layer operator's native call (``ops.decoder_layers_cpu``: with bf16 weights, or fp32 ones on AVX-512 builds)
+# or, above the operator's limit, the same kernels composed per layer around a few small torch ops.
+NATIVE_STEP_TOKENS = 256
+# ... and a half model's steps with half operands up to this many (the linear kernel's row limit for bf16)
 NATIVE_HALF_STEP_TOKENS = 256
 
 

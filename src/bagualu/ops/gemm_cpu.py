@@ -99,9 +99,14 @@ def _loaded() -> GroupedGemmKernel | None:
                 lib.bgl_gemm_adopt_helpers(lin.bgl_helpers_pool())
                 # the linear kernel's many-row calls (batched decode steps, also inside decoder_layers) come here
                 lin.bgl_linear_set_gemm.argtypes = [_ptr, _i64]
-                lin.bgl_linear_set_gemm(ctypes.cast(lib.bgl_gemm_group, _ptr),
-                                        LINEAR_HANDOFF_ROWS if _kernel.isa.startswith("avx512") else 0)
+                lin.bgl_linear_set_gemm(ctypes.cast(lib.bgl_gemm_group, _ptr), linear_handoff_rows())
     return _kernel
+
+
+def linear_handoff_rows() -> int:
+    """From how many rows the linear kernel's calls run on this kernel (0: none, as on AVX2 builds)."""
+    k = _loaded()
+    return LINEAR_HANDOFF_ROWS if k is not None and k.isa.startswith("avx512") and linear_cpu.library() else 0
 
 
 def grouped_mm(problems) -> None:
