@@ -1,8 +1,7 @@
 // AVX2+FMA micro-kernels of paged_attention_cpu.cpp (included there once, inside its anonymous namespace).
 //
 // Register tiles: the RT query rows of one KV group share every K/V vector they load (GQA packing), so
-// loads and the widening of bf16 are paid once per group, not per head. Tile sizes keep the accumulators
-// plus the loaded vectors within the 16 ymm registers. Scores are reduced horizontally four at a time.
+// loads and the widening of bf16 are paid once per group, not per head.
 
 // exp for scores minus their max (and above); Cephes' polynomial, ~1 ulp, clamped to the finite range.
 inline __m256 exp256(__m256 x) {
@@ -35,88 +34,99 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-// 8 consecutive cache values widened to fp32 (bf16 -> fp32 is a 16-bit shift)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return bgl::widen8_bf16(p); }
-
-// QK: RT query vectors + one key vector + RT*JT accumulators; PV: RT broadcast probabilities + one value
-// vector + RT*NC accumulators; each at most 16 registers.
-template <int RT> constexpr int kKeysPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
-template <int RT> constexpr int kChunksPerTile = RT == 1 ? 8 : (RT == 4 ? 2 : 4);
+// The QK and PV tiles are written once over a register type: Ymm (8 lanes, AVX2) here, Zmm (16 lanes,
+// paged_attention_avx512.h) on AVX-512 CPUs for head dims that are a multiple of 16. Each says its tile
+// sizes: QK holds RT query vectors + one key vector + RT*keys(RT) accumulators, PV RT broadcast
+// probabilities + one value vector + RT*chunks(RT) accumulators, within the register file (16 or 32).
+struct Ymm {
+  using R = __m256;
+  static constexpr int L = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R load(const uint16_t* p) { return bgl::widen8_bf16(p); }  // bf16 -> fp32 is a 16-bit shift
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static __m256 fold(R v) { return v; }  // to 8 lanes, for hsum4
+  static constexpr int keys(int rt) { return rt == 1 ? 8 : (rt == 4 ? 2 : 4); }
+  static constexpr int chunks(int rt) { return rt == 1 ? 8 : (rt == 4 ? 2 : 4); }
+};
 
 // s[r * ss + j] = scale * q_r . K[j] for the RT rows (q rows Dh apart) and keys j in [a, e); s has room
-// for kKeysPerTile entries past e (extra lanes repeat key e-1).
-template <int RT, typename T>
+// for 8 entries past e (extra lanes repeat key e-1). Scores are reduced horizontally four at a time.
+template <class V, int RT, typename T>
 void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
-  constexpr int JT = kKeysPerTile<RT>;
+  constexpr int JT = V::keys(RT);
   static_assert((RT * JT) % 4 == 0, "tiles reduce in fours");
   for (int64_t j = a; j < e; j += JT) {
     const T* kp[JT];
     for (int jj = 0; jj < JT; ++jj) kp[jj] = K + std::min(j + jj, e - 1) * Dh;
-    __m256 acc[RT * JT];
-    for (int x = 0; x < RT * JT; ++x) acc[x] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < Dh; c += 8) {
-      __m256 qv[RT];
+    typename V::R acc[RT * JT];
+    for (int x = 0; x < RT * JT; ++x) acc[x] = V::zero();
+    for (int64_t c = 0; c < Dh; c += V::L) {
+      typename V::R qv[RT];
 #pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) qv[r] = _mm256_loadu_ps(q + r * Dh + c);
+      for (int r = 0; r < RT; ++r) qv[r] = V::load(q + r * Dh + c);
 #pragma GCC unroll 12
       for (int jj = 0; jj < JT; ++jj) {
-        const __m256 kv = load8(kp[jj] + c);
+        const typename V::R kv = V::load(kp[jj] + c);
 #pragma GCC unroll 4
-        for (int r = 0; r < RT; ++r) acc[r * JT + jj] = _mm256_fmadd_ps(qv[r], kv, acc[r * JT + jj]);
+        for (int r = 0; r < RT; ++r) acc[r * JT + jj] = V::fmadd(qv[r], kv, acc[r * JT + jj]);
       }
     }
     alignas(16) float sums[RT * JT];
     for (int x = 0; x < RT * JT; x += 4)
-      _mm_store_ps(sums + x, _mm_mul_ps(hsum4(acc[x], acc[x + 1], acc[x + 2], acc[x + 3]), _mm_set1_ps(scale)));
+      _mm_store_ps(sums + x, _mm_mul_ps(hsum4(V::fold(acc[x]), V::fold(acc[x + 1]), V::fold(acc[x + 2]),
+                                              V::fold(acc[x + 3])), _mm_set1_ps(scale)));
     for (int r = 0; r < RT; ++r)
       for (int jj = 0; jj < JT; ++jj) s[r * ss + j + jj] = sums[r * JT + jj];
   }
 }
 
-// acc_r[c0 : c0+8NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+8NC] for the RT rows.
-template <int RT, int NC, typename T>
-void pv_tile(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
+// acc_r[c0 : c0+L*NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+L*NC] for the RT rows.
+template <class V, int RT, int NC, typename T>
+void pv_tile(float* acc, const T* Vc, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
              const float* alpha, int64_t c0) {
-  __m256 r_[RT * NC];
+  typename V::R r_[RT * NC];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r) {
-    const __m256 al = _mm256_set1_ps(alpha[r]);
+    const typename V::R al = V::set1(alpha[r]);
 #pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) r_[r * NC + c] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * Dh + c0 + 8 * c), al);
+    for (int c = 0; c < NC; ++c) r_[r * NC + c] = V::mul(V::load(acc + r * Dh + c0 + V::L * c), al);
   }
   for (int64_t j = a; j < e; ++j) {
-    const T* v = V + j * Dh + c0;
-    __m256 pj[RT];
+    const T* v = Vc + j * Dh + c0;
+    typename V::R pj[RT];
 #pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) pj[r] = _mm256_broadcast_ss(p + r * ss + j);
+    for (int r = 0; r < RT; ++r) pj[r] = V::set1(p[r * ss + j]);
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
-      const __m256 vv = load8(v + 8 * c);
+      const typename V::R vv = V::load(v + V::L * c);
 #pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) r_[r * NC + c] = _mm256_fmadd_ps(pj[r], vv, r_[r * NC + c]);
+      for (int r = 0; r < RT; ++r) r_[r * NC + c] = V::fmadd(pj[r], vv, r_[r * NC + c]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + r * Dh + c0 + 8 * c, r_[r * NC + c]);
+    for (int c = 0; c < NC; ++c) V::store(acc + r * Dh + c0 + V::L * c, r_[r * NC + c]);
 }
 
-template <int RT, typename T>
-void pv_group(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
+template <class V, int RT, typename T>
+void pv_group(float* acc, const T* Vc, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
               const float* alpha) {
-  constexpr int NC = kChunksPerTile<RT>;
+  constexpr int NC = V::chunks(RT);
   int64_t c0 = 0;
-  for (; c0 + 8 * NC <= Dh; c0 += 8 * NC) pv_tile<RT, NC>(acc, V, Dh, p, ss, a, e, alpha, c0);
-  switch ((Dh - c0) / 8) {  // fewer than NC chunks left
-    case 1: pv_tile<RT, 1>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 2: if constexpr (NC > 2) pv_tile<RT, 2>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 3: if constexpr (NC > 3) pv_tile<RT, 3>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 4: if constexpr (NC > 4) pv_tile<RT, 4>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 5: if constexpr (NC > 5) pv_tile<RT, 5>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 6: if constexpr (NC > 6) pv_tile<RT, 6>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
-    case 7: if constexpr (NC > 7) pv_tile<RT, 7>(acc, V, Dh, p, ss, a, e, alpha, c0); break;
+  for (; c0 + V::L * NC <= Dh; c0 += V::L * NC) pv_tile<V, RT, NC>(acc, Vc, Dh, p, ss, a, e, alpha, c0);
+  switch ((Dh - c0) / V::L) {  // fewer than NC chunks left
+    case 1: pv_tile<V, RT, 1>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 2: if constexpr (NC > 2) pv_tile<V, RT, 2>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 3: if constexpr (NC > 3) pv_tile<V, RT, 3>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 4: if constexpr (NC > 4) pv_tile<V, RT, 4>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 5: if constexpr (NC > 5) pv_tile<V, RT, 5>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 6: if constexpr (NC > 6) pv_tile<V, RT, 6>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 7: if constexpr (NC > 7) pv_tile<V, RT, 7>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
     default: break;
   }
 }

@@ -165,30 +165,7 @@ inline void prefetch_range(const char* k, const char* v, int64_t bytes) {
 // per-row softmax bookkeeping (max, rescale of the accumulator) is paid once per step, not per block.
 constexpr int64_t kStepKeys = 64;
 
-// The QK and PV tiles of group size RT: 512-bit ones (W512) or AVX2 ones.
-template <bool W512, int RT, typename T>
-inline void qk(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
-#if BGL_AVX512
-  if constexpr (W512) {
-    qk_group512<RT>(q, K, Dh, a, e, scale, s, ss);
-    return;
-  }
-#endif
-  qk_group<RT>(q, K, Dh, a, e, scale, s, ss);
-}
-
-template <bool W512, int RT, typename T>
-inline void pv(float* acc, const T* V, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e, const float* al) {
-#if BGL_AVX512
-  if constexpr (W512) {
-    pv_group512<RT>(acc, V, Dh, p, ss, a, e, al);
-    return;
-  }
-#endif
-  pv_group<RT>(acc, V, Dh, p, ss, a, e, al);
-}
-
-template <typename T, bool W512>
+template <typename T, class V>  // V: the register type of the QK and PV tiles (Ymm, or Zmm)
 void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t sB) {
   const int64_t Dh = A.Dh, B = A.B, KS = std::max<int64_t>(1, kStepKeys / B);
   const int32_t* bt = A.block_tables + it.s * A.M;
@@ -217,10 +194,10 @@ void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t
         const int64_t ja = std::max(a, b * B) - b * B, je = std::min(e, (b + 1) * B) - b * B;
         float* sb = s + (b - b0) * B;
         switch (rt) {
-          case 1: qk<W512, 1>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
-          case 2: qk<W512, 2>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
-          case 3: qk<W512, 3>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
-          default: qk<W512, 4>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 1: qk_group<V, 1>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 2: qk_group<V, 2>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          case 3: qk_group<V, 3>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
+          default: qk_group<V, 4>(q, kc + base, Dh, ja, je, A.scale, sb, sB); break;
         }
       }
       float alpha[4];
@@ -237,10 +214,10 @@ void scan_simd(const Args& A, const Item& it, const Rows& R, Scratch& w, int64_t
         const float* pb = s + (b - b0) * B;
         const float* al = b * B <= a ? alpha : ones;
         switch (rt) {
-          case 1: pv<W512, 1>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
-          case 2: pv<W512, 2>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
-          case 3: pv<W512, 3>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
-          default: pv<W512, 4>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 1: pv_group<V, 1>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 2: pv_group<V, 2>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          case 3: pv_group<V, 3>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
+          default: pv_group<V, 4>(acc, vc + base, Dh, pb, sB, ja, je, al); break;
         }
       }
     }
@@ -315,9 +292,14 @@ void run_item(const Args& A, const Item& it, Scratch& w, float* part_m, float* p
     r += n_same;
   }
 #if BGL_AVX2
-  const bool w512 = BGL_AVX512 && Dh % 16 == 0;
-  if (simd && A.kv_dtype == F32) w512 ? scan_simd<float, true>(A, it, R, w, sB) : scan_simd<float, false>(A, it, R, w, sB);
-  else if (simd) w512 ? scan_simd<uint16_t, true>(A, it, R, w, sB) : scan_simd<uint16_t, false>(A, it, R, w, sB);
+#if BGL_AVX512
+  if (simd && Dh % 16 == 0) {
+    if (A.kv_dtype == F32) scan_simd<float, Zmm>(A, it, R, w, sB);
+    else scan_simd<uint16_t, Zmm>(A, it, R, w, sB);
+  } else
+#endif
+  if (simd && A.kv_dtype == F32) scan_simd<float, Ymm>(A, it, R, w, sB);
+  else if (simd) scan_simd<uint16_t, Ymm>(A, it, R, w, sB);
   else scan_generic(A, it, R, w, sB);
 #else
   scan_generic(A, it, R, w, sB);
