@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bagualu.utils.openmp import tune_openmp_spin
+
+    tune_openmp_spin()  # a rank started by torchrun or Slurm, not by the bagualu command: before torch loads
     from bagualu.cli.train import build_config, parser, split_overrides
     from bagualu.launch import adopt_slurm_env
     from bagualu.train.loop import train

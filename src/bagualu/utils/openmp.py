@@ -8,9 +8,10 @@ fp32 528 → 361 ms and bf16 autocast 371 → 288 ms with 10,000 rounds (1,000 a
 0..100,000); the ``transformers`` loop in the same process did not change (608–657 and 549–569 ms).
 
 libgomp reads the variable once, when torch loads it, so ``tune_openmp_spin`` must run before ``import torch``
-in a process — the ``bagualu`` command does it first thing — or in a parent whose environment the process
-inherits (the workers ``bagualu train --nproc`` launches). A library user sets ``GOMP_SPINCOUNT=10000``
-themselves. An explicit ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is never overridden.
+in a process — the ``bagualu`` command does it first thing, and so does the training worker's entry point
+(``bagualu.train.entry``, for ranks that torchrun or Slurm start) — or in a parent whose environment the
+process inherits (the workers ``bagualu train --nproc`` launches). A library user who imports torch first
+sets ``GOMP_SPINCOUNT=10000`` themselves. An explicit ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is never overridden.
 """
 
 from __future__ import annotations
