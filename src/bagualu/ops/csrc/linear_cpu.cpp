@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16.h"
@@ -97,81 +98,76 @@ inline __m512 load_w16(const void* w, int64_t i, __mmask16 n = 0xffff) {
   }
 }
 
-// One MR x NR tile on 512-bit registers: the x rows' 16 values in registers, each weight row's 16 loaded
-// once and used by all MR rows; the last K % 16 by masked loads (no scalar tail). Each output's sum runs
-// in the same order whatever M, MR and NR are (16 lanes over k, then the lanes), so a row's result does
-// not depend on the batch it came in.
-template <int WD, int MR, int NR>
+// A 512-bit tile's k-step: 16 k of fp32 x against F32 or BF16 weights (widened), FMA ...
+template <int WD>
+struct Fma16 {
+  using XT = float;
+  using V = __m512;
+  static constexpr int64_t KS = 16, esz = WD == F32 ? 4 : 2;  // k per step, weight bytes per element
+  template <bool MASKED>
+  static V x(const float* p, uint32_t n) { return MASKED ? _mm512_maskz_loadu_ps(__mmask16(n), p) : _mm512_loadu_ps(p); }
+  template <bool MASKED>
+  static V w(const void* p, int64_t i, uint32_t n) { return load_w16<WD, MASKED>(p, i, __mmask16(n)); }
+  static __m512 madd(__m512 acc, V a, V b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+#if BGL_DPBF16
+// ... or (BF16_OPS) 32 k of x already rounded to bf16 (once per call) against bf16 weights as 16 (k, k+1)
+// pairs, vdpbf16ps into fp32 lanes.
+struct Dp32 {
+  using XT = uint16_t;
+  using V = __m512bh;
+  static constexpr int64_t KS = 32, esz = 2;
+  template <bool MASKED>
+  static V x(const uint16_t* p, uint32_t n) {
+    return (V)(MASKED ? _mm512_maskz_loadu_epi16(__mmask32(n), p) : _mm512_loadu_si512(p));
+  }
+  template <bool MASKED>
+  static V w(const void* p, int64_t i, uint32_t n) { return x<MASKED>(static_cast<const uint16_t*>(p) + i, n); }
+  static __m512 madd(__m512 acc, V a, V b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+#endif
+
+// One MR x NR tile on 512-bit registers: the x rows' values in registers, each weight row's loaded once per
+// step and used by all MR rows; the last K % KS by masked loads (zeros add nothing; no scalar tail). Each
+// output's sum runs in the same order whatever M, MR and NR are (lanes over k, then the lanes), so a row's
+// result does not depend on the batch it came in.
+template <class S, int MR_, int NR_>
+inline void tile512(const typename S::XT* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
+                    const float* bias, int64_t m0, int64_t n0) {
+  __m512 acc[MR_][NR_];
+  for (int i = 0; i < MR_; ++i)
+    for (int j = 0; j < NR_; ++j) acc[i][j] = _mm512_setzero_ps();
+  const bool prefetch = MR_ == 1 && K * S::esz <= kPrefetchRowBytes;  // as in the AVX2 tile below
+  const char* pf = static_cast<const char*>(w) + (n0 + NR_) * K * S::esz;
+  auto step = [&](int64_t k, auto masked, uint32_t n) {
+    constexpr bool M = decltype(masked)::value;
+    typename S::V xv[MR_];
+    for (int i = 0; i < MR_; ++i) xv[i] = S::template x<M>(x + (m0 + i) * ldx + k, n);
+    for (int j = 0; j < NR_; ++j) {
+      const typename S::V wv = S::template w<M>(w, (n0 + j) * K + k, n);
+      for (int i = 0; i < MR_; ++i) acc[i][j] = S::madd(acc[i][j], xv[i], wv);
+    }
+  };
+  int64_t k = 0;
+  for (; k + S::KS <= K; k += S::KS) {
+    if (prefetch)
+      for (int64_t b = 0; b < NR_ * S::KS * S::esz; b += 64) _mm_prefetch(pf + k * NR_ * S::esz + b, _MM_HINT_T2);
+    step(k, std::false_type{}, 0);
+  }
+  if (k < K) step(k, std::true_type{}, static_cast<uint32_t>((1ull << (K - k)) - 1));
+  for (int i = 0; i < MR_; ++i)
+    for (int j = 0; j < NR_; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
+}
+
+template <int WD, int MR_, int NR_>
 inline void tile(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy, const float* bias,
                  int64_t m0, int64_t n0) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  constexpr int64_t esz = WD == F32 ? 4 : 2;
-  const bool prefetch = MR == 1 && K * esz <= kPrefetchRowBytes;  // as in the AVX2 tile below
-  const char* pf = static_cast<const char*>(w) + (n0 + NR) * K * esz;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    if (prefetch)
-      for (int64_t b = 0; b < NR * 16 * esz; b += 64) _mm_prefetch(pf + k * NR * esz + b, _MM_HINT_T2);
-    __m512 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k);
-    for (int j = 0; j < NR; ++j) {
-      const __m512 wv = load_w16<WD>(w, (n0 + j) * K + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 n = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm512_maskz_loadu_ps(n, x + (m0 + i) * ldx + k);
-    for (int j = 0; j < NR; ++j) {
-      const __m512 wv = load_w16<WD, true>(w, (n0 + j) * K + k, n);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
+  tile512<Fma16<WD>, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
 }
 
 constexpr int NR = 6;  // weight rows per tile
 constexpr int MR = 4;  // input rows per tile: MR*NR = 24 accumulators + MR + 1 operand registers <= 32 zmm
-
-#if BGL_DPBF16
-// The BF16_OPS tile: x already bf16 (rounded once per call), 32 values of k per step as 16 (k, k+1) pairs,
-// vdpbf16ps into fp32 lanes; the K % 32 tail by masked loads (zeros add nothing).
-template <int MR_, int NR_>
-inline void tile_ops(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy,
-                     const float* bias, int64_t m0, int64_t n0) {
-  __m512 acc[MR_][NR_];
-  for (int i = 0; i < MR_; ++i)
-    for (int j = 0; j < NR_; ++j) acc[i][j] = _mm512_setzero_ps();
-  const bool prefetch = MR_ == 1 && K * 2 <= kPrefetchRowBytes;
-  const char* pf = reinterpret_cast<const char*>(w + (n0 + NR_) * K);
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    if (prefetch)
-      for (int64_t b = 0; b < NR_ * 64; b += 64) _mm_prefetch(pf + k * NR_ * 2 + b, _MM_HINT_T2);
-    __m512bh xv[MR_];
-    for (int i = 0; i < MR_; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * ldx + k);
-    for (int j = 0; j < NR_; ++j) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + j) * K + k);
-      for (int i = 0; i < MR_; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
-    }
-  }
-  if (k < K) {
-    const __mmask32 n = static_cast<__mmask32>((1ull << (K - k)) - 1);
-    __m512bh xv[MR_];
-    for (int i = 0; i < MR_; ++i) xv[i] = (__m512bh)_mm512_maskz_loadu_epi16(n, x + (m0 + i) * ldx + k);
-    for (int j = 0; j < NR_; ++j) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(n, w + (n0 + j) * K + k);
-      for (int i = 0; i < MR_; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
-    }
-  }
-  for (int i = 0; i < MR_; ++i)
-    for (int j = 0; j < NR_; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
-}
-#endif
 #else
 // One MR x NR tile: rows m0.. of x against rows n0.. of w.
 template <int WD, int MR, int NR>
@@ -217,14 +213,13 @@ constexpr int MR = 3;  // input rows per tile: MR*NR = 12 accumulators + NR + 1 
 #endif
 
 // tile<WD> for F32 and BF16 weights; for BF16_OPS, x holds the rounded rows (round_rows below): bf16 words
-// for tile_ops on AVX512-BF16 CPUs, else their fp32 values for the widening tiles (the same products).
+// for the Dp32 tiles on AVX512-BF16 CPUs, else their fp32 values for the widening tiles (the same products).
 template <int WD, int MR_, int NR_>
 inline void tile_any(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
                      const float* bias, int64_t m0, int64_t n0) {
   if constexpr (WD == BF16_OPS) {
 #if BGL_DPBF16
-    tile_ops<MR_, NR_>(reinterpret_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(w), K, y, ldy, bias,
-                       m0, n0);
+    tile512<Dp32, MR_, NR_>(reinterpret_cast<const uint16_t*>(x), ldx, w, K, y, ldy, bias, m0, n0);
 #else
     tile<BF16, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
 #endif
