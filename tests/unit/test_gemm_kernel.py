@@ -66,6 +66,26 @@ def test_bf16_output_is_rounded_once_to_nearest_even():
     assert torch.equal(out, fp32.to(BF16))
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("K", [64, 1100])
+def test_bf16_output_equals_the_fp32_result_rounded_once_across_k_blocks(dtype, K):
+    """A bf16 C (written from the accumulators on the last K block on AVX-512, after the earlier blocks' fp32
+    partial sums; through an fp32 tile elsewhere) is the fp32 result rounded once, also when it accumulates
+    onto C's own values (rounded after adding them), for K within one block and across several, edges
+    included (M 37 and N 45 are not tile multiples)."""
+    g = torch.Generator().manual_seed(K)
+    a, b = operand(37, K, dtype, False, g), operand(K, 45, dtype, True, g)
+    fp32 = torch.empty(37, 45)
+    gemm_cpu.grouped_mm([(a, b, fp32, False)])
+    out = torch.empty(37, 45, dtype=BF16)
+    gemm_cpu.grouped_mm([(a, b, out, False)])
+    assert torch.equal(out, fp32.to(BF16))
+    c0 = torch.randn(37, 45, generator=g).to(BF16)
+    out = c0.clone()
+    gemm_cpu.grouped_mm([(a, b, out, True)])
+    assert torch.equal(out, (c0.float() + fp32).to(BF16))
+
+
 def test_empty_problems():
     out = torch.full((4, 3), 5.0)
     gemm_cpu.grouped_mm([(torch.randn(4, 0), torch.randn(0, 3), out, True)])

@@ -70,6 +70,15 @@ constexpr int64_t KCB = 2 * KC;  // bf16 pairs: the same bytes per panel hold tw
 using bgl::bf16_to_f32;
 using bgl::f32_to_bf16;
 
+// Where a tile's last K block writes a bf16 C directly (AVX-512 builds; see store_zmm_bf16).
+struct Bf16Out {
+  uint16_t* o;  // C at the tile's first row and column
+  int64_t ldo;
+  bool acc;
+  const float* part;  // fp32 partial sums of the earlier K blocks (row stride ldc), or null
+};
+
+
 template <bool BF>
 inline float at(const void* p, int64_t i) {
   if constexpr (BF) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
@@ -237,10 +246,58 @@ inline void store_zmm(const __m512 (&r)[MR][2], float* c, int64_t ldc, bool acc,
   }
   store_tile(t, c, ldc, acc, mr, nr);
 }
+
+// A bf16 C tile written straight from the accumulators on a tile's last K block (Bf16Out; no fp32 copy of
+// the tile and no second pass over it): each value is the fp32 sum over K (the partial sums of earlier
+// blocks at part, when there were any) plus, with acc, C's own value, rounded once to nearest even as
+// f32_to_bf16 -- the same additions in the same order as accumulating the whole tile in fp32 first.
+inline __m512 widen16_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m256i narrow16_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  const __m512i r = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store_zmm_bf16(const __m512 (&r)[MR][2], const Bf16Out& out, int64_t row, int64_t col, int64_t ldc,
+                           int64_t mr, int64_t nr) {
+  uint16_t* o = out.o + row * out.ldo + col;
+  const float* part = out.part ? out.part + row * ldc + col : nullptr;
+  if (nr == NR) {
+    for (int64_t i = 0; i < mr; ++i)
+      for (int h = 0; h < 2; ++h) {
+        __m512 v = r[i][h];
+        if (part) v = _mm512_add_ps(_mm512_loadu_ps(part + i * ldc + 16 * h), v);
+        uint16_t* oi = o + i * out.ldo + 16 * h;
+        if (out.acc) v = _mm512_add_ps(widen16_bf16(oi), v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi), narrow16_bf16(v));
+      }
+    return;
+  }
+  alignas(64) float t[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(t[i], r[i][0]);
+    _mm512_store_ps(t[i] + 16, r[i][1]);
+  }
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) {
+      float v = part ? part[i * ldc + j] + t[i][j] : t[i][j];
+      uint16_t* oij = o + i * out.ldo + j;
+      if (out.acc) v = bf16_to_f32(*oij) + v;
+      *oij = f32_to_bf16(v);
+    }
+}
 #endif
 
 // C[mr, nr] (+)= a panel [kc][MR] · b panel [kc][NR] (C row stride ldc).
-void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool acc, int64_t mr, int64_t nr) {
+// With AVX-512, out (non-null): the tile goes to bf16 C instead (store_zmm_bf16 at row, col of the tile).
+void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool acc, int64_t mr, int64_t nr,
+           const Bf16Out* out = nullptr, int64_t row = 0, int64_t col = 0) {
 #if BGL_AVX512
   __m512 r[MR][2];
   for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
@@ -256,8 +313,10 @@ void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bo
     a += MR;
     b += NR;
   }
-  store_zmm(r, c, ldc, acc, mr, nr);
+  if (out) store_zmm_bf16(r, *out, row, col, ldc, mr, nr);
+  else store_zmm(r, c, ldc, acc, mr, nr);
 #else
+  (void)out, (void)row, (void)col;
   alignas(32) float t[MR][NR];
 #if BGL_SIMD
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
@@ -326,15 +385,29 @@ struct Plan {
   std::vector<int64_t> tm, tn, cols, first;  // per problem: tile rows/cols, tiles per row; first chunk
 };
 
-// The K loop of a tile, fp32 panels: C[mt, nt] (+)= A[i0.., :] · B[:, j0..] (acc: add to what C holds).
+// Where the micro-kernels of the K block at k0 write: with a bf16 C written directly (out16, AVX-512), the
+// last block's go to C through *o (the earlier blocks' partial sums, at c, added first); else to c (null).
+inline const Bf16Out* block_sink(const Bf16Out* out16, int64_t k0, int64_t step, int64_t K, const float* c,
+                                 Bf16Out& o) {
+  if (!out16 || k0 + step < K) return nullptr;
+  o = *out16;
+  o.part = k0 > 0 ? c : nullptr;
+  return &o;
+}
+
+// The K loop of a tile, fp32 panels: C[mt, nt] (+)= A[i0.., :] · B[:, j0..] (acc: add to what C holds);
+// out16: see block_sink.
 template <bool ABF, bool BBF>
-void blocks(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt, float* c, int64_t ldc, bool accumulate) {
+void blocks(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt, float* c, int64_t ldc, bool accumulate,
+            const Bf16Out* out16) {
   const int64_t ntp = (nt + NR - 1) / NR * NR;
   float* pb = scratch(0, static_cast<size_t>(ntp * KC));
   float* pa = scratch(1, static_cast<size_t>((MC + MR) * KC + 8));
   for (int64_t k0 = 0; k0 < p.K; k0 += KC) {
     const int64_t kc = p.K - k0 < KC ? p.K - k0 : KC;
     const bool acc = k0 > 0 || accumulate;
+    Bf16Out o;
+    const Bf16Out* sink = block_sink(out16, k0, KC, p.K, c, o);
     pack_b<BBF>(p, j0, nt, k0, kc, pb);
     for (int64_t ib = 0; ib < mt; ib += MC) {
       const int64_t mc = mt - ib < MC ? mt - ib : MC;
@@ -342,7 +415,7 @@ void blocks(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt, floa
       for (int64_t jr = 0; jr < nt; jr += NR)
         for (int64_t ir = 0; ir < mc; ir += MR)
           micro(kc, pa + ir * kc, pb + jr * kc, c + (ib + ir) * ldc + jr, ldc, acc, mc - ir < MR ? mc - ir : MR,
-                nt - jr < NR ? nt - jr : NR);
+                nt - jr < NR ? nt - jr : NR, sink, ib + ir, jr);
     }
   }
 }
@@ -443,7 +516,7 @@ void pack_b_pairs(const BglMM& p, int64_t j0, int64_t nc, int64_t k0, int64_t kc
 
 // C[mr, nr] (+)= a pair panel [kp][MR] · b pair panel [kp][NR]: 24 vdpbf16ps per pair of k.
 void micro_pairs(int64_t kp, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc, bool acc, int64_t mr,
-                 int64_t nr) {
+                 int64_t nr, const Bf16Out* out, int64_t row, int64_t col) {
   __m512 r[MR][2];
   for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
 #pragma GCC unroll 2
@@ -458,17 +531,20 @@ void micro_pairs(int64_t kp, const uint32_t* a, const uint32_t* b, float* c, int
     a += MR;
     b += NR;
   }
-  store_zmm(r, c, ldc, acc, mr, nr);
+  if (out) store_zmm_bf16(r, *out, row, col, ldc, mr, nr);
+  else store_zmm(r, c, ldc, acc, mr, nr);
 }
 
 void blocks_pairs(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt, float* c, int64_t ldc,
-                  bool accumulate) {
+                  bool accumulate, const Bf16Out* out16) {
   const int64_t ntp = (nt + NR - 1) / NR * NR;
   uint32_t* pb = reinterpret_cast<uint32_t*>(scratch(0, static_cast<size_t>(ntp * KCB / 2)));
   uint32_t* pa = reinterpret_cast<uint32_t*>(scratch(1, static_cast<size_t>((MC + MR) * KCB / 2)));
   for (int64_t k0 = 0; k0 < p.K; k0 += KCB) {
     const int64_t kc = p.K - k0 < KCB ? p.K - k0 : KCB, kp = (kc + 1) / 2;
     const bool acc = k0 > 0 || accumulate;
+    Bf16Out o;
+    const Bf16Out* sink = block_sink(out16, k0, KCB, p.K, c, o);
     pack_b_pairs(p, j0, nt, k0, kc, pb);
     for (int64_t ib = 0; ib < mt; ib += MC) {
       const int64_t mc = mt - ib < MC ? mt - ib : MC;
@@ -476,7 +552,7 @@ void blocks_pairs(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt
       for (int64_t jr = 0; jr < nt; jr += NR)
         for (int64_t ir = 0; ir < mc; ir += MR)
           micro_pairs(kp, pa + ir * kp, pb + jr * kp, c + (ib + ir) * ldc + jr, ldc, acc, mc - ir < MR ? mc - ir : MR,
-                      nt - jr < NR ? nt - jr : NR);
+                      nt - jr < NR ? nt - jr : NR, sink, ib + ir, jr);
     }
   }
 }
@@ -485,19 +561,24 @@ void blocks_pairs(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt
 template <bool ABF, bool BBF>
 void tile(const BglMM& p, int64_t i0, int64_t mt, int64_t j0, int64_t nt) {
   const bool cbf = p.flags & kCBf16, accumulate = p.flags & kAccumulate;
+  // a bf16 C: on AVX-512 written from the accumulators on the last K block (store_zmm_bf16; the earlier blocks,
+  // if any, sum into an fp32 scratch tile); otherwise the whole tile sums in fp32 scratch, then is rounded
+  const bool direct = BGL_AVX512 && cbf && p.K > 0;
   float* c = cbf ? scratch(2, static_cast<size_t>(mt * nt)) : static_cast<float*>(p.c) + i0 * p.ldc + j0;
   const int64_t ldc = cbf ? nt : p.ldc;
+  const Bf16Out out16{static_cast<uint16_t*>(p.c) + i0 * p.ldc + j0, p.ldc, accumulate, nullptr};
+  const Bf16Out* sink = direct ? &out16 : nullptr;
   if (p.K == 0) {
     for (int64_t i = 0; i < mt; ++i)
       for (int64_t j = 0; j < nt; ++j)
         if (cbf || !accumulate) c[i * ldc + j] = 0.f;
   }
 #if BGL_DPBF16
-  if constexpr (ABF && BBF) blocks_pairs(p, i0, mt, j0, nt, c, ldc, accumulate && !cbf);
+  if constexpr (ABF && BBF) blocks_pairs(p, i0, mt, j0, nt, c, ldc, accumulate && !cbf, sink);
   else
 #endif
-    blocks<ABF, BBF>(p, i0, mt, j0, nt, c, ldc, accumulate && !cbf);
-  if (cbf) {
+    blocks<ABF, BBF>(p, i0, mt, j0, nt, c, ldc, accumulate && !cbf, sink);
+  if (cbf && !direct) {
     uint16_t* out = static_cast<uint16_t*>(p.c);
     for (int64_t i = 0; i < mt; ++i) {
       uint16_t* row = out + (i0 + i) * p.ldc + j0;
