@@ -11,10 +11,11 @@ The compute is one ``autograd.Function`` (``SwiGLUExperts``) rather than autogra
   bucketed gradient synchronisation relies on — autograd over slices would skip an idle shard;
 - backward recomputes ``silu(g) * u`` from the saved pre-activations instead of saving it (one [N, F]
   buffer less per layer), and runs the three weight-gradient GEMMs per expert straight into slices of
-  the stacked gradients (no per-expert allocation, no ``cat``); the element-wise work is five passes
-  over [N, F] (silu, a, du, da·u and ``silu_backward``, PyTorch's fused derivative, as autograd over
-  ``F.silu`` runs it), two in the forward. Gate and up stay two GEMMs: one ``[2F, D]`` GEMM against
-  their concatenation measured slower here at F = 1024 (and no faster at 512) and costs a weight copy.
+  the stacked gradients (no per-expert allocation, no ``cat``); the element-wise work is the platform's
+  ``silu_mul`` (one pass forward; on CPU one C pass, two ATen passes in the reference) and, backward,
+  ``silu_mul`` again and ``silu_mul_backward`` (du and dg in one pass; five ATen passes in the reference).
+  Gate and up stay two GEMMs: one ``[2F, D]`` GEMM against their concatenation measured slower here at
+  F = 1024 (and no faster at 512) and costs a weight copy.
 
 Each pass's per-expert GEMMs are one call of the platform's ``grouped_mm`` (forward: gate and up, then down;
 backward: da and dW_down, then dx's gate term with dW_gate and dW_up, then dx's up term): on CPU one job
@@ -86,10 +87,11 @@ def experts_forward(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, counts: list[int], k
     u_NF = take((N, F_), x_ND.dtype, x_ND.device)
     _gemms([(x_ND[s:t], w[e].t(), o[s:t], False) for e, s, t in _slices(counts)
             for w, o in ((w_gate_EFD, g_NF), (w_up_EFD, u_NF))])
+    silu_mul = kernel("silu_mul")
     if keep:  # a = silu(g) · u in a pool buffer; g stays for the backward
-        a_NF = torch._C._nn.silu(g_NF, out=workspace.take((N, F_), x_ND.dtype, x_ND.device)).mul_(u_NF)
+        a_NF = silu_mul(g_NF, u_NF, out=workspace.take((N, F_), x_ND.dtype, x_ND.device))
     else:
-        a_NF = F.silu(g_NF, inplace=True).mul_(u_NF)
+        a_NF = silu_mul(g_NF, u_NF, out=g_NF)
     y_ND = x_ND.new_empty(N, w_down_EDF.shape[1])
     _gemms([(a_NF[s:t], w_down_EDF[e].t(), y_ND[s:t], False) for e, s, t in _slices(counts)])
     if keep:
@@ -123,16 +125,13 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
     x_ND, g_NF, u_NF = saved
     dy_ND = dy_ND.contiguous()
     shape, dt, dev = g_NF.shape, g_NF.dtype, g_NF.device
-    silu = torch._C._nn.silu(g_NF, out=workspace.take(shape, dt, dev))
-    a_NF = torch.mul(silu, u_NF, out=workspace.take(shape, dt, dev))
+    a_NF = kernel("silu_mul")(g_NF, u_NF, out=workspace.take(shape, dt, dev))
     da_NF = workspace.take(shape, dt, dev)
     dw_down = _idle_zeroed(torch.empty_like(w_down), counts)
     _gemms([p for e, s, t in _slices(counts)
             for p in ((dy_ND[s:t], w_down[e], da_NF[s:t], False), (dy_ND[s:t].t(), a_NF[s:t], dw_down[e], False))])
-    du_NF = torch.mul(da_NF, silu, out=a_NF)  # a is no longer needed
-    # dg = da · u · silu'(g): silu_backward is PyTorch's one-pass derivative (what autograd over F.silu
-    # runs), written over silu, which is no longer needed
-    dg_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(u_NF), g_NF, grad_input=silu)
+    # du = da · silu(g) over a, dg = da · u · silu'(g) over da: neither is needed any more
+    du_NF, dg_NF = kernel("silu_mul_backward")(da_NF, g_NF, u_NF, du_out=a_NF, dg_out=da_NF)
     dx_ND = (dx_out if dx_out is not None else x_ND.new_empty(x_ND.shape)) if need_dx else None
     dw_gate = _idle_zeroed(torch.empty_like(w_gate), counts)
     dw_up = _idle_zeroed(torch.empty_like(w_up), counts)
@@ -144,7 +143,7 @@ def experts_backward(saved, w_gate, w_up, w_down, counts: list[int], dy_ND, need
         _gemms([(du_NF[s:t], w_up[e], dx_ND[s:t], True) for e, s, t in _slices(counts)])
     if dx_ND is not None and sum(counts) < x_ND.shape[0]:
         dx_ND[sum(counts):] = 0
-    workspace.give(da_NF, du_NF, dg_NF)
+    workspace.give(du_NF, dg_NF)
     return dx_ND, dw_gate, dw_up, dw_down
 
 

@@ -6,7 +6,8 @@ Why one Function: autograd over ``index_select`` → experts → ``mul`` → ``i
 [N, D] tensors per step (N = T·K: 50 MB each at T=4096, K=6, D=512 fp32), which glibc page-faults on
 every call. Here every [N, D] intermediate comes from the workspace pool and only the [T, D] output
 and input gradient are new. The math is ``dispatch.permute`` / ``experts`` / ``dispatch.unpermute_combine``:
-the routing weight multiplies in fp32 (as transformers does), the per-token sum runs in the model dtype.
+the routing weight multiplies in fp32 (as transformers does; the platform's ``scale_rows``), the per-token
+sum runs in the model dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from bagualu.memory import workspace
+from bagualu.ops import kernel
 from bagualu.moe.experts import cast_for_autocast, experts_backward, experts_forward, release_when_freed
 
 
@@ -27,7 +29,7 @@ class LocalExperts(torch.autograd.Function):
         out = workspace.take((N, D), x_TD.dtype, x_TD.device) if pooled else None
         x_ND = torch.index_select(x_TD, 0, token_N, out=out)
         y_ND, saved = experts_forward(x_ND, w_gate, w_up, w_down, counts, keep=keep, pooled=pooled)
-        yw_ND = torch.mul(y_ND, w_N.unsqueeze(-1), out=workspace.take((N, D), x_TD.dtype, x_TD.device))
+        yw_ND = kernel("scale_rows")(y_ND, w_N, out=workspace.take((N, D), x_TD.dtype, x_TD.device))
         out_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, token_N, yw_ND)
         workspace.give(yw_ND)
         ctx.pooled = pooled
@@ -51,10 +53,8 @@ class LocalExperts(torch.autograd.Function):
         dy_ND = torch.index_select(dout_TD.to(dt).contiguous(), 0, token_N, out=workspace.take((N, D), dt, dev))
         dw_N = None
         if ctx.needs_input_grad[1]:
-            prod = torch.mul(dy_ND, y_ND, out=workspace.take((N, D), dt, dev))
-            dw_N = prod.sum(-1, dtype=w_N.dtype)
-            workspace.give(prod)
-        dy_ND.mul_(w_N.unsqueeze(-1))
+            dw_N = kernel("row_dot")(dy_ND, y_ND).to(w_N.dtype)
+        kernel("scale_rows")(dy_ND, w_N, out=dy_ND)
         dx_out = workspace.take((N, D), dt, dev)
         dx_ND, dw_gate, dw_up, dw_down = experts_backward((x_ND, *pre), w_gate, w_up, w_down, ctx.counts,
                                                           dy_ND, need_dx=True, dx_out=dx_out)

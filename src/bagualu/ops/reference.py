@@ -69,9 +69,40 @@ def grouped_mm(problems) -> None:
             torch.mm(a, b, out=out)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation: silu(gate) * up."""
-    return F.silu(gate) * up
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU activation: silu(gate) * up (into ``out`` when given; it may be ``gate`` or ``up`` itself)."""
+    if out is None:
+        return F.silu(gate) * up
+    if out is up:
+        return out.mul_(F.silu(gate))
+    return torch._C._nn.silu(gate, out=out).mul_(up)
+
+
+def silu_mul_backward(da: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, du_out: torch.Tensor | None = None,
+                      dg_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(du, dg)`` of ``a = silu(gate) * up`` given ``da``: ``du = da · silu(gate)``, ``dg = da · up · silu'(gate)``
+    (``silu_backward``, PyTorch's one-pass derivative, as autograd over ``F.silu`` runs it). Into ``du_out`` and
+    ``dg_out`` when given (distinct; either may be one of the inputs)."""
+    silu = F.silu(gate)
+    dg = torch.ops.aten.silu_backward(da * up, gate)
+    du = torch.mul(da, silu, out=du_out) if du_out is not None else da * silu
+    if dg_out is not None:
+        dg = dg_out.copy_(dg)
+    return du, dg
+
+
+def scale_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[n, :] * w[n]`` for 2-D ``x`` and fp32 ``w``: the product in fp32 (as transformers weights expert
+    outputs by their routing weights), rounded to ``x``'s dtype; into ``out`` when given (it may be ``x``)."""
+    if out is None:
+        return (x * w.unsqueeze(-1)).to(x.dtype)
+    return torch.mul(x, w.unsqueeze(-1), out=out)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_d a[n, d] * b[n, d]`` per row of 2-D ``a`` and ``b``, accumulated and returned in fp32 (fp64 for fp64
+    inputs)."""
+    return torch.mul(a, b).sum(-1, dtype=torch.promote_types(a.dtype, torch.float32))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
