@@ -6,8 +6,8 @@ Why one Function: autograd over ``index_select`` → experts → ``mul`` → ``i
 [N, D] tensors per step (N = T·K: 50 MB each at T=4096, K=6, D=512 fp32), which glibc page-faults on
 every call. Here every [N, D] intermediate comes from the workspace pool and only the [T, D] output
 and input gradient are new. The math is ``dispatch.permute`` / ``experts`` / ``dispatch.unpermute_combine``:
-the routing weight multiplies in fp32 (as transformers does; the platform's ``scale_rows``), the per-token
-sum runs in the model dtype.
+the routing weight multiplies in fp32 (as transformers does), the per-token sum runs in the model dtype (both
+in the platform's ``index_add_rows``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ class LocalExperts(torch.autograd.Function):
         out = workspace.take((N, D), x_TD.dtype, x_TD.device) if pooled else None
         x_ND = torch.index_select(x_TD, 0, token_N, out=out)
         y_ND, saved = experts_forward(x_ND, w_gate, w_up, w_down, counts, keep=keep, pooled=pooled)
-        yw_ND = kernel("scale_rows")(y_ND, w_N, out=workspace.take((N, D), x_TD.dtype, x_TD.device))
-        out_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, token_N, yw_ND)
-        workspace.give(yw_ND)
+        out_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device)
+        kernel("index_add_rows")(out_TD, token_N, y_ND, w_N)
         ctx.pooled = pooled
         if keep and pooled:
             ctx.acts = (x_ND, y_ND, *saved[1:])
@@ -58,7 +57,7 @@ class LocalExperts(torch.autograd.Function):
         dx_out = workspace.take((N, D), dt, dev)
         dx_ND, dw_gate, dw_up, dw_down = experts_backward((x_ND, *pre), w_gate, w_up, w_down, ctx.counts,
                                                           dy_ND, need_dx=True, dx_out=dx_out)
-        dx_TD = torch.zeros(ctx.T, D, dtype=dt, device=dev).index_add_(0, token_N, dx_ND)
+        dx_TD = kernel("index_add_rows")(torch.zeros(ctx.T, D, dtype=dt, device=dev), token_N, dx_ND)
         workspace.give(dy_ND, dx_out)
         grads = (dx_TD, dw_N, dw_gate, dw_up, dw_down)
         return (*(g if g is None else g.to(t) for g, t in zip(grads, ctx.dtypes)), None, None, None)

@@ -1,9 +1,10 @@
-"""The CPU platform's ``silu_mul``, ``silu_mul_backward``, ``scale_rows`` and ``row_dot``: one C pass each
-(``csrc/elementwise_cpu.cpp``) on the caller and the kernels' helper threads.
+"""The CPU platform's ``silu_mul``, ``silu_mul_backward``, ``scale_rows``, ``row_dot`` and ``index_add_rows``:
+one C pass each (``csrc/elementwise_cpu.cpp``) on the caller and the kernels' helper threads.
 
 Same signatures and semantics as ``ops.reference``, except that each value is computed in fp32 and rounded
 once to the output dtype (the reference rounds bf16 intermediates: silu(g) before the product, da·u before
-silu's derivative, dy·y before the row sum) and exp is a polynomial within 2 ulp of libm's. Covered:
+silu's derivative, dy·y before the row sum) and exp is a polynomial within 2 ulp of libm's; ``scale_rows``
+and ``index_add_rows`` equal the reference bit for bit. Covered:
 contiguous CPU tensors of one dtype, fp32 or bf16 (routing weights fp32), an output that is either a fresh
 tensor or given (``out=``, which may be an input itself, never a partial overlap), and no autograd to record —
 anything else goes to the reference. Built on first use (``ops.native``); when the build is unavailable the
@@ -33,7 +34,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled library with its signatures declared; None when it is unavailable (built on first use)."""
     global _lib
     if _lib is False:
-        lib = native.load("elementwise_cpu", "elementwise_cpu.cpp")
+        lib = native.load("elementwise_cpu", "elementwise_cpu.cpp", ("-ffp-contract=off",))
         if lib is not None:
             lib.bgl_silu_mul.restype = None
             lib.bgl_silu_mul.argtypes = [_ptr, _ptr, _ptr, _i64, _int, _int]
@@ -43,6 +44,8 @@ def library() -> ctypes.CDLL | None:
             lib.bgl_scale_rows.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _int]
             lib.bgl_row_dot.restype = None
             lib.bgl_row_dot.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _int]
+            lib.bgl_index_add_rows.restype = _int
+            lib.bgl_index_add_rows.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _int]
             lin = linear_cpu.library()
             if lin is not None:  # one set of helper threads per process (csrc/helpers.h)
                 lib.bgl_elementwise_adopt_helpers.argtypes = [_ptr]
@@ -128,4 +131,21 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(a.shape[0], dtype=torch.float32)
     lib.bgl_row_dot(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], _CODES[a.dtype],
                     kernel_threads())
+    return out
+
+
+def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
+                   w: torch.Tensor | None = None) -> torch.Tensor:
+    lib = library()
+    if (lib is None or out.dim() != 2 or src.dim() != 2 or out.shape[1] != src.shape[1] or not _covered(out)
+            or not _covered(src) or src.dtype != out.dtype or index.dtype is not torch.int64 or index.dim() != 1
+            or index.shape[0] != src.shape[0] or not index.is_contiguous() or index.device.type != "cpu"
+            or (w is not None and not _rows_covered(src, w)) or not _overlap_free([out], [src])
+            or (out.data_ptr() == src.data_ptr() and out.numel() > 0)):
+        return reference.index_add_rows(out, index, src, w)
+    if lib.bgl_index_add_rows(out.data_ptr(), out.shape[0], index.data_ptr(), src.data_ptr(),
+                              None if w is None else w.data_ptr(), src.shape[0], src.shape[1], _CODES[out.dtype],
+                              kernel_threads()):
+        raise IndexError(f"index_add_rows: an index is out of range for {out.shape[0]} rows "
+                         f"(min {int(index.min())}, max {int(index.max())})")
     return out

@@ -99,6 +99,14 @@ def scale_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     return torch.mul(x, w.unsqueeze(-1), out=out)
 
 
+def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
+                   w: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[index[n]] += src[n]`` for every row ``n`` in order (``index_add_`` along dim 0: each addition
+    rounded to ``out``'s dtype), ``src[n]`` first scaled by ``w[n]`` as ``scale_rows`` does when ``w`` is given;
+    in place, returns ``out``."""
+    return out.index_add_(0, index, src if w is None else scale_rows(src, w))
+
+
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_d a[n, d] * b[n, d]`` per row of 2-D ``a`` and ``b``, accumulated and returned in fp32 (fp64 for fp64
     inputs)."""

@@ -27,6 +27,7 @@ _REFERENCE: dict[str, Callable] = {
     "silu_mul_backward": reference.silu_mul_backward,
     "scale_rows": reference.scale_rows,
     "row_dot": reference.row_dot,
+    "index_add_rows": reference.index_add_rows,
     "apply_rope": reference.apply_rope,
     "apply_rope_interleaved": reference.apply_rope_interleaved,
     "apply_rope_complex": reference.apply_rope_complex,

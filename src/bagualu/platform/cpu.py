@@ -76,6 +76,7 @@ class CpuPlatform(Platform):
         "silu_mul_backward": "bagualu.ops.elementwise_cpu:silu_mul_backward",
         "scale_rows": "bagualu.ops.elementwise_cpu:scale_rows",
         "row_dot": "bagualu.ops.elementwise_cpu:row_dot",
+        "index_add_rows": "bagualu.ops.elementwise_cpu:index_add_rows",
         "rms_norm": "bagualu.ops.decode_ops_cpu:rms_norm",
         "apply_rope": "bagualu.ops.decode_ops_cpu:apply_rope",
         "write_kv": "bagualu.ops.decode_ops_cpu:write_kv",

@@ -6,6 +6,12 @@
 //   silu_mul_backward:  du = da * silu(g),  dg = da * u * silu'(g),  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
 //   scale_rows:       out[n, :] = x[n, :] * w[n]        (w fp32: the routing weights multiply in fp32)
 //   row_dot:          out[n] = sum_d a[n, d] * b[n, d]  (fp32 accumulation)
+//   index_add_rows:   out[idx[n], :] += src[n, :] (* w[n], rounded first), as index_add_
+//
+// index_add_rows sums as ATen's index_add_ on CPU (its expanded-index scatter_add_): each output row in fp32,
+// from its value, adding the rows that index it in ascending order, rounded once; with w each added row is
+// first scale_rows' product, rounded to the dtype. Bit for bit the reference's results, in one pass, an
+// output row at a time (parallel over output rows) instead of scale_rows' pass and ATen's sort.
 //
 // Why: ATen runs them as separate passes with a bf16 rounding between each (silu, then the product: two
 // passes forward, five backward), and a bf16 tensor times an fp32 column promotes through an fp32 copy of
@@ -15,11 +21,13 @@
 // in the last bits of fp32, and by one bf16 rounding step where the double rounding of the ATen sequence
 // lands differently).
 //
-// Build: compiled on first use by ops/native.py (-O3 -march=native -fopenmp: the loops are `omp simd`).
+// Build: compiled on first use by ops/native.py (-O3 -march=native -fopenmp: the loops are `omp simd`), with
+// -ffp-contract=off: a product added to a sum must round as the reference rounds it (exp_f's FMAs are explicit).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "bf16.h"
 #include "helpers.h"
@@ -69,6 +77,18 @@ inline void st(uint16_t* p, int64_t i, float v) {  // nearest even; a NaN stays 
   const uint32_t u = f_bits(v);
   const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   p[i] = static_cast<uint16_t>(v != v ? ((u >> 16) | 0x40u) : r);
+}
+
+// v as T would hold it (fp32: v itself; bf16: rounded to nearest even, NaN quiet)
+template <typename T>
+inline float rounded(float v) {
+  if constexpr (sizeof(T) == 4) {
+    return v;
+  } else {
+    uint16_t h;
+    st(&h, 0, v);
+    return ld(&h, 0);
+  }
 }
 
 template <typename T>
@@ -148,6 +168,50 @@ struct RowDot {
   }
 };
 
+template <typename T>
+struct IndexAddRows {
+  T* out;
+  const int64_t* first;  // rows of src adding into out row t: order[first[t]:first[t + 1]], ascending
+  const int64_t* order;
+  const T* src;
+  const float* w;  // or null
+  int64_t d, rows_per_chunk, out_rows;
+  static void run(const void* ctx, int64_t c) {
+    const IndexAddRows& s = *static_cast<const IndexAddRows*>(ctx);
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < s.d) buf.resize(s.d);
+    float* acc = buf.data();
+    const int64_t t0 = c * s.rows_per_chunk, t1 = t0 + s.rows_per_chunk < s.out_rows ? t0 + s.rows_per_chunk : s.out_rows;
+    constexpr int64_t kAhead = 2;  // output rows ahead whose source rows are prefetched (random rows: no
+                                   // hardware prefetcher follows them)
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + kAhead < t1)
+        for (int64_t q = s.first[t + kAhead]; q < s.first[t + kAhead + 1]; ++q) {
+          const char* x = reinterpret_cast<const char*>(s.src + s.order[q] * s.d);
+          for (int64_t b = 0; b < s.d * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(x + b, 0, 3);
+        }
+      if (s.first[t] == s.first[t + 1]) continue;
+      T* o = s.out + t * s.d;
+#pragma omp simd
+      for (int64_t j = 0; j < s.d; ++j) acc[j] = ld(o, j);
+      for (int64_t q = s.first[t]; q < s.first[t + 1]; ++q) {
+        const int64_t r = s.order[q];
+        const T* x = s.src + r * s.d;
+        if (s.w) {
+          const float w = s.w[r];
+#pragma omp simd
+          for (int64_t j = 0; j < s.d; ++j) acc[j] += rounded<T>(ld(x, j) * w);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < s.d; ++j) acc[j] += ld(x, j);
+        }
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < s.d; ++j) st(o, j, acc[j]);
+    }
+  }
+};
+
 int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 int64_t rows_per_chunk(int64_t d) {
@@ -189,6 +253,28 @@ void bgl_scale_rows(const void* x, const float* w, void* out, int64_t rows, int6
   const int64_t rpc = rows_per_chunk(d), chunks = (rows + rpc - 1) / rpc;
   if (dtype) launch(ScaleRows<uint16_t>{static_cast<const uint16_t*>(x), w, static_cast<uint16_t*>(out), rows, d, rpc}, chunks, threads);
   else launch(ScaleRows<float>{static_cast<const float*>(x), w, static_cast<float*>(out), rows, d, rpc}, chunks, threads);
+}
+
+// Returns 0, or -1 (nothing written) when an index is outside [0, out_rows).
+int bgl_index_add_rows(void* out, int64_t out_rows, const int64_t* idx, const void* src, const float* w, int64_t n,
+                       int64_t d, int dtype, int threads) {
+  for (int64_t r = 0; r < n; ++r)
+    if (idx[r] < 0 || idx[r] >= out_rows) return -1;
+  if (n <= 0 || d <= 0) return 0;
+  // the rows adding into each output row, in ascending order (a counting sort)
+  std::vector<int64_t> first(out_rows + 1, 0), order(n);
+  for (int64_t r = 0; r < n; ++r) ++first[idx[r] + 1];
+  for (int64_t t = 0; t < out_rows; ++t) first[t + 1] += first[t];
+  {
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t r = 0; r < n; ++r) order[fill[idx[r]]++] = r;
+  }
+  const int64_t rpc = rows_per_chunk(d * 4), chunks = (out_rows + rpc - 1) / rpc;
+  if (dtype)
+    launch(IndexAddRows<uint16_t>{static_cast<uint16_t*>(out), first.data(), order.data(), static_cast<const uint16_t*>(src), w, d, rpc, out_rows}, chunks, threads);
+  else
+    launch(IndexAddRows<float>{static_cast<float*>(out), first.data(), order.data(), static_cast<const float*>(src), w, d, rpc, out_rows}, chunks, threads);
+  return 0;
 }
 
 void bgl_row_dot(const void* a, const void* b, float* out, int64_t rows, int64_t d, int dtype, int threads) {
