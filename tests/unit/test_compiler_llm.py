@@ -177,6 +177,27 @@ def test_topk_rows_with_nan_and_infinities_match_eager(dtype, n):
                 assert torch.equal(gi[ok], wi[ok]), (k, largest)
 
 
+@pytest.mark.parametrize("n", [16, 48, 64, 72])
+def test_topk_rows_with_many_ties_pick_the_right_values(n):
+    """Rows of few distinct values (many ties, whole rows equal, -inf runs): the bound from the lane maxima (16
+    lanes on AVX-512 CPUs when n % 16 == 0, else 8) must keep every value that can be in the top k. Values equal
+    eager's; the indices point at them, distinct."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 4, (64, n), generator=g).float()
+    x[1, :] = 2.0
+    x[2, : n // 2] = float("-inf")
+    x[3, :] = float("-inf")
+    for k in (1, 6, 8):
+        def f(t, k=k):
+            return torch.topk(t, k, dim=-1)
+        torch._dynamo.reset()
+        gv, gi = torch.compile(f, backend="powerfusion", dynamic=False)(x)
+        wv, _ = f(x)
+        assert torch.equal(gv, wv), k
+        assert torch.equal(x.gather(-1, gi), gv), k
+        assert all(len(set(r)) == k for r in gi.tolist()), k
+
+
 def test_router_rewrite_leaves_graphs_that_read_the_probabilities():
     def router_and_probs(logits):
         p = logits.softmax(-1)

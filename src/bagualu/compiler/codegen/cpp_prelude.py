@@ -79,7 +79,7 @@ static inline int64_t pf_mod(int64_t a, int64_t b) {
 static inline int64_t pf_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
 
 /* Top-k (k <= 8) of a NaN-free row of n >= 8 floats, descending, ties to the lower index (as ATen).
-   The k-th largest of the 8 lane-wise maxima bounds the k-th largest value from below (those k lane
+   The k-th largest of the 8 (AVX-512, n % 16 == 0: 16) lane-wise maxima bounds the k-th largest value from below (those k lane
    maxima are k distinct elements at least that large), so only elements >= it are candidates: about
    k + 3 on real data. With AVX2, each 64 elements' candidates form a bit mask (8 compares), walked
    lowest bit first; each candidate is inserted into a sorted 8-lane register of order-preserving integer
@@ -102,24 +102,44 @@ static void pf_topk8_generic(const float* __restrict buf, int64_t n, int64_t k, 
 static inline void pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t k, float* __restrict vals,
                                 int64_t* __restrict idx) {
   const int64_t nv = n / 8;
-#ifdef __AVX2__
-  __m256 mx = _mm256_loadu_ps(buf);
-  for (int64_t j = 1; j < nv; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf + 8 * j));
-  float lm[8];
-  _mm256_storeu_ps(lm, mx);
-#else
-  float lm[8];
-  for (int l = 0; l < 8; ++l) lm[l] = buf[l];
-  for (int64_t j = 1; j < nv; ++j)
-    for (int l = 0; l < 8; ++l) lm[l] = buf[8 * j + l] > lm[l] ? buf[8 * j + l] : lm[l];
+  float t;
+#ifdef __AVX512F__
+  if (n % 16 == 0) {
+    /* AVX-512: the k-th largest of 16 lane maxima, a tighter bound (6 of 64 random values: 6.9 candidates
+       instead of 9.1; the router kernel 4-5% faster), found by counting in every lane the maxima above it
+       over 15 rotations (independent of each other) and taking the least lane with fewer than k above */
+    __m512 m16 = _mm512_loadu_ps(buf);
+    for (int64_t j = 1; j < n / 16; ++j) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(buf + 16 * j));
+    const __m512i mi = _mm512_castps_si512(m16), one = _mm512_set1_epi32(1);
+    __m512i above = _mm512_setzero_si512();
+#define PF_ABOVE(s) above = _mm512_mask_add_epi32(above, _mm512_cmp_ps_mask( \
+      _mm512_castsi512_ps(_mm512_alignr_epi32(mi, mi, s)), m16, _CMP_GT_OQ), above, one);
+    PF_ABOVE(1) PF_ABOVE(2) PF_ABOVE(3) PF_ABOVE(4) PF_ABOVE(5) PF_ABOVE(6) PF_ABOVE(7) PF_ABOVE(8)
+    PF_ABOVE(9) PF_ABOVE(10) PF_ABOVE(11) PF_ABOVE(12) PF_ABOVE(13) PF_ABOVE(14) PF_ABOVE(15)
+#undef PF_ABOVE
+    t = _mm512_mask_reduce_min_ps(_mm512_cmplt_epi32_mask(above, _mm512_set1_epi32((int32_t)k)), m16);
+  } else
 #endif
-  /* the 8 lane maxima, descending: Batcher's 19-comparator network, unrolled (branch-free) */
+  {
+#ifdef __AVX2__
+    __m256 mx = _mm256_loadu_ps(buf);
+    for (int64_t j = 1; j < nv; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(buf + 8 * j));
+    float lm[8];
+    _mm256_storeu_ps(lm, mx);
+#else
+    float lm[8];
+    for (int l = 0; l < 8; ++l) lm[l] = buf[l];
+    for (int64_t j = 1; j < nv; ++j)
+      for (int l = 0; l < 8; ++l) lm[l] = buf[8 * j + l] > lm[l] ? buf[8 * j + l] : lm[l];
+#endif
+    /* the 8 lane maxima, descending: Batcher's 19-comparator network, unrolled (branch-free) */
 #define PF_CE(a, b) { const float x_ = lm[a], y_ = lm[b]; lm[a] = x_ > y_ ? x_ : y_; lm[b] = x_ > y_ ? y_ : x_; }
-  PF_CE(0, 1) PF_CE(2, 3) PF_CE(4, 5) PF_CE(6, 7) PF_CE(0, 2) PF_CE(1, 3) PF_CE(4, 6) PF_CE(5, 7) PF_CE(1, 2)
-  PF_CE(5, 6) PF_CE(0, 4) PF_CE(3, 7) PF_CE(1, 5) PF_CE(2, 6) PF_CE(1, 4) PF_CE(3, 6) PF_CE(2, 4) PF_CE(3, 5)
-  PF_CE(3, 4)
+    PF_CE(0, 1) PF_CE(2, 3) PF_CE(4, 5) PF_CE(6, 7) PF_CE(0, 2) PF_CE(1, 3) PF_CE(4, 6) PF_CE(5, 7) PF_CE(1, 2)
+    PF_CE(5, 6) PF_CE(0, 4) PF_CE(3, 7) PF_CE(1, 5) PF_CE(2, 6) PF_CE(1, 4) PF_CE(3, 6) PF_CE(2, 4) PF_CE(3, 5)
+    PF_CE(3, 4)
 #undef PF_CE
-  const float t = lm[k - 1];
+    t = lm[k - 1];
+  }
 #ifdef __AVX2__
   if (n % 8 == 0) {
     /* keys are sorted descending, so inserting x is keys = max(keys, min(x, keys shifted up one lane, +inf
