@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bagualu.memory.huge_pages import thp_mode
+
 pytestmark = pytest.mark.e2e
 
 SCRIPT = Path(sys.executable).parent / "bagualu"
@@ -86,3 +88,9 @@ def test_the_command_shortens_openmp_spinning_unless_told_otherwise(env):
     assert omp["GOMP_SPINCOUNT"] == "77"
     omp = json.loads(bagualu("info", "--json", env={**env, "OMP_WAIT_POLICY": "active"}).stdout)["openmp"]
     assert omp["GOMP_SPINCOUNT"] is None and omp["OMP_WAIT_POLICY"] == "active"
+
+
+def test_info_reports_the_transparent_huge_page_mode(env):
+    """The kernel's THP mode decides whether the serving engine's weights get huge pages (memory/huge_pages.py)."""
+    assert json.loads(bagualu("info", "--json", env=env).stdout)["transparent_huge_pages"] == thp_mode()
+    assert f"huge pages    transparent: {thp_mode()}" in bagualu("info", env=env).stdout

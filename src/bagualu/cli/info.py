@@ -42,6 +42,7 @@ def collect() -> dict:
     """Everything ``bagualu info`` reports, as a JSON-able dict (may measure; see the module doc)."""
     from bagualu.platform import available_platforms, current_platform
     from bagualu.utils import env
+    from bagualu.memory.huge_pages import thp_mode
     from bagualu.utils.openmp import openmp_settings
 
     plat = current_platform()
@@ -63,6 +64,7 @@ def collect() -> dict:
         "platform": plat.describe(),
         "platforms": platforms,
         "openmp": openmp_settings(),
+        "transparent_huge_pages": thp_mode(),
     }
 
 
@@ -93,7 +95,8 @@ def format_text(info: dict) -> str:
         lines.append(f"  GEMM {dtype:<9}{f['flop_per_s'] / 1e9:.1f} GFLOP/s  ({f['source']})")
     lines.append(f"  figures cache {p['figures_cache']}")
     omp = ", ".join(f"{k}={v}" for k, v in info["openmp"].items() if v is not None) or "defaults"
-    lines += [f"  openmp        {omp}", "", "platforms (* = selected)"]
+    lines += [f"  openmp        {omp}", f"  huge pages    transparent: {info['transparent_huge_pages']}",
+              "", "platforms (* = selected)"]
     for q in info["platforms"]:
         mark = "*" if q["selected"] else " "
         avail = "available" if q["available"] else "not available"

@@ -36,6 +36,7 @@ from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
 from bagualu.engine.speculative import PromptLookup
 from bagualu.engine.structured import GrammarError, Grammars
+from bagualu.memory.huge_pages import advise_huge_pages, module_tensors
 from bagualu.ops.threads import small_step
 from bagualu.utils.logging import get_logger
 
@@ -188,6 +189,13 @@ class EngineCore:
         self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
         self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers,
                                   fp32_activation_rows=FP32_ACTIVATION_ROWS if cfg.gemm_dtype == "auto" else -1)
+        self.huge_pages = None
+        if cfg.huge_pages and model.device.type == "cpu":  # after the runner fused the projections
+            self.huge_pages = advise_huge_pages(module_tensors(model))
+            log.info("engine: weights on huge pages: %.0f of %.0f MiB collapsed (THP mode %s%s)",
+                     self.huge_pages.collapsed_bytes / 2**20, self.huge_pages.advised_bytes / 2**20,
+                     self.huge_pages.mode,
+                     f"; collapse: {self.huge_pages.collapse_error}" if self.huge_pages.collapse_error else "")
         self.metrics = EngineMetrics()
         self.generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
