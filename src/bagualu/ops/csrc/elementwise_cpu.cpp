@@ -69,15 +69,17 @@ inline float exp_f(float x) {
   return x != x ? x : y;
 }
 
-// Element access by storage type: float, or uint16_t holding bf16.
+// Element access by storage type: float, or uint16_t holding bf16 (rounded to nearest even, NaN kept quiet).
 inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) { return bits_f(static_cast<uint32_t>(p[i]) << 16); }
+inline float ld(const uint16_t* p, int64_t i) { return bgl::bf16_to_f32(p[i]); }
 inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) {  // nearest even; a NaN stays a quiet NaN (bgl::f32_to_bf16)
-  const uint32_t u = f_bits(v);
-  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  p[i] = static_cast<uint16_t>(v != v ? ((u >> 16) | 0x40u) : r);
-}
+inline void st(uint16_t* p, int64_t i, float v) { p[i] = bgl::f32_to_bf16(v); }
+
+// [lo, hi): chunk c's share of `total` items, `per` a chunk
+struct Range {
+  int64_t lo, hi;
+  Range(int64_t c, int64_t per, int64_t total) : lo(c * per), hi(c * per + per < total ? c * per + per : total) {}
+};
 
 // v as T would hold it (fp32: v itself; bf16: rounded to nearest even, NaN quiet)
 template <typename T>
@@ -99,9 +101,9 @@ struct SiluMul {
   int64_t n;
   static void run(const void* ctx, int64_t c) {
     const SiluMul& s = *static_cast<const SiluMul*>(ctx);
-    const int64_t lo = c * kChunk, hi = lo + kChunk < s.n ? lo + kChunk : s.n;
+    const Range rg(c, kChunk, s.n);
 #pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
+    for (int64_t i = rg.lo; i < rg.hi; ++i) {
       const float g = ld(s.g, i);
       st(s.a, i, g / (1.0f + exp_f(-g)) * ld(s.u, i));
     }
@@ -118,9 +120,9 @@ struct SiluMulBackward {
   int64_t n;
   static void run(const void* ctx, int64_t c) {
     const SiluMulBackward& s = *static_cast<const SiluMulBackward*>(ctx);
-    const int64_t lo = c * kChunk, hi = lo + kChunk < s.n ? lo + kChunk : s.n;
+    const Range rg(c, kChunk, s.n);
 #pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
+    for (int64_t i = rg.lo; i < rg.hi; ++i) {
       const float g = ld(s.g, i), da = ld(s.da, i), u = ld(s.u, i);  // all read first: an output may be an input
       const float sg = 1.0f / (1.0f + exp_f(-g));
       st(s.du, i, da * (g * sg));
@@ -137,8 +139,8 @@ struct ScaleRows {
   int64_t rows, d, rows_per_chunk;
   static void run(const void* ctx, int64_t c) {
     const ScaleRows& s = *static_cast<const ScaleRows*>(ctx);
-    const int64_t r0 = c * s.rows_per_chunk, r1 = r0 + s.rows_per_chunk < s.rows ? r0 + s.rows_per_chunk : s.rows;
-    for (int64_t r = r0; r < r1; ++r) {
+    const Range rg(c, s.rows_per_chunk, s.rows);
+    for (int64_t r = rg.lo; r < rg.hi; ++r) {
       const float w = s.w[r];
       const T* x = s.x + r * s.d;
       T* o = s.out + r * s.d;
@@ -156,8 +158,8 @@ struct RowDot {
   int64_t rows, d, rows_per_chunk;
   static void run(const void* ctx, int64_t c) {
     const RowDot& s = *static_cast<const RowDot*>(ctx);
-    const int64_t r0 = c * s.rows_per_chunk, r1 = r0 + s.rows_per_chunk < s.rows ? r0 + s.rows_per_chunk : s.rows;
-    for (int64_t r = r0; r < r1; ++r) {
+    const Range rg(c, s.rows_per_chunk, s.rows);
+    for (int64_t r = rg.lo; r < rg.hi; ++r) {
       const T* a = s.a + r * s.d;
       const T* b = s.b + r * s.d;
       float acc = 0.0f;
@@ -181,7 +183,8 @@ struct IndexAddRows {
     thread_local std::vector<float> buf;
     if (static_cast<int64_t>(buf.size()) < s.d) buf.resize(s.d);
     float* acc = buf.data();
-    const int64_t t0 = c * s.rows_per_chunk, t1 = t0 + s.rows_per_chunk < s.out_rows ? t0 + s.rows_per_chunk : s.out_rows;
+    const Range rg(c, s.rows_per_chunk, s.out_rows);
+    const int64_t t0 = rg.lo, t1 = rg.hi;
     constexpr int64_t kAhead = 2;  // output rows ahead whose source rows are prefetched (random rows: no
                                    // hardware prefetcher follows them)
     for (int64_t t = t0; t < t1; ++t) {
