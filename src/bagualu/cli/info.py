@@ -40,9 +40,9 @@ def _versions() -> dict[str, str | None]:
 
 def collect() -> dict:
     """Everything ``bagualu info`` reports, as a JSON-able dict (may measure; see the module doc)."""
+    from bagualu.memory.huge_pages import thp_mode
     from bagualu.platform import available_platforms, current_platform
     from bagualu.utils import env
-    from bagualu.memory.huge_pages import thp_mode
     from bagualu.utils.openmp import openmp_settings
 
     plat = current_platform()

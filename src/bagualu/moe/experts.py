@@ -30,7 +30,6 @@ import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bagualu.memory import workspace
 from bagualu.ops import kernel
