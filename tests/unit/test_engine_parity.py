@@ -207,6 +207,31 @@ def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fas
     llm.close()
 
 
+@pytest.mark.parametrize("bf16_case,mode", [("llama", "per-layer-loop"), ("llama", "r-workers"),
+                                             ("mixtral", "per-layer-loop"), ("qwen2_moe", "per-layer-loop"),
+                                             ("qwen2_moe", "r-workers")], indirect=["bf16_case"])
+def test_bf16_model_small_steps_without_the_operator_run_fp32_activations(bf16_case, mode, monkeypatch,
+                                                                          fast_bf16_platform):
+    """Without the layer operator (the per-layer loop; attention in R-workers, which then exchange fp32 q, k, v
+    and outputs) a bf16 model's steps of at most ``FP32_ACTIVATION_ROWS`` tokens call its own modules with fp32
+    activations over the bf16 weights (routers and Qwen2-MoE's shared-expert gate through the platform's
+    ``linear`` too): what transformers computes in fp32 on the checkpoint's values, token for token."""
+    from bagualu.engine import core
+
+    if torch.bfloat16 not in linear_weight_dtypes():
+        pytest.skip("the platform's linear does not read bf16 weights (no C++ compiler)")
+    path, refs = bf16_case
+    monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 16)
+    llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=16,
+                      **BF16_MODES[mode])
+    runner = llm.engine.runner
+    assert llm.engine.model.dtype == torch.bfloat16 and runner.stack is None and runner.wide is not None
+    params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
+    outs = llm.generate(prompts(), params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == refs
+    llm.close()
+
+
 def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fast_bf16_platform):
     """Steps above ``FP32_ACTIVATION_ROWS`` (here all: 0) on a platform that multiplies bf16 operands natively
     run the layer operator with each projection's input rounded to bf16 (autocast's rule): the model

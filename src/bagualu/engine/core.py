@@ -31,7 +31,7 @@ from bagualu.engine.metrics import EngineMetrics
 from bagualu.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from bagualu.engine.params import SamplingParams
 from bagualu.engine.request import Request
-from bagualu.engine.runner import ModelRunner, check_supported
+from bagualu.engine.runner import ModelRunner, check_supported, fp32_activation_steps
 from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
 from bagualu.engine.speculative import PromptLookup
@@ -175,6 +175,7 @@ class EngineCore:
         num_pools = max(cfg.r_workers, 1)
         self.num_blocks = _num_blocks(model, cfg, num_pools, model.device)
         self.kv_spec = _kv_spec(model, cfg, self.num_blocks)
+        fp32_rows = FP32_ACTIVATION_ROWS if cfg.gemm_dtype == "auto" else -1
         if cfg.r_workers:
             from bagualu.engine.rworkers import RWorkerAttention
 
@@ -182,13 +183,13 @@ class EngineCore:
                 self.kv_spec, cfg.r_workers, heads=mc.num_heads, max_tokens=cfg.max_num_batched_tokens,
                 max_seqs=cfg.max_num_seqs, max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
                 micro_batches=cfg.num_micro_batches, threads=cfg.r_worker_threads, device=model.device,
-                act_dtype=model.dtype)
+                # fp32 q/k/v/out where a half model's small steps run with fp32 activations (exact either way)
+                act_dtype=torch.float32 if fp32_activation_steps(model, fp32_rows) else model.dtype)
         else:
             self.backend = LocalAttention(self.kv_spec, model.device)
         self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
-        self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers,
-                                  fp32_activation_rows=FP32_ACTIVATION_ROWS if cfg.gemm_dtype == "auto" else -1)
+        self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers, fp32_activation_rows=fp32_rows)
         self.huge_pages = None
         if cfg.huge_pages and model.device.type == "cpu":  # after the runner fused the projections
             self.huge_pages = advise_huge_pages(module_tensors(model))

@@ -25,7 +25,9 @@ of at most ``fp32_activation_rows`` tokens runs the operator with fp32 activatio
 operator also multiplies half operands natively (``ops.linear_half_operand_dtypes``), a step of up to
 ``NATIVE_HALF_STEP_TOKENS`` runs it too, with each projection's input rounded to the half dtype (autocast's
 rule: ``LayerStack.half_operands``); a larger step runs in the model's dtype. The three differ only in where
-activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op.
+activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op. Without the operator
+(attention in R-workers, or ``fused_layers=False``) a small step runs the model's own modules with fp32
+activations the same way (they multiply through the platform's ``linear``, which reads the half weights).
 The model is only read (its modules are called); it knows nothing of paging.
 """
 
@@ -105,6 +107,16 @@ def _moe_block(m: MoE) -> MoEBlock | None:
                     None if sg is None else sg.weight)
 
 
+def fp32_activation_steps(model, fp32_activation_rows: int) -> bool:
+    """Whether a half model's small steps run with fp32 activations over its half weights: asked for
+    (``fp32_activation_rows >= 0``) and the platform's ``linear`` reads those weights as stored."""
+    if fp32_activation_rows < 0 or model.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    attn = model.model.layers[0].self_attn
+    w = attn.qkv_weight if getattr(attn, "qkv_weight", None) is not None else attn.q_proj.weight
+    return w.dtype in linear_weight_dtypes()
+
+
 def widened_stack(stack: LayerStack) -> LayerStack:
     """``stack`` for fp32 activations: the same projection weights, its norm weights and biases in fp32."""
     def f(t):
@@ -124,14 +136,14 @@ class ModelRunner:
         self.backend = backend
         # a back-end that computes attention in this process can run the model's layers as one operator
         self.stack = layer_stack(model) if fused_layers and hasattr(backend, "run_layers") else None
-        # (stack, final norm weight) with fp32 activations for a half model's small steps, and the stack with
-        # half operands for its mid-size ones (module docstring); fp32_activation_rows < 0: neither
+        # (stack, final norm weight) with fp32 activations for a half model's small steps (stack None: the
+        # per-layer loop), and the stack with half operands for its mid-size ones (module docstring);
+        # fp32_activation_rows < 0: neither
         self.fp32_activation_rows = fp32_activation_rows
         self.wide = self.half = None
-        if (fp32_activation_rows >= 0 and self.stack is not None and model.dtype in (torch.bfloat16, torch.float16)
-                and self.stack.layers[0].qkv_w.dtype in linear_weight_dtypes()):
-            self.wide = (widened_stack(self.stack), model.model.norm.weight.float())
-            if self.stack.layers[0].qkv_w.dtype in linear_half_operand_dtypes():
+        if fp32_activation_steps(model, fp32_activation_rows):
+            self.wide = (None if self.stack is None else widened_stack(self.stack), model.model.norm.weight.float())
+            if self.stack is not None and self.stack.layers[0].qkv_w.dtype in linear_half_operand_dtypes():
                 self.half = dataclasses.replace(self.wide[0], half_operands=True, native={})
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
@@ -150,7 +162,7 @@ class ModelRunner:
 
     def _fp32_stack(self, tokens: int) -> LayerStack | None:
         """The stack a half model's step of ``tokens`` runs with fp32 activations; None: in its dtype."""
-        if self.wide is not None and tokens <= self.fp32_activation_rows:
+        if self.wide is not None and self.stack is not None and tokens <= self.fp32_activation_rows:
             return self.wide[0]
         if self.half is not None and tokens <= NATIVE_HALF_STEP_TOKENS:
             return self.half
@@ -164,7 +176,7 @@ class ModelRunner:
         live = [i for i, st in enumerate(mbs) if st.num_tokens]
         xs: dict[int, torch.Tensor] = {}
         rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        wide: dict[int, LayerStack] = {}  # micro-batches run with fp32 activations, and their stack
+        wide: dict[int, LayerStack | None] = {}  # micro-batches run with fp32 activations, and their stack
         for i in live:
             st = mbs[i]
             self.backend.prepare(i, st)
@@ -172,6 +184,9 @@ class ModelRunner:
             stack = self.stack
             if (fp32 := self._fp32_stack(st.num_tokens)) is not None:
                 wide[i] = stack = fp32
+                xs[i] = xs[i].float()
+            elif self.stack is None and self.wide is not None and st.num_tokens <= self.fp32_activation_rows:
+                wide[i] = None  # the per-layer loop, its modules called with fp32 activations
                 xs[i] = xs[i].float()
             rope[i] = m.rotary.rows(st.positions_T, xs[i].dtype, st.max_position + 1)
             if stack is not None:
@@ -182,8 +197,8 @@ class ModelRunner:
         L = len(layers)
         for l, layer in enumerate(layers):
             for i in live:
-                o_THDh = self.backend.wait(l, i)
                 x = xs[i]
+                o_THDh = self.backend.wait(l, i).to(x.dtype)
                 o_proj = layer.self_attn.o_proj
                 x = x + self.linear(o_THDh.reshape(x.shape[0], self.H * self.Dh), o_proj.weight, o_proj.bias)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -201,7 +216,7 @@ class ModelRunner:
                     else xs[i][torch.tensor(rows, device=xs[i].device)]
                 norm = m.model.norm
                 h = self.rms_norm(x, self.wide[1], norm.eps) if i in wide else norm(x)
-                half = i in wide and wide[i].half_operands  # the LM head's input rounded as the layers' were
+                half = wide.get(i) is not None and wide[i].half_operands  # the LM head's input as the layers' were
                 out[i] = (self.linear(h, m.lm_head.weight, half_operands=True) if half
                           else self.linear(h, m.lm_head.weight)).float()
         return out

@@ -30,7 +30,7 @@ from bagualu.moe.ep import expert_parallel
 from bagualu.moe.experts import Experts
 from bagualu.moe.mlp import MLP
 from bagualu.moe.router import CAPACITY_ROUTERS, Router
-from bagualu.ops.registry import serving_path
+from bagualu.ops.registry import kernel, serving_path
 from bagualu.ops.reference import gemm_via_fp32
 
 
@@ -151,7 +151,10 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             s_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
-                s_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * s_TD
+                g = self.shared_expert_gate
+                # serving: the platform's linear, as the router's logits (fp32 activations over half weights)
+                gate_T1 = kernel("linear")(x_TD, g.weight, g.bias) if serving_path() else g(x_TD)
+                s_TD = torch.sigmoid(gate_T1) * s_TD
             y_TD = y_TD + s_TD
         self.last_tokens_per_expert = counts_E.detach()
         self.last_router_logits = r.logits_TE.detach()
