@@ -36,17 +36,6 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per job chunk (rows are never split for the row ops)
 
-inline float bits_f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t f_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
 // exp(x): x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r (Cephes' coefficients), then 2^n by
 // exponent arithmetic; inf above 88.72, 0 below -86.28 (results under 3.4e-38 flushed: 2^n stays normal), NaN kept.
 inline float exp_f(float x) {
@@ -63,7 +52,7 @@ inline float exp_f(float x) {
   const int32_t ni = static_cast<int32_t>(n);  // meaningless out of range: the selects below decide those
   // y in [0.7, 1.42]: adding n - 1 to its exponent stays normal for n in [-124, 128]; the doubling overflows to
   // inf exactly when the result does
-  y = bits_f(f_bits(y) + (static_cast<uint32_t>(ni - 1) << 23)) * 2.0f;
+  y = bgl::bits_to_f32(bgl::f32_bits(y) + (static_cast<uint32_t>(ni - 1) << 23)) * 2.0f;
   y = x > 88.72283935546875f ? INFINITY : y;
   y = x < -86.28f ? 0.0f : y;
   return x != x ? x : y;
@@ -131,23 +120,28 @@ struct SiluMulBackward {
   }
 };
 
+// A row job's chunk: Job::row(r) for each of its rows_per_chunk rows.
+template <typename Job>
+void each_row(const void* ctx, int64_t c) {
+  const Job& s = *static_cast<const Job*>(ctx);
+  const Range rg(c, s.rows_per_chunk, s.rows);
+  for (int64_t r = rg.lo; r < rg.hi; ++r) s.row(r);
+}
+
 template <typename T>
 struct ScaleRows {
   const T* x;
   const float* w;
   T* out;
   int64_t rows, d, rows_per_chunk;
-  static void run(const void* ctx, int64_t c) {
-    const ScaleRows& s = *static_cast<const ScaleRows*>(ctx);
-    const Range rg(c, s.rows_per_chunk, s.rows);
-    for (int64_t r = rg.lo; r < rg.hi; ++r) {
-      const float w = s.w[r];
-      const T* x = s.x + r * s.d;
-      T* o = s.out + r * s.d;
+  void row(int64_t r) const {
+    const float wr = w[r];
+    const T* xr = x + r * d;
+    T* o = out + r * d;
 #pragma omp simd
-      for (int64_t j = 0; j < s.d; ++j) st(o, j, ld(x, j) * w);
-    }
+    for (int64_t j = 0; j < d; ++j) st(o, j, ld(xr, j) * wr);
   }
+  static void run(const void* ctx, int64_t c) { each_row<ScaleRows>(ctx, c); }
 };
 
 template <typename T>
@@ -156,18 +150,15 @@ struct RowDot {
   const T* b;
   float* out;
   int64_t rows, d, rows_per_chunk;
-  static void run(const void* ctx, int64_t c) {
-    const RowDot& s = *static_cast<const RowDot*>(ctx);
-    const Range rg(c, s.rows_per_chunk, s.rows);
-    for (int64_t r = rg.lo; r < rg.hi; ++r) {
-      const T* a = s.a + r * s.d;
-      const T* b = s.b + r * s.d;
-      float acc = 0.0f;
+  void row(int64_t r) const {
+    const T* ar = a + r * d;
+    const T* br = b + r * d;
+    float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < s.d; ++j) acc += ld(a, j) * ld(b, j);
-      s.out[r] = acc;
-    }
+    for (int64_t j = 0; j < d; ++j) acc += ld(ar, j) * ld(br, j);
+    out[r] = acc;
   }
+  static void run(const void* ctx, int64_t c) { each_row<RowDot>(ctx, c); }
 };
 
 template <typename T>
