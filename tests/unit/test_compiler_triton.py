@@ -97,3 +97,17 @@ def test_unusable_tile_width_is_refused():
         TritonWriter(k, Mapping(parallel="rows", vector=100), True)
     with pytest.raises(Unsupported, match="only stores"):
         TritonWriter(k, Mapping(parallel="tiles", vector=128), True)
+
+
+def test_a_whole_tensor_sum_read_by_an_epilogue_over_a_space():
+    """A column reduction down to one accumulator (x.sum()) that the epilogue reads at every element of a
+    space: the accumulator's load is a scalar (Triton rejects a block mask on a scalar pointer)."""
+    def f(x, w):
+        return x.sum() * w + x.sum(0)
+
+    x, w = torch.randn(37, 6, device=_device()), torch.randn(6, device=_device())
+    start = SEQ[0]
+    got = torch.compile(f, backend="powerfusion", options=TRITON)(x, w)
+    torch.testing.assert_close(got, f(x, w))
+    kernels = [k for r in _since(start) for k in r.kernels]
+    assert any(k.kernel.final_stores for k in kernels), [k.kernel.pretty() for k in kernels]

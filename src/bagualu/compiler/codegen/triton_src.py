@@ -494,7 +494,10 @@ class TritonWriter:
                     cr = next(c_ for c_ in k.col_reduces if c_.id == v.attrs["cr"])
                     a = f"a{v.id}"
                     slot = t_expr(v.attrs["expr"], names)
-                    mask = f", mask={tile.mask}, other=0" if tile is not None else ""
+                    # a slot that does not vary over the tile (one accumulator for the whole space) is a
+                    # scalar load: Triton rejects a block mask on a scalar pointer
+                    varies = tile is not None and bool(v.attrs["expr"].vars() & set(fs.space.vars))
+                    mask = f", mask={tile.mask}, other=0" if varies else ""
                     self.w(f"{a} = tl.load(part{cr.id} + {slot}{mask})")
                     self.w(f"for g_ in range(1, {nprog}):")
                     other = f"tl.load(part{cr.id} + g_ * {cr.size} + {slot}{mask})"
