@@ -30,6 +30,9 @@ WEIGHT = {"exp": 12, "sigmoid": 16, "div": 4, "sqrt": 4, "rsqrt": 5, "reciprocal
           "log2": 60, "expm1": 60, "tanh": 60, "sin": 60, "cos": 60, "erf": 60, "pow": 80, "atan2": 80,
           "load": 1, "const": 0, "index": 1, "local_load": 1, "cast": 1, "where": 1}
 STREAM_OPS = 2  # lane-ops per element a streamed store adds (stage, then copy out)
+# lane-ops per element of writing a materialised value to its row buffer: a store, which issues at a
+# fraction of the ALU rate, and a buffer that competes with the row's inputs for the first-level cache
+MAT_STORE_OPS = 3
 # 16-bit floats are converted in registers: widening is a shift, narrowing rounds to nearest even
 # (shift, mask, two adds, NaN select, pack): a bf16 kernel on a CPU without bf16 units is compute-bound
 HALF = ("bf16", "f16")
@@ -114,7 +117,9 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
             per_elem += WEIGHT.get(v.op, 1)
             if v.op == "load" and k.inputs[v.attrs["buf"]].dtype in HALF:
                 per_elem += HALF_LOAD_OPS
-        mat_done |= {v.id for v in needed if v.id in m.materialize}
+        fresh = {v.id for v in needed if v.id in m.materialize} - mat_done
+        per_elem += MAT_STORE_OPS * len(fresh - _stored_whole(k, m, p))
+        mat_done |= fresh
         per_elem += len(p.items)
         per_elem += HALF_STORE_OPS * sum(1 for it in p.items if it.kind == "store"
                                          and k.outputs[it.obj.buf].dtype in HALF)
@@ -150,6 +155,16 @@ def _final_phase(k: Kernel, mc: Machine, threads: int) -> float:
         nbytes = sum(_bytes_per_element(k, v) for v in needed) + k.outputs[fs.buf].itemsize
         secs += n * ops / (mc.lane_ops / mc.threads) + n * nbytes / one_core_bw
     return secs
+
+
+def _stored_whole(k: Kernel, m: Mapping, p) -> set[int]:
+    """Values pass ``p`` stores whole to an fp32 or bf16 output: the C code generator reads such a value back
+    from that output when it is materialised (no row buffer, no extra store) unless the mapping streams
+    or tiles (``cpp._KernelWriter._materialized_outputs``)."""
+    if m.stream or m.parallel == "tiles":
+        return set()
+    return {it.value.id for it in p.items if it.kind == "store" and it.value.dtype == "f32"
+            and k.outputs[it.obj.buf].dtype in ("f32", "bf16")}
 
 
 def _unsplit_selects(p, needed: list[Value]) -> int:
