@@ -1,7 +1,7 @@
 """Row top-k for the C code generator's kernel writer (``cpp._KernelWriter`` mixes this in).
 
 The row's values go to a local buffer in one vectorised loop — or, when they are an fp32 input's contiguous
-row, are read where they lie after a NaN scan; small k on fp32 (MoE routers: 6 of 64) then runs
+row, are read where they lie; small k on fp32 (MoE routers: 6 of 64) then runs
 ``pf_topk8_f32`` from the prelude, anything else (or a row holding a NaN) one exact insertion pass.
 Results are sorted, ties go to the lower index and NaN counts as largest, as in ATen.
 """
@@ -42,11 +42,8 @@ class TopkEmitter:
         self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
         buf = f"tb{t.id}"
         row = self._contiguous_row(it.value, var) if bounded and not neg else None
-        if row is not None:  # the row as it lies in the input: scan it for NaN, no copy
-            self.w(f"const float* __restrict {buf} = {row}; int32_t nan{t.id} = 0;")
-            self.w(f"#pragma omp simd reduction(|:nan{t.id})")
-            self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) "
-                   f"nan{t.id} |= ({buf}[{var.name}] != {buf}[{var.name}]);")
+        if row is not None:  # the row as it lies in the input, no copy (pf_topk8_f32 finds a NaN itself)
+            self.w(f"const float* __restrict {buf} = {row}; const int32_t nan{t.id} = 0;")
             self.emit_topk_select(t, buf, n, k, largest, T, bounded, nan_first=True)
             names[t.id] = lv_.name
             return
@@ -73,14 +70,13 @@ class TopkEmitter:
 
     def emit_topk_select(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str, bounded: bool,
                          nan_first: bool) -> None:
-        """The top-k of ``buf`` (its NaN flag computed): ``pf_topk8_f32`` where bounded and NaN-free, else
-        the insertion pass. ``nan_first``: NaN ranks before every number (ATen's largest-k, and its
-        smallest-k computed directly); False for a smallest-k computed as the largest of the negated row,
-        where NaN must still rank last."""
+        """The top-k of ``buf`` (its NaN flag computed, or 0 where ``pf_topk8_f32`` looks for NaN itself):
+        ``pf_topk8_f32`` where bounded and NaN-free, else the insertion pass. ``nan_first``: NaN ranks
+        before every number (ATen's largest-k, and its smallest-k computed directly); False for a
+        smallest-k computed as the largest of the negated row, where NaN must still rank last."""
         lv_, li = t.attrs["vals"], t.attrs["idxs"]
         if bounded:
-            self.w(f"if (!nan{t.id}) pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name});")
-            self.w("else {")
+            self.w(f"if (nan{t.id} || !pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name})) {{")
         else:
             self.w("{")
         self.ind += 1
