@@ -361,8 +361,8 @@ class _KernelWriter(TopkEmitter):
             if pref or staged:
                 self.w(f"for (int64_t c_ = 0; c_ < {lv.size}; c_ += {PREFETCH_CHUNK}) {{")
                 self.ind += 1
-                for base, step in pref:
-                    self.w(f"for (int64_t q_ = 0; q_ < {PREFETCH_CHUNK}; q_ += {step}) "
+                for base, step in pref:  # a chunk's worth of the next row, no more (rows may be short)
+                    self.w(f"for (int64_t q_ = 0; q_ < {min(PREFETCH_CHUNK, lv.size)}; q_ += {step}) "
                            f"__builtin_prefetch(&{base}[c_ + q_], 0, 2);")
                 self.w(f"const int64_t e_ = c_ + {PREFETCH_CHUNK} < {lv.size} ? c_ + {PREFETCH_CHUNK} : {lv.size};")
                 for stg, (buf, _base) in staged.items():
