@@ -1,17 +1,21 @@
 """The C helpers every generated CPU kernel starts with (no headers beyond libc's math and OpenMP).
 
 Written so GCC/Clang vectorise them inside ``#pragma omp simd`` loops: no branches, only selects, bit
-casts and fused multiply-adds. ``pf_exp`` is the Cephes single-precision exponential (range reduction
-by ln 2 split in two constants, degree-6 polynomial, 2^n added to the exponent bits), within 1 ulp of
-the correctly rounded result over all floats (checked exhaustively against libm), except that results
-below 3.4e-38 (x < -86.28) are flushed to zero: scaling in two halves to keep the bottom of the range
-and the subnormals exact cost a third of the function's time, which exp-bound kernels (softmax,
-cross-entropy, SwiGLU) pay in full. libm's ``expf`` would be a call per element and never vectorise
-without ``-ffast-math`` (which would also break NaN handling). Out-of-range inputs are not clamped on the
-way in (a clamp with IEEE NaN semantics costs a dozen blends) but decided by three selects on the way
-out. bf16 rounds to nearest even
-and keeps NaNs quiet, as PyTorch does.
+casts and fused multiply-adds. ``pf_exp`` is the operator library's ``bgl_exp_f32`` (``ops/csrc/exp_f32.h``,
+embedded here: one definition for both): the Cephes single-precision
+exponential (range reduction by ln 2 split in two constants, a degree-7 polynomial, 2^n added to the
+exponent bits), within 1 ulp of the correctly rounded result over all floats (checked exhaustively
+against libm), except that results below 3.4e-38 (x < -86.28) are flushed to zero: scaling in two halves
+to keep the bottom of the range and the subnormals exact cost a third of the function's time, which
+exp-bound kernels (softmax, cross-entropy, SwiGLU) pay in full. libm's ``expf`` would be a call per
+element and never vectorise without ``-ffast-math`` (which would also break NaN handling). Out-of-range
+inputs are not clamped on the way in (a clamp with IEEE NaN semantics costs a dozen blends) but decided
+by three selects on the way out. bf16 rounds to nearest even and keeps NaNs quiet, as PyTorch does.
 """
+
+from bagualu.ops.native import CSRC
+
+EXP_F32 = (CSRC / "exp_f32.h").read_text()
 
 PRELUDE = r"""
 #include <stdbool.h>
@@ -40,25 +44,8 @@ static inline float pf_round_bf16(float f) {
   return f != f ? pf_bits_f(u | 0x400000u) : pf_bits_f(r);
 }
 
-static inline float pf_exp(float x) {
-  float n = __builtin_rintf(x * 1.44269504088896341f);
-  float r = __builtin_fmaf(n, -0.693359375f, x);
-  r = __builtin_fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = __builtin_fmaf(p, r, 1.3981999507e-3f);
-  p = __builtin_fmaf(p, r, 8.3334519073e-3f);
-  p = __builtin_fmaf(p, r, 4.1665795894e-2f);
-  p = __builtin_fmaf(p, r, 1.6666665459e-1f);
-  p = __builtin_fmaf(p, r, 5.0000001201e-1f);
-  float y = __builtin_fmaf(p, r * r, r) + 1.0f;
-  int32_t ni = (int32_t)n; /* meaningless when x is out of range: the selects below decide those */
-  /* y in [0.7, 1.42]: adding n-1 to its exponent stays a normal float for n in [-124, 128], and the
-     doubling overflows to inf exactly when the result does */
-  y = pf_bits_f(pf_f_bits(y) + ((uint32_t)(ni - 1) << 23)) * 2.0f;
-  y = x > 88.72283935546875f ? INFINITY : y;
-  y = x < -86.28f ? 0.0f : y;
-  return x != x ? x : y;
-}
+""" + EXP_F32 + r"""
+static inline float pf_exp(float x) { return bgl_exp_f32(x); }
 static inline double pf_expd(double x) { return exp(x); }
 static inline float pf_sigmoid(float x) { return 1.0f / (1.0f + pf_exp(-x)); }
 static inline double pf_sigmoidd(double x) { return 1.0 / (1.0 + exp(-x)); }

@@ -22,7 +22,7 @@
 // lands differently).
 //
 // Build: compiled on first use by ops/native.py (-O3 -march=native -fopenmp: the loops are `omp simd`), with
-// -ffp-contract=off: a product added to a sum must round as the reference rounds it (exp_f's FMAs are explicit).
+// -ffp-contract=off: a product added to a sum must round as the reference rounds it (bgl_exp_f32's FMAs are explicit).
 
 #include <cmath>
 #include <cstdint>
@@ -30,33 +30,12 @@
 #include <vector>
 
 #include "bf16.h"
+#include "exp_f32.h"
 #include "helpers.h"
 
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per job chunk (rows are never split for the row ops)
-
-// exp(x): x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r (Cephes' coefficients), then 2^n by
-// exponent arithmetic; inf above 88.72, 0 below -86.28 (results under 3.4e-38 flushed: 2^n stays normal), NaN kept.
-inline float exp_f(float x) {
-  const float n = __builtin_rintf(x * 1.44269504088896341f);
-  float r = __builtin_fmaf(n, -0.693359375f, x);
-  r = __builtin_fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = __builtin_fmaf(p, r, 1.3981999507e-3f);
-  p = __builtin_fmaf(p, r, 8.3334519073e-3f);
-  p = __builtin_fmaf(p, r, 4.1665795894e-2f);
-  p = __builtin_fmaf(p, r, 1.6666665459e-1f);
-  p = __builtin_fmaf(p, r, 5.0000001201e-1f);
-  float y = __builtin_fmaf(p, r * r, r) + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);  // meaningless out of range: the selects below decide those
-  // y in [0.7, 1.42]: adding n - 1 to its exponent stays normal for n in [-124, 128]; the doubling overflows to
-  // inf exactly when the result does
-  y = bgl::bits_to_f32(bgl::f32_bits(y) + (static_cast<uint32_t>(ni - 1) << 23)) * 2.0f;
-  y = x > 88.72283935546875f ? INFINITY : y;
-  y = x < -86.28f ? 0.0f : y;
-  return x != x ? x : y;
-}
 
 // Element access by storage type: float, or uint16_t holding bf16 (rounded to nearest even, NaN kept quiet).
 inline float ld(const float* p, int64_t i) { return p[i]; }
@@ -94,7 +73,7 @@ struct SiluMul {
 #pragma omp simd
     for (int64_t i = rg.lo; i < rg.hi; ++i) {
       const float g = ld(s.g, i);
-      st(s.a, i, g / (1.0f + exp_f(-g)) * ld(s.u, i));
+      st(s.a, i, g / (1.0f + bgl_exp_f32(-g)) * ld(s.u, i));
     }
   }
 };
@@ -113,7 +92,7 @@ struct SiluMulBackward {
 #pragma omp simd
     for (int64_t i = rg.lo; i < rg.hi; ++i) {
       const float g = ld(s.g, i), da = ld(s.da, i), u = ld(s.u, i);  // all read first: an output may be an input
-      const float sg = 1.0f / (1.0f + exp_f(-g));
+      const float sg = 1.0f / (1.0f + bgl_exp_f32(-g));
       st(s.du, i, da * (g * sg));
       st(s.dg, i, da * u * (sg * (1.0f + g * (1.0f - sg))));
     }
