@@ -120,7 +120,10 @@ def test_the_cost_model_charges_the_row_buffer_a_materialised_value_is_written_t
     assert kept < recomputed
     (k, gen), = _kernels(rmsnorm, [torch.randn(64, 1000), torch.randn(64, 1000), torch.randn(1000)], monkeypatch)
     (h,) = sch.materialize_candidates(k, sch.schedule(k))
-    p = next(p for p in sch.schedule(k) if any(it.kind == "store" and it.value.id == h for it in p.items))
     base = dataclasses.replace(gen.candidates(k)[0], materialize=frozenset({h}), stream=False, parallel="rows")
-    assert h in cost._stored_whole(k, base, p)
-    assert h not in cost._stored_whole(k, dataclasses.replace(base, stream=True), p)
+    assert h in sch.materialized_outputs(k, sch.schedule(k), base)
+    assert h not in sch.materialized_outputs(k, sch.schedule(k), dataclasses.replace(base, stream=True))
+    mc = cost.machine(gen)
+    charged = cost.predict(k, base, mc)
+    monkeypatch.setattr(cost, "MAT_STORE_OPS", 100 * cost.MAT_STORE_OPS)
+    assert cost.predict(k, base, mc) == charged  # read back from its output: no buffer store to charge

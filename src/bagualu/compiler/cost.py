@@ -97,6 +97,7 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
     seen_space: set[str] = set()
     ops = 0.0
     mat_done: set[int] = set()
+    read_back = set(sch.materialized_outputs(k, passes, m))  # no buffer store for these
     for p in passes:
         if p.space is None:
             continue
@@ -119,7 +120,7 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
             if v.op == "load" and k.inputs[v.attrs["buf"]].dtype in HALF:
                 per_elem += HALF_LOAD_OPS
         fresh = {v.id for v in needed if v.id in m.materialize} - mat_done
-        per_elem += MAT_STORE_OPS * len(fresh - _stored_whole(k, m, p))
+        per_elem += MAT_STORE_OPS * len(fresh - read_back)
         mat_done |= fresh
         per_elem += len(p.items)
         per_elem += HALF_STORE_OPS * sum(1 for it in p.items if it.kind == "store"
@@ -160,16 +161,6 @@ def _final_phase(k: Kernel, mc: Machine, threads: int) -> float:
         nbytes = sum(_bytes_per_element(k, v) for v in needed) + k.outputs[fs.buf].itemsize
         secs += n * ops / (mc.lane_ops / mc.threads) + n * nbytes / one_core_bw
     return secs
-
-
-def _stored_whole(k: Kernel, m: Mapping, p) -> set[int]:
-    """Values pass ``p`` stores whole to an fp32 or bf16 output: the C code generator reads such a value back
-    from that output when it is materialised (no row buffer, no extra store) unless the mapping streams
-    or tiles (``cpp._KernelWriter._materialized_outputs``)."""
-    if m.stream or m.parallel == "tiles":
-        return set()
-    return {it.value.id for it in p.items if it.kind == "store" and it.value.dtype == "f32"
-            and k.outputs[it.obj.buf].dtype in ("f32", "bf16")}
 
 
 def _unsplit_selects(p, needed: list[Value]) -> int:

@@ -60,7 +60,7 @@ class _KernelWriter(TopkEmitter):
         self.spans = [sch.span(b) for b in k.inputs]
         self.gmemo: dict[int, bool] = {}
         self.mat_done: set[int] = set()
-        self.mat_out = self._materialized_outputs()
+        self.mat_out = sch.materialized_outputs(k, self.passes, m)
         self.seg_id = 0
         self.indirect_size = sch.indirect_sizes(k)
         self.uses_err = bool(self.indirect_size)
@@ -466,25 +466,6 @@ class _KernelWriter(TopkEmitter):
             e = e + ix.var(v) * stride
             stride *= v.size
         return c_expr(e, {})
-
-    def _materialized_outputs(self) -> dict[int, sch.Item]:
-        """Materialised values that the pass computing them first also stores, whole, to an fp32 or bf16
-        output, with nothing streamed: later passes read that output back (its row is cache-hot) instead of
-        a separate fp32 row buffer — one stream of stores less. A bf16 output gives back the stored, rounded
-        value: what eager computes from the half tensor it materialises (and Inductor reads back too)."""
-        out: dict[int, sch.Item] = {}
-        if not self.m.materialize or self.m.stream or self.m.parallel == "tiles":
-            return out
-        for vid in self.m.materialize:
-            v = self.k.values[vid]
-            first = next((p for p in self.passes if p.space is not None
-                          and any(u.id == vid for u in sch.values_needed([it.value for it in p.items]))), None)
-            store = None if first is None else next(
-                (it for it in first.items if it.kind == "store" and it.value.id == vid
-                 and self.k.outputs[it.obj.buf].dtype in ("f32", "bf16")), None)
-            if store is not None and v.dtype == "f32":
-                out[vid] = store
-        return out
 
     def _mat_read(self, vid: int, flat: str, spec, names: dict[int, str]) -> str:
         """A later pass's read of materialised value ``vid``: its row buffer, or the output that holds it."""

@@ -1,8 +1,8 @@
 """The C helpers every generated CPU kernel starts with (no headers beyond libc's math and OpenMP).
 
 Written so GCC/Clang vectorise them inside ``#pragma omp simd`` loops: no branches, only selects, bit
-casts and fused multiply-adds. ``pf_exp`` is the operator library's ``bgl_exp_f32`` (``ops/csrc/exp_f32.h``,
-embedded here: one definition for both): the Cephes single-precision
+casts and fused multiply-adds. ``pf_exp`` is the operator library's ``bgl_exp_f32``
+(``ops/csrc/exp_f32.h``, embedded here: one definition for both): the Cephes single-precision
 exponential (range reduction by ln 2 split in two constants, a degree-7 polynomial, 2^n added to the
 exponent bits), within 1 ulp of the correctly rounded result over all floats (checked exhaustively
 against libm), except that results below 3.4e-38 (x < -86.28) are flushed to zero: scaling in two halves

@@ -171,6 +171,27 @@ def materialize_candidates(k: Kernel, passes: list[Pass]) -> list[int]:
     return out
 
 
+def materialized_outputs(k: Kernel, passes: list[Pass], m) -> dict[int, Item]:
+    """Materialised values that the pass computing them first also stores, whole, to an fp32 or bf16
+    output, with nothing streamed: later passes read that output back (its row is cache-hot) instead of
+    a separate fp32 row buffer — one stream of stores less (the C generator does; the cost model charges
+    them no buffer store). A bf16 output gives back the stored, rounded value: what eager computes from
+    the half tensor it materialises (and Inductor reads back too)."""
+    out: dict[int, Item] = {}
+    if not m.materialize or m.stream or m.parallel == "tiles":
+        return out
+    for vid in m.materialize:
+        v = k.values[vid]
+        first = next((p for p in passes if p.space is not None
+                      and any(u.id == vid for u in values_needed([it.value for it in p.items]))), None)
+        store = None if first is None else next(
+            (it for it in first.items if it.kind == "store" and it.value.id == vid
+             and k.outputs[it.obj.buf].dtype in ("f32", "bf16")), None)
+        if store is not None and v.dtype == "f32":
+            out[vid] = store
+    return out
+
+
 # ---- segment specialisation ---------------------------------------------------------------------------
 def split_points(values: list[Value], v: Var) -> list[int]:
     """Boundaries of ``v`` where an index comparison ``index(v + c) < bound`` changes value."""

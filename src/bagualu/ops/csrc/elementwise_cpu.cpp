@@ -22,7 +22,8 @@
 // lands differently).
 //
 // Build: compiled on first use by ops/native.py (-O3 -march=native -fopenmp: the loops are `omp simd`), with
-// -ffp-contract=off: a product added to a sum must round as the reference rounds it (bgl_exp_f32's FMAs are explicit).
+// -ffp-contract=off: a product added to a sum must round as the reference rounds it (bgl_exp_f32's FMAs are
+// explicit).
 
 #include <cmath>
 #include <cstdint>
