@@ -114,3 +114,15 @@ def test_grouped_gemm_benchmark_smoke(tmp_path):
     assert "headline: grouped GEMM vs torch.mm per expert" in p.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"ours", "torch.mm"} and len(rows) == 12 and all(r["GFLOPs"] > 0 for r in rows)
+
+
+def test_compiler_cost_model_benchmark_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(BENCH / "compiler_cost_model.py"), "--scale", "0.02", "--reps", "1",
+                        "--cases", "rmsnorm,router", "--dtypes", "float32", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "headline: cost model regret geomean" in p.stdout
+    res = json.loads(out.read_text())
+    assert {r["case"] for r in res["rows"]} == {"rmsnorm", "router"}
+    assert all(r["regret"] >= 1.0 and r["candidates"] >= 1 for r in res["rows"]) and res["geomean_regret"] >= 1.0
