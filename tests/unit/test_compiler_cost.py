@@ -35,3 +35,20 @@ def test_a_normalisation_over_a_short_last_dim_is_one_kernel_over_the_rows():
     assert 0 < per_row < full_charge / 2
     got = torch.compile(lambda w: w / w.sum(-1, keepdim=True), backend="powerfusion")(w)
     torch.testing.assert_close(got, w / w.sum(-1, keepdim=True))
+
+
+def test_row_buffers_that_overflow_the_first_level_cache_cost_more():
+    """A materialised value's row buffer, next to the row's inputs, either fits the first-level data cache or
+    spills to the next level, which the model charges per buffered element (bf16 LayerNorm backward kept
+    two 16 KB buffers beside its rows and ran 1.4x slower than recomputing). A 64-wide softmax's buffer
+    fits; a 32000-wide one's does not."""
+    gen = CppCodegen()
+    for width, spills in ((64, False), (32000, True)):
+        start = SEQ[0]
+        explain(lambda x: torch.softmax(x * 1.5, -1), torch.randn(8, width), measure=False)
+        (k,) = [k.kernel for r in REPORTS if r.seq >= start for k in r.kernels]
+        (e,) = [v.id for v in k.values if v.op == "exp"]
+        m = dataclasses.replace(gen.candidates(k)[0], materialize=frozenset({e}), stream=False)
+        mc = dataclasses.replace(cost.machine(gen), l1_bytes=48 << 10)
+        extra = cost.predict(k, m, mc) - cost.predict(k, m, dataclasses.replace(mc, l1_bytes=0))
+        assert (extra > 0) == spills, (width, extra)

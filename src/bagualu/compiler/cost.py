@@ -33,6 +33,7 @@ STREAM_OPS = 2  # lane-ops per element a streamed store adds (stage, then copy o
 # lane-ops per element of writing a materialised value to its row buffer: a store, which issues at a
 # fraction of the ALU rate, and a buffer that competes with the row's inputs for the first-level cache
 MAT_STORE_OPS = 3
+MAT_SPILL_OPS = 3  # ... more when the row buffers and the row's inputs overflow the first-level cache
 ROW_SETUP_ELEMS = 32  # a pass over fewer elements per row pays that fraction of the per-row, per-pass cost
 # 16-bit floats are converted in registers: widening is a shift, narrowing rounds to nearest even
 # (shift, mask, two adds, NaN select, pack): a bf16 kernel on a CPU without bf16 units is compute-bound
@@ -50,6 +51,7 @@ class Machine:
     row_s: float  # per row and pass bookkeeping
     call_s: float  # launching one kernel (host-side wrapper, allocation, call)
     llc_bytes: int = 0  # last-level cache; 0 = unknown (write-allocate traffic not modelled)
+    l1_bytes: int = 0  # first-level data cache, per core; 0 = unknown (row buffers never spill)
 
 
 def machine(gen=None) -> Machine:
@@ -61,7 +63,8 @@ def machine(gen=None) -> Machine:
     return Machine(bandwidth=bw, lane_ops=flops / 2, threads=max(1, torch.get_num_threads()),
                    cache_bytes=getattr(gen, "cache_bytes", lambda: 512 << 10)(),
                    fork_s=getattr(gen, "fork_seconds", 10e-6), row_s=getattr(gen, "row_seconds", 3e-9),
-                   call_s=getattr(gen, "call_seconds", 8e-6), llc_bytes=getattr(gen, "llc_bytes", lambda: 0)())
+                   call_s=getattr(gen, "call_seconds", 8e-6), llc_bytes=getattr(gen, "llc_bytes", lambda: 0)(),
+                   l1_bytes=getattr(gen, "l1_bytes", lambda: 0)())
 
 
 def _bytes_per_element(k: Kernel, v: Value) -> int:
@@ -98,6 +101,11 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
     ops = 0.0
     mat_done: set[int] = set()
     read_back = set(sch.materialized_outputs(k, passes, m))  # no buffer store for these
+    # row buffers (fp32) that do not fit the first-level cache next to the row's inputs: each buffered
+    # element is written to and read back from the next level
+    buffered = [vid for vid in m.materialize if vid not in read_back]
+    mat_row_bytes = sum(4 * sp.numel for sp in (k.space_of(k.values[vid]) for vid in buffered) if sp is not None)
+    spill = 0 < mc.l1_bytes < mat_row_bytes + max(row_bytes.values(), default=0)
     for p in passes:
         if p.space is None:
             continue
@@ -120,7 +128,7 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
             if v.op == "load" and k.inputs[v.attrs["buf"]].dtype in HALF:
                 per_elem += HALF_LOAD_OPS
         fresh = {v.id for v in needed if v.id in m.materialize} - mat_done
-        per_elem += MAT_STORE_OPS * len(fresh - read_back)
+        per_elem += (MAT_STORE_OPS + (MAT_SPILL_OPS if spill else 0)) * len(fresh - read_back)
         mat_done |= fresh
         per_elem += len(p.items)
         per_elem += HALF_STORE_OPS * sum(1 for it in p.items if it.kind == "store"

@@ -96,9 +96,9 @@ class CpuKernel:
 
 
 @functools.cache
-def last_level_cache_bytes() -> int:
-    """Size of CPU 0's highest-level data or unified cache, from sysfs (Linux); 0 when unknown."""
-    best = (0, 0)
+def data_cache_bytes() -> dict[int, int]:
+    """Level -> size of CPU 0's data or unified cache at that level, from sysfs (Linux); empty when unknown."""
+    out: dict[int, int] = {}
     for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             if (d / "type").read_text().strip() == "Instruction":
@@ -109,11 +109,16 @@ def last_level_cache_bytes() -> int:
             continue
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
         try:
-            nbytes = int(size.rstrip("KMG")) * mult
+            out[level] = max(out.get(level, 0), int(size.rstrip("KMG")) * mult)
         except ValueError:
             continue
-        best = max(best, (level, nbytes))
-    return best[1]
+    return out
+
+
+def last_level_cache_bytes() -> int:
+    """Size of CPU 0's highest-level data or unified cache; 0 when unknown."""
+    caches = data_cache_bytes()
+    return caches[max(caches)] if caches else 0
 
 
 def _streamable(kernel: Kernel, passes) -> bool:
@@ -165,6 +170,10 @@ class CppCodegen:
     def llc_bytes(self) -> int:
         """The last-level cache (0 when unknown): a kernel moving more than this streams its stores."""
         return last_level_cache_bytes()
+
+    def l1_bytes(self) -> int:
+        """The first-level data cache (0 when unknown): row buffers beyond it spill to the next level."""
+        return data_cache_bytes().get(1, 0)
 
     def source(self, pairs: Sequence[tuple[Kernel, Mapping]]) -> str:
         return PRELUDE + "\n\n".join(kernel_source(k, m) for k, m in pairs) + "\n"
