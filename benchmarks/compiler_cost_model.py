@@ -18,7 +18,6 @@ are timed together, in one process, so their ratios are what matters.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine_facts, print_table, write_json  # noqa: E402
-from compiler_fusion import cases  # noqa: E402
+from compiler_fusion import case_parser, cases, parse_case_args  # noqa: E402
 
 from bagualu.compiler import cost, search  # noqa: E402
 
@@ -68,16 +67,7 @@ def regret_rows(name: str, dname: str, threads: int, kernels: list, reps: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=float, default=1.0, help="token-count multiplier (as compiler_fusion.py)")
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--cases", default="all")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.scale <= 0:
-        raise SystemExit(f"--scale={args.scale} must be positive")
+    args = parse_case_args(case_parser(__doc__))
     from bagualu.memory.host_allocator import tune_glibc_malloc
 
     tune_glibc_malloc()  # as compiler_fusion.py: no candidate pays page faults on fresh outputs

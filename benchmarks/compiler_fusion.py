@@ -127,19 +127,30 @@ def first_call(fn, args):
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def case_parser(doc: str) -> argparse.ArgumentParser:
+    """The options that select this suite's cases (shared with compiler_cost_model.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="token-count multiplier (1.0: T=2048, D=4096)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--cases", default="all")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--peers", default="eager,inductor", help="comma list from: eager, inductor")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (see above)")
+    return ap
+
+
+def parse_case_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     args = ap.parse_args()
     if args.scale <= 0:
         raise SystemExit(f"--scale={args.scale} must be positive")
+    return args
+
+
+def main() -> None:
+    ap = case_parser(__doc__)
+    ap.add_argument("--peers", default="eager,inductor", help="comma list from: eager, inductor")
+    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (see above)")
+    args = parse_case_args(ap)
     peers = [p for p in args.peers.split(",") if p]
     bad = set(peers) - {"eager", "inductor"}
     if bad:
