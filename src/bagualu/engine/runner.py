@@ -160,9 +160,13 @@ class ModelRunner:
             return tokens <= NATIVE_STEP_TOKENS
         return self._fp32_stack(tokens) is not None
 
+    def _small_fp32(self, tokens: int) -> bool:
+        """A half model's step of ``tokens`` is small enough for fp32 activations (operator or per-layer loop)."""
+        return self.wide is not None and tokens <= self.fp32_activation_rows
+
     def _fp32_stack(self, tokens: int) -> LayerStack | None:
         """The stack a half model's step of ``tokens`` runs with fp32 activations; None: in its dtype."""
-        if self.wide is not None and self.stack is not None and tokens <= self.fp32_activation_rows:
+        if self.stack is not None and self._small_fp32(tokens):
             return self.wide[0]
         if self.half is not None and tokens <= NATIVE_HALF_STEP_TOKENS:
             return self.half
@@ -185,7 +189,7 @@ class ModelRunner:
             if (fp32 := self._fp32_stack(st.num_tokens)) is not None:
                 wide[i] = stack = fp32
                 xs[i] = xs[i].float()
-            elif self.stack is None and self.wide is not None and st.num_tokens <= self.fp32_activation_rows:
+            elif self.stack is None and self._small_fp32(st.num_tokens):
                 wide[i] = None  # the per-layer loop, its modules called with fp32 activations
                 xs[i] = xs[i].float()
             rope[i] = m.rotary.rows(st.positions_T, xs[i].dtype, st.max_position + 1)
