@@ -132,14 +132,47 @@ struct Dp32 {
 // step and used by all MR rows; the last K % KS by masked loads (zeros add nothing; no scalar tail). Each
 // output's sum runs in the same order whatever M, MR and NR are (lanes over k, then the lanes), so a row's
 // result does not depend on the batch it came in.
+//
+// One input row (a batch-1 decode step) goes row by row instead: each weight row to the end, then the next,
+// so the weights stream in address order (one stream per thread) rather than as NR interleaved rows, and a
+// software prefetch runs kRowPrefetchBytes ahead of the loads, one per 64-byte line (past the matrix's end it
+// touches, harmlessly, what lies beyond). Each row's k-steps form one FMA chain; the out-of-order core overlaps
+// the chains of consecutive rows. Same sums, same order as the tiles. Measured on a Zen 5 (2 threads, bf16
+// weights, copy bandwidth read + write 43 GB/s): 48 cold [4096, 768] matrices (302 MB) 40 GB/s with 8
+// interleaved rows, 45-48 row by row with the prefetch 8 KB ahead (4-32 KB and hints T0-NTA measured alike);
+// batch-1 decode, in-process A/B: bf16 ~110M Llama 158 -> 175 tokens/s, small Mixtral 366 -> 387, fp32 Llama
+// unchanged. (On AVX2 with bf16 weights row by row was slower here: that path keeps its tiles.)
+constexpr int64_t kRowPrefetchBytes = 8192;
+
+template <class S, int NR_>
+inline void row512(const typename S::XT* x, const void* w, int64_t K, float* y, const float* bias, int64_t n0) {
+  for (int j = 0; j < NR_; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    const int64_t r = (n0 + j) * K;
+    const char* pf = static_cast<const char*>(w) + r * S::esz + kRowPrefetchBytes;
+    int64_t k = 0;
+    for (; k + S::KS <= K; k += S::KS) {
+      if (((k * S::esz) & 63) == 0) _mm_prefetch(pf + k * S::esz, _MM_HINT_T1);
+      acc = S::madd(acc, S::template x<false>(x + k, 0), S::template w<false>(w, r + k, 0));
+    }
+    if (k < K) {
+      const uint32_t n = static_cast<uint32_t>((1ull << (K - k)) - 1);
+      acc = S::madd(acc, S::template x<true>(x + k, n), S::template w<true>(w, r + k, n));
+    }
+    y[n0 + j] = _mm512_reduce_add_ps(acc) + (bias ? bias[n0 + j] : 0.f);
+  }
+}
+
 template <class S, int MR_, int NR_>
 inline void tile512(const typename S::XT* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
                     const float* bias, int64_t m0, int64_t n0) {
+  if constexpr (MR_ == 1) {
+    row512<S, NR_>(x + m0 * ldx, w, K, y + m0 * ldy, bias, n0);
+    return;
+  }
   __m512 acc[MR_][NR_];
   for (int i = 0; i < MR_; ++i)
     for (int j = 0; j < NR_; ++j) acc[i][j] = _mm512_setzero_ps();
-  const bool prefetch = MR_ == 1 && K * S::esz <= kPrefetchRowBytes;  // as in the AVX2 tile below
-  const char* pf = static_cast<const char*>(w) + (n0 + NR_) * K * S::esz;
   auto step = [&](int64_t k, auto masked, uint32_t n) {
     constexpr bool M = decltype(masked)::value;
     typename S::V xv[MR_];
@@ -150,11 +183,7 @@ inline void tile512(const typename S::XT* x, int64_t ldx, const void* w, int64_t
     }
   };
   int64_t k = 0;
-  for (; k + S::KS <= K; k += S::KS) {
-    if (prefetch)
-      for (int64_t b = 0; b < NR_ * S::KS * S::esz; b += 64) _mm_prefetch(pf + k * NR_ * S::esz + b, _MM_HINT_T2);
-    step(k, std::false_type{}, 0);
-  }
+  for (; k + S::KS <= K; k += S::KS) step(k, std::false_type{}, 0);
   if (k < K) step(k, std::true_type{}, static_cast<uint32_t>((1ull << (K - k)) - 1));
   for (int i = 0; i < MR_; ++i)
     for (int j = 0; j < NR_; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[n0 + j] : 0.f);
