@@ -82,6 +82,9 @@ def test_engine_outputs_do_not_depend_on_huge_pages(tmp_path):
         llm = bagualu.LLM(str(path), num_kv_blocks=32, huge_pages=on)
         report = llm.engine.huge_pages
         assert (report is not None) == on and (not on or report.mode == hp.thp_mode())
+        # on: every weight packed into one buffer (memory.weight_arena), the fused projections included
+        storages = {p.untyped_storage().data_ptr() for p in llm.engine.model.parameters()}
+        assert (len(storages) == 1) == on
         outs[on] = [o.token_ids for o in llm.generate(["abc", "hello"], sp, use_tqdm=False)]
         llm.close()
         del llm

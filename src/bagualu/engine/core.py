@@ -36,7 +36,7 @@ from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
 from bagualu.engine.speculative import PromptLookup
 from bagualu.engine.structured import GrammarError, Grammars
-from bagualu.memory.huge_pages import advise_huge_pages, module_tensors
+from bagualu.memory.weight_arena import pack_module
 from bagualu.ops.threads import small_step
 from bagualu.utils.logging import get_logger
 
@@ -189,14 +189,15 @@ class EngineCore:
             self.backend = LocalAttention(self.kv_spec, model.device)
         self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
+        self.weight_arena = self.huge_pages = None
+        if cfg.huge_pages and model.device.type == "cpu":  # the fused projections are what the steps read
+            model.fuse_projections()
+            self.weight_arena = pack_module(model)
+            self.huge_pages = hp = self.weight_arena.huge_pages
+            log.info("engine: weights packed in decode order, %.0f MiB; on huge pages: %.0f MiB (THP mode %s%s)",
+                     self.weight_arena.nbytes / 2**20, hp.collapsed_bytes / 2**20, hp.mode,
+                     f"; collapse: {hp.collapse_error}" if hp.collapse_error else "")
         self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers, fp32_activation_rows=fp32_rows)
-        self.huge_pages = None
-        if cfg.huge_pages and model.device.type == "cpu":  # after the runner fused the projections
-            self.huge_pages = advise_huge_pages(module_tensors(model))
-            log.info("engine: weights on huge pages: %.0f of %.0f MiB collapsed (THP mode %s%s)",
-                     self.huge_pages.collapsed_bytes / 2**20, self.huge_pages.advised_bytes / 2**20,
-                     self.huge_pages.mode,
-                     f"; collapse: {self.huge_pages.collapse_error}" if self.huge_pages.collapse_error else "")
         self.metrics = EngineMetrics()
         self.generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)

@@ -112,7 +112,3 @@ def advise_huge_pages(tensors: Iterable[torch.Tensor], collapse: bool = True) ->
             report.collapse_error = errno.errorcode.get(e, str(e))
     return report
 
-
-def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """A module's parameters and buffers (each storage once is ``advise_huge_pages``' business)."""
-    return [p.data for p in module.parameters()] + list(module.buffers())
