@@ -1,9 +1,9 @@
 """The CPU platform's ``decoder_layers``: the layer loop in C (``csrc/decoder_layers_cpu.cpp``), one call per step.
 
 The C driver calls the kernels the per-layer path calls — ``linear_cpu``, ``decode_ops_cpu`` (RMSNorm, rope,
-KV write) and ``paged_attention_cpu`` — through function pointers taken from their libraries, so each kernel
-exists once and keeps its own build flags; only the layer loop, the residual adds, the SwiGLU activation and
-the MoE routing (top-k, softmax, gathering each expert's rows) are new. At batch 1 this removes ~25
+KV write), ``paged_attention_cpu`` and ``elementwise_cpu`` (the SwiGLU activation) — through function pointers
+taken from their libraries, so each kernel exists once and keeps its own build flags; only the layer loop, the
+residual adds and the MoE routing (top-k, softmax, gathering each expert's rows) are new. At batch 1 this removes ~25
 interpreter-level calls per MLP layer and ~40 per MoE layer (see the C file).
 
 Covered: inference mode; fp32 activations, norms, biases and cos/sin; projection weights (experts
@@ -23,7 +23,7 @@ import ctypes
 
 import torch
 
-from bagualu.ops import decode_ops_cpu, gemm_cpu, linear_cpu, native, paged_attention_cpu
+from bagualu.ops import decode_ops_cpu, elementwise_cpu, gemm_cpu, linear_cpu, native, paged_attention_cpu
 from bagualu.ops.decoder_layers import ROUTERS, LayerStack
 from bagualu.ops.decoder_layers import decoder_layers as reference
 from bagualu.ops.threads import kernel_threads
@@ -34,7 +34,7 @@ _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 class _Kernels(ctypes.Structure):
     _fields_ = [("linear", _p), ("linear_group", _p), ("rms_norm", _p), ("rope", _p), ("write_kv", _p),
-                ("attention", _p)]
+                ("attention", _p), ("silu_mul", _p)]
 
 
 class _MoE(ctypes.Structure):
@@ -86,14 +86,15 @@ def driver() -> _Driver | None:
     if _driver is False:
         gemm_cpu._loaded()  # sets the linear kernel's hand-off of many-row calls to the grouped GEMM
         libs = (native.load("decoder_layers_cpu", "decoder_layers_cpu.cpp"), linear_cpu.library(),
-                decode_ops_cpu.library(), paged_attention_cpu.kernel())
+                decode_ops_cpu.library(), paged_attention_cpu.kernel(), elementwise_cpu.library())
         if any(lib is None for lib in libs):
             _driver = None
         else:
-            lib, lin, dops, attn = libs
+            lib, lin, dops, attn, elem = libs
             fn = lambda f: ctypes.cast(f, _p).value  # noqa: E731
             _driver = _Driver(lib, _Kernels(fn(lin.bgl_linear), fn(lin.bgl_linear_group), fn(dops.bgl_rms_norm),
-                                            fn(dops.bgl_rope), fn(dops.bgl_write_kv), fn(attn.lib.bgl_paged_attention)))
+                                            fn(dops.bgl_rope), fn(dops.bgl_write_kv), fn(attn.lib.bgl_paged_attention),
+                                            fn(elem.bgl_silu_mul)))
     return _driver
 
 

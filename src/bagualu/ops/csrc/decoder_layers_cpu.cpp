@@ -16,8 +16,8 @@
 //   renormalised; topk_softmax: softmax of the top-k logits); then per expert e in ascending order, on the
 //   rows routed to it: y = ((silu(r @ Wg[e]^T) * (r @ Wu[e]^T)) @ Wd[e]^T) * w, summed per token in that
 //   order; plus an optional shared SwiGLU MLP, optionally scaled by sigmoid(h @ wsg).
-// The products and sums round as in the Python path; silu(g) = g / (1 + exp(-g)) as ATen's CPU kernel
-// (with libm's exp instead of Sleef's: results may differ in the last bit).
+// The products and sums round as in the Python path; the SwiGLU activation is the platform's silu_mul
+// kernel (elementwise_cpu.cpp), the one the Python path calls.
 
 #include <cmath>
 #include <cstdint>
@@ -30,6 +30,7 @@ extern "C" {
 typedef void (*bgl_linear_fn)(const float*, int64_t, const void*, int, const float*, float*, int64_t, int64_t,
                               int64_t, int64_t, int, int64_t, int64_t);
 typedef void (*bgl_linear_group_fn)(const BglGemm*, int64_t, int, int, int64_t, int64_t);
+typedef void (*bgl_silu_mul_fn)(const void*, const void*, void*, int64_t, int, int);
 typedef void (*bgl_rms_norm_fn)(const float*, int64_t, const float*, float*, int64_t, int64_t, float);
 typedef void (*bgl_rope_fn)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*, int64_t,
@@ -48,6 +49,7 @@ struct BglKernels {
   bgl_rope_fn rope;
   bgl_write_kv_fn write_kv;
   bgl_attention_fn attention;
+  bgl_silu_mul_fn silu_mul;  // a = silu(g) * u over n contiguous elements (dtype 0: fp32), on `threads`
 };
 
 struct BglMoE {
@@ -109,8 +111,6 @@ struct BglScratch {
 };
 
 namespace {
-
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 // The K experts of one token from its logits l[E], in the router's order, with their fp32 weights.
 void route(const float* l, int64_t E, int64_t K, int64_t kind, int64_t norm, int64_t* e_out, float* w_out) {
@@ -180,7 +180,7 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
     down.push_back({sc->a + r0 * F, F, d_w, nullptr, sc->z + r0 * D, D, n, D, F});
   }
   kn->linear_group(up.data(), (int64_t)up.size(), wd, th, d->min_work, d->chunk_work);
-  for (int64_t i = 0; i < R * F; ++i) sc->a[i] = silu(g[i]) * u[i];
+  kn->silu_mul(g, u, sc->a, R * F, 0, th);
   kn->linear_group(down.data(), (int64_t)down.size(), wd, th, d->min_work, d->chunk_work);
   for (int64_t i = 0; i < T * D; ++i) y[i] = 0.0f;
   for (int64_t e = 0; e < E; ++e) at[e] = start[e];
@@ -196,7 +196,7 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
     const int64_t Fs = m.Fs;
     kn->linear(sc->h, D, m.shared_gu_w, wd, nullptr, sc->gu, 2 * Fs, T, 2 * Fs, D, th, d->min_work, d->chunk_work);
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t f = 0; f < Fs; ++f) sc->a[t * Fs + f] = silu(sc->gu[t * 2 * Fs + f]) * sc->gu[t * 2 * Fs + Fs + f];
+      kn->silu_mul(sc->gu + t * 2 * Fs, sc->gu + t * 2 * Fs + Fs, sc->a + t * Fs, Fs, 0, 1);
     kn->linear(sc->a, Fs, m.shared_down_w, wd, nullptr, sc->z, D, T, D, Fs, th, d->min_work, d->chunk_work);
     if (m.shared_gate_w) {
       kn->linear(sc->h, D, m.shared_gate_w, (int)m.gate_dtype, nullptr, sc->logits, 1, T, 1, D, th, d->min_work,
@@ -243,12 +243,7 @@ int bgl_decoder_layers(const BglKernels* kn, const BglLayerWeights* layers, int6
       moe_block(kn, *ly.moe, wd, wd ? 2 : 4, d, T, sc, sc->y);
     } else {
       kn->linear(sc->h, D, ly.gu_w, wd, ly.gu_b, sc->gu, 2 * F, T, 2 * F, D, th, d->min_work, d->chunk_work);
-      for (int64_t t = 0; t < T; ++t) {
-        const float* g = sc->gu + t * 2 * F;
-        const float* u = g + F;
-        float* a = sc->a + t * F;
-        for (int64_t f = 0; f < F; ++f) a[f] = silu(g[f]) * u[f];
-      }
+      for (int64_t t = 0; t < T; ++t) kn->silu_mul(sc->gu + t * 2 * F, sc->gu + t * 2 * F + F, sc->a + t * F, F, 0, 1);
       kn->linear(sc->a, F, ly.down_w, wd, ly.down_b, sc->y, D, T, D, F, th, d->min_work, d->chunk_work);
     }
     for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
