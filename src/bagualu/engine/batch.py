@@ -15,6 +15,7 @@ Everything here is built on the host (lists → tensors once per step), never pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -64,9 +65,12 @@ class StepInputs:
 
 def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], block_ids: list[list[int]],
                  num_pools: int, block_size: int, device: torch.device) -> StepInputs:
-    """Flatten one micro-batch (its requests already sorted by pool)."""
+    """Flatten one micro-batch (its requests already sorted by pool). Host lists first, each converted to a
+    tensor once: a decode step's inputs are a few numbers per sequence, and per-sequence numpy calls cost more
+    than the numbers (and run with cold caches, right after the weights streamed through)."""
     ids: list[int] = []
-    pos_parts, slot_parts = [], []
+    positions: list[int] = []
+    slots: list[int] = []
     logits_rows, due = [], []
     prompt_rows, prompt_spans = [], []
     seq_bounds = [0] * (num_pools + 1)  # sequence index where each pool starts
@@ -75,10 +79,10 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
     pool_of = [r.pool for r in reqs]
     for i, (r, start, n, blocks) in enumerate(zip(reqs, starts, counts, block_ids)):
         ids.extend(r.token_ids_slice(start, start + n))
-        p = np.arange(start, start + n, dtype=np.int64)
-        b = np.asarray(blocks, dtype=np.int64)
-        pos_parts.append(p)
-        slot_parts.append(b[p // block_size] * block_size + p % block_size)
+        positions.extend(range(start, start + n))
+        for b in range(start // block_size, (start + n - 1) // block_size + 1):  # slots, a block's run at a time
+            base = blocks[b] * block_size - b * block_size
+            slots.extend(range(base + max(start, b * block_size), base + min(start + n, (b + 1) * block_size)))
         if r.prompt_logprobs is not None:  # positions start.. whose next token is still a prompt token
             c = min(start + n, r.num_prompt_tokens - 1) - start
             if c > 0:
@@ -95,8 +99,6 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
         seq_bounds[w] = max(seq_bounds[w], seq_bounds[w - 1])
         tok_bounds[w] = max(tok_bounds[w], tok_bounds[w - 1])
     assert pool_of == sorted(pool_of), "requests of a micro-batch must be sorted by pool"
-    positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, np.int64)
-    slots = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
     pools = []
     for w in range(num_pools):
         s0, s1 = seq_bounds[w], seq_bounds[w + 1]
@@ -106,13 +108,13 @@ def build_inputs(reqs: list[Request], starts: list[int], counts: list[int], bloc
         bt = np.zeros((nseq, max_blocks), dtype=np.int32)
         for j, i in enumerate(range(s0, s1)):
             bt[j, :len(block_ids[i])] = block_ids[i]
-        ctx = np.array([starts[i] + counts[i] for i in range(s0, s1)], dtype=np.int32)
-        qsl = np.zeros(nseq + 1, dtype=np.int32)
-        np.cumsum([counts[i] for i in range(s0, s1)], out=qsl[1:])
         pools.append(PoolSlice(tokens=(t0, t1), seqs=(s0, s1), block_tables_SM=torch.from_numpy(bt),
-                               context_lens_S=torch.from_numpy(ctx), query_start_loc_S1=torch.from_numpy(qsl),
-                               slot_mapping_T=torch.from_numpy(slots[t0:t1].copy())))
+                               context_lens_S=torch.tensor([starts[i] + counts[i] for i in range(s0, s1)],
+                                                           dtype=torch.int32),
+                               query_start_loc_S1=torch.tensor(list(accumulate(counts[s0:s1], initial=0)),
+                                                               dtype=torch.int32),
+                               slot_mapping_T=torch.tensor(slots[t0:t1], dtype=torch.int64)))
     return StepInputs(requests=reqs, input_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
-                      positions_T=torch.from_numpy(positions).to(device), logits_rows=logits_rows, due=due,
-                      pools=pools, prompt_rows=prompt_rows, prompt_spans=prompt_spans,
+                      positions_T=torch.tensor(positions, dtype=torch.int64, device=device), logits_rows=logits_rows,
+                      due=due, pools=pools, prompt_rows=prompt_rows, prompt_spans=prompt_spans,
                       max_position=max((s + n - 1 for s, n in zip(starts, counts)), default=0))
