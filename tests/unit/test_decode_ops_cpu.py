@@ -77,3 +77,44 @@ def test_training_and_no_compiler_use_the_reference(monkeypatch, tmp_path):
     finally:
         native.load.cache_clear()
         monkeypatch.setattr(dops, "_lib", False)
+
+
+@pytest.mark.parametrize("shape", [(1, 32000), (5, 64), (3, 2, 100), (7,), (4, 15), (2, 1)])
+def test_argmax_rows_equals_torch(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g)
+    with torch.inference_mode():
+        got = kernel("argmax_rows", "cpu")(x)
+        strided = kernel("argmax_rows", "cpu")(torch.randn(3, 2 * shape[-1], generator=g)[:, shape[-1]:])
+    assert got.dtype is torch.int64 and torch.equal(got, x.argmax(-1))
+    assert strided.shape == (3,)
+
+
+def test_argmax_rows_ties_nan_infinities_and_signed_zeros():
+    n = 100
+    rows = torch.randn(8, n)
+    rows[0, [17, 40, 99]] = 50.0                     # ties: the first wins
+    rows[1, 60] = float("nan")                       # a NaN after the maximum wins
+    rows[1, 5] = 80.0
+    rows[2, [3, 90]] = float("nan")                  # the first of two NaNs
+    rows[3] = float("-inf")                          # all -inf: index 0
+    rows[4, 70] = float("inf")                       # +inf in the tail past the vector body
+    rows[5] = -1.0
+    rows[5, 33], rows[5, 20] = 0.0, -0.0             # -0.0 equals 0.0: the first of them
+    rows[6, 99] = 9.0                                # the last element
+    rows[7, :16] = float("-inf")                     # the maximum after a -inf vector
+    want = rows.argmax(-1)
+    with torch.inference_mode():
+        got = kernel("argmax_rows", "cpu")(rows)
+    assert want.tolist()[:3] == [17, 60, 3] and want[5].item() == 20  # what torch does, for the record
+    assert torch.equal(got, want)
+
+
+def test_argmax_rows_outside_inference_or_other_dtypes_is_torchs():
+    x = torch.randn(3, 50)
+    assert torch.equal(dops.argmax_rows(x), x.argmax(-1))  # not in inference mode: the reference
+    with torch.inference_mode():
+        xb = x.bfloat16()
+        assert torch.equal(dops.argmax_rows(xb), xb.argmax(-1))
+        with pytest.raises((RuntimeError, IndexError)):
+            dops.argmax_rows(torch.empty(2, 0))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from bagualu.engine.request import Request
+from bagualu.ops import kernel
 
 
 @dataclass
@@ -95,12 +96,13 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
             if banned:
                 logits_RV[i, banned] = float("-inf")
     greedy = [i for i, p in enumerate(params) if p.greedy]
+    argmax = kernel("argmax_rows")
     if len(greedy) == R:
-        tokens = logits_RV.argmax(-1).cpu()
+        tokens = argmax(logits_RV).cpu()
     else:
         tokens = torch.empty(R, dtype=torch.long)
         if greedy:
-            tokens[greedy] = logits_RV[greedy].argmax(-1).cpu()
+            tokens[greedy] = argmax(logits_RV[greedy]).cpu()
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:
         x_RV = logits_RV[rand] if len(rand) < R else logits_RV
@@ -120,7 +122,7 @@ def sample(logits_RV: torch.Tensor, reqs: list[Request], generator: torch.Genera
             g = reqs[i].generator
             if g is not None:
                 q_RV[j] = torch.empty(V).exponential_(generator=g).to(q_RV.device)
-        tokens[rand] = (probs_RV / q_RV).argmax(-1).cpu()
+        tokens[rand] = argmax(probs_RV / q_RV).cpu()
     out = [Sampled(int(t)) for t in tokens.tolist()]  # host sync (named): the tokens go to the host
     for j, i in enumerate(want_lp):
         lp = raw_lp[j]

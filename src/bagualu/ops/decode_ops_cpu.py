@@ -1,4 +1,5 @@
-"""The CPU platform's ``rms_norm``, ``apply_rope`` and ``write_kv``: one C call each (``csrc/decode_ops_cpu.cpp``).
+"""The CPU platform's ``rms_norm``, ``apply_rope``, ``write_kv`` and ``argmax_rows``: one C call each
+(``csrc/decode_ops_cpu.cpp``).
 
 Same signatures and semantics as ``ops.reference`` / ``ops.paged_kv``. Only inference takes the C path
 (``torch.inference_mode``, as the serving engine runs): training, ``torch.compile`` tracing and anything
@@ -36,6 +37,9 @@ def library() -> ctypes.CDLL | None:
             lib.bgl_write_kv.restype = ctypes.c_int
             lib.bgl_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64,
                                          _i64, _i64, _i64, _i64, _ptr]
+            lib.bgl_argmax_simd.restype = ctypes.c_int
+            lib.bgl_argmax_rows.restype = None
+            lib.bgl_argmax_rows.argtypes = [_ptr, _i64, _i64, _i64, _ptr]
         _lib = lib
     return _lib
 
@@ -102,6 +106,21 @@ def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: t
                         v_TGDh.stride(1), kc.data_ptr(), vc.data_ptr(), int(kc.dtype is torch.bfloat16),
                         slots.data_ptr(), T, G, Dh, N, Bs, lo_hi):
         raise slot_error(lo_hi[0], lo_hi[1], N * Bs)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` (the greedy pick over a vocabulary): vectorised on AVX-512 builds, for fp32 rows."""
+    lib = library() if (torch.is_inference_mode_enabled() and _fp32_cpu(x) and x.dim() >= 1 and x.shape[-1] > 0
+                        and x.stride(-1) == 1) else None
+    if lib is None or not lib.bgl_argmax_simd():
+        return reference.argmax_rows(x)
+    n = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, n)
+    if x2.dim() != 2 or x2.stride(-1) != 1:
+        return reference.argmax_rows(x)
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    lib.bgl_argmax_rows(x2.data_ptr(), x2.stride(0), x2.shape[0], n, out.data_ptr())
+    return out
 
 
 def slot_error(lo: int, hi: int, capacity: int) -> ValueError:

@@ -69,6 +69,11 @@ def grouped_mm(problems) -> None:
             torch.mm(a, b, out=out)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """The index of each row's first maximum (a NaN counts as the maximum), int64 ``x.shape[:-1]``."""
+    return x.argmax(-1)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up (into ``out`` when given; it may be ``gate`` or ``up`` itself)."""
     if out is None:

@@ -80,6 +80,7 @@ class CpuPlatform(Platform):
         "rms_norm": "bagualu.ops.decode_ops_cpu:rms_norm",
         "apply_rope": "bagualu.ops.decode_ops_cpu:apply_rope",
         "write_kv": "bagualu.ops.decode_ops_cpu:write_kv",
+        "argmax_rows": "bagualu.ops.decode_ops_cpu:argmax_rows",
         "decoder_layers": "bagualu.ops.decoder_layers_cpu:decoder_layers",
         "compiler_codegen": "bagualu.compiler.codegen.cpu:CppCodegen",
     }
