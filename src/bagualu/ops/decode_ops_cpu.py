@@ -38,6 +38,7 @@ def library() -> ctypes.CDLL | None:
             lib.bgl_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64,
                                          _i64, _i64, _i64, _i64, _ptr]
             lib.bgl_argmax_simd.restype = ctypes.c_int
+            lib.argmax_simd = bool(lib.bgl_argmax_simd())  # asked once: a property of the build
             lib.bgl_argmax_rows.restype = None
             lib.bgl_argmax_rows.argtypes = [_ptr, _i64, _i64, _i64, _ptr]
         _lib = lib
@@ -112,12 +113,10 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (the greedy pick over a vocabulary): vectorised on AVX-512 builds, for fp32 rows."""
     lib = library() if (torch.is_inference_mode_enabled() and _fp32_cpu(x) and x.dim() >= 1 and x.shape[-1] > 0
                         and x.stride(-1) == 1) else None
-    if lib is None or not lib.bgl_argmax_simd():
+    if lib is None or not lib.argmax_simd:
         return reference.argmax_rows(x)
     n = x.shape[-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, n)
-    if x2.dim() != 2 or x2.stride(-1) != 1:
-        return reference.argmax_rows(x)
+    x2 = x if x.dim() == 2 else x.reshape(-1, n)  # unit last stride either way (a view, or a contiguous copy)
     out = torch.empty(x.shape[:-1], dtype=torch.int64)
     lib.bgl_argmax_rows(x2.data_ptr(), x2.stride(0), x2.shape[0], n, out.data_ptr())
     return out

@@ -39,7 +39,7 @@ int64_t argmax_row(const float* x, int64_t n) {
   bool nan = false;
   int64_t i = 0;
 #if BGL_ARGMAX_SIMD
-  __m512 mv = _mm512_set1_ps(-INFINITY);
+  __m512 mv = _mm512_set1_ps(x[0]);  // a NaN there is caught by the mask below
   __mmask16 un = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
@@ -48,7 +48,6 @@ int64_t argmax_row(const float* x, int64_t n) {
   }
   nan = un != 0;
   m = _mm512_reduce_max_ps(mv);
-  if (i == 0) m = x[0];
 #endif
   for (int64_t j = i; j < n; ++j) {
     nan |= x[j] != x[j];
