@@ -3,7 +3,9 @@
 Offline mode (default), one process run, interleaved repetitions:
   - generated tokens/s (prefill included) for R requests × P prompt × O output tokens (greedy, no early
     stop), for: ours in-process, ours with R-workers, transformers ``generate`` on one static batch, and
-    transformers' continuous-batching ``generate_batch`` when this version has it;
+    transformers' continuous-batching ``generate_batch`` when this version has it, and llama.cpp
+    (batched decoding through llama-cpp-python, same weights as GGUF: ``llama_cpp_peer.py``) when
+    ``llama-cpp-python`` and ``gguf`` are installed;
   - batch-1 decode tokens/s (decode only: the time of O tokens minus the time of 1) against the
     memory-bandwidth bound, weight bytes per token ÷ the copy bandwidth measured in the same run.
 Online mode (``--online``): ``bagualu serve`` in a subprocess and a Poisson load generator over HTTP at
@@ -33,6 +35,7 @@ tune_openmp_spin()  # as the bagualu command does, before torch loads libgomp (b
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import llama_cpp_peer  # noqa: E402
 from common import copy_bandwidth, machine_facts, print_table, write_json  # noqa: E402
 
 MODELS = {
@@ -95,9 +98,11 @@ class Ours:
         self.SP = bagualu.SamplingParams
 
     def run(self, prompts, out_len) -> int:
+        return sum(len(t) for t in self.generate(prompts, out_len))
+
+    def generate(self, prompts, out_len) -> list[list[int]]:
         sp = self.SP(temperature=0, max_tokens=out_len, min_tokens=out_len, ignore_eos=True)
-        outs = self.llm.generate(prompts, sp, use_tqdm=False)
-        return sum(len(o.token_ids) for o in outs)
+        return [list(o.token_ids) for o in self.llm.generate(prompts, sp, use_tqdm=False)]
 
     def close(self):
         self.llm.close()
@@ -143,6 +148,7 @@ class HFContinuous(HFStatic):
 
 def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
     rows, b1_rows = [], []
+    agree: dict[tuple[str, str], int] = {}
     for name in args.models:
         path = make_model_dir(name, root)
         vocab = MODELS[name]["vocab_size"]
@@ -157,6 +163,10 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
             engines["transformers static batch"] = lambda: HFStatic(path, dtype)
             if HFContinuous.available() and not args.no_hf_continuous:
                 engines["transformers generate_batch"] = lambda: HFContinuous(path, dtype)
+            if not args.no_llama_cpp and llama_cpp_peer.available():
+                gguf = llama_cpp_peer.write_gguf(path, root / f"{name}-{dt_name}.gguf", dtype)
+                engines["llama.cpp"] = lambda: llama_cpp_peer.LlamaCpp(
+                    gguf, max_seqs=args.requests, max_len=args.prompt_len + args.output_len + 8)
             built = {}
             for k, make in engines.items():
                 try:
@@ -165,6 +175,12 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     built[k] = e
                 except Exception as ex:  # a peer that cannot run here is reported, not fatal
                     print(f"[{name} {dt_name}] {k}: skipped ({type(ex).__name__}: {ex})", file=sys.stderr)
+            if "llama.cpp" in built and "bagualu in-process" in built:  # the conversion, checked by its output
+                ref = built["bagualu in-process"].generate(prompts[:1], 16)[0]
+                got = built["llama.cpp"].generate(prompts[:1], 16)[0]
+                agree[(name, dt_name)] = llama_cpp_peer.agreement(ref, got)
+                print(f"[{name} {dt_name}] llama.cpp greedy tokens equal to ours: "
+                      f"{agree[(name, dt_name)]} of 16", file=sys.stderr)
             times: dict[str, list[float]] = {k: [] for k in built}
             counts: dict[str, int] = {}
             for _ in range(args.reps):
@@ -180,9 +196,16 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     base = tps
                 rows.append(dict(model=name, dtype=dt_name, engine=k, tokens=counts[k],
                                  seconds=statistics.median(times[k]), tokens_per_s=tps))
+                if k == "llama.cpp":
+                    rows[-1]["greedy_agree_16"] = agree.get((name, dt_name))
+            lcpp = next((r["tokens_per_s"] for r in rows if r["model"] == name and r["dtype"] == dt_name
+                         and r["engine"] == "llama.cpp"), None)
             for r in rows:
-                if r["model"] == name and r["dtype"] == dt_name and base:
-                    r["vs_hf_static"] = r["tokens_per_s"] / base
+                if r["model"] == name and r["dtype"] == dt_name:
+                    if base:
+                        r["vs_hf_static"] = r["tokens_per_s"] / base
+                    if lcpp:
+                        r["vs_llama_cpp"] = r["tokens_per_s"] / lcpp
             if not args.no_batch1:
                 b1_rows += batch1(built, name, dt_name, dtype, path, prompts[0], args)
             for e in built.values():
@@ -209,6 +232,10 @@ def batch1(built, name, dt_name, dtype, path, prompt, args) -> list[dict]:
         tps = (n - 1) / max(statistics.median(full) - statistics.median(one), 1e-9)
         out.append(dict(model=name, dtype=dt_name, engine=k, decode_tokens_per_s=tps, bound_tokens_per_s=bound,
                         fraction_of_bound=tps / bound, copy_GBps=bw / 1e9))
+    lcpp = next((r["decode_tokens_per_s"] for r in out if r["engine"] == "llama.cpp"), None)
+    for r in out:
+        if lcpp:
+            r["vs_llama_cpp"] = r["decode_tokens_per_s"] / lcpp
     return out
 
 
@@ -224,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch1-tokens", type=int, default=64)
     ap.add_argument("--no-batch1", action="store_true")
     ap.add_argument("--no-hf-continuous", action="store_true")
+    ap.add_argument("--no-llama-cpp", action="store_true",
+                    help="skip the llama.cpp peer (run when llama-cpp-python and gguf are installed)")
     ap.add_argument("--widened", action="store_true",
                     help="half dtypes: also our engine with the weights widened to fp32 (gemm_dtype=float32)")
     ap.add_argument("--online", action="store_true", help="HTTP load generator against bagualu serve")
@@ -252,11 +281,12 @@ def main(argv=None) -> int:
         rows, b1 = offline(args, root)
     print(f"\noffline: {args.requests} requests x {args.prompt_len} prompt x {args.output_len} output tokens, "
           f"greedy, generated tokens/s including prefill")
-    print_table(rows, ["model", "dtype", "engine", "tokens", "seconds", "tokens_per_s", "vs_hf_static"])
+    print_table(rows, ["model", "dtype", "engine", "tokens", "seconds", "tokens_per_s", "vs_hf_static",
+                       "vs_llama_cpp", "greedy_agree_16"])
     if b1:
         print(f"\nbatch 1, decode only ({args.batch1_tokens} tokens); bound = copy bandwidth / weight bytes per token")
         print_table(b1, ["model", "dtype", "engine", "decode_tokens_per_s", "bound_tokens_per_s",
-                         "fraction_of_bound", "copy_GBps"])
+                         "fraction_of_bound", "copy_GBps", "vs_llama_cpp"])
     write_json(args.json, {"machine": facts, "args": vars(args), "offline": rows, "batch1": b1})
     best = [r for r in rows if r["engine"].startswith("bagualu") and r.get("vs_hf_static")]
     if best:
