@@ -183,14 +183,25 @@ static inline int pf_topk8_f32(const float* __restrict buf, int64_t n, int64_t k
   return 1;
 }
 
-/* Non-temporal copy of a staged chunk to its place in an output (Mapping.stream): 32-byte streaming
-   stores from the first aligned byte, plain copies for the ragged ends. pf_sfence orders a thread's
-   streaming stores before it leaves the parallel region. */
+/* Non-temporal copy of a staged chunk to its place in an output (Mapping.stream): streaming stores of a
+   vector register (a whole 64-byte line with AVX-512, half a line with AVX) from the first aligned byte,
+   plain copies for the ragged ends. pf_sfence orders a thread's streaming stores before it leaves the
+   parallel region. Whole-line stores on a Zen 5 (in-process A/B against half-line ones, benchmarks/
+   compiler_fusion.py's cases): residual add + RMSNorm 1.5-4% faster, bf16 RoPE on two threads 6%, the
+   rest within 1%. */
 #include <string.h>
 static inline void pf_stream(void* __restrict dst_, const void* __restrict src_, int64_t n) {
   char* dst = (char*)dst_;
   const char* src = (const char*)src_;
-#ifdef __AVX__
+#if defined(__AVX512F__)
+  int64_t head = (int64_t)((64u - ((uintptr_t)dst & 63u)) & 63u);
+  if (head > n) head = n;
+  memcpy(dst, src, (size_t)head);
+  int64_t i = head;
+  for (; i + 64 <= n; i += 64)
+    _mm512_stream_si512((__m512i*)(dst + i), _mm512_loadu_si512((const void*)(src + i)));
+  memcpy(dst + i, src + i, (size_t)(n - i));
+#elif defined(__AVX__)
   int64_t head = (int64_t)((32u - ((uintptr_t)dst & 31u)) & 31u);
   if (head > n) head = n;
   memcpy(dst, src, (size_t)head);
