@@ -105,7 +105,9 @@ def test_registered_for_the_cpu_platform():
 
 @pytest.fixture
 def split_everything(monkeypatch):
-    """Every call split into one-tile chunks over 2 threads (the default policy keeps small GEMMs whole)."""
+    """Every call split over 2 threads into the smallest chunks the kernel allows (the default policy keeps
+    small GEMMs whole): one tile at one row; at several rows runs of up to 16 tiles, at least two chunks per
+    thread (N=96: 4 chunks of 4 tiles; N=1001: 11 of 16, the last short, then the 5 rows no tile covers)."""
     monkeypatch.setattr(linear_cpu, "MIN_WORK_PER_THREAD", 1)
     monkeypatch.setattr(linear_cpu, "CHUNK_WORK", 1)
     before = torch.get_num_threads()
