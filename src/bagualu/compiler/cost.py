@@ -18,6 +18,7 @@ and fusion choices, and measured autotuning corrects it where it is wrong:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ ROW_SETUP_ELEMS = 32  # a pass over fewer elements per row pays that fraction of
 # (shift, mask, two adds, NaN select, pack): a bf16 kernel on a CPU without bf16 units is compute-bound
 HALF = ("bf16", "f16")
 HALF_LOAD_OPS, HALF_STORE_OPS = 2, 8
+# ... unless the code generator stages the pass's bf16 stores for the CPU's conversion instruction (the cpp
+# writer's converts_staged): a store to the staging chunk and a load back, the conversion itself 1/32 op
+STAGED_CVT_OPS = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Machine:
     call_s: float  # launching one kernel (host-side wrapper, allocation, call)
     llc_bytes: int = 0  # last-level cache; 0 = unknown (write-allocate traffic not modelled)
     l1_bytes: int = 0  # first-level data cache, per core; 0 = unknown (row buffers never spill)
+    # (kernel, pass, streamed) -> whether the generator converts the pass's bf16 stores in hardware; None: never
+    staged_cvt: Callable[..., bool] | None = None
 
 
 def machine(gen=None) -> Machine:
@@ -64,7 +70,7 @@ def machine(gen=None) -> Machine:
                    cache_bytes=getattr(gen, "cache_bytes", lambda: 512 << 10)(),
                    fork_s=getattr(gen, "fork_seconds", 10e-6), row_s=getattr(gen, "row_seconds", 3e-9),
                    call_s=getattr(gen, "call_seconds", 8e-6), llc_bytes=getattr(gen, "llc_bytes", lambda: 0)(),
-                   l1_bytes=getattr(gen, "l1_bytes", lambda: 0)())
+                   l1_bytes=getattr(gen, "l1_bytes", lambda: 0)(), staged_cvt=getattr(gen, "converts_staged", None))
 
 
 def _bytes_per_element(k: Kernel, v: Value) -> int:
@@ -131,8 +137,12 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
         per_elem += (MAT_STORE_OPS + (MAT_SPILL_OPS if spill else 0)) * len(fresh - read_back)
         mat_done |= fresh
         per_elem += len(p.items)
-        per_elem += HALF_STORE_OPS * sum(1 for it in p.items if it.kind == "store"
-                                         and k.outputs[it.obj.buf].dtype in HALF)
+        half = [it for it in p.items if it.kind == "store" and k.outputs[it.obj.buf].dtype in HALF]
+        if mc.staged_cvt is not None and mc.staged_cvt(k, p, m.stream):
+            bf16 = sum(1 for it in half if k.outputs[it.obj.buf].dtype == "bf16")
+            per_elem += HALF_STORE_OPS * (len(half) - bf16) + (0 if m.stream else STAGED_CVT_OPS * bf16)
+        else:
+            per_elem += HALF_STORE_OPS * len(half)
         if m.stream:  # each stored element is staged, then copied out: a load and a store more
             per_elem += STREAM_OPS * sum(1 for it in p.items if it.kind == "store")
         per_elem += 8 * _unsplit_selects(p, needed)

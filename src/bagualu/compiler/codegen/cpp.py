@@ -17,6 +17,8 @@ are written by ``cpp_topk.TopkEmitter``, mixed into the writer.
 
 from __future__ import annotations
 
+import functools
+
 from bagualu.compiler import index as ix
 from bagualu.compiler.codegen import schedule as sch
 from bagualu.compiler.codegen.cpp_expr import (
@@ -40,6 +42,51 @@ from bagualu.compiler.ir import Kernel, Mapping, Space, Value
 # 64-element halves of a head, 256 bytes in fp32) were measured slower streamed (2.55 -> 3.12 ms), the
 # staging costing more than the write-allocate traffic it saves
 STREAM_MIN_BYTES = 1024
+# a bf16 store contiguous along a loop of at least this many elements is staged in fp32 and converted 32 at
+# a time by the CPU's bf16 instruction (cpp_prelude's pf_store_bf16), where it has one
+CVT_MIN_ELEMS = 64
+
+
+# micro-ops costly enough that a pass computing one per element hides the burst of stores each staged chunk
+# ends with (see converts_staged)
+HEAVY_OPS = frozenset({"exp", "sigmoid", "tanh", "log", "log1p", "log2", "expm1", "erf", "pow", "sin", "cos",
+                       "atan2"})
+
+
+def heavy(p: sch.Pass) -> bool:
+    """Pass ``p`` computes a transcendental function per element."""
+    return any(v.op in HEAVY_OPS for v in sch.values_needed([it.value for it in p.items]))
+
+
+def converts_staged(k: Kernel, p: sch.Pass, stream: bool) -> bool:
+    """Whether the writer stages the bf16 stores of pass ``p`` in fp32 for the CPU's conversion instruction:
+    where it has one, for stores it stages anyway (streamed ones, ``Mapping.stream``) and for those of a pass
+    that computes a transcendental function per element. A light pass loses by it: its chunk's stores, issued
+    in one burst after the loop instead of spread through it, each wait for their line to be read first (a
+    row buffer scaled into a bf16 output, one Zen 5 core: 3.5 ms spread, 5.3 ms staged, 1.9 ms staged and
+    streamed, which reads no line)."""
+    if not bf16_conversion_in_hardware() or p.space is None:
+        return False
+    if heavy(p):
+        return True
+    lv = p.space.vars[-1]
+    return stream and all(streams(k, it, it.obj.index, lv) for it in p.items
+                          if it.kind == "store" and k.outputs[it.obj.buf].dtype == "bf16")
+
+
+@functools.cache
+def bf16_conversion_in_hardware() -> bool:
+    """The CPU converts fp32 to bf16 in one instruction (AVX512-BF16's vcvtne2ps2bf16; its subnormal check
+    needs AVX512-DQ): ``-march=native`` builds then have ``__AVX512BF16__``, which ``pf_store_bf16`` uses."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx512_bf16", "avx512dq"} <= flags
+    except OSError:
+        pass
+    return False
 
 
 def streams(k: Kernel, it: sch.Item, e: Expr, lv: Var) -> bool:
@@ -65,7 +112,9 @@ class _KernelWriter(TopkEmitter):
         self.indirect_size = sch.indirect_sizes(k)
         self.uses_err = bool(self.indirect_size)
         self.rcp: dict[int, str] = {}  # divisor value id -> name of its reciprocal in the current row
-        self.stage: dict[str, Var] = {}  # staging array of a streamed store -> its loop variable
+        # staging array of a streamed or converted store -> (its loop variable, whether it holds fp32 values
+        # for a bf16 output)
+        self.stage: dict[str, tuple[Var, bool]] = {}
 
     def w(self, s: str) -> None:
         self.lines.append("  " * self.ind + s)
@@ -355,9 +404,13 @@ class _KernelWriter(TopkEmitter):
                 spec = None
                 lv = inner
             pref = self._prefetches(p) if not pts and not outer_vars and collapsed is None else []
-            staged = self._streams(p, spec, lv) if self.m.stream else {}
+            # a pass that reduces is strip-mined for its conversions only when it is anyway: each chunk ends
+            # its reductions' vectors in a horizontal sum, which costs about what the conversions save
+            staged = self._staged(p, spec, lv, convert=bf16_conversion_in_hardware() and (
+                bool(pref) or self.m.stream or not any(c.startswith("reduction") for c in clauses)))
             # strip-mined: each chunk first asks for the same chunk of the next row (prefetch), and/or
-            # stages its streamed stores, copied out non-temporally after the chunk
+            # stages its streamed stores, copied out non-temporally after the chunk, and its bf16 stores,
+            # converted 32 at a time after it
             if pref or staged:
                 self.w(f"for (int64_t c_ = 0; c_ < {lv.size}; c_ += {PREFETCH_CHUNK}) {{")
                 self.ind += 1
@@ -365,9 +418,10 @@ class _KernelWriter(TopkEmitter):
                     self.w(f"for (int64_t q_ = 0; q_ < {min(PREFETCH_CHUNK, lv.size)}; q_ += {step}) "
                            f"__builtin_prefetch(&{base}[c_ + q_], 0, 2);")
                 self.w(f"const int64_t e_ = c_ + {PREFETCH_CHUNK} < {lv.size} ? c_ + {PREFETCH_CHUNK} : {lv.size};")
-                for stg, (buf, _base) in staged.items():
-                    self.w(f"{ST[self.k.outputs[buf].dtype]} {stg}[{PREFETCH_CHUNK}] __attribute__((aligned(64)));")
-            self.stage = {stg: lv for stg in staged}
+                for stg, (buf, _base, _nt, cvt) in staged.items():
+                    self.w(f"{'float' if cvt else ST[self.k.outputs[buf].dtype]} {stg}[{PREFETCH_CHUNK}] "
+                           "__attribute__((aligned(64)));")
+            self.stage = {stg: (lv, cvt) for stg, (_b, _e, _nt, cvt) in staged.items()}
             if simd and lv.size > SHORT_LOOP:
                 self.w("#pragma omp simd " + " ".join(clauses))
             if pref or staged:
@@ -392,8 +446,11 @@ class _KernelWriter(TopkEmitter):
                 self.item_effect(it, local, spec, value=sv)
             self.ind -= 1
             self.w("}")
-            for stg, (buf, base) in staged.items():
-                self.w(f"pf_stream(&out{buf}[{base}], {stg}, (e_ - c_) * (int64_t)sizeof({stg}[0]));")
+            for stg, (buf, base, nt, cvt) in staged.items():
+                if cvt:
+                    self.w(f"pf_{'stream' if nt else 'store'}_bf16(&out{buf}[{base}], {stg}, e_ - c_);")
+                else:
+                    self.w(f"pf_stream(&out{buf}[{base}], {stg}, (e_ - c_) * (int64_t)sizeof({stg}[0]));")
             self.stage = {}
             if pref or staged:
                 self.ind -= 1
@@ -410,19 +467,24 @@ class _KernelWriter(TopkEmitter):
             self.ind -= 1
             self.w("}")
 
-    def _streams(self, p: sch.Pass, spec, lv: Var) -> dict[str, tuple[int, str]]:
-        """The stores of this loop that go through a staging chunk and non-temporal stores (``Mapping.stream``):
-        those contiguous in the loop variable, over runs of at least ``STREAM_MIN_BYTES``.
-        ``{staging array: (output, address of the chunk start)}``."""
+    def _staged(self, p: sch.Pass, spec, lv: Var, convert: bool) -> dict[str, tuple[int, str, bool, bool]]:
+        """The stores of this loop that go through a staging chunk: those the mapping streams
+        (``Mapping.stream``: contiguous in the loop variable, over runs of at least ``STREAM_MIN_BYTES``),
+        copied out with non-temporal stores, and (``convert``) the contiguous bf16 ones, staged in fp32 and
+        converted 32 at a time where the CPU converts in hardware. ``{staging array: (output, address of
+        the chunk start, streamed, converted)}``."""
         out = {}
         for it in p.items:
             if it.kind != "store":
                 continue
             e = spec.expr(it.obj.index) if spec else it.obj.index
-            if not streams(self.k, it, e, lv):
+            nt = self.m.stream and streams(self.k, it, e, lv)
+            cvt = (convert and self.k.outputs[it.obj.buf].dtype == "bf16" and lv.size >= CVT_MIN_ELEMS
+                   and e.linear_in(lv) and e.coeff(lv) == 1 and not e.indirects() and (nt or heavy(p)))
+            if not (nt or cvt):
                 continue
             base = e.subs({lv: ix.var(Var("c_", lv.size))})
-            out[self._stage_name(it)] = (it.obj.buf, c_expr(base, {}))
+            out[self._stage_name(it)] = (it.obj.buf, c_expr(base, {}), nt, cvt)
         return out
 
     def _stage_name(self, it: sch.Item) -> str:
@@ -503,9 +565,10 @@ class _KernelWriter(TopkEmitter):
             st = it.obj
             e = spec.expr(st.index) if spec else st.index
             stored = self._to_storage(val, v.dtype, self.k.outputs[st.buf].dtype)
-            lv = self.stage.get(self._stage_name(it))
-            if lv is not None:
-                self.w(f"{self._stage_name(it)}[{lv.name} - c_] = {stored};")
+            staged = self.stage.get(self._stage_name(it))
+            if staged is not None:
+                lv, cvt = staged
+                self.w(f"{self._stage_name(it)}[{lv.name} - c_] = {f'(float)({val})' if cvt else stored};")
             else:
                 self.w(f"out{st.buf}[{c_expr(e, names)}] = {stored};")
         elif it.kind == "colreduce":

@@ -213,6 +213,43 @@ static inline void pf_stream(void* __restrict dst_, const void* __restrict src_,
   memcpy(dst, src, (size_t)n);
 #endif
 }
+/* A staged chunk of fp32 values to a bf16 output (the writer stages a bf16 store contiguous along its loop
+   where the CPU converts in hardware, codegen/cpp.py): 32 at a time by AVX512-BF16's vcvtne2ps2bf16, which
+   rounds to nearest even and quiets NaNs as pf_f2bf does but reads subnormal inputs as zero, so a vector
+   holding one goes through pf_f2bf instead: bit for bit pf_f2bf on every float (checked exhaustively over
+   all 2^32). GCC vectorises pf_f2bf to ~10 instructions per 16 lanes plus the packing: a bf16 SwiGLU kernel
+   (1024 x 11008, one Zen 5 core) spent a quarter of its time there, 3.67 -> 2.70 ms staged. pf_stream_bf16
+   stores whole 64-byte lines non-temporally (Mapping.stream), from the first aligned one. */
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+static inline __m512i pf_cvt32_bf16(const float* __restrict src) {
+  const __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
+  if (__builtin_expect(_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20), 0)) {
+    uint16_t t[32] __attribute__((aligned(64)));
+    for (int j = 0; j < 32; ++j) t[j] = pf_f2bf(src[j]);
+    return _mm512_load_si512((const void*)t);
+  }
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+#endif
+static inline void pf_store_bf16(uint16_t* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  for (; i + 32 <= n; i += 32) _mm512_storeu_si512((void*)(dst + i), pf_cvt32_bf16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = pf_f2bf(src[i]);
+}
+static inline void pf_stream_bf16(uint16_t* __restrict dst, const float* __restrict src, int64_t n) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  int64_t head = (int64_t)(((64u - ((uintptr_t)dst & 63u)) & 63u) / 2u);
+  if (head > n) head = n;
+  pf_store_bf16(dst, src, head);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) _mm512_stream_si512((__m512i*)(dst + i), pf_cvt32_bf16(src + i));
+  pf_store_bf16(dst + i, src + i, n - i);
+#else
+  pf_store_bf16(dst, src, n);
+#endif
+}
 static inline void pf_sfence(void) {
 #ifdef __AVX__
   _mm_sfence();
