@@ -52,3 +52,32 @@ def powerfusion_env(tmp_path_factory):
         mp.delenv("BAGUALU_COMPILER_AUTOTUNE", raising=False)
         torch._dynamo.reset()
         yield
+
+
+@pytest.fixture
+def compile_streamed(monkeypatch):
+    """``run(fn, args, stream) -> (output, kernel reports)``: ``fn`` compiled by PowerFusion under the mappings
+    its model picks with only ``Mapping.stream`` forced, so two runs differ in nothing else (vector width,
+    materialisation and so on decide summation order)."""
+    import dataclasses
+
+    import torch
+
+    from bagualu.compiler import graph as G
+    from bagualu.compiler import search
+
+    def run(fn, args, stream: bool):
+        choose = search.choose
+
+        def forced(k, gen):
+            c = choose(k, gen)
+            return dataclasses.replace(c, mapping=dataclasses.replace(c.mapping, stream=stream))
+
+        with monkeypatch.context() as mp:
+            mp.setattr(search, "choose", forced)
+            torch._dynamo.reset()
+            start = G.SEQ[0]
+            out = torch.compile(fn, backend="powerfusion")(*args)
+        return out, [k for r in G.REPORTS if r.seq >= start for k in r.kernels]
+
+    return run

@@ -6,15 +6,13 @@ CPU without the instruction the generator never stages (checked too), so these r
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 import pytest
 import torch
 
 from bagualu.compiler import graph as G
-from bagualu.compiler import search
-from bagualu.compiler.codegen import cpp, cpu
+from bagualu.compiler.codegen import cpp_stage, cpu
 
 pytestmark = pytest.mark.usefixtures("powerfusion_env")
 
@@ -51,29 +49,13 @@ def _fn(x, e):
     return (x * torch.exp(e)).to(torch.bfloat16)  # exp(0) = 1 exactly: the output is x rounded to bf16
 
 
-def _run(x: torch.Tensor, stream: bool, monkeypatch):
-    choose = search.choose
-
-    def forced(k, gen):
-        c = choose(k, gen)
-        return dataclasses.replace(c, mapping=dataclasses.replace(c.mapping, stream=stream))
-
-    monkeypatch.setattr(search, "choose", forced)
-    torch._dynamo.reset()
-    start = G.SEQ[0]
-    out = torch.compile(_fn, backend="powerfusion")(x, torch.zeros_like(x))
-    kernels = [k for r in G.REPORTS if r.seq >= start for k in r.kernels]
-    monkeypatch.undo()
-    return out, kernels
-
-
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("width", [32, 1037, 2048 + 19])  # a whole vector; chunks with ragged tails
-def test_converted_stores_round_as_the_software_conversion(monkeypatch, stream, width):
+def test_converted_stores_round_as_the_software_conversion(compile_streamed, stream, width):
     g = torch.Generator().manual_seed(width)
     x = torch.stack([_special_row(width, g) for _ in range(3)])
     x[1] = torch.randn(width, generator=g)  # a row without subnormals: every vector on the fast path
-    out, kernels = _run(x, stream, monkeypatch)
+    out, kernels = compile_streamed(_fn, (x, torch.zeros_like(x)), stream)
     assert kernels
     got = out.view(torch.int16).to(torch.int32) & 0xFFFF
     assert torch.equal(got, _as_bf16_bits(x))
@@ -99,13 +81,13 @@ def test_where_the_generator_stages_bf16_stores(monkeypatch):
     heavy = _kernel(lambda a, b: (a * torch.exp(b)).to(torch.bfloat16), x, x)
     light = _kernel(lambda a: (a * 3).to(torch.bfloat16), x)
     wide = _kernel(lambda a, b: a * torch.exp(b), x, x)
-    hw = cpp.bf16_conversion_in_hardware()
+    hw = cpp_stage.bf16_conversion_in_hardware()
     assert ("pf_store_bf16(&out0" in _body(heavy, cpu.Mapping())) == hw
     assert "pf_store_bf16(" not in _body(light, cpu.Mapping())
     assert ("pf_stream_bf16(&out0" in _body(light, cpu.Mapping(stream=True))) == hw  # rows of 1400 bytes
     for m in (cpu.Mapping(), cpu.Mapping(stream=True)):
         assert "pf_store_bf16(" not in _body(wide, m) and "pf_stream_bf16(" not in _body(wide, m)
-    monkeypatch.setattr(cpp, "bf16_conversion_in_hardware", lambda: False)
+    monkeypatch.setattr(cpp_stage, "bf16_conversion_in_hardware", lambda: False)
     for k in (heavy, light):
         for m in (cpu.Mapping(), cpu.Mapping(stream=True)):
             body = _body(k, m)

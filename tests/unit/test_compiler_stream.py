@@ -15,7 +15,6 @@ from bagualu.compiler import cost, search
 from bagualu.compiler import graph as G
 from bagualu.compiler.codegen import cpu
 
-
 pytestmark = pytest.mark.usefixtures("powerfusion_env")
 
 
@@ -38,32 +37,15 @@ CASES = {
 }
 
 
-def _compile_run(fn, args, stream: bool, monkeypatch):
-    """Compile under the model's mapping with only its ``stream`` flag forced, so the two runs differ in
-    nothing else (vector width, materialisation and so on decide summation order)."""
-    choose = search.choose
-
-    def forced(k, gen):
-        c = choose(k, gen)
-        return dataclasses.replace(c, mapping=dataclasses.replace(c.mapping, stream=stream))
-
-    monkeypatch.setattr(search, "choose", forced)
-    torch._dynamo.reset()
-    start = G.SEQ[0]
-    out = torch.compile(fn, backend="powerfusion")(*args)
-    keys = [k.mapping for r in G.REPORTS if r.seq >= start for k in r.kernels]
-    monkeypatch.undo()
-    return out, keys
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_streamed_stores_equal_cached_stores_and_eager(case, dtype, monkeypatch):
+def test_streamed_stores_equal_cached_stores_and_eager(case, dtype, compile_streamed):
     fn, make = CASES[case]
     torch.manual_seed(0)
     args = make(dtype)
-    plain, plain_keys = _compile_run(fn, args, False, monkeypatch)
-    streamed, keys = _compile_run(fn, args, True, monkeypatch)
+    plain, plain_kernels = compile_streamed(fn, args, False)
+    streamed, kernels = compile_streamed(fn, args, True)
+    plain_keys, keys = [k.mapping for k in plain_kernels], [k.mapping for k in kernels]
     assert keys and all(k.endswith("/nt") for k in keys), keys
     assert not any(k.endswith("/nt") for k in plain_keys), plain_keys
     eager = fn(*args)

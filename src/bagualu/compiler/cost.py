@@ -41,7 +41,7 @@ ROW_SETUP_ELEMS = 32  # a pass over fewer elements per row pays that fraction of
 HALF = ("bf16", "f16")
 HALF_LOAD_OPS, HALF_STORE_OPS = 2, 8
 # ... unless the code generator stages the pass's bf16 stores for the CPU's conversion instruction (the cpp
-# writer's converts_staged): a store to the staging chunk and a load back, the conversion itself 1/32 op
+# stager's converts_staged): a store to the staging chunk and a load back, the conversion itself 1/32 op
 STAGED_CVT_OPS = 2
 
 
@@ -56,7 +56,7 @@ class Machine:
     call_s: float  # launching one kernel (host-side wrapper, allocation, call)
     llc_bytes: int = 0  # last-level cache; 0 = unknown (write-allocate traffic not modelled)
     l1_bytes: int = 0  # first-level data cache, per core; 0 = unknown (row buffers never spill)
-    # (kernel, pass, streamed) -> whether the generator converts the pass's bf16 stores in hardware; None: never
+    # (kernel, pass, mapping) -> whether the generator converts the pass's bf16 stores in hardware; None: never
     staged_cvt: Callable[..., bool] | None = None
 
 
@@ -138,7 +138,7 @@ def predict(k: Kernel, m: Mapping, mc: Machine) -> float:
         mat_done |= fresh
         per_elem += len(p.items)
         half = [it for it in p.items if it.kind == "store" and k.outputs[it.obj.buf].dtype in HALF]
-        if mc.staged_cvt is not None and mc.staged_cvt(k, p, m.stream):
+        if mc.staged_cvt is not None and mc.staged_cvt(k, p, m):
             bf16 = sum(1 for it in half if k.outputs[it.obj.buf].dtype == "bf16")
             per_elem += HALF_STORE_OPS * (len(half) - bf16) + (0 if m.stream else STAGED_CVT_OPS * bf16)
         else:

@@ -17,8 +17,6 @@ are written by ``cpp_topk.TopkEmitter``, mixed into the writer.
 
 from __future__ import annotations
 
-import functools
-
 from bagualu.compiler import index as ix
 from bagualu.compiler.codegen import schedule as sch
 from bagualu.compiler.codegen.cpp_expr import (
@@ -33,67 +31,10 @@ from bagualu.compiler.codegen.cpp_expr import (
     literal,
     micro_op,
 )
+from bagualu.compiler.codegen.cpp_stage import converts, may_convert, streams
 from bagualu.compiler.codegen.cpp_topk import TopkEmitter
 from bagualu.compiler.index import Expr, Var
 from bagualu.compiler.ir import Kernel, Mapping, Space, Value
-
-
-# a streamed store's loop writes at least this much per run (else plain stores): shorter runs (RoPE's
-# 64-element halves of a head, 256 bytes in fp32) were measured slower streamed (2.55 -> 3.12 ms), the
-# staging costing more than the write-allocate traffic it saves
-STREAM_MIN_BYTES = 1024
-# a bf16 store contiguous along a loop of at least this many elements is staged in fp32 and converted 32 at
-# a time by the CPU's bf16 instruction (cpp_prelude's pf_store_bf16), where it has one
-CVT_MIN_ELEMS = 64
-
-
-# micro-ops costly enough that a pass computing one per element hides the burst of stores each staged chunk
-# ends with (see converts_staged)
-HEAVY_OPS = frozenset({"exp", "sigmoid", "tanh", "log", "log1p", "log2", "expm1", "erf", "pow", "sin", "cos",
-                       "atan2"})
-
-
-def heavy(p: sch.Pass) -> bool:
-    """Pass ``p`` computes a transcendental function per element."""
-    return any(v.op in HEAVY_OPS for v in sch.values_needed([it.value for it in p.items]))
-
-
-def converts_staged(k: Kernel, p: sch.Pass, stream: bool) -> bool:
-    """Whether the writer stages the bf16 stores of pass ``p`` in fp32 for the CPU's conversion instruction:
-    where it has one, for stores it stages anyway (streamed ones, ``Mapping.stream``) and for those of a pass
-    that computes a transcendental function per element. A light pass loses by it: its chunk's stores, issued
-    in one burst after the loop instead of spread through it, each wait for their line to be read first (a
-    row buffer scaled into a bf16 output, one Zen 5 core: 3.5 ms spread, 5.3 ms staged, 1.9 ms staged and
-    streamed, which reads no line)."""
-    if not bf16_conversion_in_hardware() or p.space is None:
-        return False
-    if heavy(p):
-        return True
-    lv = p.space.vars[-1]
-    return stream and all(streams(k, it, it.obj.index, lv) for it in p.items
-                          if it.kind == "store" and k.outputs[it.obj.buf].dtype == "bf16")
-
-
-@functools.cache
-def bf16_conversion_in_hardware() -> bool:
-    """The CPU converts fp32 to bf16 in one instruction (AVX512-BF16's vcvtne2ps2bf16; its subnormal check
-    needs AVX512-DQ): ``-march=native`` builds then have ``__AVX512BF16__``, which ``pf_store_bf16`` uses."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx512_bf16", "avx512dq"} <= flags
-    except OSError:
-        pass
-    return False
-
-
-def streams(k: Kernel, it: sch.Item, e: Expr, lv: Var) -> bool:
-    """Whether store item ``it``, at index ``e`` in a loop over ``lv``, is streamed under ``Mapping.stream``:
-    contiguous along the loop, over a run of at least ``STREAM_MIN_BYTES``."""
-    return (it.kind == "store" and lv.size * k.outputs[it.obj.buf].itemsize >= STREAM_MIN_BYTES
-            and e.linear_in(lv) and e.coeff(lv) == 1 and not e.indirects())
 
 
 class _KernelWriter(TopkEmitter):
@@ -406,8 +347,8 @@ class _KernelWriter(TopkEmitter):
             pref = self._prefetches(p) if not pts and not outer_vars and collapsed is None else []
             # a pass that reduces is strip-mined for its conversions only when it is anyway: each chunk ends
             # its reductions' vectors in a horizontal sum, which costs about what the conversions save
-            staged = self._staged(p, spec, lv, convert=bf16_conversion_in_hardware() and (
-                bool(pref) or self.m.stream or not any(c.startswith("reduction") for c in clauses)))
+            staged = self._staged(p, spec, lv, convert=may_convert(
+                bool(pref) or self.m.stream, any(c.startswith("reduction") for c in clauses)))
             # strip-mined: each chunk first asks for the same chunk of the next row (prefetch), and/or
             # stages its streamed stores, copied out non-temporally after the chunk, and its bf16 stores,
             # converted 32 at a time after it
@@ -469,18 +410,16 @@ class _KernelWriter(TopkEmitter):
 
     def _staged(self, p: sch.Pass, spec, lv: Var, convert: bool) -> dict[str, tuple[int, str, bool, bool]]:
         """The stores of this loop that go through a staging chunk: those the mapping streams
-        (``Mapping.stream``: contiguous in the loop variable, over runs of at least ``STREAM_MIN_BYTES``),
-        copied out with non-temporal stores, and (``convert``) the contiguous bf16 ones, staged in fp32 and
-        converted 32 at a time where the CPU converts in hardware. ``{staging array: (output, address of
-        the chunk start, streamed, converted)}``."""
+        (``cpp_stage.streams``), copied out with non-temporal stores, and (``convert``) the bf16 ones
+        ``cpp_stage.converts`` picks, staged in fp32 and converted 32 at a time. ``{staging array: (output,
+        address of the chunk start, streamed, converted)}``."""
         out = {}
         for it in p.items:
             if it.kind != "store":
                 continue
             e = spec.expr(it.obj.index) if spec else it.obj.index
             nt = self.m.stream and streams(self.k, it, e, lv)
-            cvt = (convert and self.k.outputs[it.obj.buf].dtype == "bf16" and lv.size >= CVT_MIN_ELEMS
-                   and e.linear_in(lv) and e.coeff(lv) == 1 and not e.indirects() and (nt or heavy(p)))
+            cvt = convert and converts(self.k, p, it, e, lv, nt)
             if not (nt or cvt):
                 continue
             base = e.subs({lv: ix.var(Var("c_", lv.size))})

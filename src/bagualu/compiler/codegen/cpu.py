@@ -24,8 +24,9 @@ import torch
 
 from bagualu.compiler.codegen import build as cbuild
 from bagualu.compiler.codegen import schedule as sch
-from bagualu.compiler.codegen.cpp import converts_staged, kernel_source, streams
+from bagualu.compiler.codegen.cpp import kernel_source
 from bagualu.compiler.codegen.cpp_prelude import PRELUDE
+from bagualu.compiler.codegen.cpp_stage import converts_staged, streams
 from bagualu.compiler.cost import traffic
 from bagualu.compiler.ir import Kernel, Mapping
 from bagualu.compiler.lower import IR_TO_TORCH
@@ -171,10 +172,10 @@ class CppCodegen:
         """The last-level cache (0 when unknown): a kernel moving more than this streams its stores."""
         return last_level_cache_bytes()
 
-    def converts_staged(self, k: Kernel, p, stream: bool) -> bool:
-        """Whether this generator stages pass ``p``'s bf16 stores for the CPU's conversion instruction (the cost
-        model's store cost follows)."""
-        return converts_staged(k, p, stream)
+    def converts_staged(self, k: Kernel, p, m: Mapping) -> bool:
+        """Whether this generator converts pass ``p``'s bf16 stores with the CPU's instruction under ``m`` (the
+        cost model's store cost follows)."""
+        return converts_staged(k, p, m)
 
     def l1_bytes(self) -> int:
         """The first-level data cache (0 when unknown): row buffers beyond it spill to the next level."""
