@@ -2,7 +2,7 @@
 
 For each request rate, ``--online-requests`` streamed completions (random token-id prompts, fixed output
 length, no early stop) arrive with exponential gaps; TTFT is the time to the first streamed token and
-TPOT the mean gap between the later ones, both seen by the client. Reported per engine mode (R-part
+TPOT the time from it to the end of the stream over the tokens after the first, both seen by the client. Reported per engine mode (R-part
 in-process, R-workers) as p50/p99 and generated tokens/s over the run.
 """
 
@@ -58,9 +58,13 @@ async def _one(client, url, model, prompt, out_len, t_arrive) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                 stamps.append(time.perf_counter())
+    t_end = time.perf_counter()
     if not stamps:
         return {"ttft": None, "tpot": None, "tokens": 0}
-    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    # per token, not per chunk: a server sends what has accumulated since its last chunk when the client reads
+    # slower than tokens come (under load a short request can arrive in one or two chunks); the usual
+    # definition, (latency - TTFT) / (tokens - 1), with the latency ending when the stream does
+    tpot = (t_end - stamps[0]) / (out_len - 1) if out_len > 1 else None
     return {"ttft": stamps[0] - t_arrive, "tpot": tpot, "tokens": out_len}
 
 
