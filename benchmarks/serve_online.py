@@ -2,8 +2,8 @@
 
 For each request rate, ``--online-requests`` streamed completions (random token-id prompts, fixed output
 length, no early stop) arrive with exponential gaps; TTFT is the time to the first streamed token and
-TPOT the time from it to the end of the stream over the tokens after the first, both seen by the client. Reported per engine mode (R-part
-in-process, R-workers) as p50/p99 and generated tokens/s over the run.
+TPOT the time from it to the end of the stream over the tokens after the first, both seen by the client.
+Reported per engine mode (R-part in-process, R-workers) as p50/p99 and generated tokens/s over the run.
 """
 
 from __future__ import annotations
