@@ -174,8 +174,21 @@ def _resume_point(ckpt, state, rank: int) -> int:
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     """Run training; returns the final metrics (on every rank). ``resume``: continue from the newest valid
-    checkpoint (also automatic after an elastic restart)."""
+    checkpoint (also automatic after an elastic restart).
+
+    A process group this call creates it also destroys once training succeeded: left to the interpreter's
+    exit, gloo's worker threads can still hold work whose tensors need the GIL during finalisation, and the
+    rank aborts ("terminate called without an active exception") after a run that had finished. After a
+    failure it is left alone, since destroying it waits for collectives a dead peer may never finish."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world = _dist_setup()
+    result = _train(cfg, run_dir, resume, rank, world)
+    if owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+def _train(cfg: RunConfig, run_dir: str | Path, resume: bool, rank: int, world: int) -> dict:
     tune_glibc_malloc()  # large activations are reused instead of page-faulted on every step (memory/host_allocator)
     plat = current_platform()
     device = plat.current_device()
