@@ -53,13 +53,27 @@ struct Ymm {
   static constexpr int chunks(int rt) { return rt == 1 ? 8 : (rt == 4 ? 2 : 4); }
 };
 
+// Prefetch of the KV rows [a, e) of a block to come (`ahead`, laid out as the block being read), issued by
+// the QK and PV loops a key at a time, so the requests leave at the rate the data is consumed. Fetching a
+// block's rows as one burst instead fills the core's miss buffers, and the core stalls until the lines
+// arrive: memory time then adds to compute time instead of hiding under it (paged_attention_cpu.cpp).
+template <typename T>
+inline void prefetch_rows(const T* ahead, int64_t Dh, int64_t a, int64_t e) {
+  if (!ahead) return;
+  const char* p = reinterpret_cast<const char*>(ahead);
+  for (int64_t o = a * Dh * int64_t(sizeof(T)); o < e * Dh * int64_t(sizeof(T)); o += 64) __builtin_prefetch(p + o);
+}
+
 // s[r * ss + j] = scale * q_r . K[j] for the RT rows (q rows Dh apart) and keys j in [a, e); s has room
 // for 8 entries past e (extra lanes repeat key e-1). Scores are reduced horizontally four at a time.
+// `ahead` (or nullptr): the block whose same rows are prefetched meanwhile.
 template <class V, int RT, typename T>
-void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss) {
+void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, float scale, float* s, int64_t ss,
+              const T* ahead) {
   constexpr int JT = V::keys(RT);
   static_assert((RT * JT) % 4 == 0, "tiles reduce in fours");
   for (int64_t j = a; j < e; j += JT) {
+    prefetch_rows(ahead, Dh, j, std::min<int64_t>(j + JT, e));
     const T* kp[JT];
     for (int jj = 0; jj < JT; ++jj) kp[jj] = K + std::min(j + jj, e - 1) * Dh;
     typename V::R acc[RT * JT];
@@ -84,10 +98,11 @@ void qk_group(const float* q, const T* K, int64_t Dh, int64_t a, int64_t e, floa
   }
 }
 
-// acc_r[c0 : c0+L*NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+L*NC] for the RT rows.
+// acc_r[c0 : c0+L*NC] = acc_r * alpha_r + sum_{j in [a,e)} p_r[j] * V[j, c0 : c0+L*NC] for the RT rows;
+// prefetching row j of `ahead` (or nullptr) with row j's work.
 template <class V, int RT, int NC, typename T>
 void pv_tile(float* acc, const T* Vc, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
-             const float* alpha, int64_t c0) {
+             const float* alpha, int64_t c0, const T* ahead) {
   typename V::R r_[RT * NC];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r) {
@@ -96,6 +111,7 @@ void pv_tile(float* acc, const T* Vc, int64_t Dh, const float* p, int64_t ss, in
     for (int c = 0; c < NC; ++c) r_[r * NC + c] = V::mul(V::load(acc + r * Dh + c0 + V::L * c), al);
   }
   for (int64_t j = a; j < e; ++j) {
+    prefetch_rows(ahead, Dh, j, j + 1);
     const T* v = Vc + j * Dh + c0;
     typename V::R pj[RT];
 #pragma GCC unroll 4
@@ -113,20 +129,23 @@ void pv_tile(float* acc, const T* Vc, int64_t Dh, const float* p, int64_t ss, in
     for (int c = 0; c < NC; ++c) V::store(acc + r * Dh + c0 + V::L * c, r_[r * NC + c]);
 }
 
+// The first tile of the row (c0 = 0) prefetches `ahead`'s rows, whole.
 template <class V, int RT, typename T>
 void pv_group(float* acc, const T* Vc, int64_t Dh, const float* p, int64_t ss, int64_t a, int64_t e,
-              const float* alpha) {
+              const float* alpha, const T* ahead) {
   constexpr int NC = V::chunks(RT);
   int64_t c0 = 0;
-  for (; c0 + V::L * NC <= Dh; c0 += V::L * NC) pv_tile<V, RT, NC>(acc, Vc, Dh, p, ss, a, e, alpha, c0);
+  for (; c0 + V::L * NC <= Dh; c0 += V::L * NC)
+    pv_tile<V, RT, NC>(acc, Vc, Dh, p, ss, a, e, alpha, c0, c0 == 0 ? ahead : nullptr);
+  const T* pf = c0 == 0 ? ahead : nullptr;
   switch ((Dh - c0) / V::L) {  // fewer than NC chunks left
-    case 1: pv_tile<V, RT, 1>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
-    case 2: if constexpr (NC > 2) pv_tile<V, RT, 2>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
-    case 3: if constexpr (NC > 3) pv_tile<V, RT, 3>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
-    case 4: if constexpr (NC > 4) pv_tile<V, RT, 4>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
-    case 5: if constexpr (NC > 5) pv_tile<V, RT, 5>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
-    case 6: if constexpr (NC > 6) pv_tile<V, RT, 6>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
-    case 7: if constexpr (NC > 7) pv_tile<V, RT, 7>(acc, Vc, Dh, p, ss, a, e, alpha, c0); break;
+    case 1: pv_tile<V, RT, 1>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
+    case 2: if constexpr (NC > 2) pv_tile<V, RT, 2>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
+    case 3: if constexpr (NC > 3) pv_tile<V, RT, 3>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
+    case 4: if constexpr (NC > 4) pv_tile<V, RT, 4>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
+    case 5: if constexpr (NC > 5) pv_tile<V, RT, 5>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
+    case 6: if constexpr (NC > 6) pv_tile<V, RT, 6>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
+    case 7: if constexpr (NC > 7) pv_tile<V, RT, 7>(acc, Vc, Dh, p, ss, a, e, alpha, c0, pf); break;
     default: break;
   }
 }
