@@ -104,6 +104,7 @@ struct Fma16 {
   using XT = float;
   using V = __m512;
   static constexpr int64_t KS = 16, esz = WD == F32 ? 4 : 2;  // k per step, weight bytes per element
+  static constexpr int64_t max_prefetch_passes = 2;  // see tile512
   template <bool MASKED>
   static V x(const float* p, uint32_t n) { return MASKED ? _mm512_maskz_loadu_ps(__mmask16(n), p) : _mm512_loadu_ps(p); }
   template <bool MASKED>
@@ -118,6 +119,7 @@ struct Dp32 {
   using XT = uint16_t;
   using V = __m512bh;
   static constexpr int64_t KS = 32, esz = 2;
+  static constexpr int64_t max_prefetch_passes = 1 << 30;  // see tile512
   template <bool MASKED>
   static V x(const uint16_t* p, uint32_t n) {
     return (V)(MASKED ? _mm512_maskz_loadu_epi16(__mmask32(n), p) : _mm512_loadu_si512(p));
@@ -132,9 +134,17 @@ struct Dp32 {
 // step and used by all MR rows; the last K % KS by masked loads (zeros add nothing; no scalar tail). Each
 // output's sum runs in the same order whatever M, MR and NR are (lanes over k, then the lanes), so a row's
 // result does not depend on the batch it came in. The first MR rows of a tile read its weights from memory
-// (the others from cache) and prefetch the next tile's, non-temporally (see row512): batched decode steps,
-// in-process A/B on a Zen 5, ~110M Llama bf16 weights: 4 sequences 429 -> 515 tokens/s, 8 697 -> 996,
-// 32 1675 -> 1818; fp32 8 522 -> 570, 32 822 -> 834; bf16 Mixtral 16 1093 -> 1141.
+// (the others from cache), and the tile prefetches the next tile's, non-temporally (see row512): batched
+// decode steps, in-process A/B on a Zen 5, ~110M Llama bf16 weights: 4 sequences 429 -> 515 tokens/s, 8
+// 697 -> 996, 32 1675 -> 1818; fp32 8 522 -> 570, 32 822 -> 834; bf16 Mixtral 16 1093 -> 1141. Each of the
+// `passes` passes of MR rows over a tile issues its share of those prefetches (line i by pass i % passes),
+// so they go out at the rate the tile's work is done. When the first pass issued them all, in a fraction
+// of the time, the core's miss buffers filled and it stalled until the lines came. In-process A/B of the
+// two builds (Zen 5, 2 threads, bf16 projections of the ~110M Llama's 12 layers and its LM head): 8 rows
+// 6.4 -> 5.1 ms, 32 rows 12.7 -> 10.3, 64 rows 22.2 -> 19.3 (two tiles ahead instead of one: slower). The
+// widening FMA tiles (fp32 or bf16 weights, fp32 x) share them among the first two passes only (fp32
+// weights, same A/B: 8 rows 11.1 -> 9.3 ms, 32 rows 24.4 -> 23.5, 64 rows 41.8 -> 42.4, noise-level; shared
+// by all passes, 64 rows had run 41.2 -> 42.8).
 //
 // One input row (a batch-1 decode step) goes row by row instead: each weight row to the end, then the next,
 // so the weights stream in address order (one stream per thread) rather than as NR interleaved rows, and a
@@ -173,7 +183,7 @@ inline void row512(const typename S::XT* x, const void* w, int64_t K, float* y, 
 
 template <class S, int MR_, int NR_>
 inline void tile512(const typename S::XT* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
-                    const float* bias, int64_t m0, int64_t n0) {
+                    const float* bias, int64_t m0, int64_t n0, int64_t pass, int64_t passes) {
   if constexpr (MR_ == 1) {
     row512<S, NR_>(x + m0 * ldx, w, K, y + m0 * ldy, bias, n0);
     return;
@@ -192,10 +202,11 @@ inline void tile512(const typename S::XT* x, int64_t ldx, const void* w, int64_t
   };
   int64_t k = 0;
   const char* nxt = static_cast<const char*>(w) + (n0 + NR_) * K * S::esz;  // the next tile's rows
-  const bool pf = m0 == 0;  // the first rows of a tile read it from memory, the others from cache
+  const int64_t sharing = passes < S::max_prefetch_passes ? passes : S::max_prefetch_passes;
   for (; k + S::KS <= K; k += S::KS) {
-    if (pf && ((k * S::esz) & 63) == 0)
-      for (int j = 0; j < NR_; ++j) _mm_prefetch(nxt + j * K * S::esz + k * S::esz, _MM_HINT_NTA);
+    const int64_t byte = k * S::esz;
+    if (pass < sharing && (byte & 63) == 0 && (byte >> 6) % sharing == pass)  // its share of the next tile's lines
+      for (int j = 0; j < NR_; ++j) _mm_prefetch(nxt + j * K * S::esz + byte, _MM_HINT_NTA);
     step(k, std::false_type{}, 0);
   }
   if (k < K) step(k, std::true_type{}, static_cast<uint32_t>((1ull << (K - k)) - 1));
@@ -205,17 +216,17 @@ inline void tile512(const typename S::XT* x, int64_t ldx, const void* w, int64_t
 
 template <int WD, int MR_, int NR_>
 inline void tile(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy, const float* bias,
-                 int64_t m0, int64_t n0) {
-  tile512<Fma16<WD>, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
+                 int64_t m0, int64_t n0, int64_t pass, int64_t passes) {
+  tile512<Fma16<WD>, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0, pass, passes);
 }
 
 constexpr int NR = 6;  // weight rows per tile
 constexpr int MR = 4;  // input rows per tile: MR*NR = 24 accumulators + MR + 1 operand registers <= 32 zmm
 #else
-// One MR x NR tile: rows m0.. of x against rows n0.. of w.
+// One MR x NR tile: rows m0.. of x against rows n0.. of w (pass, passes: unused here).
 template <int WD, int MR, int NR>
 inline void tile(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy, const float* bias,
-                 int64_t m0, int64_t n0) {
+                 int64_t m0, int64_t n0, int64_t, int64_t) {
   float out[MR][NR];
   int64_t k = 0;
 #if BGL_SIMD
@@ -257,29 +268,31 @@ constexpr int MR = 3;  // input rows per tile: MR*NR = 12 accumulators + NR + 1 
 
 // tile<WD> for F32 and BF16 weights; for BF16_OPS, x holds the rounded rows (round_rows below): bf16 words
 // for the Dp32 tiles on AVX512-BF16 CPUs, else their fp32 values for the widening tiles (the same products).
+// pass, passes: which of the passes of MR input rows over these weight rows this tile is (see tile512).
 template <int WD, int MR_, int NR_>
 inline void tile_any(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
-                     const float* bias, int64_t m0, int64_t n0) {
+                     const float* bias, int64_t m0, int64_t n0, int64_t pass = 0, int64_t passes = 1) {
   if constexpr (WD == BF16_OPS) {
 #if BGL_DPBF16
-    tile512<Dp32, MR_, NR_>(reinterpret_cast<const uint16_t*>(x), ldx, w, K, y, ldy, bias, m0, n0);
+    tile512<Dp32, MR_, NR_>(reinterpret_cast<const uint16_t*>(x), ldx, w, K, y, ldy, bias, m0, n0, pass, passes);
 #else
-    tile<BF16, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
+    tile<BF16, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0, pass, passes);
 #endif
   } else {
-    tile<WD, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0);
+    tile<WD, MR_, NR_>(x, ldx, w, K, y, ldy, bias, m0, n0, pass, passes);
   }
 }
 
 template <int WD, int NRr>
 inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, float* y, int64_t ldy,
                        const float* bias, int64_t M, int64_t n0) {
+  const int64_t passes = (M + MR - 1) / MR;
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) tile_any<WD, MR, NRr>(x, ldx, w, K, y, ldy, bias, m, n0);
+  for (; m + MR <= M; m += MR) tile_any<WD, MR, NRr>(x, ldx, w, K, y, ldy, bias, m, n0, m / MR, passes);
   switch (M - m) {
-    case 3: if constexpr (MR > 3) tile_any<WD, 3, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
-    case 2: tile_any<WD, 2, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
-    case 1: tile_any<WD, 1, NRr>(x, ldx, w, K, y, ldy, bias, m, n0); break;
+    case 3: if constexpr (MR > 3) tile_any<WD, 3, NRr>(x, ldx, w, K, y, ldy, bias, m, n0, m / MR, passes); break;
+    case 2: tile_any<WD, 2, NRr>(x, ldx, w, K, y, ldy, bias, m, n0, m / MR, passes); break;
+    case 1: tile_any<WD, 1, NRr>(x, ldx, w, K, y, ldy, bias, m, n0, m / MR, passes); break;
     default: break;
   }
 }
