@@ -85,8 +85,10 @@ def weight_bytes_per_token(path: Path, dtype: torch.dtype) -> int:
     return total
 
 
-def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1234)
+def prompts_for(n: int, length: int, vocab: int, seed: int = 1234) -> list[list[int]]:
+    """``n`` random prompts; each seed gives prompts no other seed shares a prefix with (in practice), so a
+    run on fresh prompts never finds them in an engine's prefix cache from an earlier run."""
+    g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
@@ -152,7 +154,10 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
     for name in args.models:
         path = make_model_dir(name, root)
         vocab = MODELS[name]["vocab_size"]
-        prompts = prompts_for(args.requests, args.prompt_len, vocab)
+        # warm-up and checks on prompts of their own, and fresh prompts for every repetition: our engine
+        # keeps a prefix cache across generate calls, the peers do not, and a timed run must not reuse it
+        warm = prompts_for(2, args.prompt_len, vocab, seed=1)
+        reps = [prompts_for(args.requests, args.prompt_len, vocab, seed=1234 + r) for r in range(args.reps)]
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             engines = {"bagualu in-process": lambda: Ours(path, dt_name)}
@@ -171,19 +176,19 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
             for k, make in engines.items():
                 try:
                     e = make()
-                    e.run(prompts[:2], 2)  # warm-up: first-call costs (kernel build, allocator)
+                    e.run(warm, 2)  # warm-up: first-call costs (kernel build, allocator)
                     built[k] = e
                 except Exception as ex:  # a peer that cannot run here is reported, not fatal
                     print(f"[{name} {dt_name}] {k}: skipped ({type(ex).__name__}: {ex})", file=sys.stderr)
             if "llama.cpp" in built and "bagualu in-process" in built:  # the conversion, checked by its output
-                ref = built["bagualu in-process"].generate(prompts[:1], 16)[0]
-                got = built["llama.cpp"].generate(prompts[:1], 16)[0]
+                ref = built["bagualu in-process"].generate(warm[:1], 16)[0]
+                got = built["llama.cpp"].generate(warm[:1], 16)[0]
                 agree[(name, dt_name)] = llama_cpp_peer.agreement(ref, got)
                 print(f"[{name} {dt_name}] llama.cpp greedy tokens equal to ours: "
                       f"{agree[(name, dt_name)]} of 16", file=sys.stderr)
             times: dict[str, list[float]] = {k: [] for k in built}
             counts: dict[str, int] = {}
-            for _ in range(args.reps):
+            for prompts in reps:
                 for k, e in built.items():
                     t0 = time.perf_counter()
                     counts[k] = e.run(prompts, args.output_len)
@@ -207,7 +212,7 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     if lcpp:
                         r["vs_llama_cpp"] = r["tokens_per_s"] / lcpp
             if not args.no_batch1:
-                b1_rows += batch1(built, name, dt_name, dtype, path, prompts[0], args)
+                b1_rows += batch1(built, name, dt_name, dtype, path, warm[0], args)
             for e in built.values():
                 e.close()
     return rows, b1_rows

@@ -93,7 +93,12 @@ def online(args, root: Path, make_model_dir) -> list[dict]:
     rows = []
     for name in args.models:
         path = make_model_dir(name, root)
-        prompts = prompts_for(args.online_requests, args.prompt_len, MODELS[name]["vocab_size"])
+        vocab = MODELS[name]["vocab_size"]
+        # fresh prompts for the warm-up and for every rate: the server's prefix cache must not serve a
+        # timed run with what an earlier one computed
+        warm = prompts_for(2, args.prompt_len, vocab, seed=1)
+        per_rate = [prompts_for(args.online_requests, args.prompt_len, vocab, seed=1234 + i)
+                    for i in range(len(args.rates))]
         modes = {"in-process": []} | {f"r-workers={w}": ["--r-workers", str(w)] for w in args.r_workers}
         for mode, extra in modes.items():
             proc, url = _start_server(path, args.dtypes[0], extra)
@@ -101,8 +106,8 @@ def online(args, root: Path, make_model_dir) -> list[dict]:
                 import httpx
 
                 model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                asyncio.run(_load(url, model, prompts[:2], 4, 100.0))  # warm-up
-                for rate in args.rates:
+                asyncio.run(_load(url, model, warm, 4, 100.0))  # warm-up
+                for rate, prompts in zip(args.rates, per_rate):
                     res, wall = asyncio.run(_load(url, model, prompts, args.output_len, rate))
                     ttft = [r["ttft"] for r in res]
                     tpot = [r["tpot"] for r in res]
