@@ -152,6 +152,35 @@ def test_half_operands_native_equal_reference(counting, moe, monkeypatch):
     assert (plain - want).abs().max() > 1e-2  # the rounding happened
 
 
+def test_packed_projections_equal_unpacked(counting):
+    """``packed_min_rows``: a step of that many tokens or more multiplies by repacked copies of the dense
+    projections (AVX512-BF16 builds) — the same products as the row tiles, summed in another order, so equal
+    to rounding; a smaller step keeps the original weights, bit for bit. Elsewhere nothing is packed."""
+    import dataclasses
+
+    from bagualu.ops import linear_cpu
+
+    stack = make_stack(torch.bfloat16, bias=True, seed=7)
+    half = dataclasses.replace(stack, half_operands=True, native={})
+    packed = dataclasses.replace(half, native={}, packed_min_rows=8)
+    for new, exact in (((5, 19), False), ((2, 3), True)):
+        x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=new, past=(20, 0))
+        c_half, c_packed = clone_caches(caches), clone_caches(caches)
+        with torch.inference_mode():
+            want = kernel("decoder_layers", "cpu")(x, half, c_half, cos, sin, bt, ctx, qsl, slots)
+            got = kernel("decoder_layers", "cpu")(x, packed, c_packed, cos, sin, bt, ctx, qsl, slots)
+        table = packed.native["cpu"][1]
+        assert (table[-1] is not None) == linear_cpu.packed_available()
+        if exact or table[-1] is None:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert not torch.equal(got, want)  # the packed tiles ran: another summation order
+        for (kh, vh), (kp, vp) in zip(c_half, c_packed):
+            torch.testing.assert_close(kp, kh, rtol=1e-4, atol=1e-4)
+    assert counting.calls == 4
+
+
 def test_many_rows_with_fp32_weights(counting):
     """A 130-token step with fp32 weights (a batch-130 decode, or a prefill chunk): the native call where the
     linear kernel hands many-row calls to the grouped GEMM (AVX-512 builds), the reference elsewhere; the same

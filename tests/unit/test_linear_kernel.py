@@ -265,3 +265,72 @@ def test_half_operands_round_the_input(fast, M):
     fp32_w = torch.randn(5, 16, generator=g)
     x = torch.randn(3, 16, generator=g)
     assert torch.equal(fast(x, fp32_w, half_operands=True), fast(x, fp32_w))  # fp32 weights: nothing to round to
+
+
+@pytest.fixture
+def packed(fast):
+    if not linear_cpu.packed_available():
+        pytest.skip("packed tiles need a CPU with AVX512-BF16")
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 96, 97, 182, 200])
+def test_packed_weights_equal_the_row_tiles(packed, split_everything, M, N):
+    """``pack_bf16`` + ``linear_packed``: ``linear(x, w, b, half_operands=True)`` to rounding (the same products,
+    summed in another order), for every column tail (N % 16, N % 96), row tail (M % 4) and K tail, chunked over
+    2 threads; the columns past N are never written."""
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    for K in (2, 64, 770):
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).bfloat16()
+        b = torch.randn(N, generator=g) if N % 2 else None
+        pw = linear_cpu.pack_bf16(w)
+        assert pw.data.shape == (-(-N // 16), K // 2, 16, 2) and pw.nbytes == pw.data.numel() * 2
+        got = linear_cpu.linear_packed(x, pw, b)
+        want = linear_cpu.linear(x, w, b, half_operands=True)
+        assert got.shape == (M, N)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
+        torch.testing.assert_close(got, F.linear(x.bfloat16().float(), w.float(), b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+        assert torch.equal(linear_cpu.linear_packed(x.view(1, M, K), pw, b), got.view(1, M, N))
+
+
+def test_a_packed_row_does_not_depend_on_its_batch(packed, split_everything):
+    """Each output sums over k in order whatever M and the tile: a row's result is the same alone or in a batch."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(37, 256, generator=g), torch.randn(300, 256, generator=g).bfloat16()
+    pw = linear_cpu.pack_bf16(w)
+    full = linear_cpu.linear_packed(x, pw)
+    for i in (0, 5, 36):
+        assert torch.equal(linear_cpu.linear_packed(x[i:i + 1], pw), full[i:i + 1])
+        assert torch.equal(linear_cpu.linear_packed(x[i:i + 6], pw)[0], full[i])
+
+
+def test_packed_group_matches_single_calls(packed):
+    """``bgl_linear_group`` on packed weights (code 3) gives each problem what ``bgl_linear`` gives it."""
+    import ctypes
+
+    lib = __import__("bagualu.ops.native", fromlist=["load"]).load("linear_cpu", "linear_cpu.cpp")
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 64, 32), (9, 200, 48), (0, 16, 16), (33, 97, 770)]
+    xs = [torch.randn(M, K, generator=g) for M, _, K in shapes]
+    pws = [linear_cpu.pack_bf16(torch.randn(N, K, generator=g).bfloat16()) for _, N, K in shapes]
+    ys = [torch.full((M, N), float("nan")) for M, N, _ in shapes]
+    probs = (linear_cpu.Gemm * len(shapes))(*[
+        linear_cpu.Gemm(x.data_ptr(), x.shape[1], p.data.data_ptr(), None, y.data_ptr(), y.shape[1], *s)
+        for x, p, y, s in zip(xs, pws, ys, shapes)])
+    lib.bgl_linear_group.restype = None
+    lib.bgl_linear_group(probs, ctypes.c_int64(len(shapes)), ctypes.c_int(linear_cpu.PACKED_BF16), ctypes.c_int(2),
+                         ctypes.c_int64(1), ctypes.c_int64(1))
+    for x, p, y in zip(xs, pws, ys):
+        assert torch.equal(y, linear_cpu.linear_packed(x, p))
+
+
+def test_packing_rejects_what_it_cannot_lay_out(packed):
+    with pytest.raises(ValueError, match="even number of columns"):
+        linear_cpu.pack_bf16(torch.zeros(4, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bf16"):
+        linear_cpu.pack_bf16(torch.zeros(4, 4))
+    pw = linear_cpu.pack_bf16(torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="rows of 8"):
+        linear_cpu.linear_packed(torch.zeros(2, 6), pw)
+    with pytest.raises(ValueError, match="bias"):
+        linear_cpu.linear_packed(torch.zeros(2, 8), pw, torch.zeros(5))

@@ -63,6 +63,13 @@ class EngineConfig:
     streams every weight from DRAM, and on 4 KiB pages pays a TLB miss and a prefetcher restart every 4 KiB
     (batch-1 decode 9-13% faster on a Zen 5 box; packing, which also puts the weights under 2 MiB on huge
     pages, 2-4% more). Where the kernel's THP mode is ``never`` the weights are packed only."""
+    packed_weights: bool = True
+    """Where the platform's kernels have tiles for repacked weights (CPU: AVX512-BF16) and a bf16 model's
+    mid-size steps multiply bf16 operands (``LayerStack.half_operands``), decode steps of at least
+    ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of the dense layers' projections
+    (``ops.linear_cpu.pack_bf16``): no horizontal sums, ~1.3x the multiply rate at 32 rows. Costs one more copy
+    of those weights in memory (made on the first such step); batch-1 steps and prefill keep the originals.
+    False: no copy."""
     speculative_tokens: int = 0
     """Speculative decoding by prompt lookup (``engine.speculative``): up to this many draft tokens per
     decoding sequence and step, copied from where its last tokens occurred before; 0 = off. Outputs are

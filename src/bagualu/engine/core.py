@@ -197,7 +197,8 @@ class EngineCore:
             log.info("engine: weights packed in decode order, %.0f MiB; on huge pages: %.0f MiB (THP mode %s%s)",
                      self.weight_arena.nbytes / 2**20, hp.collapsed_bytes / 2**20, hp.mode,
                      f"; collapse: {hp.collapse_error}" if hp.collapse_error else "")
-        self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers, fp32_activation_rows=fp32_rows)
+        self.runner = ModelRunner(model, self.backend, fused_layers=cfg.fused_layers, fp32_activation_rows=fp32_rows,
+                                  packed_weights=cfg.packed_weights)
         self.metrics = EngineMetrics()
         self.generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
         eos = mc.eos_token_id if mc.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)

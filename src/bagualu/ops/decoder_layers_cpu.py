@@ -188,12 +188,33 @@ def _build(stack: LayerStack, caches) -> tuple | None:
                            kc.data_ptr(), vc.data_ptr(), None if moe is None else ctypes.addressof(moe),
                            code, ly.window or 0))
     layers = (_Layer * len(rows))(*rows)
+    packed = _packed_layers(stack, rows, code, moes)
     dims = _Dims(D, H, G, Dh, F, 0, N, Bs, int(k0.dtype is torch.bfloat16), 1, linear_cpu.MIN_WORK_PER_THREAD,
                  linear_cpu.CHUNK_WORK, stack.eps, stack.scale)
     # per token: h, qkv, q, k, o, y, gu, a, logits, rows, z, route_w (fp32) and route_e (int64, 2 slots each);
     # an MoE layer's gu/a/rows/z hold its K routes per token (csrc: moe_block)
     sizes = (D, Q, H * Dh, G * Dh, H * Dh, D, 2 * widest, widest, E_max, K_max * D, K_max * D, K_max, 2 * K_max)
-    return layers, dims, wdt, sizes, moes  # moes: the structures the layer array points into, kept alive
+    return layers, dims, wdt, sizes, moes, packed  # moes: the structures the layer array points into, kept alive
+
+
+def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tuple | None:
+    """(layer array on packed projections, the packed weights it points into) for ``stack.packed_min_rows``;
+    None where it does not apply (no packed tiles here, not half operands, MoE layers, odd widths)."""
+    if not (stack.packed_min_rows > 0 and code == linear_cpu.HALF_OPERANDS and not moes
+            and linear_cpu.packed_available()):
+        return None
+    projections = [(ly.qkv_w, ly.o_w, ly.gate_up_w, ly.down_w) for ly in stack.layers]
+    if any(w.shape[1] % 2 for ws in projections for w in ws):
+        return None
+    keep, out = [], []
+    for row, ws in zip(rows, projections):
+        qkv, o, gu, down = (linear_cpu.pack_bf16(w) for w in ws)
+        keep += [qkv, o, gu, down]
+        r = _Layer.from_buffer_copy(row)
+        r.qkv_w, r.o_w, r.gu_w, r.down_w = (p.data.data_ptr() for p in (qkv, o, gu, down))
+        r.w_dtype = linear_cpu.PACKED_BF16
+        out.append(r)
+    return (_Layer * len(out))(*out), keep
 
 
 def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
@@ -207,8 +228,10 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
     table = _table(stack, caches) if drv is not None else None
     if table is None:
         return reference(*args)
-    layers, dims, wdt, sizes, _ = table
+    layers, dims, wdt, sizes, _, packed = table
     T = x_TD.shape[0] if x_TD.dim() == 2 else -1
+    if packed is not None and T >= stack.packed_min_rows:
+        layers = packed[0]
     S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
     Dr = cos_TDr.shape[-1]
     ok = (T >= 1 and x_TD.dtype is torch.float32 and x_TD.is_cpu and x_TD.shape[1] == dims.D

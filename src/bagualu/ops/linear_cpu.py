@@ -21,6 +21,7 @@ from bagualu.ops.threads import kernel_threads
 
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 HALF_OPERANDS = 2  # the C side's code for bf16 weights with the x rows rounded to bf16 (csrc: BF16_OPS)
+PACKED_BF16 = 3  # the same products on weights laid out by pack_bf16 (csrc: BF16_PACKED)
 # Above this many rows the BLAS sgemm (packed panels, cache blocking over M too) is as fast or faster
 # for fp32 weights (measured with benchmarks/linear.py).
 MAX_ROWS_FP32 = 64
@@ -111,6 +112,62 @@ def _covered(x, w, bias) -> bool:
             and w.dim() == 2 and x.shape[-1] == w.shape[1] and w.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous() and bias.shape == (w.shape[0],))))
+
+
+class PackedBF16:
+    """A bf16 weight ``[N, K]`` laid out for the packed tiles (``csrc/linear_cpu.cpp``, BF16_PACKED): ``data`` is
+    ``[ceil(N/16), K/2, 16, 2]``, per 16 output columns each k pair's 16 (k, k+1) weight pairs side by side, the
+    columns past N zero. ``linear_packed`` multiplies by it as ``linear(x, w, half_operands=True)`` does by
+    ``w`` (x rounded to bf16, fp32 sums; the sums' order differs, so results agree to rounding, not bits).
+    Made by ``pack_bf16``; it holds its own copy of the weights."""
+
+    __slots__ = ("K", "N", "data")
+
+    def __init__(self, data: torch.Tensor, N: int, K: int):
+        self.data, self.N, self.K = data, N, K
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def packed_available() -> bool:
+    """Whether this CPU's build has the packed tiles (AVX512-BF16), so ``pack_bf16`` may be used."""
+    k = _loaded()
+    return k is not None and k.isa == "avx512-bf16"
+
+
+def pack_bf16(w: torch.Tensor) -> PackedBF16:
+    """``w`` (bf16 ``[N, K]``, K even) in the packed tiles' layout (see ``PackedBF16``)."""
+    if not packed_available():
+        raise RuntimeError("packed bf16 weights need the linear kernel built for a CPU with AVX512-BF16")
+    if w.dtype is not torch.bfloat16 or w.dim() != 2 or w.shape[1] % 2 or w.device.type != "cpu":
+        raise ValueError(f"pack_bf16 takes a 2-D bf16 CPU weight with an even number of columns; got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    N, K = w.shape
+    nb = -(-N // 16)
+    padded = torch.zeros(nb * 16, K, dtype=torch.bfloat16)
+    padded[:N] = w
+    data = padded.view(nb, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return PackedBF16(data, N, K)
+
+
+def linear_packed(x: torch.Tensor, w: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, W, bias, half_operands=True)`` for the W that ``w`` packs: ``x`` fp32 ``[..., K]``."""
+    if x.dtype is not torch.float32 or x.shape[-1] != w.K or not x.is_cpu:
+        raise ValueError(f"linear_packed takes fp32 CPU rows of {w.K}; got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if bias is not None and (bias.dtype is not torch.float32 or bias.shape != (w.N,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous fp32 [{w.N}]; got {tuple(bias.shape)} {bias.dtype}")
+    k = _loaded()
+    x2 = x.reshape(-1, w.K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, w.N), dtype=torch.float32)
+    if M:
+        k._run(x2.data_ptr(), x2.stride(0), w.data.data_ptr(), PACKED_BF16, None if bias is None else bias.data_ptr(),
+               y.data_ptr(), w.N, M, w.N, w.K, kernel_threads(), MIN_WORK_PER_THREAD, CHUNK_WORK)
+    return y.view(x.shape[:-1] + (w.N,))
 
 
 class Gemm(ctypes.Structure):
