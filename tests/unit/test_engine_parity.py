@@ -232,13 +232,15 @@ def test_bf16_model_small_steps_without_the_operator_run_fp32_activations(bf16_c
     llm.close()
 
 
-def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fast_bf16_platform):
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fast_bf16_platform, packed):
     """Steps above ``FP32_ACTIVATION_ROWS`` (here all: 0) on a platform that multiplies bf16 operands natively
     run the layer operator with each projection's input rounded to bf16 (autocast's rule): the model
     transformers computes in fp32 on the checkpoint's values with every ``nn.Linear``'s input rounded to bf16.
     Compared on every prompt position's logprob (teacher-forced, so a near-tie cannot fork the text), in
     chunked and whole prefill steps, and far from the unrounded model's. (Forced here on any CPU: without
-    AVX512-BF16 the kernel rounds, then widens.)"""
+    AVX512-BF16 the kernel rounds, then widens.) ``packed_weights``: steps of ``PACKED_MIN_ROWS`` or more
+    multiply by the repacked projections and LM head where the CPU has the packed tiles — the same model."""
     import transformers
 
     from bagualu.engine import core, runner
@@ -259,8 +261,10 @@ def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fas
     monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 0)
     monkeypatch.setattr(runner, "linear_half_operand_dtypes", lambda: (torch.bfloat16,))
     for budget in (24, 256):
-        llm = bagualu.LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=budget)
+        llm = bagualu.LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=budget,
+                          packed_weights=packed)
         assert llm.engine.runner.half is not None
+        assert (llm.engine.runner.head_packed is not None) == (packed and linear_cpu.packed_available())
         outs = llm.generate(ps, bagualu.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         for p, out, want, far in zip(ps, outs, rounded, plain):
             got = torch.tensor([out.prompt_logprobs[j][p[j]] for j in range(1, len(p))])

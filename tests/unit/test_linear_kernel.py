@@ -334,3 +334,19 @@ def test_packing_rejects_what_it_cannot_lay_out(packed):
         linear_cpu.linear_packed(torch.zeros(2, 6), pw)
     with pytest.raises(ValueError, match="bias"):
         linear_cpu.linear_packed(torch.zeros(2, 8), pw, torch.zeros(5))
+
+
+def test_the_platform_linear_takes_packed_weights(packed):
+    """``ops.linear_packer`` (the engine's way in): repacks a bf16 weight for the CPU's ``linear``, which then
+    takes it as ``w`` with ``half_operands``; weights it cannot lay out come back as None."""
+    from bagualu.ops import linear_packer
+
+    pack = linear_packer("cpu")
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(9, 64, generator=g), torch.randn(40, 64, generator=g).bfloat16(), torch.randn(40, generator=g)
+    pw = pack(w)
+    lin = kernel("linear", "cpu")
+    torch.testing.assert_close(lin(x, pw, b, half_operands=True), lin(x, w, b, half_operands=True), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="half_operands=True"):
+        lin(x, pw, b)
+    assert pack(torch.randn(40, 64)) is None and pack(torch.zeros(4, 5, dtype=torch.bfloat16)) is None

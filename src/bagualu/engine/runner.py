@@ -25,7 +25,9 @@ of at most ``fp32_activation_rows`` tokens runs the operator with fp32 activatio
 operator also multiplies half operands natively (``ops.linear_half_operand_dtypes``), a step of up to
 ``NATIVE_HALF_STEP_TOKENS`` runs it too, with each projection's input rounded to the half dtype (autocast's
 rule: ``LayerStack.half_operands``); a larger step runs in the model's dtype. The three differ only in where
-activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op. Without the operator
+activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op. Half-operand steps of at
+least ``PACKED_MIN_ROWS`` tokens multiply by repacked copies of the dense projections and the LM head where
+the platform has such a layout (``ops.linear_packer``; ``EngineConfig.packed_weights``): the same products. Without the operator
 (attention in R-workers, or ``fused_layers=False``) a small step runs the model's own modules with fp32
 activations the same way (they multiply through the platform's ``linear``, which reads the half weights).
 The model is only read (its modules are called); it knows nothing of paging.
@@ -40,7 +42,7 @@ import torch
 from bagualu.engine.batch import StepInputs
 from bagualu.models.layers import Attention
 from bagualu.moe import MLP, MoE
-from bagualu.ops import kernel, linear_half_operand_dtypes, linear_weight_dtypes
+from bagualu.ops import kernel, linear_half_operand_dtypes, linear_packer, linear_weight_dtypes
 from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
 from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
 
@@ -152,6 +154,9 @@ class ModelRunner:
             if self.stack is not None and self.stack.layers[0].qkv_w.dtype in linear_half_operand_dtypes():
                 self.half = dataclasses.replace(self.wide[0], half_operands=True, native={},
                                                 packed_min_rows=PACKED_MIN_ROWS if packed_weights else 0)
+        # the LM head repacked likewise, for the half steps' logits rows (None: not packed here)
+        pack = linear_packer() if packed_weights and self.half is not None else None
+        self.head_packed = pack(model.lm_head.weight) if pack is not None else None
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         self.rms_norm = kernel("rms_norm")
@@ -228,8 +233,9 @@ class ModelRunner:
                 norm = m.model.norm
                 h = self.rms_norm(x, self.wide[1], norm.eps) if i in wide else norm(x)
                 half = wide.get(i) is not None and wide[i].half_operands  # the LM head's input as the layers' were
-                out[i] = (self.linear(h, m.lm_head.weight, half_operands=True) if half
-                          else self.linear(h, m.lm_head.weight)).float()
+                head = (self.head_packed if half and self.head_packed is not None and n >= PACKED_MIN_ROWS
+                        else m.lm_head.weight)
+                out[i] = (self.linear(h, head, half_operands=True) if half else self.linear(h, head)).float()
         return out
 
     def _pre(self, l: int, i: int, x_TD: torch.Tensor, rope) -> None:

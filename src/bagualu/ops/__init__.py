@@ -4,6 +4,7 @@
 names one, else the reference from ``ops.reference``.
 """
 
-from bagualu.ops.registry import kernel, linear_half_operand_dtypes, linear_weight_dtypes, reference_names
+from bagualu.ops.registry import (kernel, linear_half_operand_dtypes, linear_packer, linear_weight_dtypes,
+                                  reference_names)
 
-__all__ = ["kernel", "linear_half_operand_dtypes", "linear_weight_dtypes", "reference_names"]
+__all__ = ["kernel", "linear_half_operand_dtypes", "linear_packer", "linear_weight_dtypes", "reference_names"]

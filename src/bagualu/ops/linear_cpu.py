@@ -194,8 +194,12 @@ def _loaded() -> LinearKernel | None:
     return _kernel
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+def linear(x: torch.Tensor, w: torch.Tensor | PackedBF16, bias: torch.Tensor | None = None, *,
            half_operands: bool = False) -> torch.Tensor:
+    if isinstance(w, PackedBF16):  # made by pack_half_operands: its products are half operands by definition
+        if not half_operands:
+            raise ValueError("packed bf16 weights multiply bf16-rounded inputs: call with half_operands=True")
+        return linear_packed(x, w, bias)
     k = _loaded()
     if k is None:
         return reference.linear(x, w, bias, half_operands=half_operands)
@@ -208,6 +212,17 @@ def _native_weight_dtypes() -> tuple[torch.dtype, ...]:
 
 # what ops.registry.linear_weight_dtypes reports for this kernel: bf16 weights are read as they are stored
 linear.native_weight_dtypes = _native_weight_dtypes
+
+
+def _pack_half_operands(w: torch.Tensor) -> PackedBF16 | None:
+    """``w`` repacked for the packed tiles where this CPU has them and ``w`` suits them (bf16, even K); else None."""
+    if not packed_available() or w.dtype is not torch.bfloat16 or w.dim() != 2 or w.shape[1] % 2:
+        return None
+    return pack_bf16(w)
+
+
+# what ops.registry.linear_packer reports: weights repacked once for half-operand products, passed as ``w``
+linear.pack_half_operands = _pack_half_operands
 
 
 def _half_operand_dtypes() -> tuple[torch.dtype, ...]:

@@ -101,3 +101,11 @@ def linear_half_operand_dtypes(platform: str | None = None) -> tuple[torch.dtype
     attribute of the platform's ``linear`` says so; none otherwise."""
     query = getattr(kernel("linear", platform), "half_operand_dtypes", None)
     return tuple(query()) if query is not None else ()
+
+
+def linear_packer(platform: str | None = None) -> Callable | None:
+    """The platform's repacking of a weight for its ``linear`` with ``half_operands`` (CPU, AVX512-BF16:
+    ``linear_cpu.pack_bf16``): a callable taking the weight and returning what ``linear`` then takes as
+    ``w`` (or None for a weight it does not repack); None where the platform has no such layout. A
+    ``pack_half_operands`` attribute of the platform's ``linear`` says so."""
+    return getattr(kernel("linear", platform), "pack_half_operands", None)
