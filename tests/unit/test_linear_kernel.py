@@ -291,6 +291,10 @@ def test_packed_weights_equal_the_row_tiles(packed, split_everything, M, N):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
         torch.testing.assert_close(got, F.linear(x.bfloat16().float(), w.float(), b), rtol=1e-5, atol=1e-5 * K ** 0.5)
         assert torch.equal(linear_cpu.linear_packed(x.view(1, M, K), pw, b), got.view(1, M, N))
+        wide = torch.full((M, N + 5), float("nan"))  # an output row stride past N: those columns untouched
+        linear_cpu._loaded()._run(x.data_ptr(), K, pw.data.data_ptr(), linear_cpu.PACKED_BF16,
+                                  None if b is None else b.data_ptr(), wide.data_ptr(), N + 5, M, N, K, 2, 1, 1)
+        assert torch.equal(wide[:, :N], got) and wide[:, N:].isnan().all()
 
 
 def test_a_packed_row_does_not_depend_on_its_batch(packed, split_everything):

@@ -67,9 +67,9 @@ class EngineConfig:
     """Where the platform's kernels have tiles for repacked weights (CPU: AVX512-BF16) and a bf16 model's
     mid-size steps multiply bf16 operands (``LayerStack.half_operands``), decode steps of at least
     ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of the dense layers' projections
-    (``ops.linear_cpu.pack_bf16``): no horizontal sums, ~1.3x the multiply rate at 32 rows. Costs one more copy
-    of those weights in memory (made on the first such step); batch-1 steps and prefill keep the originals.
-    False: no copy."""
+    and of the LM head (``ops.linear_cpu.pack_bf16``): no horizontal sums, ~1.3x the multiply rate at 32 rows.
+    Costs one more copy of those weights in memory (the head's made at start, the layers' on the first such
+    step; logged); batch-1 steps and prefill keep the originals. MoE layers are not repacked. False: no copy."""
     speculative_tokens: int = 0
     """Speculative decoding by prompt lookup (``engine.speculative``): up to this many draft tokens per
     decoding sequence and step, copied from where its last tokens occurred before; 0 = off. Outputs are

@@ -27,9 +27,10 @@ operator also multiplies half operands natively (``ops.linear_half_operand_dtype
 rule: ``LayerStack.half_operands``); a larger step runs in the model's dtype. The three differ only in where
 activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op. Half-operand steps of at
 least ``PACKED_MIN_ROWS`` tokens multiply by repacked copies of the dense projections and the LM head where
-the platform has such a layout (``ops.linear_packer``; ``EngineConfig.packed_weights``): the same products. Without the operator
-(attention in R-workers, or ``fused_layers=False``) a small step runs the model's own modules with fp32
-activations the same way (they multiply through the platform's ``linear``, which reads the half weights).
+the platform has such a layout (``ops.linear_packer``; ``EngineConfig.packed_weights``): the same products.
+Without the operator (attention in R-workers, or ``fused_layers=False``) a small step runs the model's own
+modules with fp32 activations the same way (they multiply through the platform's ``linear``, which reads the
+half weights).
 The model is only read (its modules are called); it knows nothing of paging.
 """
 
@@ -45,6 +46,9 @@ from bagualu.moe import MLP, MoE
 from bagualu.ops import kernel, linear_half_operand_dtypes, linear_packer, linear_weight_dtypes
 from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
 from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
+from bagualu.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 # Up to this many tokens a step with fp32 activations spends its time in the platform's kernels: on CPU the
@@ -157,6 +161,9 @@ class ModelRunner:
         # the LM head repacked likewise, for the half steps' logits rows (None: not packed here)
         pack = linear_packer() if packed_weights and self.half is not None else None
         self.head_packed = pack(model.lm_head.weight) if pack is not None else None
+        if self.head_packed is not None:
+            log.info("engine: LM head repacked for steps of >= %d tokens, %.0f MiB more", PACKED_MIN_ROWS,
+                     getattr(self.head_packed, "nbytes", 0) / 2**20)
         self.layers = list(model.model.layers)
         self.linear = kernel("linear")  # the platform's GEMM for the S-part (small-M friendly on CPU)
         self.rms_norm = kernel("rms_norm")

@@ -27,6 +27,9 @@ from bagualu.ops import decode_ops_cpu, elementwise_cpu, gemm_cpu, linear_cpu, n
 from bagualu.ops.decoder_layers import ROUTERS, LayerStack
 from bagualu.ops.decoder_layers import decoder_layers as reference
 from bagualu.ops.threads import kernel_threads
+from bagualu.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -214,6 +217,8 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
         r.qkv_w, r.o_w, r.gu_w, r.down_w = (p.data.data_ptr() for p in (qkv, o, gu, down))
         r.w_dtype = linear_cpu.PACKED_BF16
         out.append(r)
+    log.info("decoder layers: dense projections repacked for steps of >= %d tokens, %.0f MiB more",
+             stack.packed_min_rows, sum(p.nbytes for p in keep) / 2**20)
     return (_Layer * len(out))(*out), keep
 
 

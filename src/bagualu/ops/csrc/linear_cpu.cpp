@@ -18,7 +18,9 @@
 // packed GEMM (gemm_cpu.cpp) up to ~128 rows, since packing a weight costs a pass over it that a few
 // rows do not pay back (measured on a Zen 5, ~110M Llama shapes, fp32 weights: 290-310 GFLOP/s at 32 rows
 // against 170-265 packed; a batch-32 fp32 decode step of the ~110M Llama: 52 -> 44 ms). -DBGL_NO_AVX512
-// builds the AVX2 tiles.
+// builds the AVX2 tiles. The one exception to the Hugging Face layout: on AVX512-BF16 CPUs a caller may
+// keep a copy of a bf16 weight repacked once for the BF16_PACKED tiles (see ptile), which the serving
+// engine does for its batched decode steps; what a per-call pack could not pay back, a kept one does.
 //
 // Build: compiled on first use by ops/native.py (-O3 -march=native). Without AVX2/FMA the same
 // loops compile to scalar code (correct, slower); Python checks shapes, dtypes and strides.
@@ -53,7 +55,7 @@ namespace {
 // Weight dtype codes. BF16_OPS: bf16 weights and both operands bf16 — each x row is rounded to bf16 first
 // (autocast's rule for a bf16 GEMM; fp32 accumulation and output), so on CPUs with AVX512-BF16 the
 // products run as vdpbf16ps at twice the fp32 rate, with no widening of the weights.
-// BF16_PACKED: BF16_OPS on weights repacked once (bgl_linear_pack_bf16) as [ceil(N/16)][K/2][16][2]: per
+// BF16_PACKED: BF16_OPS on weights repacked once (ops/linear_cpu.py's pack_bf16) as [ceil(N/16)][K/2][16][2]: per
 // 16 output columns, each k pair's 16 (k, k+1) weight pairs in one 512-bit word (AVX512-BF16 CPUs only).
 enum { F32 = 0, BF16 = 1, BF16_OPS = 2, BF16_PACKED = 3 };
 
@@ -369,9 +371,6 @@ inline void prows_tail(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64
     default: break;
   }
 }
-#endif
-
-#if BGL_DPBF16
 constexpr int64_t NBP_COLS = NBP * 16;
 #else
 constexpr int64_t NBP_COLS = 96;  // never used: packed weights exist only where BGL_DPBF16 (see bgl_linear)
