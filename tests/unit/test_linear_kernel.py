@@ -273,7 +273,7 @@ def packed(fast):
         pytest.skip("packed tiles need a CPU with AVX512-BF16")
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 9, 14, 33])
 @pytest.mark.parametrize("N", [1, 15, 16, 17, 96, 97, 182, 200])
 def test_packed_weights_equal_the_row_tiles(packed, split_everything, M, N):
     """``pack_bf16`` + ``linear_packed``: ``linear(x, w, b, half_operands=True)`` to rounding (the same products,

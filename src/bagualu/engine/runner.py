@@ -59,8 +59,8 @@ NATIVE_STEP_TOKENS = 256
 NATIVE_HALF_STEP_TOKENS = 256
 # ... of which those of at least this many tokens use the repacked projections (EngineConfig.packed_weights).
 # Measured on a Zen 5 (2 threads, the ~110M Llama's 12 layers of projections and its LM head, bf16, weights
-# from DRAM; row tiles -> packed tiles): 1 row 4.4 -> 7.1 ms, 4 rows alike, 8 rows 5.8 -> 5.1, 32
-# rows 12.5 -> 9.9, 64 rows 22.0 -> 18.0.
+# from DRAM; row tiles -> packed tiles): 1 row 4.0 -> 6.9 ms, 2-6 rows within 5% either way, 8 rows 5.1 ->
+# 4.5, 16 7.5 -> 5.5, 32 12.0 -> 9.1, 64 21.7 -> 16.8.
 PACKED_MIN_ROWS = 8
 
 

@@ -308,11 +308,15 @@ inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, fl
 // (k, k+1) pair is broadcast, every product a vdpbf16ps: loads and arithmetic stay near the instruction's
 // peak, where the dot-product tiles above (one weight row per register, 16 partial sums per output) lose
 // to their reductions and loads. Measured on a Zen 5, one thread, weights cached, 32 rows x 768 x 4096:
-// 475 GFLOP/s against the 4 x 6 Dp32 tile's 330 (the core's vdpbf16ps peak measures 546). The next
+// 502 GFLOP/s against the 4 x 6 Dp32 tile's 330 (the core's vdpbf16ps peak measures 546). 8 x 3 tiles
+// rather than 4 x 6 (same registers, half the passes over a tile's weights), on the ~110M Llama's 12 layers
+// of projections and its LM head from DRAM, 2 threads: 8 rows 6.3 -> 5.4 ms, 16 6.4 -> 5.1, 32 9.9 -> 8.8,
+// 64 16.6 -> 16.3; 5 x 4 and 6 x 4 in between. The next
 // tile's weights are prefetched non-temporally, shared among the passes as in tile512. Each output's sum
 // runs over k in order, one product pair at a time, whatever M is: a row's result does not depend on its
 // batch. x: the rows rounded to bf16, K even.
-constexpr int NBP = 6;  // 16-column blocks per packed tile (96 columns)
+constexpr int NBP = 3;  // 16-column blocks per packed tile (48 columns) ...
+constexpr int PMR = 8;  // ... by input rows per tile: 24 accumulators + 3 weight words + 1 broadcast <= 32 zmm
 
 template <int MR_, int NB_>
 inline void ptile(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K, float* y, int64_t ldy,
@@ -346,11 +350,14 @@ inline void ptile(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K,
 template <int NB_>
 inline void prows_block(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K, float* y, int64_t ldy,
                         const float* bias, int64_t M, int64_t N, int64_t b0) {
-  constexpr int PMR = 4;
   const int64_t passes = (M + PMR - 1) / PMR;
   int64_t m = 0;
   for (; m + PMR <= M; m += PMR) ptile<PMR, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes);
   switch (M - m) {
+    case 7: ptile<7, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 6: ptile<6, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 5: ptile<5, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 4: ptile<4, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
     case 3: ptile<3, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
     case 2: ptile<2, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
     case 1: ptile<1, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
@@ -361,11 +368,9 @@ inline void prows_block(const uint16_t* x, int64_t ldx, const uint16_t* wp, int6
 // The blocks [b0, nb) that no whole tile of NBP * 16 columns covers, at the end of the matrix.
 inline void prows_tail(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K, float* y, int64_t ldy,
                        const float* bias, int64_t M, int64_t N, int64_t b0, int64_t nb) {
+  static_assert(NBP == 3, "one case per block count up to NBP");
   switch (nb - b0) {
-    case 6: prows_block<6>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;  // the last one partial
-    case 5: prows_block<5>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
-    case 4: prows_block<4>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
-    case 3: prows_block<3>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
+    case 3: prows_block<3>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;  // the last one partial
     case 2: prows_block<2>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
     case 1: prows_block<1>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
     default: break;
@@ -373,7 +378,7 @@ inline void prows_tail(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64
 }
 constexpr int64_t NBP_COLS = NBP * 16;
 #else
-constexpr int64_t NBP_COLS = 96;  // never used: packed weights exist only where BGL_DPBF16 (see bgl_linear)
+constexpr int64_t NBP_COLS = 48;  // never used: packed weights exist only where BGL_DPBF16 (see bgl_linear)
 #endif
 
 // One input row (a batch-1 decode step): 8 weight rows per tile, so 8 independent FMA chains hide the FMA
