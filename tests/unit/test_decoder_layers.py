@@ -152,16 +152,18 @@ def test_half_operands_native_equal_reference(counting, moe, monkeypatch):
     assert (plain - want).abs().max() > 1e-2  # the rounding happened
 
 
-def test_packed_projections_equal_unpacked(counting):
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_packed_projections_equal_unpacked(counting, wdtype):
     """``packed_min_rows``: a step of that many tokens or more multiplies by repacked copies of the dense
-    projections (AVX512-BF16 builds) — the same products as the row tiles, summed in another order, so equal
-    to rounding; a smaller step keeps the original weights, bit for bit. Elsewhere nothing is packed."""
+    projections (bf16 with half operands on AVX512-BF16 builds, fp32 on AVX-512 ones) — the same products as
+    the row tiles, summed in another order, so equal to rounding; a smaller step keeps the original weights,
+    bit for bit. Elsewhere nothing is packed."""
     import dataclasses
 
     from bagualu.ops import linear_cpu
 
-    stack = make_stack(torch.bfloat16, bias=True, seed=7)
-    half = dataclasses.replace(stack, half_operands=True, native={})
+    stack = make_stack(wdtype, bias=True, seed=7)
+    half = dataclasses.replace(stack, half_operands=wdtype is torch.bfloat16, native={})
     packed = dataclasses.replace(half, native={}, packed_min_rows=8)
     for new, exact in (((5, 19), False), ((2, 3), True)):
         x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=new, past=(20, 0))
@@ -170,7 +172,7 @@ def test_packed_projections_equal_unpacked(counting):
             want = kernel("decoder_layers", "cpu")(x, half, c_half, cos, sin, bt, ctx, qsl, slots)
             got = kernel("decoder_layers", "cpu")(x, packed, c_packed, cos, sin, bt, ctx, qsl, slots)
         table = packed.native["cpu"][1]
-        assert (table[-1] is not None) == linear_cpu.packed_available()
+        assert (table[-1] is not None) == linear_cpu.packed_available(wdtype)
         if exact or table[-1] is None:
             assert torch.equal(got, want)
         else:

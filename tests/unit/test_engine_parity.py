@@ -12,6 +12,7 @@ import bagualu
 from hf_models import hf_configs, make_hf_model, save_hf_model
 from bagualu.models.byte_tokenizer import byte_level_tokenizer
 from bagualu.moe.experts import gemm_via_fp32
+from bagualu.engine import runner as runner_mod
 from bagualu.ops import linear_cpu, linear_half_operand_dtypes, linear_weight_dtypes
 from bagualu.platform import current_platform
 
@@ -41,6 +42,7 @@ def case(request, tmp_path_factory):
 
 MODES = {
     "default": dict(),
+    "unpacked": dict(packed_weights=False),
     "per-layer-loop": dict(fused_layers=False),
     "no-prefix-cache": dict(prefix_caching=False),
     "chunked-prefill": dict(max_num_batched_tokens=16),
@@ -84,6 +86,11 @@ def test_greedy_equals_transformers(case, mode):
     assert (llm.engine.runner.stack is not None) == (mode != "per-layer-loop" and not mode.startswith("r-workers"))
     if mode == "no-prefix-cache":
         assert llm.engine.kv.prefix_hit_rate() == 0
+    # fp32 weights: steps of >= PACKED_MIN_ROWS tokens multiply by repacked copies where the CPU has the tiles
+    packs = mode != "unpacked" and linear_cpu.packed_available(torch.float32)
+    assert (llm.engine.runner.head_packed is not None) == packs
+    if llm.engine.runner.stack is not None and llm.engine.runner.stack.layers[0].qkv_w.dtype is not torch.bfloat16:
+        assert llm.engine.runner.stack.packed_min_rows == (0 if mode == "unpacked" else runner_mod.PACKED_MIN_ROWS)
     assert m.num_running == 0 and m.kv_usage == 0
     if mode.startswith("r-workers"):
         assert llm.engine.config.attention_mode == "r_workers" and len(llm.engine.kv.pools) == 2
@@ -264,7 +271,7 @@ def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fas
         llm = bagualu.LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=budget,
                           packed_weights=packed)
         assert llm.engine.runner.half is not None
-        assert (llm.engine.runner.head_packed is not None) == (packed and linear_cpu.packed_available())
+        assert (llm.engine.runner.head_packed is not None) == (packed and linear_cpu.packed_available(torch.bfloat16))
         outs = llm.generate(ps, bagualu.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         for p, out, want, far in zip(ps, outs, rounded, plain):
             got = torch.tensor([out.prompt_logprobs[j][p[j]] for j in range(1, len(p))])

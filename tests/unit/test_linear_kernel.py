@@ -267,41 +267,54 @@ def test_half_operands_round_the_input(fast, M):
     assert torch.equal(fast(x, fp32_w, half_operands=True), fast(x, fp32_w))  # fp32 weights: nothing to round to
 
 
-@pytest.fixture
-def packed(fast):
-    if not linear_cpu.packed_available():
-        pytest.skip("packed tiles need a CPU with AVX512-BF16")
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def packed(fast, request):
+    """The packed weights' dtype; skipped where this build has no packed tiles for it (bf16: AVX512-BF16,
+    fp32: AVX-512)."""
+    if not linear_cpu.packed_available(request.param):
+        pytest.skip(f"no packed tiles for {request.param} on this CPU")
+    return request.param
+
+
+def _pack(w: torch.Tensor):
+    return linear_cpu.pack_bf16(w) if w.dtype is torch.bfloat16 else linear_cpu.pack_f32(w)
+
+
+def _rows(x, w, b=None):
+    """What the packed tiles must equal: the row tiles on the original weight (bf16: half operands)."""
+    return linear_cpu.linear(x, w, b, half_operands=w.dtype is torch.bfloat16)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 9, 14, 33])
-@pytest.mark.parametrize("N", [1, 15, 16, 17, 96, 97, 182, 200])
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 47, 48, 49, 97, 200])
 def test_packed_weights_equal_the_row_tiles(packed, split_everything, M, N):
-    """``pack_bf16`` + ``linear_packed``: ``linear(x, w, b, half_operands=True)`` to rounding (the same products,
-    summed in another order), for every column tail (N % 16, N % 96), row tail (M % 4) and K tail, chunked over
-    2 threads; the columns past N are never written."""
+    """``pack_bf16``/``pack_f32`` + ``linear_packed``: what ``linear`` computes on the original weight (bf16 with
+    ``half_operands``) to rounding (the same products, summed in another order), for every column tail (N % 16,
+    N % 48), row tail (M % 8) and K tail, chunked over 2 threads; an output row's columns past N untouched."""
     g = torch.Generator().manual_seed(M * 1000 + N)
     for K in (2, 64, 770):
-        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).bfloat16()
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(packed)
         b = torch.randn(N, generator=g) if N % 2 else None
-        pw = linear_cpu.pack_bf16(w)
-        assert pw.data.shape == (-(-N // 16), K // 2, 16, 2) and pw.nbytes == pw.data.numel() * 2
+        pw = _pack(w)
+        shape = (-(-N // 16), K // 2, 16, 2) if packed is torch.bfloat16 else (-(-N // 16), K, 16)
+        assert pw.data.shape == shape and pw.nbytes == pw.data.numel() * pw.data.element_size()
         got = linear_cpu.linear_packed(x, pw, b)
-        want = linear_cpu.linear(x, w, b, half_operands=True)
         assert got.shape == (M, N)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
-        torch.testing.assert_close(got, F.linear(x.bfloat16().float(), w.float(), b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+        torch.testing.assert_close(got, _rows(x, w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+        xr = x.bfloat16().float() if packed is torch.bfloat16 else x
+        torch.testing.assert_close(got, F.linear(xr, w.float(), b), rtol=1e-5, atol=1e-5 * K ** 0.5)
         assert torch.equal(linear_cpu.linear_packed(x.view(1, M, K), pw, b), got.view(1, M, N))
         wide = torch.full((M, N + 5), float("nan"))  # an output row stride past N: those columns untouched
-        linear_cpu._loaded()._run(x.data_ptr(), K, pw.data.data_ptr(), linear_cpu.PACKED_BF16,
-                                  None if b is None else b.data_ptr(), wide.data_ptr(), N + 5, M, N, K, 2, 1, 1)
+        linear_cpu._loaded()._run(x.data_ptr(), K, pw.data.data_ptr(), pw.code, None if b is None else b.data_ptr(),
+                                  wide.data_ptr(), N + 5, M, N, K, 2, 1, 1)
         assert torch.equal(wide[:, :N], got) and wide[:, N:].isnan().all()
 
 
 def test_a_packed_row_does_not_depend_on_its_batch(packed, split_everything):
     """Each output sums over k in order whatever M and the tile: a row's result is the same alone or in a batch."""
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(37, 256, generator=g), torch.randn(300, 256, generator=g).bfloat16()
-    pw = linear_cpu.pack_bf16(w)
+    x, w = torch.randn(37, 256, generator=g), torch.randn(300, 256, generator=g).to(packed)
+    pw = _pack(w)
     full = linear_cpu.linear_packed(x, pw)
     for i in (0, 5, 36):
         assert torch.equal(linear_cpu.linear_packed(x[i:i + 1], pw), full[i:i + 1])
@@ -309,31 +322,36 @@ def test_a_packed_row_does_not_depend_on_its_batch(packed, split_everything):
 
 
 def test_packed_group_matches_single_calls(packed):
-    """``bgl_linear_group`` on packed weights (code 3) gives each problem what ``bgl_linear`` gives it."""
+    """``bgl_linear_group`` on packed weights gives each problem what ``bgl_linear`` gives it."""
     import ctypes
 
     lib = __import__("bagualu.ops.native", fromlist=["load"]).load("linear_cpu", "linear_cpu.cpp")
     g = torch.Generator().manual_seed(5)
     shapes = [(1, 64, 32), (9, 200, 48), (0, 16, 16), (33, 97, 770)]
     xs = [torch.randn(M, K, generator=g) for M, _, K in shapes]
-    pws = [linear_cpu.pack_bf16(torch.randn(N, K, generator=g).bfloat16()) for _, N, K in shapes]
+    pws = [_pack(torch.randn(N, K, generator=g).to(packed)) for _, N, K in shapes]
     ys = [torch.full((M, N), float("nan")) for M, N, _ in shapes]
     probs = (linear_cpu.Gemm * len(shapes))(*[
         linear_cpu.Gemm(x.data_ptr(), x.shape[1], p.data.data_ptr(), None, y.data_ptr(), y.shape[1], *s)
         for x, p, y, s in zip(xs, pws, ys, shapes)])
     lib.bgl_linear_group.restype = None
-    lib.bgl_linear_group(probs, ctypes.c_int64(len(shapes)), ctypes.c_int(linear_cpu.PACKED_BF16), ctypes.c_int(2),
+    lib.bgl_linear_group(probs, ctypes.c_int64(len(shapes)), ctypes.c_int(pws[0].code), ctypes.c_int(2),
                          ctypes.c_int64(1), ctypes.c_int64(1))
     for x, p, y in zip(xs, pws, ys):
         assert torch.equal(y, linear_cpu.linear_packed(x, p))
 
 
 def test_packing_rejects_what_it_cannot_lay_out(packed):
-    with pytest.raises(ValueError, match="even number of columns"):
-        linear_cpu.pack_bf16(torch.zeros(4, 3, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="bf16"):
-        linear_cpu.pack_bf16(torch.zeros(4, 4))
-    pw = linear_cpu.pack_bf16(torch.zeros(4, 8, dtype=torch.bfloat16))
+    if packed is torch.bfloat16:
+        with pytest.raises(ValueError, match="even number of columns"):
+            linear_cpu.pack_bf16(torch.zeros(4, 3, dtype=torch.bfloat16))
+    other = torch.float32 if packed is torch.bfloat16 else torch.bfloat16
+    pack = linear_cpu.pack_bf16 if packed is torch.bfloat16 else linear_cpu.pack_f32
+    with pytest.raises(ValueError, match="2-D"):
+        pack(torch.zeros(4, 4, dtype=other))  # the other dtype
+    with pytest.raises(ValueError, match="2-D"):
+        pack(torch.zeros(4, dtype=packed))
+    pw = _pack(torch.zeros(4, 8, dtype=packed))
     with pytest.raises(ValueError, match="rows of 8"):
         linear_cpu.linear_packed(torch.zeros(2, 6), pw)
     with pytest.raises(ValueError, match="bias"):
@@ -341,16 +359,20 @@ def test_packing_rejects_what_it_cannot_lay_out(packed):
 
 
 def test_the_platform_linear_takes_packed_weights(packed):
-    """``ops.linear_packer`` (the engine's way in): repacks a bf16 weight for the CPU's ``linear``, which then
-    takes it as ``w`` with ``half_operands``; weights it cannot lay out come back as None."""
+    """``ops.linear_packer`` (the engine's way in): repacks a weight for the CPU's ``linear``, which then takes
+    it as ``w`` (bf16: with ``half_operands``); weights it cannot lay out come back as None."""
     from bagualu.ops import linear_packer
 
     pack = linear_packer("cpu")
+    half = packed is torch.bfloat16
     g = torch.Generator().manual_seed(2)
-    x, w, b = torch.randn(9, 64, generator=g), torch.randn(40, 64, generator=g).bfloat16(), torch.randn(40, generator=g)
-    pw = pack(w)
+    x, w, b = torch.randn(9, 64, generator=g), torch.randn(40, 64, generator=g).to(packed), torch.randn(40, generator=g)
+    pw = pack(w, half)
     lin = kernel("linear", "cpu")
-    torch.testing.assert_close(lin(x, pw, b, half_operands=True), lin(x, w, b, half_operands=True), rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="half_operands=True"):
-        lin(x, pw, b)
-    assert pack(torch.randn(40, 64)) is None and pack(torch.zeros(4, 5, dtype=torch.bfloat16)) is None
+    torch.testing.assert_close(lin(x, pw, b, half_operands=half), lin(x, w, b, half_operands=half), rtol=1e-5, atol=1e-4)
+    if half:
+        with pytest.raises(ValueError, match="half_operands=True"):
+            lin(x, pw, b)
+        assert pack(w, False) is None  # bf16 weights without half operands: the row tiles widen them
+        assert pack(torch.zeros(4, 5, dtype=torch.bfloat16), True) is None
+    assert pack(torch.zeros(4, dtype=packed), half) is None

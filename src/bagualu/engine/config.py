@@ -64,12 +64,13 @@ class EngineConfig:
     (batch-1 decode 9-13% faster on a Zen 5 box; packing, which also puts the weights under 2 MiB on huge
     pages, 2-4% more). Where the kernel's THP mode is ``never`` the weights are packed only."""
     packed_weights: bool = True
-    """Where the platform's kernels have tiles for repacked weights (CPU: AVX512-BF16) and a bf16 model's
-    mid-size steps multiply bf16 operands (``LayerStack.half_operands``), decode steps of at least
-    ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of the dense layers' projections
-    and of the LM head (``ops.linear_cpu.pack_bf16``): no horizontal sums, ~1.3x the multiply rate at 32 rows.
-    Costs one more copy of those weights in memory (the head's made at start, the layers' on the first such
-    step; logged); batch-1 steps and prefill keep the originals. MoE layers are not repacked. False: no copy."""
+    """Where the platform's kernels have tiles for repacked weights — on CPU, fp32 weights on AVX-512, and bf16
+    ones on AVX512-BF16 for a bf16 model's mid-size steps that multiply bf16 operands
+    (``LayerStack.half_operands``) — steps of at least ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of
+    the dense layers' projections and of the LM head (``ops.linear_cpu.pack_bf16``, ``pack_f32``): no horizontal
+    sums; at 32 rows, 1.3x (bf16) and 1.4x (fp32) the multiply rate. Costs one more copy of those weights in
+    memory (the head's made at start, the layers' on the first such step; logged); batch-1 steps and large
+    prefill steps keep the originals. MoE layers are not repacked. False: no copy."""
     speculative_tokens: int = 0
     """Speculative decoding by prompt lookup (``engine.speculative``): up to this many draft tokens per
     decoding sequence and step, copied from where its last tokens occurred before; 0 = off. Outputs are

@@ -60,7 +60,8 @@ NATIVE_HALF_STEP_TOKENS = 256
 # ... of which those of at least this many tokens use the repacked projections (EngineConfig.packed_weights).
 # Measured on a Zen 5 (2 threads, the ~110M Llama's 12 layers of projections and its LM head, bf16, weights
 # from DRAM; row tiles -> packed tiles): 1 row 4.0 -> 6.9 ms, 2-6 rows within 5% either way, 8 rows 5.1 ->
-# 4.5, 16 7.5 -> 5.5, 32 12.0 -> 9.1, 64 21.7 -> 16.8.
+# 4.5, 16 7.5 -> 5.5, 32 12.0 -> 9.1, 64 21.7 -> 16.8; fp32 weights: 1 row 9.5 -> 10.5, 4 rows 11.5 -> 10.4,
+# 8 11.5 -> 10.3, 16 14.8 -> 12.3, 32 23.9 -> 16.7, 64 42.8 -> 30.4.
 PACKED_MIN_ROWS = 8
 
 
@@ -148,6 +149,8 @@ class ModelRunner:
         self.backend = backend
         # a back-end that computes attention in this process can run the model's layers as one operator
         self.stack = layer_stack(model) if fused_layers and hasattr(backend, "run_layers") else None
+        if self.stack is not None and packed_weights and model.dtype is torch.float32:
+            self.stack = dataclasses.replace(self.stack, packed_min_rows=PACKED_MIN_ROWS)
         # (stack, final norm weight) with fp32 activations for a half model's small steps (stack None: the
         # per-layer loop), and the stack with half operands for its mid-size ones (module docstring);
         # fp32_activation_rows < 0: neither
@@ -158,9 +161,12 @@ class ModelRunner:
             if self.stack is not None and self.stack.layers[0].qkv_w.dtype in linear_half_operand_dtypes():
                 self.half = dataclasses.replace(self.wide[0], half_operands=True, native={},
                                                 packed_min_rows=PACKED_MIN_ROWS if packed_weights else 0)
-        # the LM head repacked likewise, for the half steps' logits rows (None: not packed here)
-        pack = linear_packer() if packed_weights and self.half is not None else None
-        self.head_packed = pack(model.lm_head.weight) if pack is not None else None
+        # the LM head repacked likewise, for the logits rows of a half model's half steps or of an fp32 model's
+        # steps (None: not packed here)
+        pack = linear_packer() if packed_weights else None
+        self.head_packed = None
+        if pack is not None and (self.half is not None or model.dtype is torch.float32):
+            self.head_packed = pack(model.lm_head.weight, self.half is not None)
         if self.head_packed is not None:
             log.info("engine: LM head repacked for steps of >= %d tokens, %.0f MiB more", PACKED_MIN_ROWS,
                      getattr(self.head_packed, "nbytes", 0) / 2**20)
@@ -240,8 +246,9 @@ class ModelRunner:
                 norm = m.model.norm
                 h = self.rms_norm(x, self.wide[1], norm.eps) if i in wide else norm(x)
                 half = wide.get(i) is not None and wide[i].half_operands  # the LM head's input as the layers' were
-                head = (self.head_packed if half and self.head_packed is not None and n >= PACKED_MIN_ROWS
-                        else m.lm_head.weight)
+                packed = self.head_packed is not None and n >= PACKED_MIN_ROWS and (
+                    half if self.half is not None else i not in wide)
+                head = self.head_packed if packed else m.lm_head.weight
                 out[i] = (self.linear(h, head, half_operands=True) if half else self.linear(h, head)).float()
         return out
 

@@ -202,20 +202,22 @@ def _build(stack: LayerStack, caches) -> tuple | None:
 
 def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tuple | None:
     """(layer array on packed projections, the packed weights it points into) for ``stack.packed_min_rows``;
-    None where it does not apply (no packed tiles here, not half operands, MoE layers, odd widths)."""
-    if not (stack.packed_min_rows > 0 and code == linear_cpu.HALF_OPERANDS and not moes
-            and linear_cpu.packed_available()):
+    None where it does not apply (no packed tiles here for these weights, bf16 weights without half operands,
+    MoE layers, odd widths)."""
+    dtype = {linear_cpu.HALF_OPERANDS: torch.bfloat16, _W_DTYPES[torch.float32]: torch.float32}.get(code)
+    if not (stack.packed_min_rows > 0 and dtype is not None and not moes and linear_cpu.packed_available(dtype)):
         return None
     projections = [(ly.qkv_w, ly.o_w, ly.gate_up_w, ly.down_w) for ly in stack.layers]
-    if any(w.shape[1] % 2 for ws in projections for w in ws):
+    if dtype is torch.bfloat16 and any(w.shape[1] % 2 for ws in projections for w in ws):
         return None
+    pack = linear_cpu.pack_bf16 if dtype is torch.bfloat16 else linear_cpu.pack_f32
     keep, out = [], []
     for row, ws in zip(rows, projections):
-        qkv, o, gu, down = (linear_cpu.pack_bf16(w) for w in ws)
+        qkv, o, gu, down = (pack(w) for w in ws)
         keep += [qkv, o, gu, down]
         r = _Layer.from_buffer_copy(row)
         r.qkv_w, r.o_w, r.gu_w, r.down_w = (p.data.data_ptr() for p in (qkv, o, gu, down))
-        r.w_dtype = linear_cpu.PACKED_BF16
+        r.w_dtype = qkv.code
         out.append(r)
     log.info("decoder layers: dense projections repacked for steps of >= %d tokens, %.0f MiB more",
              stack.packed_min_rows, sum(p.nbytes for p in keep) / 2**20)

@@ -22,6 +22,7 @@ from bagualu.ops.threads import kernel_threads
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 HALF_OPERANDS = 2  # the C side's code for bf16 weights with the x rows rounded to bf16 (csrc: BF16_OPS)
 PACKED_BF16 = 3  # the same products on weights laid out by pack_bf16 (csrc: BF16_PACKED)
+PACKED_F32 = 4  # fp32 weights laid out by pack_f32 (csrc: F32_PACKED)
 # Above this many rows the BLAS sgemm (packed panels, cache blocking over M too) is as fast or faster
 # for fp32 weights (measured with benchmarks/linear.py).
 MAX_ROWS_FP32 = 64
@@ -114,46 +115,61 @@ def _covered(x, w, bias) -> bool:
             and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous() and bias.shape == (w.shape[0],))))
 
 
-class PackedBF16:
-    """A bf16 weight ``[N, K]`` laid out for the packed tiles (``csrc/linear_cpu.cpp``, BF16_PACKED): ``data`` is
-    ``[ceil(N/16), K/2, 16, 2]``, per 16 output columns each k pair's 16 (k, k+1) weight pairs side by side, the
-    columns past N zero. ``linear_packed`` multiplies by it as ``linear(x, w, half_operands=True)`` does by
-    ``w`` (x rounded to bf16, fp32 sums; the sums' order differs, so results agree to rounding, not bits).
-    Made by ``pack_bf16``; it holds its own copy of the weights."""
+class PackedWeight:
+    """A weight ``[N, K]`` laid out for the packed tiles (``csrc/linear_cpu.cpp``): per 16 output columns, one
+    64-byte word per step of k — bf16 (``pack_bf16``, code ``PACKED_BF16``): ``data [ceil(N/16), K/2, 16, 2]``,
+    each k pair's 16 (k, k+1) weight pairs; fp32 (``pack_f32``, ``PACKED_F32``): ``data [ceil(N/16), K, 16]``.
+    The columns past N are zero. ``linear_packed`` multiplies by it as ``linear`` does by the weight (bf16:
+    with ``half_operands``; the sums run in another order, so results agree to rounding, not bits). It holds
+    its own copy of the weights."""
 
-    __slots__ = ("K", "N", "data")
+    __slots__ = ("K", "N", "code", "data")
 
-    def __init__(self, data: torch.Tensor, N: int, K: int):
-        self.data, self.N, self.K = data, N, K
+    def __init__(self, data: torch.Tensor, N: int, K: int, code: int):
+        self.data, self.N, self.K, self.code = data, N, K, code
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
 
-def packed_available() -> bool:
-    """Whether this CPU's build has the packed tiles (AVX512-BF16), so ``pack_bf16`` may be used."""
+def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this CPU's build has packed tiles for weights of ``dtype``: bf16 with AVX512-BF16, fp32 with
+    AVX-512."""
     k = _loaded()
-    return k is not None and k.isa == "avx512-bf16"
+    if k is None:
+        return False
+    return k.isa == "avx512-bf16" if dtype is torch.bfloat16 else dtype is torch.float32 and k.isa.startswith("avx512")
 
 
-def pack_bf16(w: torch.Tensor) -> PackedBF16:
-    """``w`` (bf16 ``[N, K]``, K even) in the packed tiles' layout (see ``PackedBF16``)."""
-    if not packed_available():
-        raise RuntimeError("packed bf16 weights need the linear kernel built for a CPU with AVX512-BF16")
-    if w.dtype is not torch.bfloat16 or w.dim() != 2 or w.shape[1] % 2 or w.device.type != "cpu":
-        raise ValueError(f"pack_bf16 takes a 2-D bf16 CPU weight with an even number of columns; got "
-                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+def _pack(w: torch.Tensor, dtype: torch.dtype, code: int) -> PackedWeight:
+    if not packed_available(dtype):
+        raise RuntimeError(f"packed {dtype} weights need the linear kernel built for a CPU with "
+                           f"{'AVX512-BF16' if dtype is torch.bfloat16 else 'AVX-512'}")
+    pair = 2 if dtype is torch.bfloat16 else 1
+    if w.dtype is not dtype or w.dim() != 2 or w.shape[1] % pair or w.device.type != "cpu":
+        raise ValueError(f"packing takes a 2-D {dtype} CPU weight" + (" with an even number of columns" if pair == 2
+                         else "") + f"; got {tuple(w.shape)} {w.dtype} on {w.device}")
     N, K = w.shape
     nb = -(-N // 16)
-    padded = torch.zeros(nb * 16, K, dtype=torch.bfloat16)
+    padded = torch.zeros(nb * 16, K, dtype=dtype)
     padded[:N] = w
-    data = padded.view(nb, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return PackedBF16(data, N, K)
+    data = padded.view(nb, 16, K // pair, pair).permute(0, 2, 1, 3).contiguous()
+    return PackedWeight(data if pair == 2 else data.view(nb, K, 16), N, K, code)
 
 
-def linear_packed(x: torch.Tensor, w: PackedBF16, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(x, W, bias, half_operands=True)`` for the W that ``w`` packs: ``x`` fp32 ``[..., K]``."""
+def pack_bf16(w: torch.Tensor) -> PackedWeight:
+    """``w`` (bf16 ``[N, K]``, K even) in the packed tiles' layout (see ``PackedWeight``)."""
+    return _pack(w, torch.bfloat16, PACKED_BF16)
+
+
+def pack_f32(w: torch.Tensor) -> PackedWeight:
+    """``w`` (fp32 ``[N, K]``) in the packed tiles' layout (see ``PackedWeight``)."""
+    return _pack(w, torch.float32, PACKED_F32)
+
+
+def linear_packed(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, W, bias)`` for the W that ``w`` packs (bf16: ``half_operands=True``): ``x`` fp32 ``[..., K]``."""
     if x.dtype is not torch.float32 or x.shape[-1] != w.K or not x.is_cpu:
         raise ValueError(f"linear_packed takes fp32 CPU rows of {w.K}; got {tuple(x.shape)} {x.dtype} on {x.device}")
     if bias is not None and (bias.dtype is not torch.float32 or bias.shape != (w.N,) or not bias.is_contiguous()):
@@ -165,7 +181,7 @@ def linear_packed(x: torch.Tensor, w: PackedBF16, bias: torch.Tensor | None = No
     M = x2.shape[0]
     y = torch.empty((M, w.N), dtype=torch.float32)
     if M:
-        k._run(x2.data_ptr(), x2.stride(0), w.data.data_ptr(), PACKED_BF16, None if bias is None else bias.data_ptr(),
+        k._run(x2.data_ptr(), x2.stride(0), w.data.data_ptr(), w.code, None if bias is None else bias.data_ptr(),
                y.data_ptr(), w.N, M, w.N, w.K, kernel_threads(), MIN_WORK_PER_THREAD, CHUNK_WORK)
     return y.view(x.shape[:-1] + (w.N,))
 
@@ -194,10 +210,10 @@ def _loaded() -> LinearKernel | None:
     return _kernel
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | PackedBF16, bias: torch.Tensor | None = None, *,
+def linear(x: torch.Tensor, w: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None, *,
            half_operands: bool = False) -> torch.Tensor:
-    if isinstance(w, PackedBF16):  # made by pack_half_operands: its products are half operands by definition
-        if not half_operands:
+    if isinstance(w, PackedWeight):  # made by pack_weight (ops.registry.linear_packer)
+        if w.code == PACKED_BF16 and not half_operands:
             raise ValueError("packed bf16 weights multiply bf16-rounded inputs: call with half_operands=True")
         return linear_packed(x, w, bias)
     k = _loaded()
@@ -214,15 +230,20 @@ def _native_weight_dtypes() -> tuple[torch.dtype, ...]:
 linear.native_weight_dtypes = _native_weight_dtypes
 
 
-def _pack_half_operands(w: torch.Tensor) -> PackedBF16 | None:
-    """``w`` repacked for the packed tiles where this CPU has them and ``w`` suits them (bf16, even K); else None."""
-    if not packed_available() or w.dtype is not torch.bfloat16 or w.dim() != 2 or w.shape[1] % 2:
+def _pack_weight(w: torch.Tensor, half_operands: bool) -> PackedWeight | None:
+    """``w`` repacked for the packed tiles where this CPU has them and ``w`` suits them (bf16 with half operands,
+    K even; fp32); else None."""
+    if w.dim() != 2:
         return None
-    return pack_bf16(w)
+    if w.dtype is torch.bfloat16 and half_operands and w.shape[1] % 2 == 0 and packed_available(torch.bfloat16):
+        return pack_bf16(w)
+    if w.dtype is torch.float32 and packed_available(torch.float32):
+        return pack_f32(w)
+    return None
 
 
-# what ops.registry.linear_packer reports: weights repacked once for half-operand products, passed as ``w``
-linear.pack_half_operands = _pack_half_operands
+# what ops.registry.linear_packer reports: weights repacked once for this linear, passed as ``w``
+linear.pack_weight = _pack_weight
 
 
 def _half_operand_dtypes() -> tuple[torch.dtype, ...]:

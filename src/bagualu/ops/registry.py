@@ -104,8 +104,8 @@ def linear_half_operand_dtypes(platform: str | None = None) -> tuple[torch.dtype
 
 
 def linear_packer(platform: str | None = None) -> Callable | None:
-    """The platform's repacking of a weight for its ``linear`` with ``half_operands`` (CPU, AVX512-BF16:
-    ``linear_cpu.pack_bf16``): a callable taking the weight and returning what ``linear`` then takes as
-    ``w`` (or None for a weight it does not repack); None where the platform has no such layout. A
-    ``pack_half_operands`` attribute of the platform's ``linear`` says so."""
-    return getattr(kernel("linear", platform), "pack_half_operands", None)
+    """The platform's repacking of a weight for its ``linear``: a callable ``(weight, half_operands)`` returning
+    what ``linear`` then takes as ``w`` (with the same ``half_operands``), or None for a weight it does not
+    repack; None where the platform has no such layout (on CPU: ``linear_cpu.pack_bf16`` with AVX512-BF16,
+    ``pack_f32`` with AVX-512). A ``pack_weight`` attribute of the platform's ``linear`` says so."""
+    return getattr(kernel("linear", platform), "pack_weight", None)

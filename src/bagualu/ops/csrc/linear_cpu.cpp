@@ -57,7 +57,8 @@ namespace {
 // products run as vdpbf16ps at twice the fp32 rate, with no widening of the weights.
 // BF16_PACKED: BF16_OPS on weights repacked once (ops/linear_cpu.py's pack_bf16) as [ceil(N/16)][K/2][16][2]: per
 // 16 output columns, each k pair's 16 (k, k+1) weight pairs in one 512-bit word (AVX512-BF16 CPUs only).
-enum { F32 = 0, BF16 = 1, BF16_OPS = 2, BF16_PACKED = 3 };
+// F32_PACKED: fp32 weights repacked (pack_f32) as [ceil(N/16)][K][16] (AVX-512 CPUs only).
+enum { F32 = 0, BF16 = 1, BF16_OPS = 2, BF16_PACKED = 3, F32_PACKED = 4 };
 
 using bgl::bf16_to_f32;
 
@@ -302,41 +303,63 @@ inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, fl
   }
 }
 
-#if BGL_DPBF16
-// Tiles on packed weights (BF16_PACKED): MR x NB 512-bit accumulators, each holding 16 outputs, so no
-// horizontal sums at the end. Per k pair, NB weight words (16 columns each) are loaded and each input row's
-// (k, k+1) pair is broadcast, every product a vdpbf16ps: loads and arithmetic stay near the instruction's
-// peak, where the dot-product tiles above (one weight row per register, 16 partial sums per output) lose
-// to their reductions and loads. Measured on a Zen 5, one thread, weights cached, 32 rows x 768 x 4096:
-// 502 GFLOP/s against the 4 x 6 Dp32 tile's 330 (the core's vdpbf16ps peak measures 546). 8 x 3 tiles
-// rather than 4 x 6 (same registers, half the passes over a tile's weights), on the ~110M Llama's 12 layers
-// of projections and its LM head from DRAM, 2 threads: 8 rows 6.3 -> 5.4 ms, 16 6.4 -> 5.1, 32 9.9 -> 8.8,
-// 64 16.6 -> 16.3; 5 x 4 and 6 x 4 in between. The next
-// tile's weights are prefetched non-temporally, shared among the passes as in tile512. Each output's sum
-// runs over k in order, one product pair at a time, whatever M is: a row's result does not depend on its
-// batch. x: the rows rounded to bf16, K even.
+#if BGL_SIMD == 2
+// Tiles on packed weights (BF16_PACKED, F32_PACKED): MR x NB 512-bit accumulators, each holding 16 outputs,
+// so no horizontal sums at the end. The weights are laid out per 16 output columns, one 64-byte word per
+// step: bf16, each k pair's 16 (k, k+1) pairs, multiplied as vdpbf16ps against the row's broadcast pair;
+// fp32, each k's 16 weights, an FMA against the row's broadcast value. Loads and arithmetic stay near the
+// instructions' peak, where the dot-product tiles above (one weight row per register, 16 partial sums per
+// output) lose to their reductions and loads. Measured on a Zen 5, one thread, weights cached, 32 rows x
+// 768 x 4096: bf16 502 GFLOP/s against the 4 x 6 Dp32 tile's 330 (the core's vdpbf16ps peak measures 546).
+// 8 x 3 tiles rather than 4 x 6 (same registers, half the passes over a tile's weights), on the ~110M
+// Llama's 12 layers of projections and its LM head from DRAM, bf16, 2 threads: 8 rows 6.3 -> 5.4 ms, 16
+// 6.4 -> 5.1, 32 9.9 -> 8.8, 64 16.6 -> 16.3; 5 x 4 and 6 x 4 in between. The next tile's weights are
+// prefetched non-temporally, shared among the passes as in tile512. Each output's sum runs over k in
+// order, one step at a time, whatever M is: a row's result does not depend on its batch. x: bf16, the rows
+// rounded, K even; fp32, the rows as given.
 constexpr int NBP = 3;  // 16-column blocks per packed tile (48 columns) ...
 constexpr int PMR = 8;  // ... by input rows per tile: 24 accumulators + 3 weight words + 1 broadcast <= 32 zmm
 
-template <int MR_, int NB_>
-inline void ptile(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K, float* y, int64_t ldy,
+struct PkF32 {  // one step: one k
+  using XT = float;
+  using W = __m512;
+  static constexpr int64_t kpw = 1;  // k per step (per 64-byte weight word)
+  static W w(const char* p) { return _mm512_loadu_ps(reinterpret_cast<const float*>(p)); }
+  static W x(const float* row, int64_t s) { return _mm512_set1_ps(row[s]); }
+  static __m512 madd(__m512 acc, W a, W b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+#if BGL_DPBF16
+struct PkBf16 {  // one step: one k pair
+  using XT = uint16_t;
+  using W = __m512bh;
+  static constexpr int64_t kpw = 2;
+  static W w(const char* p) { return (W)_mm512_loadu_si512(p); }
+  static W x(const uint16_t* row, int64_t s) {
+    return (W)_mm512_set1_epi32(reinterpret_cast<const int32_t*>(row)[s]);
+  }
+  static __m512 madd(__m512 acc, W a, W b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+#endif
+
+template <class P, int MR_, int NB_>
+inline void ptile(const typename P::XT* x, int64_t ldx, const char* wp, int64_t K, float* y, int64_t ldy,
                   const float* bias, int64_t N, int64_t m0, int64_t b0, int64_t pass, int64_t passes) {
-  const int64_t K2 = K / 2;
+  const int64_t steps = K / P::kpw, block = steps * 64;  // bytes per 16-column block
   __m512 acc[MR_][NB_];
   for (int i = 0; i < MR_; ++i)
     for (int j = 0; j < NB_; ++j) acc[i][j] = _mm512_setzero_ps();
-  const uint16_t* wb = wp + b0 * K2 * 32;            // this tile's first block
-  const char* nxt = reinterpret_cast<const char*>(wp + (b0 + NB_) * K2 * 32);  // the next tile's
-  const int32_t* xr[MR_];
-  for (int i = 0; i < MR_; ++i) xr[i] = reinterpret_cast<const int32_t*>(x + (m0 + i) * ldx);
-  for (int64_t kk = 0; kk < K2; ++kk) {
-    if (kk % passes == pass)
-      for (int j = 0; j < NB_; ++j) _mm_prefetch(nxt + (j * K2 + kk) * 64, _MM_HINT_NTA);
-    __m512bh wv[NB_];
-    for (int j = 0; j < NB_; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wb + (j * K2 + kk) * 32);
+  const char* wb = wp + b0 * block;            // this tile's first block
+  const char* nxt = wp + (b0 + NB_) * block;   // the next tile's
+  const typename P::XT* xr[MR_];
+  for (int i = 0; i < MR_; ++i) xr[i] = x + (m0 + i) * ldx;
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s % passes == pass)
+      for (int j = 0; j < NB_; ++j) _mm_prefetch(nxt + j * block + s * 64, _MM_HINT_NTA);
+    typename P::W wv[NB_];
+    for (int j = 0; j < NB_; ++j) wv[j] = P::w(wb + j * block + s * 64);
     for (int i = 0; i < MR_; ++i) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[i][kk]);
-      for (int j = 0; j < NB_; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, wv[j]);
+      const typename P::W xb = P::x(xr[i], s);
+      for (int j = 0; j < NB_; ++j) acc[i][j] = P::madd(acc[i][j], xb, wv[j]);
     }
   }
   for (int j = 0; j < NB_; ++j) {
@@ -347,39 +370,42 @@ inline void ptile(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K,
   }
 }
 
-template <int NB_>
-inline void prows_block(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K, float* y, int64_t ldy,
+template <class P, int NB_>
+inline void prows_block(const typename P::XT* x, int64_t ldx, const char* wp, int64_t K, float* y, int64_t ldy,
                         const float* bias, int64_t M, int64_t N, int64_t b0) {
   const int64_t passes = (M + PMR - 1) / PMR;
   int64_t m = 0;
-  for (; m + PMR <= M; m += PMR) ptile<PMR, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes);
+  for (; m + PMR <= M; m += PMR) ptile<P, PMR, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes);
   switch (M - m) {
-    case 7: ptile<7, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
-    case 6: ptile<6, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
-    case 5: ptile<5, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
-    case 4: ptile<4, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
-    case 3: ptile<3, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
-    case 2: ptile<2, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
-    case 1: ptile<1, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 7: ptile<P, 7, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 6: ptile<P, 6, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 5: ptile<P, 5, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 4: ptile<P, 4, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 3: ptile<P, 3, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 2: ptile<P, 2, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
+    case 1: ptile<P, 1, NB_>(x, ldx, wp, K, y, ldy, bias, N, m, b0, m / PMR, passes); break;
     default: break;
   }
 }
 
-// The blocks [b0, nb) that no whole tile of NBP * 16 columns covers, at the end of the matrix.
-inline void prows_tail(const uint16_t* x, int64_t ldx, const uint16_t* wp, int64_t K, float* y, int64_t ldy,
-                       const float* bias, int64_t M, int64_t N, int64_t b0, int64_t nb) {
+// Tiles [t0, t1) of NBP blocks, and with `last` the blocks no whole tile covers (the last one partial).
+template <class P>
+inline void prows(const BglGemm& g, int64_t t0, int64_t t1, bool last) {
   static_assert(NBP == 3, "one case per block count up to NBP");
-  switch (nb - b0) {
-    case 3: prows_block<3>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;  // the last one partial
-    case 2: prows_block<2>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
-    case 1: prows_block<1>(x, ldx, wp, K, y, ldy, bias, M, N, b0); break;
+  const typename P::XT* x = reinterpret_cast<const typename P::XT*>(g.x);
+  const char* wp = static_cast<const char*>(g.w);
+  for (int64_t t = t0; t < t1; ++t) prows_block<P, NBP>(x, g.ldx, wp, g.K, g.y, g.ldy, g.bias, g.M, g.N, t * NBP);
+  if (!last) return;
+  const int64_t b0 = (g.N / (NBP * 16)) * NBP;
+  switch ((g.N + 15) / 16 - b0) {
+    case 3: prows_block<P, 3>(x, g.ldx, wp, g.K, g.y, g.ldy, g.bias, g.M, g.N, b0); break;
+    case 2: prows_block<P, 2>(x, g.ldx, wp, g.K, g.y, g.ldy, g.bias, g.M, g.N, b0); break;
+    case 1: prows_block<P, 1>(x, g.ldx, wp, g.K, g.y, g.ldy, g.bias, g.M, g.N, b0); break;
     default: break;
   }
 }
-constexpr int64_t NBP_COLS = NBP * 16;
-#else
-constexpr int64_t NBP_COLS = 48;  // never used: packed weights exist only where BGL_DPBF16 (see bgl_linear)
 #endif
+constexpr int64_t NBP_COLS = 48;  // columns per packed tile (NBP * 16)
 
 // One input row (a batch-1 decode step): 8 weight rows per tile, so 8 independent FMA chains hide the FMA
 // latency that 4 chains (one 1 x 4 tile) would expose.
@@ -395,12 +421,15 @@ void run_chunk(const void* ctx, int64_t c) {
   const Job& j = *static_cast<const Job*>(ctx);
   const int64_t t0 = c * j.per_chunk, t1 = t0 + j.per_chunk < j.tiles ? t0 + j.per_chunk : j.tiles;
   const bool last = t1 == j.tiles;
+#if BGL_SIMD == 2
+  if constexpr (WD == F32_PACKED) {  // tiles of NBP 16-column blocks; nr = NBP_COLS
+    prows<PkF32>(j, t0, t1, last);
+    return;
+  }
+#endif
 #if BGL_DPBF16
-  if constexpr (WD == BF16_PACKED) {  // tiles of NBP 16-column blocks; nr = NBP * 16
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(j.x);
-    const uint16_t* wp = static_cast<const uint16_t*>(j.w);
-    for (int64_t t = t0; t < t1; ++t) prows_block<NBP>(x, j.ldx, wp, j.K, j.y, j.ldy, j.bias, j.M, j.N, t * NBP);
-    if (last) prows_tail(x, j.ldx, wp, j.K, j.y, j.ldy, j.bias, j.M, j.N, j.tiles * NBP, (j.N + 15) / 16);
+  if constexpr (WD == BF16_PACKED) {
+    prows<PkBf16>(j, t0, t1, last);
     return;
   }
 #endif
@@ -444,7 +473,7 @@ void linear(const float* x, int64_t ldx, const void* w, const float* bias, float
   const int64_t per = min_work > 0 ? min_work : 1;
   int nt = static_cast<int>(work / per < threads ? work / per : threads);
   if (nt < 1) nt = 1;
-  const int64_t nr = WD == BF16_PACKED ? NBP_COLS : M == 1 ? NR1 : NR;
+  const int64_t nr = WD == BF16_PACKED || WD == F32_PACKED ? NBP_COLS : M == 1 ? NR1 : NR;
   Job j{{x, ldx, w, bias, y, ldy, M, N, K}, N / nr, 1, nr};
   const int64_t tile_work = M * nr * K;
   int64_t chunks = 1;
@@ -491,7 +520,7 @@ void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, in
   for (int64_t i = 0; i < n; ++i) {
     const BglGemm& q = p[i];
     if (q.M == 0) continue;
-    const int64_t nr = WD == BF16_PACKED ? NBP_COLS : q.M == 1 ? NR1 : NR;
+    const int64_t nr = WD == BF16_PACKED || WD == F32_PACKED ? NBP_COLS : q.M == 1 ? NR1 : NR;
     Job j{q, q.N / nr, 1, nr};
     int64_t chunks = 1;
     if (nt > 1 && j.tiles > 1) {
@@ -563,9 +592,19 @@ void bgl_linear_set_gemm(void* fn, int64_t min_rows) {
 }
 
 // w_dtype: 0 fp32, 1 bf16, 2 bf16 with the x rows rounded to bf16 first (BF16_OPS), 3 the same on weights
-// packed as ops/linear_cpu.py's pack_bf16 lays them out (BF16_PACKED, AVX512-BF16 builds; K even).
+// packed as ops/linear_cpu.py's pack_bf16 lays them out (BF16_PACKED, AVX512-BF16 builds; K even), 4 fp32
+// weights packed by pack_f32 (F32_PACKED, AVX-512 builds).
 void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const float* bias, float* y, int64_t ldy,
                 int64_t M, int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
+  if (w_dtype == F32_PACKED) {  // the packed tiles whatever M
+#if BGL_SIMD == 2
+    if (M > 0) linear<F32_PACKED>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
+#else  // the Python side packs only for AVX-512 builds: make a misuse visible, never silently wrong
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) y[i * ldy + j] = std::numeric_limits<float>::quiet_NaN();
+#endif
+    return;
+  }
   if (w_dtype == BF16_PACKED) {  // x rounded to bf16, then the packed tiles whatever M (the layout is theirs)
 #if BGL_DPBF16
     if (M == 0) return;
@@ -605,6 +644,15 @@ void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threa
     linear_group<F32>(problems, n, threads, min_work, chunk_work);
   } else if (w_dtype == BF16) {
     linear_group<BF16>(problems, n, threads, min_work, chunk_work);
+  } else if (w_dtype == F32_PACKED) {
+#if BGL_SIMD == 2
+    linear_group<F32_PACKED>(problems, n, threads, min_work, chunk_work);
+#else  // as in bgl_linear
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t i = 0; i < problems[p].M; ++i)
+        for (int64_t j = 0; j < problems[p].N; ++j)
+          problems[p].y[i * problems[p].ldy + j] = std::numeric_limits<float>::quiet_NaN();
+#endif
   } else {  // every problem's x rows rounded (one buffer), then the tiles
     int64_t units = 0;
     for (int64_t i = 0; i < n; ++i) units += rounded_units(problems[i].M, problems[i].K);
