@@ -272,6 +272,9 @@ def main(argv=None) -> int:
         args.models, args.dtypes = ["tiny"], args.dtypes[:1]
         args.requests, args.prompt_len, args.output_len, args.batch1_tokens = 4, 16, 8, 8
         args.online_requests, args.rates = 4, args.rates[:1]
+    from bagualu.memory.host_allocator import tune_glibc_malloc
+
+    tune_glibc_malloc()  # what our engine does when it starts; the peers run in this process with it too
     facts = machine_facts()
     print("machine:", facts)
     with tempfile.TemporaryDirectory() as tmp:

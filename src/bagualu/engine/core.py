@@ -36,6 +36,8 @@ from bagualu.engine.sampler import sample
 from bagualu.engine.scheduler import ScheduledBatch, Scheduler
 from bagualu.engine.speculative import PromptLookup
 from bagualu.engine.structured import GrammarError, Grammars
+from bagualu.memory.host_allocator import describe as describe_allocator
+from bagualu.memory.host_allocator import tune_glibc_malloc
 from bagualu.memory.weight_arena import pack_module
 from bagualu.ops.threads import small_step
 from bagualu.utils.logging import get_logger
@@ -189,6 +191,10 @@ class EngineCore:
             self.backend = LocalAttention(self.kv_spec, model.device)
         self.kv = KVManager(num_pools, self.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler_config(), self.kv)
+        if model.device.type == "cpu" and tune_glibc_malloc():
+            # a prefill step's activations (tens of MiB each) are reused, not page-faulted in on every step, as
+            # glibc's defaults do above 32 MiB: fp32 ~110M Llama, 32 prompts x 128, prefill 2.18-2.39 -> 2.05-2.12 s
+            log.info("engine: %s", describe_allocator())
         self.weight_arena = self.huge_pages = None
         if cfg.huge_pages and model.device.type == "cpu":  # the fused projections are what the steps read
             model.fuse_projections()
