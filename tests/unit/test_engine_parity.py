@@ -281,3 +281,31 @@ def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fas
             near, off = (got - want[idx, p[1:]]).abs(), (got - far[idx, p[1:]]).abs()
             assert near.mean() < 2e-5 and near.max() < 5e-4 and off.mean() > 1e-4
         llm.close()
+
+
+@pytest.mark.parametrize("case", ["llama"], indirect=True)
+def test_large_fp32_steps_keep_torch_on_one_thread(case, monkeypatch):
+    """An fp32 model's step above the layer operator's limit is still the platform's kernels (its reference
+    composes them) where the platform's ``linear`` runs fp32 GEMMs of every size on its own threads: torch's
+    ops then run on one thread (``ops.threads.small_step``; the kernels keep the caller's count), so its
+    OpenMP workers do not spin on the cores the kernels' threads need. The output is unchanged."""
+    from bagualu.engine import runner as runner_mod
+    from bagualu.ops import linear_fp32_on_own_threads
+    from bagualu.ops.threads import kernel_threads
+
+    path, refs = case
+    monkeypatch.setattr(runner_mod, "NATIVE_STEP_TOKENS", 8)  # the prefill steps here exceed it
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    execute = runner_mod.ModelRunner.execute
+    monkeypatch.setattr(runner_mod.ModelRunner, "execute", lambda self, mbs: seen.append(
+        (sum(st.num_tokens for st in mbs), torch.get_num_threads(), kernel_threads())) or execute(self, mbs))
+    llm = bagualu.LLM(str(path))
+    outs = llm.generate(prompts(), bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW),
+                        use_tqdm=False)
+    assert [o.token_ids for o in outs] == refs
+    large = {(torch_threads, kt) for n, torch_threads, kt in seen if n > 8}
+    llm.close()
+    torch.set_num_threads(before)
+    assert large == ({(1, 2)} if linear_fp32_on_own_threads() else {(2, 2)})

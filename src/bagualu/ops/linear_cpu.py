@@ -246,6 +246,18 @@ def _pack_weight(w: torch.Tensor, half_operands: bool) -> PackedWeight | None:
 linear.pack_weight = _pack_weight
 
 
+def _fp32_on_own_threads() -> bool:
+    """Whether every fp32 call, whatever its rows, runs on this library's helper threads (the row tiles, and
+    the grouped GEMM for many rows) rather than torch's OpenMP team."""
+    from bagualu.ops import gemm_cpu  # (it imports this module)
+
+    return _loaded() is not None and gemm_cpu._loaded() is not None
+
+
+# what ops.registry.linear_fp32_on_own_threads reports
+linear.fp32_on_own_threads = _fp32_on_own_threads
+
+
 def _half_operand_dtypes() -> tuple[torch.dtype, ...]:
     k = _loaded()
     return (torch.bfloat16,) if k is not None and k.isa == "avx512-bf16" else ()

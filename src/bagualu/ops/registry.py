@@ -109,3 +109,12 @@ def linear_packer(platform: str | None = None) -> Callable | None:
     repack; None where the platform has no such layout (on CPU: ``linear_cpu.pack_bf16`` with AVX512-BF16,
     ``pack_f32`` with AVX-512). A ``pack_weight`` attribute of the platform's ``linear`` says so."""
     return getattr(kernel("linear", platform), "pack_weight", None)
+
+
+def linear_fp32_on_own_threads(platform: str | None = None) -> bool:
+    """Whether the platform's ``linear`` runs fp32 GEMMs of any size on threads of its own, not torch's (a
+    ``fp32_on_own_threads`` attribute says so): then a step made of the platform's kernels gains nothing from
+    torch's OpenMP team for its few element-wise ops, and the team's spinning workers take the cores the
+    kernels' threads need."""
+    query = getattr(kernel("linear", platform), "fp32_on_own_threads", None)
+    return bool(query()) if query is not None else False
