@@ -289,7 +289,6 @@ def test_large_fp32_steps_keep_torch_on_one_thread(case, monkeypatch):
     composes them) where the platform's ``linear`` runs fp32 GEMMs of every size on its own threads: torch's
     ops then run on one thread (``ops.threads.small_step``; the kernels keep the caller's count), so its
     OpenMP workers do not spin on the cores the kernels' threads need. The output is unchanged."""
-    from bagualu.engine import runner as runner_mod
     from bagualu.ops import linear_fp32_on_own_threads
     from bagualu.ops.threads import kernel_threads
 

@@ -69,8 +69,8 @@ class EngineConfig:
     (``LayerStack.half_operands``) — steps of at least ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of
     the dense layers' projections and of the LM head (``ops.linear_cpu.pack_bf16``, ``pack_f32``): no horizontal
     sums; at 32 rows, 1.3x (bf16) and 1.4x (fp32) the multiply rate. Costs one more copy of those weights in
-    memory (the head's made at start, the layers' on the first such step; logged); batch-1 steps and large
-    prefill steps keep the originals. MoE layers are not repacked. False: no copy."""
+    memory (the head's made at start, the layers' on the layer operator's first step; logged); batch-1 steps
+    and large prefill steps keep the originals. MoE layers are not repacked. False: no copy."""
     speculative_tokens: int = 0
     """Speculative decoding by prompt lookup (``engine.speculative``): up to this many draft tokens per
     decoding sequence and step, copied from where its last tokens occurred before; 0 = off. Outputs are

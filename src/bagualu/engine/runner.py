@@ -183,7 +183,8 @@ class ModelRunner:
 
     def native_step(self, tokens: int) -> bool:
         """Whether a step of ``tokens`` tokens spends its time in the platform's own kernels (the layer operator
-        with fp32 activations, up to ``NATIVE_STEP_TOKENS``) rather than in torch's ops."""
+        with fp32 activations, up to ``NATIVE_STEP_TOKENS``; an fp32 model's larger steps too where the
+        platform's ``linear`` runs fp32 GEMMs of every size on its own threads) rather than in torch's ops."""
         if self.stack is None:
             return False
         if self.model.dtype is torch.float32:  # beyond the operator, its reference composes the same kernels

@@ -92,7 +92,7 @@ class LayerStack:
     """Steps of at least this many tokens multiply by copies of the dense layers' projections that the
     platform's kernel repacks for its tiles, where it has such tiles for these weights (on CPU: bf16 with
     ``half_operands`` on AVX512-BF16, ``ops.linear_cpu.pack_bf16``; fp32 on AVX-512, ``pack_f32``), made on the
-    first such step and kept with the stack (memory: one more copy of those weights). The products are the
+    stack's first native step and kept with it (memory: one more copy of those weights). The products are the
     same; their sums run in another order. 0: never."""
 
 
