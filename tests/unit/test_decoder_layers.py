@@ -37,7 +37,7 @@ def make_stack(wdtype=torch.float32, bias=False, window=None, seed=0, moe=None) 
         if moe is None or i == 0:
             layers.append(LayerWeights(*attn, r(2 * F, D), b(2 * F), r(D, F), b(D), w))
             continue
-        E, Fe, Fs = moe.get("E", 6), 40, moe.get("Fs", 0)
+        E, Fe, Fs = moe.get("E", 6), moe.get("Fe", 40), moe.get("Fs", 0)
         gate = f if moe.get("fp32_gates") else r  # the router and shared gate kept in fp32 (engine, bf16 weights)
         shared = (r(2 * Fs, D), r(D, Fs), gate(1, D) if moe.get("shared_gate") else None) if Fs else (None,) * 3
         block = MoEBlock(gate(E, D) * 5 if gate is f else r(E, D, sc=1.0), r(E, Fe, D), r(E, Fe, D), r(E, D, Fe), moe.get("K", 2),
@@ -153,16 +153,18 @@ def test_half_operands_native_equal_reference(counting, moe, monkeypatch):
 
 
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
-def test_packed_projections_equal_unpacked(counting, wdtype):
-    """``packed_min_rows``: a step of that many tokens or more multiplies by repacked copies of the dense
-    projections (bf16 with half operands on AVX512-BF16 builds, fp32 on AVX-512 ones) — the same products as
-    the row tiles, summed in another order, so equal to rounding; a smaller step keeps the original weights,
-    bit for bit. Elsewhere nothing is packed."""
+@pytest.mark.parametrize("moe", [None, dict(Fe=48, Fs=16, shared_gate=True, fp32_gates=True)])
+def test_packed_projections_equal_unpacked(counting, wdtype, moe):
+    """``packed_min_rows``: a step of that many tokens or more multiplies by repacked copies of the projections
+    (bf16 with half operands on AVX512-BF16 builds, fp32 on AVX-512 ones) — in MoE layers the attention's, the
+    shared experts' and those of each expert routed that many rows, the others' unpacked — the same products
+    as the row tiles, summed in another order, so equal to rounding; a smaller step keeps the original
+    weights, bit for bit. Elsewhere nothing is packed."""
     import dataclasses
 
     from bagualu.ops import linear_cpu
 
-    stack = make_stack(wdtype, bias=True, seed=7)
+    stack = make_stack(wdtype, bias=True, seed=7, moe=moe)
     half = dataclasses.replace(stack, half_operands=wdtype is torch.bfloat16, native={})
     packed = dataclasses.replace(half, native={}, packed_min_rows=8)
     for new, exact in (((5, 19), False), ((2, 3), True)):

@@ -42,7 +42,8 @@ class _Kernels(ctypes.Structure):
 
 class _MoE(ctypes.Structure):
     _fields_ = [(n, _p) for n in ("router_w", "gate_w", "up_w", "down_w", "shared_gu_w", "shared_down_w",
-                                  "shared_gate_w")] + [(n, _i) for n in ("E", "K", "F", "Fs", "router", "norm_topk", "gate_dtype")]
+                                  "shared_gate_w")] + [(n, _i) for n in ("E", "K", "F", "Fs", "router", "norm_topk", "gate_dtype")] \
+        + [(n, _p) for n in ("gate_wp", "up_wp", "down_wp")] + [(n, _i) for n in ("unpacked_dtype", "packed_min_rows")]
 
 
 class _Layer(ctypes.Structure):
@@ -201,26 +202,45 @@ def _build(stack: LayerStack, caches) -> tuple | None:
 
 
 def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tuple | None:
-    """(layer array on packed projections, the packed weights it points into) for ``stack.packed_min_rows``;
-    None where it does not apply (no packed tiles here for these weights, bf16 weights without half operands,
-    MoE layers, odd widths)."""
+    """(layer array on packed projections, the packed weights and MoE structures it points into) for
+    ``stack.packed_min_rows``; None where it does not apply (no packed tiles here for these weights, bf16
+    weights without half operands, odd widths, experts whose widths are not multiples of 16)."""
     dtype = {linear_cpu.HALF_OPERANDS: torch.bfloat16, _W_DTYPES[torch.float32]: torch.float32}.get(code)
-    if not (stack.packed_min_rows > 0 and dtype is not None and not moes and linear_cpu.packed_available(dtype)):
+    if not (stack.packed_min_rows > 0 and dtype is not None and linear_cpu.packed_available(dtype)):
         return None
-    projections = [(ly.qkv_w, ly.o_w, ly.gate_up_w, ly.down_w) for ly in stack.layers]
-    if dtype is torch.bfloat16 and any(w.shape[1] % 2 for ws in projections for w in ws):
+    dense = [w for ly in stack.layers for w in (ly.qkv_w, ly.o_w, ly.gate_up_w, ly.down_w) if w is not None]
+    if dtype is torch.bfloat16 and any(w.shape[1] % 2 for w in dense):
         return None
+    if any(ly.moe is not None and (ly.moe.gate_w.shape[1] % 16 or ly.moe.gate_w.shape[2] % 16) for ly in stack.layers):
+        return None  # a packed expert must take what an unpacked one does: E x [F, D] and E x [D, F], back to back
     pack = linear_cpu.pack_bf16 if dtype is torch.bfloat16 else linear_cpu.pack_f32
     keep, out = [], []
-    for row, ws in zip(rows, projections):
-        qkv, o, gu, down = (pack(w) for w in ws)
-        keep += [qkv, o, gu, down]
+
+    def packed(w):
+        p = pack(w)
+        keep.append(p)
+        return p.data.data_ptr()
+
+    for row, ly in zip(rows, stack.layers):
         r = _Layer.from_buffer_copy(row)
-        r.qkv_w, r.o_w, r.gu_w, r.down_w = (p.data.data_ptr() for p in (qkv, o, gu, down))
-        r.w_dtype = qkv.code
+        r.qkv_w, r.o_w = packed(ly.qkv_w), packed(ly.o_w)
+        if ly.moe is None:
+            r.gu_w, r.down_w = packed(ly.gate_up_w), packed(ly.down_w)
+        else:  # the experts packed as one matrix each: with F, D multiples of 16 expert e starts at e F D
+            m = ly.moe
+            E, F, D = m.gate_w.shape
+            mo = _MoE.from_buffer_copy(ctypes.cast(r.moe, ctypes.POINTER(_MoE)).contents)
+            mo.gate_wp, mo.up_wp = packed(m.gate_w.reshape(E * F, D)), packed(m.up_w.reshape(E * F, D))
+            mo.down_wp = packed(m.down_w.reshape(E * D, F))
+            if m.shared_gate_up_w is not None:
+                mo.shared_gu_w, mo.shared_down_w = packed(m.shared_gate_up_w), packed(m.shared_down_w)
+            mo.unpacked_dtype, mo.packed_min_rows = code, stack.packed_min_rows
+            keep.append(mo)
+            r.moe = ctypes.addressof(mo)
+        r.w_dtype = keep[0].code
         out.append(r)
-    log.info("decoder layers: dense projections repacked for steps of >= %d tokens, %.0f MiB more",
-             stack.packed_min_rows, sum(p.nbytes for p in keep) / 2**20)
+    log.info("decoder layers: projections repacked for steps of >= %d tokens, %.0f MiB more",
+             stack.packed_min_rows, sum(p.nbytes for p in keep if isinstance(p, linear_cpu.PackedWeight)) / 2**20)
     return (_Layer * len(out))(*out), keep
 
 

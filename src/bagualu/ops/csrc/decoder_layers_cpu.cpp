@@ -64,6 +64,14 @@ struct BglMoE {
   int64_t router;  // 0 softmax_topk, 1 topk_softmax
   int64_t norm_topk;
   int64_t gate_dtype;  // of router_w and shared_gate_w (0 fp32, 1 bf16); the experts' is the layer's w_dtype
+  // Where the layer's w_dtype is a packed code (3 bf16, 4 fp32: the layer array for large steps), the experts
+  // also exist packed: an expert with at least packed_min_rows routed rows multiplies by gate_wp/up_wp/down_wp
+  // (same per-expert strides: F and D are multiples of 16), the others by gate_w/up_w/down_w in
+  // unpacked_dtype. The shared experts' pointers are then packed ones. Null gate_wp: no packed experts.
+  const void* gate_wp;
+  const void* up_wp;
+  const void* down_wp;
+  int64_t unpacked_dtype, packed_min_rows;
 };
 
 struct BglLayerWeights {
@@ -168,20 +176,29 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
     }
   float* g = sc->gu;          // [R, F]
   float* u = sc->gu + R * F;  // [R, F]
-  std::vector<BglGemm> up, down;
+  // [0]: experts on unpacked weights (in wu), [1]: on packed ones (in wd); one group call each
+  const bool has_packed = m.gate_wp != nullptr;
+  const int wu = has_packed ? (int)m.unpacked_dtype : wd;
+  std::vector<BglGemm> up[2], down[2];
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = start[e], n = start[e + 1] - r0;
     if (!n) continue;
-    const void* g_w = static_cast<const char*>(m.gate_w) + e * F * D * esz;
-    const void* u_w = static_cast<const char*>(m.up_w) + e * F * D * esz;
-    const void* d_w = static_cast<const char*>(m.down_w) + e * D * F * esz;
-    up.push_back({sc->rows + r0 * D, D, g_w, nullptr, g + r0 * F, F, n, F, D});
-    up.push_back({sc->rows + r0 * D, D, u_w, nullptr, u + r0 * F, F, n, F, D});
-    down.push_back({sc->a + r0 * F, F, d_w, nullptr, sc->z + r0 * D, D, n, D, F});
+    const int k = has_packed && n >= m.packed_min_rows;
+    const int64_t es = k ? esz : (wu == 0 ? 4 : 2);  // the packed copies hold the same element type
+    const void* g_w = static_cast<const char*>(k ? m.gate_wp : m.gate_w) + e * F * D * es;
+    const void* u_w = static_cast<const char*>(k ? m.up_wp : m.up_w) + e * F * D * es;
+    const void* d_w = static_cast<const char*>(k ? m.down_wp : m.down_w) + e * D * F * es;
+    up[k].push_back({sc->rows + r0 * D, D, g_w, nullptr, g + r0 * F, F, n, F, D});
+    up[k].push_back({sc->rows + r0 * D, D, u_w, nullptr, u + r0 * F, F, n, F, D});
+    down[k].push_back({sc->a + r0 * F, F, d_w, nullptr, sc->z + r0 * D, D, n, D, F});
   }
-  kn->linear_group(up.data(), (int64_t)up.size(), wd, th, d->min_work, d->chunk_work);
+  for (int k = 0; k < 2; ++k)
+    if (!up[k].empty())
+      kn->linear_group(up[k].data(), (int64_t)up[k].size(), k ? wd : wu, th, d->min_work, d->chunk_work);
   kn->silu_mul(g, u, sc->a, R * F, 0, th);
-  kn->linear_group(down.data(), (int64_t)down.size(), wd, th, d->min_work, d->chunk_work);
+  for (int k = 0; k < 2; ++k)
+    if (!down[k].empty())
+      kn->linear_group(down[k].data(), (int64_t)down[k].size(), k ? wd : wu, th, d->min_work, d->chunk_work);
   for (int64_t i = 0; i < T * D; ++i) y[i] = 0.0f;
   for (int64_t e = 0; e < E; ++e) at[e] = start[e];
   for (int64_t e = 0; e < E; ++e)  // y[t] += z[r] * w: experts in ascending order, as the Python path sums
@@ -240,7 +257,7 @@ int bgl_decoder_layers(const BglKernels* kn, const BglLayerWeights* layers, int6
     for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
     kn->rms_norm(x, D, ly.ln2, sc->h, T, D, (float)d->eps);
     if (ly.moe) {
-      moe_block(kn, *ly.moe, wd, wd ? 2 : 4, d, T, sc, sc->y);
+      moe_block(kn, *ly.moe, wd, wd == 0 || wd == 4 ? 4 : 2, d, T, sc, sc->y);  // codes 0, 4: fp32 elements
     } else {
       kn->linear(sc->h, D, ly.gu_w, wd, ly.gu_b, sc->gu, 2 * F, T, 2 * F, D, th, d->min_work, d->chunk_work);
       for (int64_t t = 0; t < T; ++t) kn->silu_mul(sc->gu + t * 2 * F, sc->gu + t * 2 * F + F, sc->a + t * F, F, 0, 1);
