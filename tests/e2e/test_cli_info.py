@@ -37,6 +37,19 @@ def test_help(env):
     assert bagualu(env=env).stdout.startswith("usage: bagualu")  # no command: help, exit 0
 
 
+def test_serve_help_lists_every_engine_option(env):
+    """``bagualu serve --help`` prints (EngineConfig's docs become its help; one with a '%' had broken it) and
+    names every EngineConfig field as an option, booleans with their --no- form."""
+    import dataclasses
+
+    from bagualu.engine.config import EngineConfig
+
+    out = bagualu("serve", "--help", env=env).stdout
+    assert "usage: bagualu serve" in out and "--packed-weights, --no-packed-weights" in out
+    for f in dataclasses.fields(EngineConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+
+
 def test_version(env):
     from bagualu import __version__
 

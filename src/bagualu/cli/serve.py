@@ -82,13 +82,14 @@ def register(subparsers) -> None:
         flag = "--" + name.replace("_", "-")
         help_ = f"{doc} " if doc else ""
         help_ += f"({annotation}, default {default})"
+        help_ = help_.replace("%", "%%")  # argparse formats help with %: a doc's "9-13%" would break --help
         conv = _converter(name, annotation)
         if conv is None:
             e.add_argument(flag, dest=f"engine.{name}", action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_)
         else:
             e.add_argument(flag, dest=f"engine.{name}", type=conv, default=argparse.SUPPRESS,
-                           metavar=name.upper(), help=help_.replace("%", "%%"))
+                           metavar=name.upper(), help=help_)
     p.set_defaults(func=run)
 
 
