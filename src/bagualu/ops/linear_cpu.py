@@ -130,7 +130,7 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return self.data.nbytes
 
 
 def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:

@@ -566,6 +566,13 @@ const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::
 // 4-byte units that M rounded rows of K take (bf16 words pack two to a unit), plus a unit of slack
 int64_t rounded_units(int64_t M, int64_t K) { return BGL_DPBF16 ? (M * K + 1) / 2 + 1 : M * K; }
 
+// y = NaN: what a packed code gets from a build without its tiles (the Python side never packs for one), so a
+// misuse shows, never a silently wrong result.
+[[maybe_unused]] void poison(float* y, int64_t ldy, int64_t M, int64_t N) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) y[i * ldy + j] = std::numeric_limits<float>::quiet_NaN();
+}
+
 thread_local std::vector<uint32_t> t_rounded;  // the calling thread's rounded rows, kept at the largest size
 
 }  // namespace
@@ -599,9 +606,8 @@ void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const f
   if (w_dtype == F32_PACKED) {  // the packed tiles whatever M
 #if BGL_SIMD == 2
     if (M > 0) linear<F32_PACKED>(x, ldx, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
-#else  // the Python side packs only for AVX-512 builds: make a misuse visible, never silently wrong
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) y[i * ldy + j] = std::numeric_limits<float>::quiet_NaN();
+#else
+    poison(y, ldy, M, N);
 #endif
     return;
   }
@@ -611,9 +617,8 @@ void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const f
     if (t_rounded.size() < static_cast<size_t>(rounded_units(M, K))) t_rounded.resize(rounded_units(M, K));
     x = round_rows(x, ldx, M, K, t_rounded, 0);
     linear<BF16_PACKED>(x, K, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
-#else  // the Python side packs only for AVX512-BF16 builds: make a misuse visible, never silently wrong
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) y[i * ldy + j] = std::numeric_limits<float>::quiet_NaN();
+#else
+    poison(y, ldy, M, N);
 #endif
     return;
   }
@@ -647,11 +652,8 @@ void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threa
   } else if (w_dtype == F32_PACKED) {
 #if BGL_SIMD == 2
     linear_group<F32_PACKED>(problems, n, threads, min_work, chunk_work);
-#else  // as in bgl_linear
-    for (int64_t p = 0; p < n; ++p)
-      for (int64_t i = 0; i < problems[p].M; ++i)
-        for (int64_t j = 0; j < problems[p].N; ++j)
-          problems[p].y[i * problems[p].ldy + j] = std::numeric_limits<float>::quiet_NaN();
+#else
+    for (int64_t p = 0; p < n; ++p) poison(problems[p].y, problems[p].ldy, problems[p].M, problems[p].N);
 #endif
   } else {  // every problem's x rows rounded (one buffer), then the tiles
     int64_t units = 0;
@@ -670,10 +672,8 @@ void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threa
       return;
     }
 #else
-    if (w_dtype == BF16_PACKED) {  // as in bgl_linear: packed weights never reach a build without their tiles
-      for (const BglGemm& q : r)
-        for (int64_t i = 0; i < q.M; ++i)
-          for (int64_t j = 0; j < q.N; ++j) q.y[i * q.ldy + j] = std::numeric_limits<float>::quiet_NaN();
+    if (w_dtype == BF16_PACKED) {
+      for (const BglGemm& q : r) poison(q.y, q.ldy, q.M, q.N);
       return;
     }
 #endif
