@@ -48,18 +48,57 @@ def allocator() -> str:
     return host_allocator.describe() + " (same for ours and the peer)"
 
 
-def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, alternating them (ours, peer, ours, peer, ...)."""
+def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1, between: callable | None = None,
+                rotate: bool = False) -> dict[str, float]:
+    """Median seconds per call of each fn, alternating them (ours, peer, ours, peer, ...).
+
+    ``between`` (untimed) runs before every timed call: ``cache_scrubber()`` gives each call the same
+    cold, clean cache, so no side pays for the dirty lines the call before it left (see there).
+    ``rotate``: repetition i starts with the i-th fn, so each follows every other equally often: what a
+    call leaves behind can slow the next one (after eager's bf16 RMSNorm, whichever compiled RMSNorm came
+    next ran 0.3-0.5 ms slower than after the other compiled one, through a scrub and a 10 ms sleep)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for i in range(reps):
+        for k, f in (items[i % len(items):] + items[:i % len(items)]) if rotate else items:
+            if between is not None:
+                between()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache's size from sysfs (``default`` where sysfs does not say)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            with open(os.path.join(base, d, "size")) as f:
+                txt = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or default
+
+
+def cache_scrubber() -> callable:
+    """A callable that reads a buffer twice the last-level cache's size, evicting whatever a previous call
+    left there, so every timed call starts alike: its inputs in DRAM, the cache holding clean lines.
+    Without it a call finds part of its inputs in the cache when the call before it used the same ones
+    (a bf16 RMSNorm kernel over 2 x 16 MiB of inputs, 2 threads: 1.08 ms warm, 1.52 ms cold), which
+    favours whichever side runs second."""
+    buf = torch.ones(max(64 << 20, 2 * last_level_cache_bytes()) // 4)
+
+    def scrub() -> None:
+        buf.sum()
+
+    return scrub
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

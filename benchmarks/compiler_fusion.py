@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
+from common import cache_scrubber, copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
 
 from bagualu.ops.reference import apply_rope  # noqa: E402
 
@@ -161,6 +161,7 @@ def main() -> None:
         tune_glibc_malloc()
     facts = machine_facts()
     print("machine:", facts)
+    scrub = cache_scrubber()
     rows, ratios = [], []
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
@@ -181,7 +182,7 @@ def main() -> None:
                     impls["eager"] = fn
                 compile_s = {k: first_call(lambda *a, f=f: step(f, *a), inputs) for k, f in impls.items()}
                 med = interleaved({k: (lambda f=f: step(f, *inputs)) for k, f in impls.items()}, reps=args.reps,
-                                  warmup=1)
+                                  warmup=1, between=scrub, rotate=True)
                 for k, s in med.items():
                     rows.append({"case": name, "dtype": dname, "threads": nt, "impl": k, "ms": s * 1e3,
                                  "GBps": nbytes / s / 1e9, "copy_frac": nbytes / s / copy_bw,
