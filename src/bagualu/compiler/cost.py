@@ -26,8 +26,9 @@ import torch
 from bagualu.compiler.codegen import schedule as sch
 from bagualu.compiler.ir import Kernel, Mapping, Value
 
-# lane-op weight of each micro-op (an add is 1); libm calls do not vectorise, hence large
-WEIGHT = {"exp": 12, "sigmoid": 16, "div": 4, "sqrt": 4, "rsqrt": 5, "reciprocal": 4, "log": 60, "log1p": 60,
+# lane-op weight of each micro-op (an add is 1); libm calls do not vectorise, hence large. exp: ~19 vector
+# instructions, ~10 of them on the FMA pipes (ops/csrc/exp_f32.h); was 12 for the 27-instruction Cephes form
+WEIGHT = {"exp": 9, "sigmoid": 13, "div": 4, "sqrt": 4, "rsqrt": 5, "reciprocal": 4, "log": 60, "log1p": 60,
           "log2": 60, "expm1": 60, "tanh": 60, "sin": 60, "cos": 60, "erf": 60, "pow": 80, "atan2": 80,
           "load": 1, "const": 0, "index": 1, "local_load": 1, "cast": 1, "where": 1}
 STREAM_OPS = 2  # lane-ops per element a streamed store adds (stage, then copy out)

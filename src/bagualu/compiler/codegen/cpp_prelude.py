@@ -2,15 +2,15 @@
 
 Written so GCC/Clang vectorise them inside ``#pragma omp simd`` loops: no branches, only selects, bit
 casts and fused multiply-adds. ``pf_exp`` is the operator library's ``bgl_exp_f32``
-(``ops/csrc/exp_f32.h``, embedded here: one definition for both): the Cephes single-precision
-exponential (range reduction by ln 2 split in two constants, a degree-7 polynomial, 2^n added to the
-exponent bits), within 1 ulp of the correctly rounded result over all floats (checked exhaustively
-against libm), except that results below 3.4e-38 (x < -86.28) are flushed to zero: scaling in two halves
-to keep the bottom of the range and the subnormals exact cost a third of the function's time, which
-exp-bound kernels (softmax, cross-entropy, SwiGLU) pay in full. libm's ``expf`` would be a call per
-element and never vectorise without ``-ffast-math`` (which would also break NaN handling). Out-of-range
-inputs are not clamped on the way in (a clamp with IEEE NaN semantics costs a dozen blends) but decided
-by three selects on the way out. bf16 rounds to nearest even and keeps NaNs quiet, as PyTorch does.
+(``ops/csrc/exp_f32.h``, embedded here: one definition for both): range reduction by ln 2 split in two
+constants, n read from the low bits of an FMA with a shifter constant, a degree-6 minimax polynomial,
+2^(n-1) made by shifting those bits; within 1 ulp of the correctly rounded result over all floats
+(checked exhaustively against libm), except that results below 1.7e-38 (x < -86.99) are flushed to zero:
+keeping the subnormals exact takes a second scaling step, which exp-bound kernels (softmax,
+cross-entropy, SwiGLU) would pay on every element. libm's ``expf`` would be a call per element and never vectorise without ``-ffast-math`` (which would
+also break NaN handling). Out-of-range inputs are not clamped on the way in (GCC turns a clamp with IEEE
+NaN semantics into compares, mask logic and blends, not vminps/vmaxps: the exp 50% slower) but decided by
+two selects on the way out; a NaN needs none. bf16 rounds to nearest even and keeps NaNs quiet, as PyTorch does.
 """
 
 from bagualu.ops.native import CSRC

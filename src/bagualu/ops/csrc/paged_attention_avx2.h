@@ -3,7 +3,8 @@
 // Register tiles: the RT query rows of one KV group share every K/V vector they load (GQA packing), so
 // loads and the widening of bf16 are paid once per group, not per head.
 
-// exp for scores minus their max (and above); Cephes' polynomial, ~1 ulp, clamped to the finite range.
+// exp for scores minus their max (and above); Cephes' polynomial, ~1 ulp, clamped to the finite range (the
+// intrinsics give vminps/vmaxps; ops/csrc/exp_f32.h is the scalar-C exp that compilers vectorise).
 inline __m256 exp256(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
