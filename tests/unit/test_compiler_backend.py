@@ -142,3 +142,33 @@ def test_exp_within_one_ulp_over_its_range_and_flushes_only_below_1p7e_38():
     ok = ~nan & ~flushed & (ref <= 3.4028e38)
     ulp = (y[ok].view(torch.int32).long() - ref[ok].float().view(torch.int32).long()).abs()
     assert ulp.max() <= 1
+
+
+def test_bf16_max_and_min_on_integer_keys_match_eager(monkeypatch, tmp_path):
+    """A max/min over bf16 loads reduces the bits' order-preserving integer keys (codegen/cpp.py): the same
+    values as eager, NaNs (either sign) propagating, infinities, signed zeros and all-(-inf) rows included."""
+    monkeypatch.setenv("BAGUALU_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 300, generator=g) * 3).bfloat16()
+    x[0, 5] = float("nan")
+    x[1] = -float("inf")
+    x[2, 17] = float("inf")
+    x[3] = 0.0
+    x[3, ::3] = -0.0
+    x[4, 9] = -1e38
+    x[5].view(torch.int16)[42] = -64  # 0xffc0: a NaN with the sign bit set
+    x[6] = -0.0
+    x[7, 299] = float("inf")
+    x[7, 0] = -float("inf")
+
+    def f(t):
+        return t.amax(-1), t.amin(-1), torch.softmax(t.float(), -1)
+
+    got = torch.compile(f, backend="powerfusion")(x)
+    want = f(x)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(got[2], want[2], equal_nan=True)  # exp to within an ulp of ATen's
+    src = "\n".join(p.read_text() for p in tmp_path.rglob("*.c"))
+    assert "_k = -32641;" in src and "_k = 32640;" in src  # the keyed max and min were generated

@@ -37,6 +37,18 @@ from bagualu.compiler.index import Expr, Var
 from bagualu.compiler.ir import Kernel, Mapping, Space, Value
 
 
+# identity of a max/min over bf16 keys: the key of -inf / +inf (0xff80 / 0x7f80)
+KEY_IDENT = {"max": -32641, "min": 32640}
+
+
+def _keyed(it: sch.Item) -> bool:
+    """A max/min of bf16 values read straight from memory, reduced on their bits' order-preserving integer
+    keys (a 1024 x 32000 bf16 softmax kernel, one Zen 5 core: 9.6 -> 8.8 ms)."""
+    v = it.value
+    return (it.kind == "reduce" and it.space is not None and it.obj.attrs["kind"] in ("max", "min")
+            and it.obj.dtype == "f32" and v.op == "load" and v.attrs["storage"] == "bf16")
+
+
 class _KernelWriter(TopkEmitter):
     def __init__(self, k: Kernel, m: Mapping):
         self.k = k
@@ -56,6 +68,7 @@ class _KernelWriter(TopkEmitter):
         # staging array of a streamed or converted store -> (its loop variable, whether it holds fp32 values
         # for a bf16 output)
         self.stage: dict[str, tuple[Var, bool]] = {}
+        self.keyed: set[int] = set()  # ids of the current pass's max/min reductions done on bf16 keys (_keyed)
 
     def w(self, s: str) -> None:
         self.lines.append("  " * self.ind + s)
@@ -69,13 +82,7 @@ class _KernelWriter(TopkEmitter):
         if op == "index":
             return c_expr(v.attrs["expr"], names)
         if op == "load":
-            k = v.attrs["buf"]
-            e = v.attrs["expr"]
-            ce = c_expr(e, names)
-            lo, hi = e.bounds()
-            if lo < 0 or hi >= self.spans[k]:
-                ce = f"pf_clampi({ce}, {self.spans[k] - 1})"
-            raw = f"in{k}[{ce}]"
+            raw = self.raw_load(v, names)
             st = v.attrs["storage"]
             if st in ("bf16",):
                 return f"pf_bf2f({raw})"
@@ -91,6 +98,17 @@ class _KernelWriter(TopkEmitter):
         if op == "div" and v.args[1].id in self.rcp and self.rcp[v.args[1].id] in names.values():
             return f"({n[0]} * {self.rcp[v.args[1].id]})"  # a row-invariant divisor: one division per row
         return micro_op(v, n)
+
+    def raw_load(self, v: Value, names: dict[int, str]) -> str:
+        """The C of load ``v``'s element as stored (before any widening), its index clamped into the buffer
+        where its bounds say it may leave it."""
+        k = v.attrs["buf"]
+        e = v.attrs["expr"]
+        ce = c_expr(e, names)
+        lo, hi = e.bounds()
+        if lo < 0 or hi >= self.spans[k]:
+            ce = f"pf_clampi({ce}, {self.spans[k] - 1})"
+        return f"in{k}[{ce}]"
 
     def leaf(self, a: Value, names: dict[int, str]) -> str:
         if a.op == "const":
@@ -250,9 +268,14 @@ class _KernelWriter(TopkEmitter):
         reds = [it for it in p.items if it.kind == "reduce"]
         scalars = [it for it in p.items if it.kind == "colreduce" and self._cr_mode(it, p.space) == "scalar"]
         per_line = [it for it in p.items if it.kind == "colreduce" and self._cr_mode(it, p.space) == "line"]
+        keyed = {it.obj.id for it in reds if _keyed(it)}
+        self.keyed = keyed
         for it in reds:
             v = it.obj
-            self.w(f"{CT[v.dtype]} v{v.id} = ({CT[v.dtype]}){IDENT[(v.attrs['kind'], dtype_class(v.dtype))]};")
+            if v.id in keyed:
+                self.w(f"int32_t v{v.id}_k = {KEY_IDENT[v.attrs['kind']]};")
+            else:
+                self.w(f"{CT[v.dtype]} v{v.id} = ({CT[v.dtype]}){IDENT[(v.attrs['kind'], dtype_class(v.dtype))]};")
             if v.attrs["kind"] in ("max", "min") and dtype_class(v.dtype) == "f":
                 self.w(f"int32_t v{v.id}_nan = 0;")
         for it in scalars:
@@ -261,7 +284,7 @@ class _KernelWriter(TopkEmitter):
         clauses = []
         for it in reds:
             v = it.obj
-            clauses.append(f"reduction({OMP_RED[v.attrs['kind']]}:v{v.id})")
+            clauses.append(f"reduction({OMP_RED[v.attrs['kind']]}:v{v.id}{'_k' if v.id in keyed else ''})")
             if v.attrs["kind"] in ("max", "min") and dtype_class(v.dtype) == "f":
                 clauses.append(f"reduction(|:v{v.id}_nan)")
         for it in scalars + per_line:
@@ -275,6 +298,8 @@ class _KernelWriter(TopkEmitter):
         self.emit_loops(p, names, simd, clauses, collapsed)
         for it in reds:
             v = it.obj
+            if v.id in keyed:  # the key back to its bf16 value, widened
+                self.w(f"float v{v.id} = pf_bf2f((uint16_t)(v{v.id}_k ^ ((v{v.id}_k >> 15) & 0x7fff)));")
             if v.attrs["kind"] in ("max", "min") and dtype_class(v.dtype) == "f":
                 self.w(f"if (v{v.id}_nan) v{v.id} = NAN;")
             names[v.id] = f"v{v.id}"
@@ -485,7 +510,15 @@ class _KernelWriter(TopkEmitter):
         if it.kind == "reduce":
             r = it.obj
             kind = r.attrs["kind"]
-            if kind in ("max", "min") and dtype_class(r.dtype) == "f":
+            if r.id in self.keyed:
+                # on the bf16 bits' order-preserving integer key: GCC vectorises this compare and select as an
+                # integer max/min (the float form's compare fuses with the widening into a masked shift, a
+                # 5-cycle chain per vector); a NaN is seen from the bits
+                raw = self.raw_load(v, names)
+                cmp = ">" if kind == "max" else "<"
+                self.w(f"{{ const int32_t h_ = (int16_t){raw}; const int32_t k_ = h_ ^ ((h_ >> 15) & 0x7fff);")
+                self.w(f"  v{r.id}_k = k_ {cmp} v{r.id}_k ? k_ : v{r.id}_k; v{r.id}_nan |= (h_ & 0x7fff) > 0x7f80; }}")
+            elif kind in ("max", "min") and dtype_class(r.dtype) == "f":
                 cmp = ">" if kind == "max" else "<"
                 self.w(f"v{r.id} = {val} {cmp} v{r.id} ? {val} : v{r.id};")
                 self.w(f"v{r.id}_nan |= ({val} != {val});")
