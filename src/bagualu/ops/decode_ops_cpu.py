@@ -4,8 +4,10 @@
 Same signatures and semantics as ``ops.reference`` / ``ops.paged_kv``. Only inference takes the C path
 (``torch.inference_mode``, as the serving engine runs): training, ``torch.compile`` tracing and anything
 needing autograd keep the reference, so they see no change at all. Covered: fp32 activations and
-weights, rotate-half rope, fp32 or bf16 KV caches with int64 slot mappings; everything else goes to the
-reference. Built on first use (``ops.native``); when the build is unavailable the reference runs.
+weights, rotate-half rope, fp32 or bf16 KV caches with int64 slot mappings; and bf16 throughout (a bf16
+model's large steps: RMSNorm with a bf16 weight, rope with bf16 cos/sin, bf16 k/v into a bf16 cache),
+rounding where the reference's bf16 ops round, split among the kernel threads. Everything else goes to
+the reference. Built on first use (``ops.native``); when the build is unavailable the reference runs.
 
 Legend: B batch, H heads, G KV heads, S sequence, Dh head dim, Dr rotated features, T tokens, N blocks,
 Bs block size, M rows, D features.
@@ -17,7 +19,8 @@ import ctypes
 
 import torch
 
-from bagualu.ops import native, paged_kv, reference
+from bagualu.ops import linear_cpu, native, paged_kv, reference
+from bagualu.ops.threads import kernel_threads
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _lib: ctypes.CDLL | None | bool = False
@@ -37,6 +40,18 @@ def library() -> ctypes.CDLL | None:
             lib.bgl_write_kv.restype = ctypes.c_int
             lib.bgl_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64,
                                          _i64, _i64, _i64, _i64, _ptr]
+            lib.bgl_rms_norm_bf16.restype = None
+            lib.bgl_rms_norm_bf16.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, ctypes.c_int]
+            lib.bgl_rope_bf16.restype = None
+            lib.bgl_rope_bf16.argtypes = lib.bgl_rope.argtypes + [ctypes.c_int]
+            lib.bgl_write_kv_bf16.restype = ctypes.c_int
+            lib.bgl_write_kv_bf16.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                                              _i64, _i64, _ptr]
+            lin = linear_cpu.library()
+            if lin is not None:  # one set of helper threads per process (csrc/helpers.h)
+                lib.bgl_decode_adopt_helpers.argtypes = [_ptr]
+                lin.bgl_helpers_pool.restype = _ptr
+                lib.bgl_decode_adopt_helpers(lin.bgl_helpers_pool())
             lib.bgl_argmax_simd.restype = ctypes.c_int
             lib.argmax_simd = bool(lib.bgl_argmax_simd())  # asked once: a property of the build
             lib.bgl_argmax_rows.restype = None
@@ -49,9 +64,14 @@ def _fp32_cpu(*ts: torch.Tensor) -> bool:
     return all(t.dtype is torch.float32 and t.is_cpu for t in ts)
 
 
+def _bf16_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.dtype is torch.bfloat16 and t.is_cpu for t in ts)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if not (torch.is_inference_mode_enabled() and _fp32_cpu(x, weight) and x.dim() >= 1 and weight.dim() == 1
-            and weight.shape[0] == x.shape[-1] and x.stride(-1) == 1 and weight.is_contiguous()):
+    half = _bf16_cpu(x, weight)
+    if not (torch.is_inference_mode_enabled() and (half or _fp32_cpu(x, weight)) and x.dim() >= 1
+            and weight.dim() == 1 and weight.shape[0] == x.shape[-1] and x.stride(-1) == 1 and weight.is_contiguous()):
         return reference.rms_norm(x, weight, eps)
     lib = library()
     if lib is None:
@@ -60,14 +80,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, D)
     if x2.dim() != 2 or (x2.shape[0] > 1 and x2.stride(0) < D):
         return reference.rms_norm(x, weight, eps)
-    y = torch.empty(x.shape, dtype=torch.float32)
-    lib.bgl_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), x2.shape[0], D, eps)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    if half:
+        lib.bgl_rms_norm_bf16(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), x2.shape[0], D, eps,
+                              kernel_threads())
+    else:
+        lib.bgl_rms_norm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), x2.shape[0], D, eps)
     return y
 
 
 def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Tensor, sin_BSDh: torch.Tensor):
     q, k, cos, sin = q_BHSDh, k_BGSDh, cos_BSDh, sin_BSDh
-    ok = (torch.is_inference_mode_enabled() and _fp32_cpu(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4
+    half = _bf16_cpu(q, k, cos, sin)
+    ok = (torch.is_inference_mode_enabled() and (half or _fp32_cpu(q, k, cos, sin)) and q.dim() == 4 and k.dim() == 4
           and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride())
     if ok:
         B, H, S, Dh = q.shape
@@ -80,17 +105,23 @@ def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Ten
         return reference.apply_rope(q, k, cos, sin)
     G = k.shape[1]
     cb = cos.stride(0) if cos.shape[0] == B else 0  # a batch of 1 broadcasts
-    q_out = torch.empty((B, H, S, Dh), dtype=torch.float32)
-    k_out = torch.empty((B, G, S, Dh), dtype=torch.float32)
-    lib.bgl_rope(q.data_ptr(), H, *q.stride()[:3], k.data_ptr(), G, *k.stride()[:3], B, S, Dh, cos.data_ptr(),
-                 sin.data_ptr(), cb, cos.stride(1), Dr, q_out.data_ptr(), k_out.data_ptr())
+    q_out = torch.empty((B, H, S, Dh), dtype=q.dtype)
+    k_out = torch.empty((B, G, S, Dh), dtype=q.dtype)
+    args = (q.data_ptr(), H, *q.stride()[:3], k.data_ptr(), G, *k.stride()[:3], B, S, Dh, cos.data_ptr(),
+            sin.data_ptr(), cb, cos.stride(1), Dr, q_out.data_ptr(), k_out.data_ptr())
+    if half:
+        lib.bgl_rope_bf16(*args, kernel_threads())
+    else:
+        lib.bgl_rope(*args)
     return q_out, k_out
 
 
 def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor,
              slot_mapping_T: torch.Tensor) -> None:
     kc, vc = k_cache_NGBDh, v_cache_NGBDh
-    ok = (torch.is_inference_mode_enabled() and _fp32_cpu(k_TGDh, v_TGDh) and kc.dtype in (torch.float32, torch.bfloat16)
+    half = _bf16_cpu(k_TGDh, v_TGDh)  # bf16 rows into a bf16 cache: copied as they are
+    ok = (torch.is_inference_mode_enabled() and (_fp32_cpu(k_TGDh, v_TGDh) or (half and kc.dtype is torch.bfloat16))
+          and kc.dtype in (torch.float32, torch.bfloat16)
           and vc.dtype is kc.dtype and kc.is_cpu and vc.is_cpu and slot_mapping_T.dtype is torch.int64
           and slot_mapping_T.dim() == 1 and slot_mapping_T.is_cpu and kc.dim() == 4 and kc.shape == vc.shape
           and kc.is_contiguous() and vc.is_contiguous() and k_TGDh.dim() == 3 and v_TGDh.dim() == 3
@@ -103,9 +134,13 @@ def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: t
     T = k_TGDh.shape[0]
     slots = slot_mapping_T.contiguous()
     lo_hi = (_i64 * 2)()
-    if lib.bgl_write_kv(k_TGDh.data_ptr(), k_TGDh.stride(0), k_TGDh.stride(1), v_TGDh.data_ptr(), v_TGDh.stride(0),
-                        v_TGDh.stride(1), kc.data_ptr(), vc.data_ptr(), int(kc.dtype is torch.bfloat16),
-                        slots.data_ptr(), T, G, Dh, N, Bs, lo_hi):
+    src = (k_TGDh.data_ptr(), k_TGDh.stride(0), k_TGDh.stride(1), v_TGDh.data_ptr(), v_TGDh.stride(0), v_TGDh.stride(1),
+           kc.data_ptr(), vc.data_ptr())
+    if half:
+        bad = lib.bgl_write_kv_bf16(*src, slots.data_ptr(), T, G, Dh, N, Bs, lo_hi)
+    else:
+        bad = lib.bgl_write_kv(*src, int(kc.dtype is torch.bfloat16), slots.data_ptr(), T, G, Dh, N, Bs, lo_hi)
+    if bad:
         raise slot_error(lo_hi[0], lo_hi[1], N * Bs)
 
 

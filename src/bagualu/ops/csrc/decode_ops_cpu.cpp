@@ -11,12 +11,20 @@
 // eps)) and w * h as the reference. KV written to a bf16 cache rounds to nearest even, as Tensor.to.
 // Only fp32 activations (and fp32/bf16 KV caches) come here; ops/decode_ops_cpu.py sends the rest to the
 // reference.
+//
+// Large steps of a bf16 model (a prefill chunk runs its layers in bf16 around the half GEMMs) take the bf16
+// forms: RMSNorm and rope rounding to bf16 wherever the reference's bf16 torch ops round (RMSNorm: the
+// normalised row, then the weight product; rope: each product, then the sum), and the KV write copying bf16
+// rows into a bf16 cache. Those split their rows among the caller and the helper threads (helpers.h, the
+// linear kernel's pool adopted): at 2048 tokens they replace 5-8 torch passes each (2 threads, ~110M Llama,
+// one 2048-token chunk's 12 layers: see ops/decode_ops_cpu.py).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "bf16.h"
+#include "helpers.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -27,7 +35,99 @@
 
 namespace {
 
+using bgl::bf16_to_f32;
 using bgl::f32_to_bf16;
+
+// v rounded to bf16 and widened back (as a bf16 torch op's result feeds the next op)
+inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+constexpr int64_t kWork = 16384;  // elements per chunk of the threaded bf16 passes
+
+int64_t chunks_for(int64_t rows, int64_t per_row, int64_t* rows_per_chunk) {
+  int64_t r = kWork / (per_row > 0 ? per_row : 1);
+  r = r > 0 ? r : 1;
+  *rows_per_chunk = r;
+  return (rows + r - 1) / r;
+}
+
+struct RmsBf16 {
+  const uint16_t* x;
+  int64_t ldx;
+  const uint16_t* w;
+  uint16_t* y;
+  int64_t M, D, per;
+  float eps;
+  static void run(const void* ctx, int64_t c) {
+    const RmsBf16& j = *static_cast<const RmsBf16*>(ctx);
+    const int64_t m1 = (c + 1) * j.per < j.M ? (c + 1) * j.per : j.M;
+    for (int64_t m = c * j.per; m < m1; ++m) {
+      const uint16_t* xr = j.x + m * j.ldx;
+      uint16_t* yr = j.y + m * j.D;
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < j.D; ++d) {
+        const float h = bf16_to_f32(xr[d]);
+        ss += h * h;
+      }
+      const float r = 1.0f / std::sqrt(ss / float(j.D) + j.eps);
+#pragma omp simd
+      for (int64_t d = 0; d < j.D; ++d)
+        yr[d] = f32_to_bf16(bf16_to_f32(j.w[d]) * round_bf16(bf16_to_f32(xr[d]) * r));
+    }
+  }
+};
+
+// rope over one tensor [B, H, S, Dh] (strides sb, sh, ss; unit last) in bf16: a chunk is a run of the
+// flattened (b, h, s) rows
+struct RopeBf16 {
+  const uint16_t* x;
+  int64_t H, S, Dh, sb, sh, ss;
+  const uint16_t* cos;
+  const uint16_t* sin;
+  int64_t cb, cs, Dr;
+  uint16_t* out;
+  int64_t rows, per;
+  static void run(const void* ctx, int64_t c) {
+    const RopeBf16& j = *static_cast<const RopeBf16*>(ctx);
+    const int64_t half = j.Dr / 2, r1 = (c + 1) * j.per < j.rows ? (c + 1) * j.per : j.rows;
+    for (int64_t r = c * j.per; r < r1; ++r) {
+      const int64_t s = r % j.S, h = (r / j.S) % j.H, b = r / (j.S * j.H);
+      const uint16_t* xr = j.x + b * j.sb + h * j.sh + s * j.ss;
+      const uint16_t* cr = j.cos + b * j.cb + s * j.cs;
+      const uint16_t* sr = j.sin + b * j.cb + s * j.cs;
+      uint16_t* o = j.out + r * j.Dh;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i)
+        o[i] = f32_to_bf16(round_bf16(bf16_to_f32(xr[i]) * bf16_to_f32(cr[i])) +
+                           round_bf16(-bf16_to_f32(xr[i + half]) * bf16_to_f32(sr[i])));
+#pragma omp simd
+      for (int64_t i = half; i < j.Dr; ++i)
+        o[i] = f32_to_bf16(round_bf16(bf16_to_f32(xr[i]) * bf16_to_f32(cr[i])) +
+                           round_bf16(bf16_to_f32(xr[i - half]) * bf16_to_f32(sr[i])));
+      for (int64_t i = j.Dr; i < j.Dh; ++i) o[i] = xr[i];
+    }
+  }
+};
+
+// Whether a slot of slots[0, T) lies outside [0, cap); then lo_hi = (min, max) of them.
+bool slots_outside(const int64_t* slots, int64_t T, int64_t cap, int64_t* lo_hi) {
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t t = 0; t < T; ++t) {
+    lo = slots[t] < lo ? slots[t] : lo;
+    hi = slots[t] > hi ? slots[t] : hi;
+  }
+  if (T && (lo < 0 || hi >= cap)) {
+    lo_hi[0] = lo;
+    lo_hi[1] = hi;
+    return true;
+  }
+  return false;
+}
+
+template <typename Job>
+void launch(const Job& job, int64_t chunks, int threads) {
+  if (chunks > 0) bgl::Helpers::run(threads - 1, chunks, &Job::run, &job);
+}
 
 // The index of the first maximum of x[0, n), n >= 1, as torch.argmax: a NaN counts as the maximum (the first
 // NaN wins), -0.0 equals 0.0. Two passes over the row (a 32000-wide row is in cache after the first): the
@@ -122,16 +222,7 @@ void bgl_rope(const float* q, int64_t H, int64_t qb, int64_t qh, int64_t qs, con
 int bgl_write_kv(const float* k, int64_t kt, int64_t kg, const float* v, int64_t vt, int64_t vg, void* k_cache,
                  void* v_cache, int cache_bf16, const int64_t* slots, int64_t T, int64_t G, int64_t Dh, int64_t N,
                  int64_t Bs, int64_t* lo_hi) {
-  int64_t lo = INT64_MAX, hi = INT64_MIN;
-  for (int64_t t = 0; t < T; ++t) {
-    lo = slots[t] < lo ? slots[t] : lo;
-    hi = slots[t] > hi ? slots[t] : hi;
-  }
-  if (T && (lo < 0 || hi >= N * Bs)) {
-    lo_hi[0] = lo;
-    lo_hi[1] = hi;
-    return 1;
-  }
+  if (slots_outside(slots, T, N * Bs, lo_hi)) return 1;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t blk = slots[t] / Bs, off = slots[t] % Bs;
     for (int64_t g = 0; g < G; ++g) {
@@ -152,6 +243,45 @@ int bgl_write_kv(const float* k, int64_t kt, int64_t kg, const float* v, int64_t
     }
   }
   return 0;
+}
+
+// bgl_write_kv for bf16 k/v into bf16 caches: the rows copied as they are.
+int bgl_write_kv_bf16(const uint16_t* k, int64_t kt, int64_t kg, const uint16_t* v, int64_t vt, int64_t vg,
+                      uint16_t* k_cache, uint16_t* v_cache, const int64_t* slots, int64_t T, int64_t G, int64_t Dh,
+                      int64_t N, int64_t Bs, int64_t* lo_hi) {
+  if (slots_outside(slots, T, N * Bs, lo_hi)) return 1;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t blk = slots[t] / Bs, off = slots[t] % Bs;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t dst = ((blk * G + g) * Bs + off) * Dh;
+      std::memcpy(k_cache + dst, k + t * kt + g * kg, Dh * sizeof(uint16_t));
+      std::memcpy(v_cache + dst, v + t * vt + g * vg, Dh * sizeof(uint16_t));
+    }
+  }
+  return 0;
+}
+
+void bgl_decode_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
+
+// bf16 RMSNorm: y[m, :] = bf16(w * bf16(x[m, :] * (1 / sqrt(mean(x[m, :]^2) + eps)))), the mean in fp32;
+// x rows with stride ldx, y contiguous [M, D]; rows split among `threads` threads.
+void bgl_rms_norm_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, uint16_t* y, int64_t M, int64_t D,
+                       float eps, int threads) {
+  RmsBf16 job{x, ldx, w, y, M, D, 0, eps};
+  const int64_t n = chunks_for(M, D, &job.per);
+  launch(job, n, threads);
+}
+
+// bf16 rope of q [B, H, S, Dh] and k [B, G, S, Dh] with bf16 cos/sin (as bgl_rope's arguments), each product
+// and the sum rounded to bf16 as the reference's bf16 ops round them.
+void bgl_rope_bf16(const uint16_t* q, int64_t H, int64_t qb, int64_t qh, int64_t qs, const uint16_t* k, int64_t G,
+                   int64_t kb, int64_t kh, int64_t ks, int64_t B, int64_t S, int64_t Dh, const uint16_t* cos,
+                   const uint16_t* sin, int64_t cb, int64_t cs, int64_t Dr, uint16_t* q_out, uint16_t* k_out,
+                   int threads) {
+  RopeBf16 jq{q, H, S, Dh, qb, qh, qs, cos, sin, cb, cs, Dr, q_out, B * H * S, 0};
+  launch(jq, chunks_for(jq.rows, Dh, &jq.per), threads);
+  RopeBf16 jk{k, G, S, Dh, kb, kh, ks, cos, sin, cb, cs, Dr, k_out, B * G * S, 0};
+  launch(jk, chunks_for(jk.rows, Dh, &jk.per), threads);
 }
 
 // 1 where argmax_row is vectorised (AVX-512 builds); elsewhere ops/decode_ops_cpu.py keeps ATen's.
