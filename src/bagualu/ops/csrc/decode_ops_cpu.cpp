@@ -16,8 +16,8 @@
 // forms: RMSNorm and rope rounding to bf16 wherever the reference's bf16 torch ops round (RMSNorm: the
 // normalised row, then the weight product; rope: each product, then the sum), and the KV write copying bf16
 // rows into a bf16 cache. Those split their rows among the caller and the helper threads (helpers.h, the
-// linear kernel's pool adopted): at 2048 tokens they replace 5-8 torch passes each (2 threads, ~110M Llama,
-// one 2048-token chunk's 12 layers: see ops/decode_ops_cpu.py).
+// linear kernel's pool adopted), each replacing 5-8 torch passes: a ~110M Llama's 32 x 128-token bf16 prefill
+// took ~1.08 s with the torch passes and ~0.99 s with these (2 threads, Zen 5).
 
 #include <cmath>
 #include <cstdint>
