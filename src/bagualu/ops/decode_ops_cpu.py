@@ -47,11 +47,7 @@ def library() -> ctypes.CDLL | None:
             lib.bgl_write_kv_bf16.restype = ctypes.c_int
             lib.bgl_write_kv_bf16.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                                               _i64, _i64, _ptr]
-            lin = linear_cpu.library()
-            if lin is not None:  # one set of helper threads per process (csrc/helpers.h)
-                lib.bgl_decode_adopt_helpers.argtypes = [_ptr]
-                lin.bgl_helpers_pool.restype = _ptr
-                lib.bgl_decode_adopt_helpers(lin.bgl_helpers_pool())
+            linear_cpu.share_helpers(lib, "bgl_decode_adopt_helpers")
             lib.bgl_argmax_simd.restype = ctypes.c_int
             lib.argmax_simd = bool(lib.bgl_argmax_simd())  # asked once: a property of the build
             lib.bgl_argmax_rows.restype = None
@@ -60,17 +56,13 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def _fp32_cpu(*ts: torch.Tensor) -> bool:
-    return all(t.dtype is torch.float32 and t.is_cpu for t in ts)
-
-
-def _bf16_cpu(*ts: torch.Tensor) -> bool:
-    return all(t.dtype is torch.bfloat16 and t.is_cpu for t in ts)
+def _cpu_of(dtype: torch.dtype, *ts: torch.Tensor) -> bool:
+    return all(t.dtype is dtype and t.is_cpu for t in ts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    half = _bf16_cpu(x, weight)
-    if not (torch.is_inference_mode_enabled() and (half or _fp32_cpu(x, weight)) and x.dim() >= 1
+    half = _cpu_of(torch.bfloat16, x, weight)
+    if not (torch.is_inference_mode_enabled() and (half or _cpu_of(torch.float32, x, weight)) and x.dim() >= 1
             and weight.dim() == 1 and weight.shape[0] == x.shape[-1] and x.stride(-1) == 1 and weight.is_contiguous()):
         return reference.rms_norm(x, weight, eps)
     lib = library()
@@ -91,9 +83,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Tensor, sin_BSDh: torch.Tensor):
     q, k, cos, sin = q_BHSDh, k_BGSDh, cos_BSDh, sin_BSDh
-    half = _bf16_cpu(q, k, cos, sin)
-    ok = (torch.is_inference_mode_enabled() and (half or _fp32_cpu(q, k, cos, sin)) and q.dim() == 4 and k.dim() == 4
-          and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride())
+    half = _cpu_of(torch.bfloat16, q, k, cos, sin)
+    ok = (torch.is_inference_mode_enabled() and (half or _cpu_of(torch.float32, q, k, cos, sin)) and q.dim() == 4
+          and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride())
     if ok:
         B, H, S, Dh = q.shape
         Dr = cos.shape[-1]
@@ -119,8 +111,9 @@ def apply_rope(q_BHSDh: torch.Tensor, k_BGSDh: torch.Tensor, cos_BSDh: torch.Ten
 def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor,
              slot_mapping_T: torch.Tensor) -> None:
     kc, vc = k_cache_NGBDh, v_cache_NGBDh
-    half = _bf16_cpu(k_TGDh, v_TGDh)  # bf16 rows into a bf16 cache: copied as they are
-    ok = (torch.is_inference_mode_enabled() and (_fp32_cpu(k_TGDh, v_TGDh) or (half and kc.dtype is torch.bfloat16))
+    half = _cpu_of(torch.bfloat16, k_TGDh, v_TGDh)  # bf16 rows into a bf16 cache: copied as they are
+    ok = (torch.is_inference_mode_enabled()
+          and (_cpu_of(torch.float32, k_TGDh, v_TGDh) or (half and kc.dtype is torch.bfloat16))
           and kc.dtype in (torch.float32, torch.bfloat16)
           and vc.dtype is kc.dtype and kc.is_cpu and vc.is_cpu and slot_mapping_T.dtype is torch.int64
           and slot_mapping_T.dim() == 1 and slot_mapping_T.is_cpu and kc.dim() == 4 and kc.shape == vc.shape
@@ -146,8 +139,8 @@ def write_kv(k_cache_NGBDh: torch.Tensor, v_cache_NGBDh: torch.Tensor, k_TGDh: t
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (the greedy pick over a vocabulary): vectorised on AVX-512 builds, for fp32 rows."""
-    lib = library() if (torch.is_inference_mode_enabled() and _fp32_cpu(x) and x.dim() >= 1 and x.shape[-1] > 0
-                        and x.stride(-1) == 1) else None
+    lib = library() if (torch.is_inference_mode_enabled() and _cpu_of(torch.float32, x) and x.dim() >= 1
+                        and x.shape[-1] > 0 and x.stride(-1) == 1) else None
     if lib is None or not lib.argmax_simd:
         return reference.argmax_rows(x)
     n = x.shape[-1]

@@ -46,11 +46,7 @@ def library() -> ctypes.CDLL | None:
             lib.bgl_row_dot.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int, _int]
             lib.bgl_index_add_rows.restype = _int
             lib.bgl_index_add_rows.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _int]
-            lin = linear_cpu.library()
-            if lin is not None:  # one set of helper threads per process (csrc/helpers.h)
-                lib.bgl_elementwise_adopt_helpers.argtypes = [_ptr]
-                lin.bgl_helpers_pool.restype = _ptr
-                lib.bgl_elementwise_adopt_helpers(lin.bgl_helpers_pool())
+            linear_cpu.share_helpers(lib, "bgl_elementwise_adopt_helpers")
         _lib = lib
     return _lib
 

@@ -92,11 +92,9 @@ def _loaded() -> GroupedGemmKernel | None:
         _kernel = None
         if lib is not None:
             _kernel = GroupedGemmKernel(lib)
+            linear_cpu.share_helpers(lib, "bgl_gemm_adopt_helpers")
             lin = linear_cpu.library()
-            if lin is not None:  # one set of helper threads per process (csrc/helpers.h)
-                lib.bgl_gemm_adopt_helpers.argtypes = [_ptr]
-                lin.bgl_helpers_pool.restype = _ptr
-                lib.bgl_gemm_adopt_helpers(lin.bgl_helpers_pool())
+            if lin is not None:
                 # the linear kernel's many-row calls (batched decode steps, also inside decoder_layers) come here
                 lin.bgl_linear_set_gemm.argtypes = [_ptr, _i64]
                 lin.bgl_linear_set_gemm(ctypes.cast(lib.bgl_gemm_group, _ptr), linear_handoff_rows())

@@ -202,6 +202,19 @@ def library() -> ctypes.CDLL | None:
     return native.load("linear_cpu", "linear_cpu.cpp")
 
 
+def share_helpers(lib: ctypes.CDLL, adopt: str) -> None:
+    """Make kernel library ``lib`` (built with ``csrc/helpers.h``) run on this library's helper threads through
+    its ``adopt`` entry point: one set of helpers per process, one per core, rather than a set per library
+    competing for the cores. Nothing happens when this library is unavailable."""
+    lin = library()
+    if lin is None:
+        return
+    fn = getattr(lib, adopt)
+    fn.argtypes = [ctypes.c_void_p]
+    lin.bgl_helpers_pool.restype = ctypes.c_void_p
+    fn(lin.bgl_helpers_pool())
+
+
 def _loaded() -> LinearKernel | None:
     global _kernel
     if _kernel is False:

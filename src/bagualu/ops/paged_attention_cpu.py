@@ -92,11 +92,7 @@ def kernel() -> PagedAttentionKernel | None:
     if lib is None:
         return None
     if not hasattr(lib, "_bgl_kernel"):
-        lin = linear_cpu.library()
-        if lin is not None:  # one set of helper threads for the kernels of a step (csrc/helpers.h)
-            lib.bgl_adopt_helpers.argtypes = [ctypes.c_void_p]
-            lin.bgl_helpers_pool.restype = ctypes.c_void_p
-            lib.bgl_adopt_helpers(lin.bgl_helpers_pool())
+        linear_cpu.share_helpers(lib, "bgl_adopt_helpers")  # one set of helper threads for a step's kernels
         lib._bgl_kernel = PagedAttentionKernel(lib)
     return lib._bgl_kernel
 
