@@ -1,12 +1,12 @@
 """PowerFusion vs eager vs Inductor on the LLM memory-bound subgraphs, fp32 and bf16, 1 and 2 threads.
 
 One process run, same inputs for the three, interleaved repetitions (the order rotating, every timed call
-after an untimed read that leaves the cache cold and clean: ``common.cache_scrubber``), medians. Cases: residual add +
-RMSNorm (both outputs), SwiGLU activation, rotary embedding on q and k, softmax over a 32000-wide
-vocabulary, cross-entropy forward and forward+backward, the MoE router (softmax over 64 experts, top-6,
-renormalise, per-expert counts), LayerNorm forward+backward. For each: ms, effective GB/s of the
-*minimal* traffic (each input read and each output written once per phase; a backward re-reads what it
-needs), that as a fraction of the copy bandwidth measured in this run at the same thread count, and the
+after an untimed read that leaves the cache cold and clean: ``common.cache_scrubber``), medians. Cases:
+residual add + RMSNorm (both outputs), SwiGLU activation, rotary embedding on q and k, softmax over a
+32000-wide vocabulary, cross-entropy forward and forward+backward, the MoE router (softmax over 64
+experts, top-6, renormalise, per-expert counts), LayerNorm forward+backward. For each: ms, effective GB/s
+of the *minimal* traffic (each input read and each output written once per phase; a backward re-reads what
+it needs), that as a fraction of the copy bandwidth measured in this run at the same thread count, and the
 compile time (first call, including Dynamo and AOTAutograd). The last line is the headline: geometric
 mean of Inductor's time over PowerFusion's.
 
