@@ -9,8 +9,8 @@
 // (built with -ffp-contract=off, so no FMA contraction): bit-identical to the reference in fp32. RMSNorm
 // sums squares in a different order than torch's mean (last-bit differences), then h = x * (1/sqrt(var +
 // eps)) and w * h as the reference. KV written to a bf16 cache rounds to nearest even, as Tensor.to.
-// Only fp32 activations (and fp32/bf16 KV caches) come here; ops/decode_ops_cpu.py sends the rest to the
-// reference.
+// fp32 activations (with fp32 or bf16 KV caches) come here, and bf16 ones to the bf16 forms below;
+// ops/decode_ops_cpu.py sends the rest to the reference.
 //
 // Large steps of a bf16 model (a prefill chunk runs its layers in bf16 around the half GEMMs) take the bf16
 // forms: RMSNorm and rope rounding to bf16 wherever the reference's bf16 torch ops round (RMSNorm: the
