@@ -147,6 +147,10 @@ def test_exp_within_one_ulp_over_its_range_and_flushes_only_below_1p7e_38():
 def test_bf16_max_and_min_on_integer_keys_match_eager(monkeypatch, tmp_path):
     """A max/min over bf16 loads reduces the bits' order-preserving integer keys (codegen/cpp.py): the same
     values as eager, NaNs (either sign) propagating, infinities, signed zeros and all-(-inf) rows included."""
+    from bagualu.compiler.codegen.build import compiler
+
+    if compiler() is None:
+        pytest.skip("no C compiler: the regions run on ATen")
     monkeypatch.setenv("BAGUALU_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
