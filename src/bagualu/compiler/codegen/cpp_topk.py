@@ -42,13 +42,13 @@ class TopkEmitter:
         self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
         buf = f"tb{t.id}"
         row = self._contiguous_row(it.value, var) if bounded and not neg else None
-        if row is not None:  # the row as it lies in the input, no copy (pf_topk8_f32 finds a NaN itself)
-            self.w(f"const float* __restrict {buf} = {row}; const int32_t nan{t.id} = 0;")
+        if row is not None:  # the row as it lies in the input, no copy
+            self.w(f"const float* __restrict {buf} = {row};")
             self.emit_topk_select(t, buf, n, k, largest, T, bounded, nan_first=True)
             names[t.id] = lv_.name
             return
-        self.w(f"{T} {buf}[{n}] __attribute__((aligned(64))); int32_t nan{t.id} = 0;")
-        self.w(f"#pragma omp simd reduction(|:nan{t.id})" + (" reduction(|:err)" if self.uses_err else ""))
+        self.w(f"{T} {buf}[{n}] __attribute__((aligned(64)));")
+        self.w("#pragma omp simd" + (" reduction(|:err)" if self.uses_err else ""))
         self.w(f"for (int64_t {var.name} = 0; {var.name} < {n}; ++{var.name}) {{")
         self.ind += 1
         local = dict(names)
@@ -60,7 +60,6 @@ class TopkEmitter:
             self.define(v, local)
         x = local.get(it.value.id) or self.leaf(it.value, local)
         self.w(f"{buf}[{var.name}] = {'-' if neg else ''}{x};")
-        self.w(f"nan{t.id} |= ({x} != {x});")
         self.ind -= 1
         self.w("}")
         self.emit_topk_select(t, buf, n, k, largest or neg, T, bounded, nan_first=not neg)
@@ -70,13 +69,13 @@ class TopkEmitter:
 
     def emit_topk_select(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str, bounded: bool,
                          nan_first: bool) -> None:
-        """The top-k of ``buf`` (its NaN flag computed, or 0 where ``pf_topk8_f32`` looks for NaN itself):
-        ``pf_topk8_f32`` where bounded and NaN-free, else the insertion pass. ``nan_first``: NaN ranks
+        """The top-k of ``buf``: ``pf_topk8_f32`` where bounded (it returns 0 for a row holding a NaN, seen by
+        its own scan), else or then the insertion pass. ``nan_first``: NaN ranks
         before every number (ATen's largest-k, and its smallest-k computed directly); False for a
         smallest-k computed as the largest of the negated row, where NaN must still rank last."""
         lv_, li = t.attrs["vals"], t.attrs["idxs"]
         if bounded:
-            self.w(f"if (nan{t.id} || !pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name})) {{")
+            self.w(f"if (!pf_topk8_f32({buf}, {n}, {k}, {lv_.name}, {li.name})) {{")
         else:
             self.w("{")
         self.ind += 1
