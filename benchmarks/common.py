@@ -72,28 +72,15 @@ def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1, between: c
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """The largest CPU cache's size from sysfs (``default`` where sysfs does not say)."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for d in os.listdir(base):
-            with open(os.path.join(base, d, "size")) as f:
-                txt = f.read().strip()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
-            best = max(best, int(txt.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
-    return best or default
-
-
 def cache_scrubber() -> callable:
     """A callable that reads a buffer twice the last-level cache's size, evicting whatever a previous call
     left there, so every timed call starts alike: its inputs in DRAM, the cache holding clean lines.
     Without it a call finds part of its inputs in the cache when the call before it used the same ones
     (a bf16 RMSNorm kernel over 2 x 16 MiB of inputs, 2 threads: 1.08 ms warm, 1.52 ms cold), which
     favours whichever side runs second."""
-    buf = torch.ones(max(64 << 20, 2 * last_level_cache_bytes()) // 4)
+    from bagualu.compiler.codegen.cpu import last_level_cache_bytes
+
+    buf = torch.ones(max(64 << 20, 2 * last_level_cache_bytes()) // 4)  # 64 MiB where sysfs says nothing
 
     def scrub() -> None:
         buf.sum()

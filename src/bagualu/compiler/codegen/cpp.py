@@ -105,8 +105,7 @@ class _KernelWriter(TopkEmitter):
         k = v.attrs["buf"]
         e = v.attrs["expr"]
         ce = c_expr(e, names)
-        lo, hi = e.bounds()
-        if lo < 0 or hi >= self.spans[k]:
+        if sch.may_leave(e, self.spans[k]):
             ce = f"pf_clampi({ce}, {self.spans[k] - 1})"
         return f"in{k}[{ce}]"
 

@@ -89,8 +89,7 @@ class TopkEmitter:
             return None
         e = v.attrs["expr"]
         kb = v.attrs["buf"]
-        lo, hi = e.bounds()
-        if e.coeff(var) != 1 or not e.linear_in(var) or lo < 0 or hi >= self.spans[kb]:
+        if e.coeff(var) != 1 or not e.linear_in(var) or sch.may_leave(e, self.spans[kb]):
             return None
         return f"in{kb} + ({c_expr(e.subs({var: ix.const(0)}), {})})"
 

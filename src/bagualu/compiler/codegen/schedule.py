@@ -115,6 +115,12 @@ def span(b) -> int:
     return 1 + sum((s - 1) * st for s, st in zip(b.shape, b.strides))
 
 
+def may_leave(e: Expr, span_: int) -> bool:
+    """Whether index ``e`` can, by its bounds, fall outside ``[0, span_)``: the generators clamp such a load."""
+    lo, hi = e.bounds()
+    return lo < 0 or hi >= span_
+
+
 def indirect_sizes(k: Kernel) -> dict[int, int]:
     """value id -> the extent each value used as a gather/scatter index must lie in (the smallest of its
     uses): the code generators range-check and clamp these values where they are defined."""

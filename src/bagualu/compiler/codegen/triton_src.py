@@ -120,8 +120,7 @@ class TritonWriter:
             kb = v.attrs["buf"]
             e = v.attrs["expr"]
             te = t_expr(e, names)
-            lo, hi = e.bounds()
-            if lo < 0 or hi >= self.spans[kb]:
+            if sch.may_leave(e, self.spans[kb]):
                 te = f"tl.minimum(tl.maximum({te}, 0), {self.spans[kb] - 1})"
             vector = tile is not None and tile.mask is not None and self.k.space_of(v) is not None
             raw = f"tl.load(in{kb} + {te}, mask={tile.mask}, other=0)" if vector else f"tl.load(in{kb} + {te})"

@@ -124,10 +124,6 @@ bool slots_outside(const int64_t* slots, int64_t T, int64_t cap, int64_t* lo_hi)
   return false;
 }
 
-template <typename Job>
-void launch(const Job& job, int64_t chunks, int threads) {
-  if (chunks > 0) bgl::Helpers::run(threads - 1, chunks, &Job::run, &job);
-}
 
 // The index of the first maximum of x[0, n), n >= 1, as torch.argmax: a NaN counts as the maximum (the first
 // NaN wins), -0.0 equals 0.0. Two passes over the row (a 32000-wide row is in cache after the first): the
@@ -269,7 +265,7 @@ void bgl_rms_norm_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, uint16
                        float eps, int threads) {
   RmsBf16 job{x, ldx, w, y, M, D, 0, eps};
   const int64_t n = chunks_for(M, D, &job.per);
-  launch(job, n, threads);
+  bgl::Helpers::run(threads - 1, n, &RmsBf16::run, &job);
 }
 
 // bf16 rope of q [B, H, S, Dh] and k [B, G, S, Dh] with bf16 cos/sin (as bgl_rope's arguments), each product
@@ -279,9 +275,9 @@ void bgl_rope_bf16(const uint16_t* q, int64_t H, int64_t qb, int64_t qh, int64_t
                    const uint16_t* sin, int64_t cb, int64_t cs, int64_t Dr, uint16_t* q_out, uint16_t* k_out,
                    int threads) {
   RopeBf16 jq{q, H, S, Dh, qb, qh, qs, cos, sin, cb, cs, Dr, q_out, B * H * S, 0};
-  launch(jq, chunks_for(jq.rows, Dh, &jq.per), threads);
+  bgl::Helpers::run(threads - 1, chunks_for(jq.rows, Dh, &jq.per), &RopeBf16::run, &jq);
   RopeBf16 jk{k, G, S, Dh, kb, kh, ks, cos, sin, cb, cs, Dr, k_out, B * G * S, 0};
-  launch(jk, chunks_for(jk.rows, Dh, &jk.per), threads);
+  bgl::Helpers::run(threads - 1, chunks_for(jk.rows, Dh, &jk.per), &RopeBf16::run, &jk);
 }
 
 // 1 where argmax_row is vectorised (AVX-512 builds); elsewhere ops/decode_ops_cpu.py keeps ATen's.
