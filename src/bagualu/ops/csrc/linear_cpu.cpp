@@ -314,7 +314,11 @@ inline void rows_block(const float* x, int64_t ldx, const void* w, int64_t K, fl
 // 8 x 3 tiles rather than 4 x 6 (same registers, half the passes over a tile's weights), on the ~110M
 // Llama's 12 layers of projections and its LM head from DRAM, bf16, 2 threads: 8 rows 6.3 -> 5.4 ms, 16
 // 6.4 -> 5.1, 32 9.9 -> 8.8, 64 16.6 -> 16.3; 5 x 4 and 6 x 4 in between. The next tile's weights are
-// prefetched non-temporally, shared among the passes as in tile512. Each output's sum runs over k in
+// prefetched, shared among the passes as in tile512, into every cache level: a tile's weights outgrow the
+// first-level cache (K x 96 bytes in bf16), and lines prefetched non-temporally were re-read from L3 by
+// the later passes. 12 layers' projections from DRAM, 2 threads: the 2048 x 768 down projection at 32
+// rows 147-152 -> 123-132 us in bf16, 282-285 -> 246-277 in fp32, at 64 rows 269-275 -> 236 (bf16); the
+// other shapes and the LM head within noise. Each output's sum runs over k in
 // order, one step at a time, whatever M is: a row's result does not depend on its batch. x: bf16, the rows
 // rounded, K even; fp32, the rows as given.
 constexpr int NBP = 3;  // 16-column blocks per packed tile (48 columns) ...
@@ -354,7 +358,7 @@ inline void ptile(const typename P::XT* x, int64_t ldx, const char* wp, int64_t 
   for (int i = 0; i < MR_; ++i) xr[i] = x + (m0 + i) * ldx;
   for (int64_t s = 0; s < steps; ++s) {
     if (s % passes == pass)
-      for (int j = 0; j < NB_; ++j) _mm_prefetch(nxt + j * block + s * 64, _MM_HINT_NTA);
+      for (int j = 0; j < NB_; ++j) _mm_prefetch(nxt + j * block + s * 64, _MM_HINT_T0);
     typename P::W wv[NB_];
     for (int j = 0; j < NB_; ++j) wv[j] = P::w(wb + j * block + s * 64);
     for (int i = 0; i < MR_; ++i) {
