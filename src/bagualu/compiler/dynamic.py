@@ -252,7 +252,6 @@ class DynRegionCall:
         self.__module__ = __name__
         self.n_kernel_inputs = len(kernel.ins)
 
-    @torch._disable_dynamo
     def __call__(self, *args):
         n = args[-1]
         kin = args[:self.n_kernel_inputs]

@@ -87,7 +87,6 @@ class RegionCall:
             self._fallback = fx.GraphModule(torch.nn.Module(), g)
         return self._fallback
 
-    @torch._disable_dynamo
     def __call__(self, *inputs):
         if self.capture is not None and not self.capture:
             self.capture.append(tuple(inputs))
