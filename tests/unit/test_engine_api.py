@@ -109,6 +109,27 @@ def test_abort_frees_blocks(llm):
     assert eng.metrics.requests_finished["abort"] >= 1
 
 
+def test_finished_only_steps_return_each_request_once_when_it_ends(llm):
+    eng = llm.engine
+    want = {"a": 3, "b": 7}
+    for rid, n in want.items():
+        eng.add_request(rid, "abc", greedy(n, ignore_eos=True))
+    seen, steps = {}, 0
+    while eng.has_unfinished():
+        outs = eng.step(finished_only=True)
+        steps += 1
+        assert all(o.finished for o in outs)
+        for o in outs:
+            assert o.request_id not in seen
+            seen[o.request_id] = (steps, len(o.outputs[0].token_ids))
+    assert {r: n for r, (_, n) in seen.items()} == want
+    assert seen["a"][0] < seen["b"][0]  # returned at the step it ended, not at the end
+    eng.add_request("c", "abc", greedy(2, ignore_eos=True))
+    assert [o.finished for o in eng.step()] == [False]  # a plain step reports running requests too
+    while eng.has_unfinished():
+        eng.step()
+
+
 def test_engine_config_errors():
     with pytest.raises(ValueError, match="block_size=12"):
         bagualu.EngineConfig(block_size=12)

@@ -68,6 +68,31 @@ def test_prefix_hit_shares_blocks_and_never_covers_the_last_token():
     assert no_cache.place(req("d", range(10)), 10) == 0
 
 
+def test_blocks_filled_while_decoding_are_cached_as_they_fill():
+    kv = KVManager(1, 8, 4)
+    a = req("a", range(6), max_tokens=8)
+    assert kv.place(a, 6) == 0 and kv.allocate(a, 6)
+    a.num_computed_tokens = 6
+    kv.cache_full_blocks(a)  # block 0 full
+    for t in range(100, 107):  # decode steps: one token each, computed the step after it was drawn
+        a.append_token(t, 0.0)
+        assert kv.allocate(a, a.num_tokens)
+        a.num_computed_tokens = a.num_tokens
+        kv.cache_full_blocks(a)  # blocks 1 (at 8 tokens) and 2 (at 12) fill on the way
+    seq = list(range(6)) + list(range(100, 107))
+    b = req("b", seq[:12] + [55])
+    assert kv.place(b, 1) == 12  # the prompt's block and both blocks its decode filled
+    kv.free(a)  # preempted; then another request evicts every cached block
+    x = req("x", range(1000, 1032))
+    assert kv.place(x, 32) == 0 and kv.allocate(x, 32)
+    kv.free(x)
+    a2 = req("a", seq, max_tokens=8)  # recomputed into fresh blocks, which are cached in their turn
+    assert kv.place(a2, 13) == 0 and kv.allocate(a2, 13)
+    a2.num_computed_tokens = 13
+    kv.cache_full_blocks(a2)
+    assert kv.place(req("c", seq[:12] + [55]), 1) == 12
+
+
 def test_free_keeps_shared_blocks_for_the_other_sequence():
     kv = KVManager(1, 6, 4)
     a, b = req("a", range(9)), req("b", range(9))

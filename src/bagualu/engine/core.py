@@ -302,8 +302,10 @@ class EngineCore:
         return sum(not g.done for g in self._groups.values())
 
     # ---- one step ------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run, sample; returns the outputs of requests that changed (finished ones once)."""
+    def step(self, *, finished_only: bool = False) -> list[RequestOutput]:
+        """Schedule, run, sample; returns the outputs of requests that changed (finished ones once), or with
+        ``finished_only`` those of the requests that finished (what an offline caller reads: building every
+        running request's output each step cost ~0.13 ms of a ~12 ms step at 32 requests)."""
         if self.lookup is not None:  # drafts for this step (none in a large batch: see speculative_max_seqs)
             on = len(self.scheduler.running) <= self.config.speculative_max_seqs
             for r in self.scheduler.running:
@@ -335,7 +337,7 @@ class EngineCore:
                 self._accept_run(req, sampled[j:j + k + 1], now) if k else self._accept(req, sampled[j], now)
                 j += k + 1
         self._update_gauges()
-        return self._collect()
+        return self._collect(finished_only)
 
     def _micro_batches(self, batch: ScheduledBatch) -> list[StepInputs]:
         n_mb = min(self.config.num_micro_batches, len(batch))
@@ -415,12 +417,14 @@ class EngineCore:
         m.prefix_cache_hit_rate = self.kv.prefix_hit_rate()
         m.record_step(s.live_kv_tokens())
 
-    def _collect(self) -> list[RequestOutput]:
+    def _collect(self, finished_only: bool = False) -> list[RequestOutput]:
         outs = []
         for rid, g in list(self._groups.items()):
             if not g.changed:
                 continue
             g.changed = False
+            if finished_only and not all(s.finished for s in g.seqs):
+                continue
             out = self._output(g)
             outs.append(out)
             if out.finished:

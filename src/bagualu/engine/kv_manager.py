@@ -40,6 +40,8 @@ class KVManager:
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # hashes of the request's leading full blocks
         self._pending_hit: dict[str, tuple[int, list[int]]] = {}  # (pool, blocks) chosen at placement
+        # leading blocks of the request's table already offered to the prefix cache (cache_full_blocks)
+        self._offered: dict[str, int] = {}
         self.hit_tokens = 0  # metrics: tokens served from the prefix cache at admission ...
         self.queried_tokens = 0  # ... out of the tokens admitted
 
@@ -145,17 +147,23 @@ class KVManager:
         """After a step: register the request's newly full, computed blocks in the prefix cache."""
         if not self.prefix_caching:
             return
+        rid = req.request_id
         n_full = req.num_computed_tokens // self.block_size
-        blocks = self._blocks[req.request_id]
+        done = self._offered.get(rid, 0)
+        if n_full <= done:  # no block filled since the last call: a decode step, most of the time
+            return
+        blocks = self._blocks[rid]
         hashes = self._hash_chain(req, n_full)
         pool = self.pools[req.pool]
-        for j in range(n_full):
+        for j in range(done, n_full):
             pool.set_hash(blocks[j], hashes[j])
+        self._offered[rid] = n_full
 
     def free(self, req: Request) -> None:
         """Release the request's blocks (finished, aborted or preempted); cached ones stay reusable."""
         rid = req.request_id
         self._pending_hit.pop(rid, None)
+        self._offered.pop(rid, None)
         blocks = self._blocks.pop(rid, None)
         if blocks is not None:
             self.pools[req.pool].free(blocks)
