@@ -185,6 +185,35 @@ def test_packed_projections_equal_unpacked(counting, wdtype, moe):
     assert counting.calls == 4
 
 
+@pytest.mark.parametrize("moe", [None, dict(Fe=48, Fs=16, shared_gate=True, fp32_gates=True)])
+def test_steps_above_the_row_limit_multiply_by_the_packed_projections(counting, monkeypatch, moe):
+    """A 150-token step of a stack with packed projections (fp32 weights on AVX-512 builds), the operator's
+    row limit lowered to 100 (it is 256 there; a prefill chunk is up to 2048): above it the reference runs,
+    with the dense projections' packed copies (the experts keep theirs) — equal to the unpacked reference to
+    rounding."""
+    import dataclasses
+
+    from bagualu.ops import linear_cpu
+
+    stack = make_stack(torch.float32, bias=True, seed=11, moe=moe)
+    packed = dataclasses.replace(stack, native={}, packed_min_rows=8)
+    x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=(70, 80), past=(10, 0))
+    counting.max_rows_fp32 = 100
+    calls = []
+    real = linear_cpu.linear_packed
+    monkeypatch.setattr(linear_cpu, "linear_packed", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    c_ref, c_pk = clone_caches(caches), clone_caches(caches)
+    with torch.inference_mode():
+        want = decoder_layers(x, stack, c_ref, cos, sin, bt, ctx, qsl, slots)
+        got = kernel("decoder_layers", "cpu")(x, packed, c_pk, cos, sin, bt, ctx, qsl, slots)
+    assert counting.calls == 0
+    n = sum(2 if ly.moe is not None else 4 for ly in stack.layers)  # qkv and o, and an MLP's two
+    assert calls == ([150] * n if linear_cpu.packed_available(torch.float32) else [])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for (kr, vr), (kp, vp) in zip(c_ref, c_pk):
+        torch.testing.assert_close(kp, kr, rtol=1e-4, atol=1e-4)
+
+
 def test_many_rows_with_fp32_weights(counting):
     """A 130-token step with fp32 weights (a batch-130 decode, or a prefill chunk): the native call where the
     linear kernel hands many-row calls to the grouped GEMM (AVX-512 builds), the reference elsewhere; the same

@@ -11,7 +11,8 @@ included) all fp32 or all bf16, an MoE layer's router and shared-expert gate in 
 caches; at most ``linear_cpu.MAX_ROWS_BF16`` tokens, or ``MAX_ROWS_FP32`` with fp32 weights where the linear
 kernel does not hand its many-row calls to the grouped GEMM (AVX2 builds: above that the BLAS GEMM wins, and
 the reference routes each projection to it). Anything else, or a
-library that cannot be built: the reference (``ops.decoder_layers.decoder_layers``), which composes the same kernels from Python.
+library that cannot be built: the reference (``ops.decoder_layers.decoder_layers``), which composes the same kernels from Python;
+above the row limit it multiplies by the packed projections where the stack has them (``packed_min_rows``).
 The stack's pointer table is built once per (stack, caches) and validated then: dtypes, shapes,
 contiguity. Per call only the step's tensors are checked; the index values are checked by the kernels
 themselves (slots by the KV write, block tables and lengths by attention) before they read the cache.
@@ -20,6 +21,7 @@ themselves (slots by the KV write, block tables and lengths by attention) before
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import torch
 
@@ -202,7 +204,8 @@ def _build(stack: LayerStack, caches) -> tuple | None:
 
 
 def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tuple | None:
-    """(layer array on packed projections, the packed weights and MoE structures it points into) for
+    """(layer array on packed projections, the packed weights and MoE structures it points into, ``stack``
+    with its dense layers' projections packed: the reference's for steps above the operator's row limit) for
     ``stack.packed_min_rows``; None where it does not apply (no packed tiles here for these weights, bf16
     weights without half operands, odd widths, experts whose widths are not multiples of 16)."""
     dtype = {linear_cpu.HALF_OPERANDS: torch.bfloat16, _W_DTYPES[torch.float32]: torch.float32}.get(code)
@@ -221,11 +224,14 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
         keep.append(p)
         return p.data.data_ptr()
 
+    ref_layers = []
     for row, ly in zip(rows, stack.layers):
         r = _Layer.from_buffer_copy(row)
         r.qkv_w, r.o_w = packed(ly.qkv_w), packed(ly.o_w)
+        ref = dict(qkv_w=keep[-2], o_w=keep[-1])
         if ly.moe is None:
             r.gu_w, r.down_w = packed(ly.gate_up_w), packed(ly.down_w)
+            ref.update(gate_up_w=keep[-2], down_w=keep[-1])
         else:  # the experts packed as one matrix each: with F, D multiples of 16 expert e starts at e F D
             m = ly.moe
             E, F, D = m.gate_w.shape
@@ -239,9 +245,10 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
             r.moe = ctypes.addressof(mo)
         r.w_dtype = keep[0].code
         out.append(r)
+        ref_layers.append(dataclasses.replace(ly, **ref))
     log.info("decoder layers: projections repacked for steps of >= %d tokens, %.0f MiB more",
              stack.packed_min_rows, sum(p.nbytes for p in keep if isinstance(p, linear_cpu.PackedWeight)) / 2**20)
-    return (_Layer * len(out))(*out), keep
+    return (_Layer * len(out))(*out), keep, dataclasses.replace(stack, layers=tuple(ref_layers), native={})
 
 
 def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
@@ -257,12 +264,12 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
         return reference(*args)
     layers, dims, wdt, sizes, _, packed = table
     T = x_TD.shape[0] if x_TD.dim() == 2 else -1
-    if packed is not None and T >= stack.packed_min_rows:
+    packed_step = packed is not None and T >= stack.packed_min_rows
+    if packed_step:
         layers = packed[0]
     S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
     Dr = cos_TDr.shape[-1]
     ok = (T >= 1 and x_TD.dtype is torch.float32 and x_TD.is_cpu and x_TD.shape[1] == dims.D
-          and T <= (linear_cpu.MAX_ROWS_BF16 if wdt is torch.bfloat16 else drv.max_rows_fp32)
           and all(c.dtype is torch.float32 and c.is_cpu and c.is_contiguous() and c.shape == (T, Dr)
                   for c in (cos_TDr, sin_TDr))
           and 0 < Dr <= dims.Dh and Dr % 2 == 0
@@ -271,6 +278,11 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
           and block_tables_SM.dim() == 2 and block_tables_SM.shape[0] == S and query_start_loc_S1.shape == (S + 1,))
     if not ok:
         return reference(*args)
+    if T > (linear_cpu.MAX_ROWS_BF16 if wdt is torch.bfloat16 else drv.max_rows_fp32):
+        # above the operator's row limit the reference composes the same kernels per layer, multiplying by
+        # the packed projections where they exist (fp32 at 2048 rows, 2 threads, Zen 5: ~450 GFLOP/s
+        # against the grouped GEMM's ~395)
+        return reference(x_TD, packed[2], *args[2:]) if packed_step else reference(*args)
     dims = _Dims.from_buffer_copy(dims)  # the stack's copy stays as built
     dims.Dr, dims.threads = Dr, kernel_threads()
     spans = [-(-T * n // 16) * 16 for n in sizes]  # 64-byte aligned regions
