@@ -116,6 +116,35 @@ def test_training_step_gradients_match_eager():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_a_backward_run_inside_a_compiled_frame_is_not_traced_by_dynamo():
+    """``backward()`` called in a function Dynamo compiles (a graph break there) runs the compiled backward with
+    Dynamo's frame callback active: the graph switches it off, so the regions' Python is never traced (the
+    outer function has no tensor op of its own, so no graph reaches its back-end) and the gradients are
+    eager's."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x: (F.layer_norm(x, (64,)) * 2).softmax(-1).sum(), backend="powerfusion")
+
+    @torch.compile(backend=record)
+    def backward(loss):
+        loss.backward()
+        return 1
+
+    x = torch.randn(128, 64, requires_grad=True)
+    for _ in range(2):
+        x.grad = None
+        backward(f(x))
+    x2 = x.detach().clone().requires_grad_()
+    (F.layer_norm(x2, (64,)) * 2).softmax(-1).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-4)
+    assert not graphs, [g.code for g in graphs]
+
+
 def test_bad_option_names_the_known_ones():
     with pytest.raises(Exception, match="known: \\['codegen', 'dynamic_batch', 'partition'\\]"):
         torch.compile(lambda x: x + 1, backend="powerfusion", options={"bogus": 1})(torch.randn(3))
