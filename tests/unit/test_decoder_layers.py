@@ -185,7 +185,7 @@ def test_packed_projections_equal_unpacked(counting, wdtype, moe):
     assert counting.calls == 4
 
 
-@pytest.mark.parametrize("moe", [None, dict(Fe=48, Fs=16, shared_gate=True, fp32_gates=True)])
+@pytest.mark.parametrize("moe", [None, {"Fe": 48, "Fs": 16, "shared_gate": True, "fp32_gates": True}])
 def test_steps_above_the_row_limit_multiply_by_the_packed_projections(counting, monkeypatch, moe):
     """A 150-token step of a stack with packed projections (fp32 weights on AVX-512 builds), the operator's
     row limit lowered to 100 (it is 256 there; a prefill chunk is up to 2048): above it the reference runs,

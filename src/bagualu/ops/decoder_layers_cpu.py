@@ -224,11 +224,11 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
         keep.append(p)
         return p.data.data_ptr()
 
-    ref_layers = []
+    ref_layers = []  # the same packed weights, for the reference
     for row, ly in zip(rows, stack.layers):
         r = _Layer.from_buffer_copy(row)
         r.qkv_w, r.o_w = packed(ly.qkv_w), packed(ly.o_w)
-        ref = dict(qkv_w=keep[-2], o_w=keep[-1])
+        ref = {"qkv_w": keep[-2], "o_w": keep[-1]}  # the two packed just now
         if ly.moe is None:
             r.gu_w, r.down_w = packed(ly.gate_up_w), packed(ly.down_w)
             ref.update(gate_up_w=keep[-2], down_w=keep[-1])

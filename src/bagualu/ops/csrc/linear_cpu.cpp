@@ -450,8 +450,9 @@ void run_chunk(const void* ctx, int64_t c) {
 
 // Threads: one per min_work multiply-adds, at most `threads`; the helpers (helpers.h) join when they can.
 // Chunks: about chunk_work multiply-adds each (small, so a helper descheduled mid-chunk delays the
-// caller little), at least one tile; with several input rows, runs of consecutive tiles as below. A several-row tile prefetches the next tile's weights, which
-// only pays when the same thread runs it, and each chunk is an atomic claim on a word both cores write.
+// caller little), at least one tile; with several input rows, runs of consecutive tiles as below. A
+// several-row tile prefetches the next tile's weights, which only pays when the same thread runs it, and
+// each chunk is an atomic claim on a word both cores write.
 // With one tile per chunk (batch-32 decode: 147k multiply-adds a tile) the two threads took alternate
 // tiles, each prefetching the tile the other would run. Measured on a Zen 5 (2 threads, bf16 ~110M Llama
 // projections, 12 layers, in-process A/B), in the box's slow-memory phase: 16 tiles a chunk, 8 rows 9.2 ->
