@@ -13,6 +13,10 @@ The work is memory-bound, so each row reports GB/s of KV bytes read (S·L·G·Dh
 as a fraction of this run's copy bandwidth (``dst.copy_(src)`` of 256 MiB, read + write bytes counted).
 So that timings come from DRAM rather than the 32 MiB L3 of a small machine, each timed call runs the
 step over enough layers (each with its own cache) to touch at least ``--min-mib`` of KV; times are per layer.
+torch's idle OpenMP workers spin at most ``GOMP_SPINCOUNT=10000`` rounds after each region
+(``bagualu.utils.openmp``, as in the other benchmarks and the ``bagualu`` command) unless the environment sets
+a spin or wait policy: with libgomp's default the contenders' spinning workers took the core our kernel's
+helper thread needs.
 
     python benchmarks/decode_attention.py                      # 64x256, 32x1024, 1x4096; fp32 and bf16
     python benchmarks/decode_attention.py --cases 8x128 --reps 3 --json out.json
@@ -26,8 +30,12 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+from bagualu.utils.openmp import tune_openmp_spin
+
+tune_openmp_spin()  # as the bagualu command does, before torch loads libgomp (both sides of the run get it)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
