@@ -227,11 +227,12 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
     ref_layers = []  # the same packed weights, for the reference
     for row, ly in zip(rows, stack.layers):
         r = _Layer.from_buffer_copy(row)
-        r.qkv_w, r.o_w = packed(ly.qkv_w), packed(ly.o_w)
-        ref = {"qkv_w": keep[-2], "o_w": keep[-1]}  # the two packed just now
+        names = ("qkv_w", "o_w") + (("gate_up_w", "down_w") if ly.moe is None else ())
+        ref = {n: pack(getattr(ly, n)) for n in names}
+        keep.extend(ref.values())
+        r.qkv_w, r.o_w = ref["qkv_w"].data.data_ptr(), ref["o_w"].data.data_ptr()
         if ly.moe is None:
-            r.gu_w, r.down_w = packed(ly.gate_up_w), packed(ly.down_w)
-            ref.update(gate_up_w=keep[-2], down_w=keep[-1])
+            r.gu_w, r.down_w = ref["gate_up_w"].data.data_ptr(), ref["down_w"].data.data_ptr()
         else:  # the experts packed as one matrix each: with F, D multiples of 16 expert e starts at e F D
             m = ly.moe
             E, F, D = m.gate_w.shape
