@@ -3,9 +3,10 @@
 Offline mode (default), one process run, interleaved repetitions:
   - generated tokens/s (prefill included) for R requests × P prompt × O output tokens (greedy, no early
     stop), for: ours in-process, ours with R-workers, transformers ``generate`` on one static batch, and
-    transformers' continuous-batching ``generate_batch`` when this version has it, and llama.cpp
+    transformers' continuous-batching ``generate_batch`` when this version has it, llama.cpp
     (batched decoding through llama-cpp-python, same weights as GGUF: ``llama_cpp_peer.py``) when
-    ``llama-cpp-python`` and ``gguf`` are installed;
+    ``llama-cpp-python`` and ``gguf`` are installed, and vLLM's CPU build (``vllm_peer.py``: a worker
+    under its own virtual environment's interpreter, ``.venv-vllm``) when that environment exists;
   - batch-1 decode tokens/s (decode only: the time of O tokens minus the time of 1) against the
     memory-bandwidth bound, weight bytes per token ÷ the copy bandwidth measured in the same run.
 Online mode (``--online``): ``bagualu serve`` in a subprocess and a Poisson load generator over HTTP at
@@ -36,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import llama_cpp_peer  # noqa: E402
+import vllm_peer  # noqa: E402
 from common import copy_bandwidth, machine_facts, print_table, write_json  # noqa: E402
 
 MODELS = {
@@ -172,6 +174,10 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                 gguf = llama_cpp_peer.write_gguf(path, root / f"{name}-{dt_name}.gguf", dtype)
                 engines["llama.cpp"] = lambda: llama_cpp_peer.LlamaCpp(
                     gguf, max_seqs=args.requests, max_len=args.prompt_len + args.output_len + 8)
+            if not args.no_vllm and vllm_peer.available(args.vllm_python):
+                engines["vLLM"] = lambda: vllm_peer.VllmCpu(
+                    path, dt_name, max_seqs=max(256, args.requests), max_len=args.prompt_len + args.output_len + 8,
+                    python=args.vllm_python)
             built = {}
             for k, make in engines.items():
                 try:
@@ -180,13 +186,14 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     built[k] = e
                 except Exception as ex:  # a peer that cannot run here is reported, not fatal
                     print(f"[{name} {dt_name}] {k}: skipped ({type(ex).__name__}: {ex})", file=sys.stderr)
-            if "llama.cpp" in built and "bagualu in-process" in built:  # the conversion, checked by its output
-                # common greedy prefix over 4 prompts x 16 tokens: one prompt alone can open on a near-tie
-                # (a random model's top-2 logits 2e-3 apart), which bf16 rounding in either engine flips
-                agree[(name, dt_name)] = sum(llama_cpp_peer.agreement(a, b) for a, b in zip(
-                    built["bagualu in-process"].generate(warm, 16), built["llama.cpp"].generate(warm, 16)))
-                print(f"[{name} {dt_name}] llama.cpp greedy tokens equal to ours: "
-                      f"{agree[(name, dt_name)]} of {16 * len(warm)}", file=sys.stderr)
+            for peer in ("llama.cpp", "vLLM"):  # a peer's load of the same weights, checked by its output
+                if peer in built and "bagualu in-process" in built:
+                    # common greedy prefix over 4 prompts x 16 tokens: one prompt alone can open on a near-tie
+                    # (a random model's top-2 logits 2e-3 apart), which bf16 rounding in either engine flips
+                    agree[(name, dt_name, peer)] = sum(llama_cpp_peer.agreement(a, b) for a, b in zip(
+                        built["bagualu in-process"].generate(warm, 16), built[peer].generate(warm, 16)))
+                    print(f"[{name} {dt_name}] {peer} greedy tokens equal to ours: "
+                          f"{agree[(name, dt_name, peer)]} of {16 * len(warm)}", file=sys.stderr)
             times: dict[str, list[float]] = {k: [] for k in built}
             counts: dict[str, int] = {}
             for prompts in reps:
@@ -202,16 +209,18 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     base = tps
                 rows.append(dict(model=name, dtype=dt_name, engine=k, tokens=counts[k],
                                  seconds=statistics.median(times[k]), tokens_per_s=tps))
-                if k == "llama.cpp":
-                    rows[-1]["greedy_agree_4x16"] = agree.get((name, dt_name))
-            lcpp = next((r["tokens_per_s"] for r in rows if r["model"] == name and r["dtype"] == dt_name
-                         and r["engine"] == "llama.cpp"), None)
+                if (name, dt_name, k) in agree:
+                    rows[-1]["greedy_agree_4x16"] = agree[(name, dt_name, k)]
+            peer_tps = {p: next((r["tokens_per_s"] for r in rows if r["model"] == name and r["dtype"] == dt_name
+                                 and r["engine"] == p), None) for p in ("llama.cpp", "vLLM")}
             for r in rows:
                 if r["model"] == name and r["dtype"] == dt_name:
                     if base:
                         r["vs_hf_static"] = r["tokens_per_s"] / base
-                    if lcpp:
-                        r["vs_llama_cpp"] = r["tokens_per_s"] / lcpp
+                    if peer_tps["llama.cpp"]:
+                        r["vs_llama_cpp"] = r["tokens_per_s"] / peer_tps["llama.cpp"]
+                    if peer_tps["vLLM"]:
+                        r["vs_vllm"] = r["tokens_per_s"] / peer_tps["vLLM"]
             if not args.no_batch1:
                 b1_rows += batch1(built, name, dt_name, dtype, path, warm[0], args)
             for e in built.values():
@@ -259,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf-continuous", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true",
                     help="skip the llama.cpp peer (run when llama-cpp-python and gguf are installed)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM peer (run when its environment exists)")
+    ap.add_argument("--vllm-python", default=None,
+                    help=f"the interpreter of vLLM's environment (default: {vllm_peer.DEFAULT_PYTHON})")
     ap.add_argument("--widened", action="store_true",
                     help="half dtypes: also our engine with the weights widened to fp32 (gemm_dtype=float32)")
     ap.add_argument("--online", action="store_true", help="HTTP load generator against bagualu serve")
@@ -291,7 +303,7 @@ def main(argv=None) -> int:
     print(f"\noffline: {args.requests} requests x {args.prompt_len} prompt x {args.output_len} output tokens, "
           f"greedy, generated tokens/s including prefill")
     print_table(rows, ["model", "dtype", "engine", "tokens", "seconds", "tokens_per_s", "vs_hf_static",
-                       "vs_llama_cpp", "greedy_agree_4x16"])
+                       "vs_llama_cpp", "vs_vllm", "greedy_agree_4x16"])
     if b1:
         print(f"\nbatch 1, decode only ({args.batch1_tokens} tokens); bound = copy bandwidth / weight bytes per token")
         print_table(b1, ["model", "dtype", "engine", "decode_tokens_per_s", "bound_tokens_per_s",
