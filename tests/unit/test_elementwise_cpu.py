@@ -42,6 +42,29 @@ def test_silu_mul_matches_fp64(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("shape", [(3, 5), (300, 2048), (2, 7, 96)])  # a few short rows; several chunks; 3-D
+def test_silu_mul_of_a_fused_projections_halves(dtype, shape, monkeypatch):
+    """The halves of a fused gate/up output (``chunk(2, -1)``: rows with strides) in one C pass, into a fresh
+    contiguous output, equal to the contiguous kernel's values; the reference is not called."""
+    gu = rand(*shape[:-1], 2 * shape[-1], dtype=dtype, seed=sum(shape))
+    g, u = gu.chunk(2, dim=-1)
+    assert not g.is_contiguous()
+    want = ew.silu_mul(g.contiguous(), u.contiguous())
+    monkeypatch.setattr(ew.reference, "silu_mul", None)  # any fallback fails
+    got = ew.silu_mul(g, u)
+    assert got.is_contiguous() and got.shape == g.shape and got.dtype == dtype
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.double(), (silu64(g) * u.double()).to(dtype).double(), **TOL[dtype])
+
+
+def test_strided_silu_mul_outside_its_cover_takes_the_reference():
+    gu = torch.randn(6, 16)
+    g, u = gu.chunk(2, dim=-1)
+    for a, b, out in ((g, u, torch.empty(6, 8)), (g.t(), u.t(), None), (g, u.double(), None), (g[:, ::2], u[:, ::2], None)):
+        torch.testing.assert_close(ew.silu_mul(a, b, out=out), reference.silu_mul(a, b))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
 def test_silu_mul_backward_matches_autograd_in_fp64(dtype):
     n = 3 * 16384 + 5
     da, g, u = (rand(n, dtype=dtype, seed=s) for s in (1, 2, 3))

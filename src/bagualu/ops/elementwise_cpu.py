@@ -6,8 +6,9 @@ once to the output dtype (the reference rounds bf16 intermediates: silu(g) befor
 silu's derivative, dy·y before the row sum) and exp is a polynomial within 2 ulp of libm's; ``scale_rows``
 and ``index_add_rows`` equal the reference bit for bit. Covered:
 contiguous CPU tensors of one dtype, fp32 or bf16 (routing weights fp32), an output that is either a fresh
-tensor or given (``out=``, which may be an input itself, never a partial overlap), and no autograd to record —
-anything else goes to the reference. Built on first use (``ops.native``); when the build is unavailable the
+tensor or given (``out=``, which may be an input itself, never a partial overlap), and no autograd to record;
+also ``silu_mul`` of row-strided operands into a fresh output (the halves of a fused gate/up projection:
+a bf16 prefill's SwiGLU) — anything else goes to the reference. Built on first use (``ops.native``); when the build is unavailable the
 reference runs.
 
 Why: the MoE experts' training passes (``moe.experts``, ``moe.local``) over [N, F] and [N, D] tensors ran as
@@ -38,6 +39,8 @@ def library() -> ctypes.CDLL | None:
         if lib is not None:
             lib.bgl_silu_mul.restype = None
             lib.bgl_silu_mul.argtypes = [_ptr, _ptr, _ptr, _i64, _int, _int]
+            lib.bgl_silu_mul_rows.restype = None
+            lib.bgl_silu_mul_rows.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int]
             lib.bgl_silu_mul_backward.restype = None
             lib.bgl_silu_mul_backward.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _int, _int]
             lib.bgl_scale_rows.restype = None
@@ -85,11 +88,41 @@ def _overlap_free(outs, ins) -> bool:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     lib = library()
-    if lib is None or not _covered(gate, up, out) or not _overlap_free([out], [gate, up]):
+    if lib is None:
+        return reference.silu_mul(gate, up, out=out)
+    if not _covered(gate, up, out):
+        return _silu_mul_rows(lib, gate, up, out)
+    if not _overlap_free([out], [gate, up]):
         return reference.silu_mul(gate, up, out=out)
     out = torch.empty_like(gate) if out is None else out
     lib.bgl_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _CODES[gate.dtype], kernel_threads())
     return out
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` viewed as ``[rows, d]`` with unit stride along d (its last dim), or None where no view is."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _silu_mul_rows(lib, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``silu_mul`` over operands that are rows with strides — the two halves of a fused gate/up projection's
+    output, ``chunk(2, -1)`` — in one pass (the reference would run two). Into a fresh contiguous output only."""
+    g, u = _rows(gate), _rows(up)
+    if (out is not None or g is None or u is None or gate.dtype not in _CODES or up.dtype is not gate.dtype
+            or gate.shape != up.shape or gate.device.type != "cpu" or up.device.type != "cpu"
+            or (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+        return reference.silu_mul(gate, up, out=out)
+    a = torch.empty(gate.shape, dtype=gate.dtype)
+    rows, d = g.shape
+    if a.numel():
+        lib.bgl_silu_mul_rows(g.data_ptr(), u.data_ptr(), a.data_ptr(), rows, d, g.stride(0), u.stride(0), d,
+                              _CODES[gate.dtype], kernel_threads())
+    return a
 
 
 def silu_mul_backward(da: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, du_out: torch.Tensor | None = None,

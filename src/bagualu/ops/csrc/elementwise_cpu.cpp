@@ -2,7 +2,7 @@
 // activation of the MLPs, one pass each over contiguous fp32 or bf16 tensors, on the caller and the helper
 // threads (helpers.h; the linear kernel's pool, adopted). ops/elementwise_cpu.py is the Python side.
 //
-//   silu_mul:           a = silu(g) * u
+//   silu_mul:           a = silu(g) * u   (also over rows with strides: the halves of a fused gate/up output)
 //   silu_mul_backward:  du = da * silu(g),  dg = da * u * silu'(g),  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
 //   scale_rows:       out[n, :] = x[n, :] * w[n]        (w fp32: the routing weights multiply in fp32)
 //   row_dot:          out[n] = sum_d a[n, d] * b[n, d]  (fp32 accumulation)
@@ -62,6 +62,16 @@ inline float rounded(float v) {
   }
 }
 
+// a[i] = silu(g[i]) * u[i] for i in [0, n)
+template <typename T>
+inline void silu_mul_span(const T* g, const T* u, T* a, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = ld(g, i);
+    st(a, i, x / (1.0f + bgl_exp_f32(-x)) * ld(u, i));
+  }
+}
+
 template <typename T>
 struct SiluMul {
   const T* g;
@@ -71,11 +81,7 @@ struct SiluMul {
   static void run(const void* ctx, int64_t c) {
     const SiluMul& s = *static_cast<const SiluMul*>(ctx);
     const Range rg(c, kChunk, s.n);
-#pragma omp simd
-    for (int64_t i = rg.lo; i < rg.hi; ++i) {
-      const float g = ld(s.g, i);
-      st(s.a, i, g / (1.0f + bgl_exp_f32(-g)) * ld(s.u, i));
-    }
+    silu_mul_span(s.g + rg.lo, s.u + rg.lo, s.a + rg.lo, rg.hi - rg.lo);
   }
 };
 
@@ -107,6 +113,17 @@ void each_row(const void* ctx, int64_t c) {
   const Range rg(c, s.rows_per_chunk, s.rows);
   for (int64_t r = rg.lo; r < rg.hi; ++r) s.row(r);
 }
+
+// silu_mul over rows of d elements, each operand with its own row stride (the halves of a fused gate/up output)
+template <typename T>
+struct SiluMulRows {
+  const T* g;
+  const T* u;
+  T* a;
+  int64_t rows, d, ldg, ldu, lda, rows_per_chunk;
+  void row(int64_t r) const { silu_mul_span(g + r * ldg, u + r * ldu, a + r * lda, d); }
+  static void run(const void* ctx, int64_t c) { each_row<SiluMulRows>(ctx, c); }
+};
 
 template <typename T>
 struct ScaleRows {
@@ -211,6 +228,18 @@ void bgl_elementwise_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
 void bgl_silu_mul(const void* g, const void* u, void* a, int64_t n, int dtype, int threads) {
   if (dtype) launch(SiluMul<uint16_t>{static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(u), static_cast<uint16_t*>(a), n}, chunks_of(n), threads);
   else launch(SiluMul<float>{static_cast<const float*>(g), static_cast<const float*>(u), static_cast<float*>(a), n}, chunks_of(n), threads);
+}
+
+// The same over `rows` rows of d elements; row r of g, u and a starts r * ldg, r * ldu, r * lda elements in.
+void bgl_silu_mul_rows(const void* g, const void* u, void* a, int64_t rows, int64_t d, int64_t ldg, int64_t ldu,
+                       int64_t lda, int dtype, int threads) {
+  const int64_t rpc = rows_per_chunk(d), chunks = (rows + rpc - 1) / rpc;
+  if (dtype)
+    launch(SiluMulRows<uint16_t>{static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(u),
+                                 static_cast<uint16_t*>(a), rows, d, ldg, ldu, lda, rpc}, chunks, threads);
+  else
+    launch(SiluMulRows<float>{static_cast<const float*>(g), static_cast<const float*>(u), static_cast<float*>(a),
+                              rows, d, ldg, ldu, lda, rpc}, chunks, threads);
 }
 
 void bgl_silu_mul_backward(const void* da, const void* g, const void* u, void* du, void* dg, int64_t n, int dtype,
