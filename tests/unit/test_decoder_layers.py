@@ -189,8 +189,8 @@ def test_packed_projections_equal_unpacked(counting, wdtype, moe):
 def test_steps_above_the_row_limit_multiply_by_the_packed_projections(counting, monkeypatch, moe):
     """A 150-token step of a stack with packed projections (fp32 weights on AVX-512 builds), the operator's
     row limit lowered to 100 (it is 256 there; a prefill chunk is up to 2048): above it the reference runs,
-    with the dense projections' packed copies (the experts keep theirs) — equal to the unpacked reference to
-    rounding."""
+    with the projections' packed copies — an MoE layer's experts as per-expert views of the operator's
+    packing, each multiplying the rows routed to it — equal to the unpacked reference to rounding."""
     import dataclasses
 
     from bagualu.ops import linear_cpu
@@ -201,14 +201,27 @@ def test_steps_above_the_row_limit_multiply_by_the_packed_projections(counting, 
     counting.max_rows_fp32 = 100
     calls = []
     real = linear_cpu.linear_packed
-    monkeypatch.setattr(linear_cpu, "linear_packed", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(linear_cpu, "linear_packed",
+                        lambda *a, **k: calls.append((a[0].shape[0], a[1].N, a[1].K)) or real(*a, **k))
     c_ref, c_pk = clone_caches(caches), clone_caches(caches)
     with torch.inference_mode():
         want = decoder_layers(x, stack, c_ref, cos, sin, bt, ctx, qsl, slots)
         got = kernel("decoder_layers", "cpu")(x, packed, c_pk, cos, sin, bt, ctx, qsl, slots)
     assert counting.calls == 0
-    n = sum(2 if ly.moe is not None else 4 for ly in stack.layers)  # qkv and o, and an MLP's two
-    assert calls == ([150] * n if linear_cpu.packed_available(torch.float32) else [])
+    if not linear_cpu.packed_available(torch.float32):
+        assert calls == []
+    else:
+        Fe = moe["Fe"] if moe else None
+        dense = [c for c in calls if Fe not in c[1:]]
+        # qkv and o, and an MLP's gate/up and down or the shared experts' two, each over all 150 rows
+        assert [c[0] for c in dense] == [150] * 4 * L
+        if moe:
+            n_moe = sum(ly.moe is not None for ly in stack.layers)
+            gate_up, down = [c for c in calls if c[1:] == (Fe, D)], [c for c in calls if c[1:] == (D, Fe)]
+            # every token's K routes: gate and up rows, then as many down rows
+            assert sum(c[0] for c in gate_up) == 2 * 150 * moe.get("K", 2) * n_moe
+            assert sum(c[0] for c in down) == 150 * moe.get("K", 2) * n_moe
+            assert len(dense) + len(gate_up) + len(down) == len(calls)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for (kr, vr), (kp, vp) in zip(c_ref, c_pk):
         torch.testing.assert_close(kp, kr, rtol=1e-4, atol=1e-4)

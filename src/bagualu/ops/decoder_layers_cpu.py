@@ -205,7 +205,8 @@ def _build(stack: LayerStack, caches) -> tuple | None:
 
 def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tuple | None:
     """(layer array on packed projections, the packed weights and MoE structures it points into, ``stack``
-    with its dense layers' projections packed: the reference's for steps above the operator's row limit) for
+    with its projections packed — an MoE layer's experts as per-expert views of the same packing: the
+    reference's for steps above the operator's row limit) for
     ``stack.packed_min_rows``; None where it does not apply (no packed tiles here for these weights, bf16
     weights without half operands, odd widths, experts whose widths are not multiples of 16)."""
     dtype = {linear_cpu.HALF_OPERANDS: torch.bfloat16, _W_DTYPES[torch.float32]: torch.float32}.get(code)
@@ -219,10 +220,11 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
     pack = linear_cpu.pack_bf16 if dtype is torch.bfloat16 else linear_cpu.pack_f32
     keep, out = [], []
 
-    def packed(w):
-        p = pack(w)
-        keep.append(p)
-        return p.data.data_ptr()
+    def experts(p: linear_cpu.PackedWeight, E: int) -> tuple:
+        """Expert e's rows of ``p`` (E experts' matrices packed as one; with their row counts multiples of 16,
+        expert e's tiles are a contiguous run): a view each, for the reference."""
+        n = p.N // E
+        return tuple(linear_cpu.PackedWeight(p.data[e * n // 16:(e + 1) * n // 16], n, p.K, p.code) for e in range(E))
 
     ref_layers = []  # the same packed weights, for the reference
     for row, ly in zip(rows, stack.layers):
@@ -237,13 +239,22 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
             m = ly.moe
             E, F, D = m.gate_w.shape
             mo = _MoE.from_buffer_copy(ctypes.cast(r.moe, ctypes.POINTER(_MoE)).contents)
-            mo.gate_wp, mo.up_wp = packed(m.gate_w.reshape(E * F, D)), packed(m.up_w.reshape(E * F, D))
-            mo.down_wp = packed(m.down_w.reshape(E * D, F))
+            gate, up, down = (pack(w) for w in (m.gate_w.reshape(E * F, D), m.up_w.reshape(E * F, D),
+                                                m.down_w.reshape(E * D, F)))
+            keep.extend((gate, up, down))
+            mo.gate_wp, mo.up_wp, mo.down_wp = (p.data.data_ptr() for p in (gate, up, down))
+            # the reference's MoE block indexes its experts' weights: per-expert views of the same packing
+            ref_moe = {"gate_w": experts(gate, E), "up_w": experts(up, E), "down_w": experts(down, E)}
             if m.shared_gate_up_w is not None:
-                mo.shared_gu_w, mo.shared_down_w = packed(m.shared_gate_up_w), packed(m.shared_down_w)
+                ref_moe["shared_gate_up_w"] = pack(m.shared_gate_up_w)
+                ref_moe["shared_down_w"] = pack(m.shared_down_w)
+                keep.extend((ref_moe["shared_gate_up_w"], ref_moe["shared_down_w"]))
+                mo.shared_gu_w = ref_moe["shared_gate_up_w"].data.data_ptr()
+                mo.shared_down_w = ref_moe["shared_down_w"].data.data_ptr()
             mo.unpacked_dtype, mo.packed_min_rows = code, stack.packed_min_rows
             keep.append(mo)
             r.moe = ctypes.addressof(mo)
+            ref["moe"] = dataclasses.replace(m, **ref_moe)
         r.w_dtype = keep[0].code
         out.append(r)
         ref_layers.append(dataclasses.replace(ly, **ref))
