@@ -60,7 +60,8 @@ def test_silu_mul_of_a_fused_projections_halves(dtype, shape, monkeypatch):
 def test_strided_silu_mul_outside_its_cover_takes_the_reference():
     gu = torch.randn(6, 16)
     g, u = gu.chunk(2, dim=-1)
-    for a, b, out in ((g, u, torch.empty(6, 8)), (g.t(), u.t(), None), (g, u.double(), None), (g[:, ::2], u[:, ::2], None)):
+    cases = ((g, u, torch.empty(6, 8)), (g.t(), u.t(), None), (g, u.double(), None), (g[:, ::2], u[:, ::2], None))
+    for a, b, out in cases:
         torch.testing.assert_close(ew.silu_mul(a, b, out=out), reference.silu_mul(a, b))
 
 

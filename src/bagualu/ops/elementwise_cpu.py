@@ -7,9 +7,9 @@ silu's derivative, dy·y before the row sum) and exp is a polynomial within 2 ul
 and ``index_add_rows`` equal the reference bit for bit. Covered:
 contiguous CPU tensors of one dtype, fp32 or bf16 (routing weights fp32), an output that is either a fresh
 tensor or given (``out=``, which may be an input itself, never a partial overlap), and no autograd to record;
-also ``silu_mul`` of row-strided operands into a fresh output (the halves of a fused gate/up projection:
-a bf16 prefill's SwiGLU) — anything else goes to the reference. Built on first use (``ops.native``); when the build is unavailable the
-reference runs.
+also ``silu_mul`` of row-strided operands into a fresh output (the halves of a fused gate/up projection: a
+prefill's SwiGLU) — anything else goes to the reference. Built on first use (``ops.native``); when the build
+is unavailable the reference runs.
 
 Why: the MoE experts' training passes (``moe.experts``, ``moe.local``) over [N, F] and [N, D] tensors ran as
 separate ATen passes — two for silu(g)·u forward, five for its backward — and a bf16 tensor times an fp32
