@@ -46,6 +46,7 @@ def env(kv_cache_gib: int = 4) -> dict[str, str]:
     e.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     e.setdefault("OMP_NUM_THREADS", str(len(cores)))
     e.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    e.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO lines and per-weight dtype warnings stay off our stderr
     e.pop("PYTHONPATH", None)  # our environment's packages must not shadow vLLM's
     return e
 
