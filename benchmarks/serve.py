@@ -160,6 +160,8 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
         # keeps a prefix cache across generate calls, the peers do not, and a timed run must not reuse it
         warm = prompts_for(4, args.prompt_len, vocab, seed=1)
         reps = [prompts_for(args.requests, args.prompt_len, vocab, seed=1234 + r) for r in range(args.reps)]
+        # a peer's context limit: the longest run, throughput's or batch-1's (vLLM stops a sequence there)
+        max_len = args.prompt_len + max(args.output_len, 0 if args.no_batch1 else args.batch1_tokens) + 8
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             engines = {"bagualu in-process": lambda: Ours(path, dt_name)}
@@ -173,10 +175,10 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
             if not args.no_llama_cpp and llama_cpp_peer.available():
                 gguf = llama_cpp_peer.write_gguf(path, root / f"{name}-{dt_name}.gguf", dtype)
                 engines["llama.cpp"] = lambda: llama_cpp_peer.LlamaCpp(
-                    gguf, max_seqs=args.requests, max_len=args.prompt_len + args.output_len + 8)
+                    gguf, max_seqs=args.requests, max_len=max_len)
             if not args.no_vllm and vllm_peer.available(args.vllm_python):
                 engines["vLLM"] = lambda: vllm_peer.VllmCpu(
-                    path, dt_name, max_seqs=max(256, args.requests), max_len=args.prompt_len + args.output_len + 8,
+                    path, dt_name, max_seqs=max(256, args.requests), max_len=max_len,
                     python=args.vllm_python)
             built = {}
             for k, make in engines.items():
@@ -222,13 +224,19 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     if peer_tps["vLLM"]:
                         r["vs_vllm"] = r["tokens_per_s"] / peer_tps["vLLM"]
             if not args.no_batch1:
-                b1_rows += batch1(built, name, dt_name, dtype, path, warm[0], args)
+                b1_rows += batch1(built, name, dt_name, dtype, path,
+                                  prompts_for(2 * args.reps, args.prompt_len, vocab, seed=4321), args)
             for e in built.values():
                 e.close()
     return rows, b1_rows
 
 
-def batch1(built, name, dt_name, dtype, path, prompt, args) -> list[dict]:
+def batch1(built, name, dt_name, dtype, path, prompts, args) -> list[dict]:
+    """Decode-only tokens/s of one sequence: (time of n tokens - time of 1) / (n - 1), each timed run on a prompt
+    of its own (``prompts``: two per repetition, shared by the engines), so no prefix cache serves one run's
+    prefill and not the other's. Each run must generate all its tokens: vLLM stops a sequence at its context
+    limit, and when that limit was sized for the throughput runs' output its batch-1 rate came out at
+    2-2.9x the memory-bandwidth bound."""
     bw = copy_bandwidth()  # measured now, not the platform's cached figure: this box's bandwidth drifts with load
     bound = bw / weight_bytes_per_token(path, dtype)
     out = []
@@ -237,13 +245,15 @@ def batch1(built, name, dt_name, dtype, path, prompt, args) -> list[dict]:
         if "generate_batch" in k:
             continue
         full, one = [], []
-        for _ in range(args.reps):
+        for r in range(args.reps):
             t0 = time.perf_counter()
-            e.run([prompt], 1)
+            got = e.run([prompts[2 * r]], 1)
             one.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            e.run([prompt], n)
+            got += e.run([prompts[2 * r + 1]], n)
             full.append(time.perf_counter() - t0)
+            if got != 1 + n:  # an engine that stopped early would look fast
+                raise RuntimeError(f"{k}: {got} tokens generated for batch-1 runs of 1 and {n}")
         tps = (n - 1) / max(statistics.median(full) - statistics.median(one), 1e-9)
         out.append(dict(model=name, dtype=dt_name, engine=k, decode_tokens_per_s=tps, bound_tokens_per_s=bound,
                         fraction_of_bound=tps / bound, copy_GBps=bw / 1e9))
