@@ -188,14 +188,16 @@ def offline(args, root: Path) -> tuple[list[dict], list[dict]]:
                     built[k] = e
                 except Exception as ex:  # a peer that cannot run here is reported, not fatal
                     print(f"[{name} {dt_name}] {k}: skipped ({type(ex).__name__}: {ex})", file=sys.stderr)
-            for peer in ("llama.cpp", "vLLM"):  # a peer's load of the same weights, checked by its output
-                if peer in built and "bagualu in-process" in built:
-                    # common greedy prefix over 4 prompts x 16 tokens: one prompt alone can open on a near-tie
-                    # (a random model's top-2 logits 2e-3 apart), which bf16 rounding in either engine flips
-                    agree[(name, dt_name, peer)] = sum(llama_cpp_peer.agreement(a, b) for a, b in zip(
-                        built["bagualu in-process"].generate(warm, 16), built[peer].generate(warm, 16)))
-                    print(f"[{name} {dt_name}] {peer} greedy tokens equal to ours: "
-                          f"{agree[(name, dt_name, peer)]} of {16 * len(warm)}", file=sys.stderr)
+            # a peer's load of the same weights, checked by its output: the common greedy prefix over 4 prompts x
+            # 16 tokens (one prompt alone can open on a near-tie, a random model's top-2 logits 2e-3 apart, which
+            # bf16 rounding in either engine flips)
+            peers = [p for p in ("llama.cpp", "vLLM") if p in built]
+            ours = built["bagualu in-process"].generate(warm, 16) if peers and "bagualu in-process" in built else None
+            for peer in peers if ours is not None else ():
+                agree[(name, dt_name, peer)] = sum(llama_cpp_peer.agreement(a, b) for a, b in zip(
+                    ours, built[peer].generate(warm, 16)))
+                print(f"[{name} {dt_name}] {peer} greedy tokens equal to ours: "
+                      f"{agree[(name, dt_name, peer)]} of {16 * len(warm)}", file=sys.stderr)
             times: dict[str, list[float]] = {k: [] for k in built}
             counts: dict[str, int] = {}
             for prompts in reps:

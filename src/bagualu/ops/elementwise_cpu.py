@@ -54,8 +54,9 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def _covered(*ts: torch.Tensor | None) -> bool:
-    """Contiguous CPU tensors of one covered dtype and shape (None: an output to allocate), nothing for autograd."""
+def _covered(*ts: torch.Tensor | None, contiguous: bool = True) -> bool:
+    """Contiguous (unless ``contiguous=False``) CPU tensors of one covered dtype and shape (None: an output to
+    allocate), nothing for autograd."""
     first = ts[0]
     if first.dtype not in _CODES:
         return False
@@ -63,8 +64,8 @@ def _covered(*ts: torch.Tensor | None) -> bool:
     for t in ts:
         if t is None:
             continue
-        if (t.device.type != "cpu" or t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous()
-                or (grad and t.requires_grad)):
+        if (t.device.type != "cpu" or t.dtype != first.dtype or t.shape != first.shape
+                or (contiguous and not t.is_contiguous()) or (grad and t.requires_grad)):
             return False
     return True
 
@@ -113,9 +114,7 @@ def _silu_mul_rows(lib, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor 
     """``silu_mul`` over operands that are rows with strides — the two halves of a fused gate/up projection's
     output, ``chunk(2, -1)`` — in one pass (the reference would run two). Into a fresh contiguous output only."""
     g, u = _rows(gate), _rows(up)
-    if (out is not None or g is None or u is None or gate.dtype not in _CODES or up.dtype is not gate.dtype
-            or gate.shape != up.shape or gate.device.type != "cpu" or up.device.type != "cpu"
-            or (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+    if out is not None or g is None or u is None or not _covered(gate, up, contiguous=False):
         return reference.silu_mul(gate, up, out=out)
     a = torch.empty(gate.shape, dtype=gate.dtype)
     rows, d = g.shape
