@@ -151,6 +151,45 @@ def test_kernel_mixed_prefill_decode_matches_reference(fast, dtype, H, G, Dh, B,
         torch.testing.assert_close(ref, b.oracle(window), **TOL[dtype])
 
 
+@pytest.fixture(scope="module")
+def rows_path():
+    """The kernel built without its prefill tiles: prefill chunks on the decode path's row items."""
+    lib = native.load("paged_attention_cpu_rows", "paged_attention_cpu.cpp", ("-DBGL_NO_TILES",))
+    k = paged_attention_cpu.PagedAttentionKernel(lib)
+    assert not k.prefill_tiles
+    return k
+
+
+@pytest.mark.parametrize("H,G,Dh,B", [(4, 4, 16, 16), (8, 4, 80, 32), (12, 4, 64, 16), (32, 4, 144, 48),
+                                      (6, 1, 48, 16)])
+@pytest.mark.parametrize("window", [None, 3, 40])
+def test_prefill_tiles_match_reference(fast, rows_path, two_threads, H, G, Dh, B, window):
+    """Prefill chunks (>= 8 query rows of a sequence) on the prefill tiles: 1, 2, 3, 8 and 6 heads per KV
+    group (tiles of 96, 48, 32, 12 and 16 tokens), head dims whose 16-lane chunks leave 0, 1 and 3 behind the
+    64-wide PV passes, whole prompts and chunks after a prefix around the tile and 32-key step edges, next to
+    decode rows and short chunks (row items) in one batch; unwritten slots are NaN (padding keys must never
+    reach the output). Against the reference, and not bit for bit the row path's output: the tiles ran."""
+    if not fast.prefill_tiles:
+        pytest.skip("this build has no prefill tiles (they need AVX-512)")
+    ctx, nq = [8, 31, 33, 65, 150, 70, 300, 9], [8, 31, 33, 65, 40, 16, 1, 5]
+    for dtype in (torch.float32, torch.bfloat16):
+        b = Batch(ctx, nq, H, G, Dh, B, dtype, seed=H + Dh + B)
+        ref = paged_kv.paged_attention(*b.args(), window)
+        got = fast(*b.args(), window)
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+        if dtype == torch.float32:
+            rows = rows_path(*b.args(), window)
+            torch.testing.assert_close(rows, ref, **TOL[dtype])
+            assert not torch.equal(got, rows)  # another summation order: the tiles computed the chunks
+
+
+def test_prefill_tiles_fp32_queries_over_bf16_cache(fast):
+    b = Batch([100, 40], [100, 12], H=12, G=4, Dh=64, B=16, dtype=torch.bfloat16, seed=3)
+    q32 = b.q.float()
+    ref = paged_kv.paged_attention(q32, *b.args()[1:])
+    torch.testing.assert_close(fast(q32, *b.args()[1:]), ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G,window", [(4, None), (1, None), (2, 300)])
 def test_kernel_batch1_long_context_split(fast, two_threads, dtype, G, window):

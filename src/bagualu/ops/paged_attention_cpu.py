@@ -42,6 +42,10 @@ class PagedAttentionKernel:
                               _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, ctypes.c_float, _i64, ctypes.c_int, _ptr]
         lib.bgl_simd_width.restype = ctypes.c_int
         self.simd_width = lib.bgl_simd_width()
+        lib.bgl_prefill_tiles.restype = ctypes.c_int
+        # whether prefill chunks (>= 8 query rows of a sequence) run on the prefill tiles (csrc/paged_attention_tiles.h;
+        # AVX-512 builds, head dims and block sizes that are multiples of 16)
+        self.prefill_tiles = bool(lib.bgl_prefill_tiles())
 
     def covers(self, q_THDh: torch.Tensor, k_cache_NGBDh: torch.Tensor) -> bool:
         return (q_THDh.dtype in _DTYPE_CODES and k_cache_NGBDh.dtype in _DTYPE_CODES

@@ -19,6 +19,9 @@
 // Dh is not a multiple of 8, plain loops on blocks widened to fp32 (define BGL_SCALAR to force that path,
 // as the tests do). On AVX-512 CPUs the QK and PV tiles are 512-bit where Dh is a multiple of 16
 // (paged_attention_avx512.h; -DBGL_NO_AVX512 keeps the AVX2 ones).
+// Prefill chunks (>= kMinTileTokens query rows of one sequence) take other items on AVX-512 CPUs: the
+// query rows of several tokens of one KV group against 32 keys at a time (paged_attention_tiles.h), where a
+// row item would hold one token's heads and stream every key once per token.
 // Layout: cache [N blocks][G kv heads][B slots][Dh]; q/out rows of H*Dh with a token stride.
 
 #include <algorithm>
@@ -27,10 +30,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <memory>
 #include <vector>
 
 #include "bf16.h"
+#include "exp_f32.h"
 #include "helpers.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(BGL_SCALAR)
@@ -139,6 +144,8 @@ struct Item {
   int64_t part;                       // -1: write out directly; else first row of its partial state
   double cost;
   int64_t merge;                      // index of the merge this slice belongs to, or -1
+  int64_t g = -1;                     // >= 0: a prefill tile (paged_attention_tiles.h) of KV group g, tokens
+                                      // [row0, row0+nrows) of s; -1: rows of the row path
 };
 
 struct Scratch {
@@ -268,6 +275,18 @@ void scan_generic(const Args& A, const Item& it, const Rows& R, Scratch& w, int6
   }
 }
 
+#if BGL_AVX512 && !defined(BGL_NO_TILES)  // -DBGL_NO_TILES: prefill chunks on the row path (tests, A/B)
+#include "paged_attention_tiles.h"
+#define BGL_TILES 1
+#else
+#define BGL_TILES 0
+constexpr int64_t kMinTileTokens = 1;
+inline int64_t tile_tokens(int64_t) { return 1; }
+#endif
+
+// Whether prefill chunks of a cache with head dim Dh and B-slot blocks take the prefill tiles.
+inline bool prefill_tiles(int64_t Dh, int64_t B) { return BGL_TILES && Dh % 16 == 0 && B % 16 == 0; }
+
 // Process one work item: all rows of the tile over the keys [kb, ke).
 void run_item(const Args& A, const Item& it, const Item* next, Scratch& w, float* part_m, float* part_l,
               float* part_acc) {
@@ -391,8 +410,16 @@ struct Job {
 
 void run_job_item(const void* ctx, int64_t x) {
   const Job& j = *static_cast<const Job*>(ctx);
-  thread_local Scratch w;  // grown once per thread, reused by every call
   const Item& it = j.items[x];
+#if BGL_TILES
+  if (it.g >= 0) {
+    thread_local TileScratch tw;  // grown once per thread, reused by every call
+    if (j.A->kv_dtype == F32) run_token_tile<float>(*j.A, it.s, it.g, it.row0, it.nrows, tw);
+    else run_token_tile<uint16_t>(*j.A, it.s, it.g, it.row0, it.nrows, tw);
+    return;
+  }
+#endif
+  thread_local Scratch w;  // grown once per thread, reused by every call
   // items are claimed in order, one at a time, so this thread's next one is about `threads` further on
   const Item* next = x + j.threads < j.ni ? &j.items[x + j.threads] : nullptr;
   run_item(*j.A, it, next, w, j.pm, j.pl, j.pacc);
@@ -416,14 +443,29 @@ int bgl_paged_attention(const void* q, const void* k, const void* v, void* out, 
   // Plan: tiles of rows (token-major, all heads of a token together when they fit, so an item reads each
   // block's KV heads as one contiguous run); split contexts when there are too few items for the cores.
   const int64_t tile = H <= kRowTile ? kRowTile / H * H : kRowTile;
+  // A sequence with many query rows (a prefill chunk) gets prefill tiles where this build has them.
+  const int64_t TT = prefill_tiles(Dh, B) ? tile_tokens(H / G) : 0;
+  auto tiled = [&](int64_t s) { return TT > 0 && qsl[s + 1] - qsl[s] >= kMinTileTokens; };
   int64_t base_items = 0;
-  for (int64_t s = 0; s < S; ++s) base_items += (int64_t(qsl[s + 1] - qsl[s]) * H + tile - 1) / tile;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = qsl[s + 1] - qsl[s];
+    base_items += tiled(s) ? G * ((n + TT - 1) / TT) : (n * H + tile - 1) / tile;
+  }
   const int64_t target = 4 * int64_t(std::max(num_threads, 1));
   std::vector<Item> items, merges;
   std::vector<int64_t> nsplits;
   int64_t part_rows = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = qsl[s + 1] - qsl[s], L = context_lens[s], rows = n * H;
+    if (tiled(s)) {  // one item per (KV group, TT tokens); never split over the context
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t0 = 0; t0 < n; t0 += TT) {
+          const int64_t nt = std::min(TT, n - t0), last = L - n + t0 + nt;  // keys the last token sees
+          const int64_t first = window > 0 ? std::max<int64_t>(0, L - n + t0 - window + 1) : 0;
+          items.push_back({s, t0, nt, 0, L, -1, double(nt * (H / G)) * double(last - first), -1, g});
+        }
+      continue;
+    }
     int64_t nsplit = 1;
     if (num_threads > 1 && base_items < target)
       nsplit = std::max<int64_t>(1, std::min((target + base_items - 1) / base_items, L / kMinSplitKeys));
@@ -470,5 +512,8 @@ void bgl_adopt_helpers(void* pool) { bgl::Helpers::adopt(pool); }
 
 // lanes of the widest tiles this build has (16: AVX-512 ones, used where Dh % 16 == 0)
 int bgl_simd_width() { return BGL_AVX512 ? 16 : BGL_AVX2 ? 8 : 1; }
+
+// whether this build has the prefill tiles (paged_attention_tiles.h)
+int bgl_prefill_tiles() { return BGL_TILES; }
 
 }  // extern "C"
