@@ -157,7 +157,7 @@ def test_half_operands_native_equal_reference(counting, moe, monkeypatch):
 def test_packed_projections_equal_unpacked(counting, wdtype, moe):
     """``packed_min_rows``: a step of that many tokens or more multiplies by repacked copies of the projections
     (bf16 with half operands on AVX512-BF16 builds, fp32 on AVX-512 ones) — in MoE layers the attention's, the
-    shared experts' and those of each expert routed that many rows, the others' unpacked — the same products
+    shared experts' and those of every routed expert — the same products
     as the row tiles, summed in another order, so equal to rounding; a smaller step keeps the original
     weights, bit for bit. Elsewhere nothing is packed."""
     import dataclasses
@@ -183,6 +183,39 @@ def test_packed_projections_equal_unpacked(counting, wdtype, moe):
         for (kh, vh), (kp, vp) in zip(c_half, c_packed):
             torch.testing.assert_close(kp, kh, rtol=1e-4, atol=1e-4)
     assert counting.calls == 4
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_experts_with_few_rows_multiply_by_their_packed_copies(counting, wdtype):
+    """In a step on the packed projections, an expert routed fewer rows than the step's threshold (here 9
+    tokens x 2 routes over 6 experts: 1-5 rows each) multiplies by its packed copy too: with those copies
+    zeroed, the MoE layers' outputs change; with the unpacked experts zeroed, nothing does."""
+    import dataclasses
+
+    from bagualu.ops import linear_cpu
+
+    if not linear_cpu.packed_available(wdtype):
+        pytest.skip(f"no packed {wdtype} tiles here")
+    stack = make_stack(wdtype, bias=True, seed=5, moe={"Fe": 48})
+    packed = dataclasses.replace(stack, half_operands=wdtype is torch.bfloat16, native={}, packed_min_rows=8)
+    x, caches, cos, sin, bt, ctx, qsl, slots = make_step(new=(4, 5), past=(20, 0))
+    c = clone_caches(caches)  # one set for every call: the table (and its packing) is built once per caches
+    with torch.inference_mode():  # (each call writes the same keys and values into the same slots)
+        want = kernel("decoder_layers", "cpu")(x, packed, c, cos, sin, bt, ctx, qsl, slots)
+        E, Fe = 6, 48
+        experts = [p for p in packed.native["cpu"][1][-1][1]
+                   if isinstance(p, linear_cpu.PackedWeight) and p.N in (E * Fe, E * D)]
+        assert len(experts) == 3 * sum(ly.moe is not None for ly in stack.layers)
+        for ly in stack.layers:  # the unpacked experts: never read
+            if ly.moe is not None:
+                for w in (ly.moe.gate_w, ly.moe.up_w, ly.moe.down_w):
+                    w.zero_()
+        same = kernel("decoder_layers", "cpu")(x, packed, c, cos, sin, bt, ctx, qsl, slots)
+        for p in experts:
+            p.data.zero_()
+        zeroed = kernel("decoder_layers", "cpu")(x, packed, c, cos, sin, bt, ctx, qsl, slots)
+    assert torch.equal(same, want)
+    assert not torch.allclose(zeroed, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("moe", [None, {"Fe": 48, "Fs": 16, "shared_gate": True, "fp32_gates": True}])

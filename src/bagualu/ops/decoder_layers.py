@@ -90,7 +90,7 @@ class LayerStack:
     (AVX512-BF16), twice the fp32 rate. Routers and gates keep their inputs; nothing else changes."""
     packed_min_rows: int = 0
     """Steps of at least this many tokens multiply by copies of the layers' projections (in an MoE layer, of
-    each expert routed at least this many of the step's rows) that the platform's kernel repacks for its tiles, where it has such tiles for these weights (on CPU: bf16 with
+    every expert the step routes rows to) that the platform's kernel repacks for its tiles, where it has such tiles for these weights (on CPU: bf16 with
     ``half_operands`` on AVX512-BF16, ``ops.linear_cpu.pack_bf16``; fp32 on AVX-512, ``pack_f32``), made on the
     stack's first native step and kept with it (memory: one more copy of those weights). The products are the
     same; their sums run in another order. 0: never."""

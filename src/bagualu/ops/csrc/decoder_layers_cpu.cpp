@@ -67,7 +67,8 @@ struct BglMoE {
   // Where the layer's w_dtype is a packed code (3 bf16, 4 fp32: the layer array for large steps), the experts
   // also exist packed: an expert with at least packed_min_rows routed rows multiplies by gate_wp/up_wp/down_wp
   // (same per-expert strides: F and D are multiples of 16), the others by gate_w/up_w/down_w in
-  // unpacked_dtype. The shared experts' pointers are then packed ones. Null gate_wp: no packed experts.
+  // unpacked_dtype (ops/decoder_layers_cpu.py sets 1: every routed expert packed). The shared experts'
+  // pointers are then packed ones. Null gate_wp: no packed experts.
   const void* gate_wp;
   const void* up_wp;
   const void* down_wp;
