@@ -30,8 +30,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "bf16.h"
