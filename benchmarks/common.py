@@ -88,6 +88,20 @@ def cache_scrubber() -> callable:
     return scrub
 
 
+def attention_options(ap, cases: str, cases_help: str, reps: int) -> None:
+    """The options of the attention benchmarks (decode_attention.py, prefill_attention.py): cases, the
+    model's attention shape, dtypes, repetitions, threads, --json."""
+    ap.add_argument("--cases", default=cases, help=cases_help)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: torch's)")
+    ap.add_argument("--json", default=None)
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
+from common import attention_options, copy_bandwidth, interleaved, machine_facts, print_table, write_json  # noqa: E402
 
 from bagualu.ops import kernel  # noqa: E402
 from bagualu.ops.paged_attention_cpu import kernel as cpp_kernel  # noqa: E402
@@ -101,16 +101,8 @@ class Case:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="64x256,32x1024,1x4096", help="comma-separated SEQSxCONTEXT")
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--reps", type=int, default=15)
+    attention_options(ap, "64x256,32x1024,1x4096", "comma-separated SEQSxCONTEXT", reps=15)
     ap.add_argument("--min-mib", type=int, default=256, help="KV touched per timed call (layers x one layer's KV)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: torch's)")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

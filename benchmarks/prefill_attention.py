@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, machine_facts, print_table, write_json  # noqa: E402
+from common import attention_options, interleaved, machine_facts, print_table, write_json  # noqa: E402
 
 from bagualu.ops import linear_cpu, native, paged_kv  # noqa: E402
 from bagualu.ops.paged_attention_cpu import PagedAttentionKernel  # noqa: E402
@@ -109,15 +109,7 @@ def parse_case(spec: str) -> tuple[int, int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="16x128,4x512,1x2048,8x640+128", help="comma-separated SxL or SxL+n")
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: torch's)")
-    ap.add_argument("--json", default=None)
+    attention_options(ap, "16x128,4x512,1x2048,8x640+128", "comma-separated SxL or SxL+n", reps=9)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -55,12 +55,6 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p);
-  else return Zmm::load(p);
-}
-
 // One 16-key tile into a step's buffers: Kt[d * kKeys + j] = K[j][d] and Vf[j * Dh + d] = V[j][d] for the 16 rows
 // at K, V (Dh apart); V rows j >= nvalid become zeros (slots past the context may hold anything; a zero
 // probability times NaN would be NaN). nvalid <= 0: no keys, both zeros.
@@ -68,13 +62,13 @@ template <typename T>
 void widen_tile(const T* K, const T* V, int64_t Dh, int64_t nvalid, float* Kt, float* Vf) {
   for (int64_t d = 0; d < Dh; d += 16) {
     __m512 r[16];
-    for (int j = 0; j < 16; ++j) r[j] = nvalid > 0 ? load16(K + j * Dh + d) : _mm512_setzero_ps();
+    for (int j = 0; j < 16; ++j) r[j] = nvalid > 0 ? Zmm::load(K + j * Dh + d) : _mm512_setzero_ps();
     transpose16(r);
     for (int j = 0; j < 16; ++j) _mm512_storeu_ps(Kt + (d + j) * kKeys, r[j]);
   }
   for (int64_t j = 0; j < 16; ++j)
     for (int64_t d = 0; d < Dh; d += 16)
-      _mm512_storeu_ps(Vf + j * Dh + d, j < nvalid ? load16(V + j * Dh + d) : _mm512_setzero_ps());
+      _mm512_storeu_ps(Vf + j * Dh + d, j < nvalid ? Zmm::load(V + j * Dh + d) : _mm512_setzero_ps());
 }
 
 // acc[r] = acc[r] * alpha[r] + sum_j p[r][j] Vf[j] over kKeys keys, for 4 rows (acc rows Dh apart), features
