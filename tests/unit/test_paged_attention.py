@@ -164,14 +164,14 @@ def rows_path():
                                       (6, 1, 48, 16)])
 @pytest.mark.parametrize("window", [None, 3, 40])
 def test_prefill_tiles_match_reference(fast, rows_path, two_threads, H, G, Dh, B, window):
-    """Prefill chunks (>= 8 query rows of a sequence) on the prefill tiles: 1, 2, 3, 8 and 6 heads per KV
+    """Prefill chunks (>= 4 query rows of a sequence: a chunk, or a speculative step's drafts) on the prefill tiles: 1, 2, 3, 8 and 6 heads per KV
     group (tiles of 96, 48, 32, 12 and 16 tokens), head dims whose 16-lane chunks leave 0, 1 and 3 behind the
     64-wide PV passes, whole prompts and chunks after a prefix around the tile and 32-key step edges, next to
     decode rows and short chunks (row items) in one batch; unwritten slots are NaN (padding keys must never
     reach the output). Against the reference, and not bit for bit the row path's output: the tiles ran."""
     if not fast.prefill_tiles:
         pytest.skip("this build has no prefill tiles (they need AVX-512)")
-    ctx, nq = [8, 31, 33, 65, 150, 70, 300, 9], [8, 31, 33, 65, 40, 16, 1, 5]
+    ctx, nq = [8, 31, 33, 65, 150, 70, 300, 9, 40], [8, 31, 33, 65, 40, 16, 1, 3, 4]
     for dtype in (torch.float32, torch.bfloat16):
         b = Batch(ctx, nq, H, G, Dh, B, dtype, seed=H + Dh + B)
         ref = paged_kv.paged_attention(*b.args(), window)

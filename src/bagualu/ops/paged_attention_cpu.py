@@ -43,7 +43,7 @@ class PagedAttentionKernel:
         lib.bgl_simd_width.restype = ctypes.c_int
         self.simd_width = lib.bgl_simd_width()
         lib.bgl_prefill_tiles.restype = ctypes.c_int
-        # whether prefill chunks (>= 8 query rows of a sequence) run on the prefill tiles (csrc/paged_attention_tiles.h;
+        # whether prefill chunks (>= 4 query rows of a sequence) run on the prefill tiles (csrc/paged_attention_tiles.h;
         # AVX-512 builds, head dims and block sizes that are multiples of 16)
         self.prefill_tiles = bool(lib.bgl_prefill_tiles())
 
