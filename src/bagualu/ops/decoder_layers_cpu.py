@@ -45,7 +45,7 @@ class _Kernels(ctypes.Structure):
 class _MoE(ctypes.Structure):
     _fields_ = [(n, _p) for n in ("router_w", "gate_w", "up_w", "down_w", "shared_gu_w", "shared_down_w",
                                   "shared_gate_w")] + [(n, _i) for n in ("E", "K", "F", "Fs", "router", "norm_topk", "gate_dtype")] \
-        + [(n, _p) for n in ("gate_wp", "up_wp", "down_wp")] + [(n, _i) for n in ("unpacked_dtype", "packed_min_rows")]
+        + [(n, _p) for n in ("gate_wp", "up_wp", "down_wp")]
 
 
 class _Layer(ctypes.Structure):
@@ -203,14 +203,6 @@ def _build(stack: LayerStack, caches) -> tuple | None:
     return layers, dims, wdt, sizes, moes, packed  # moes: the structures the layer array points into, kept alive
 
 
-# In a step on the packed projections, an expert routed at least this many rows multiplies by its packed copy.
-# 1: every routed expert. Measured on a Zen 5 (small Mixtral, 2 threads, decode steps, in-process A/B of the
-# threshold): at 32 sequences bf16 9.97 -> 9.65 ms, fp32 18.7 -> 17.4; at 64 bf16 14.7 -> 14.2 (against 8, the
-# step's own threshold, which had left the experts with fewer rows on the row tiles, in a second pair of
-# grouped calls); 4 measured in between.
-EXPERT_PACKED_MIN_ROWS = 1
-
-
 def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tuple | None:
     """(layer array on packed projections, the packed weights and MoE structures it points into, ``stack``
     with its projections packed — an MoE layer's experts as per-expert views of the same packing: the
@@ -259,7 +251,6 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
                 keep.extend((ref_moe["shared_gate_up_w"], ref_moe["shared_down_w"]))
                 mo.shared_gu_w = ref_moe["shared_gate_up_w"].data.data_ptr()
                 mo.shared_down_w = ref_moe["shared_down_w"].data.data_ptr()
-            mo.unpacked_dtype, mo.packed_min_rows = code, EXPERT_PACKED_MIN_ROWS
             keep.append(mo)
             r.moe = ctypes.addressof(mo)
             ref["moe"] = dataclasses.replace(m, **ref_moe)
