@@ -267,13 +267,21 @@ def test_half_operands_round_the_input(fast, M):
     assert torch.equal(fast(x, fp32_w, half_operands=True), fast(x, fp32_w))  # fp32 weights: nothing to round to
 
 
-@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.fixture(params=[(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, False)],
+                ids=["bf16-amx", "bf16-avx512", "fp32"])
 def packed(fast, request):
     """The packed weights' dtype; skipped where this build has no packed tiles for it (bf16: AVX512-BF16,
-    fp32: AVX-512)."""
-    if not linear_cpu.packed_available(request.param):
-        pytest.skip(f"no packed tiles for {request.param} on this CPU")
-    return request.param
+    fp32: AVX-512). bf16 runs twice: on AMX tiles (skipped without them; problems with K % 32 != 0 take the
+    AVX512-BF16 tiles there too) and with AMX switched off."""
+    dtype, amx = request.param
+    if not linear_cpu.packed_available(dtype):
+        pytest.skip(f"no packed tiles for {dtype} on this CPU")
+    was = linear_cpu.amx_tiles()
+    if amx and not was:
+        pytest.skip("no AMX tiles on this CPU (or the OS does not grant them)")
+    linear_cpu.amx_tiles(amx)
+    yield dtype
+    linear_cpu.amx_tiles(was)
 
 
 def _pack(w: torch.Tensor):
@@ -292,7 +300,7 @@ def test_packed_weights_equal_the_row_tiles(packed, split_everything, M, N):
     ``half_operands``) to rounding (the same products, summed in another order), for every column tail (N % 16,
     N % 48), row tail (M % 8) and K tail, chunked over 2 threads; an output row's columns past N untouched."""
     g = torch.Generator().manual_seed(M * 1000 + N)
-    for K in (2, 64, 770):
+    for K in (2, 64, 770, 800):
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(packed)
         b = torch.randn(N, generator=g) if N % 2 else None
         pw = _pack(w)

@@ -49,6 +49,9 @@ class LinearKernel:
         lib.bgl_linear_simd.restype = ctypes.c_int
         # which tiles this build has; "avx512-bf16" multiplies bf16 operands in hardware (half_operands)
         self.isa = ("scalar", "avx2", "avx512", "avx512-bf16")[lib.bgl_linear_simd()]
+        self.amx = lib.bgl_linear_amx
+        self.amx.restype = ctypes.c_int
+        self.amx.argtypes = [ctypes.c_int]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                  half_operands: bool = False) -> torch.Tensor:
@@ -140,6 +143,14 @@ def packed_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     if k is None:
         return False
     return k.isa == "avx512-bf16" if dtype is torch.bfloat16 else dtype is torch.float32 and k.isa.startswith("avx512")
+
+
+def amx_tiles(on: bool | None = None) -> bool:
+    """Whether packed bf16 weights multiply on AMX tile units (``csrc/linear_cpu.cpp``: built for a CPU with
+    AMX-BF16, the OS grants the tile state, not switched off) rather than the AVX512-BF16 tiles; ``on``
+    switches it first, for the process (both compute the same products; the tests compare them)."""
+    k = _loaded()
+    return k is not None and bool(k.amx(-1 if on is None else int(on)))
 
 
 def _pack(w: torch.Tensor, dtype: torch.dtype, code: int) -> PackedWeight:

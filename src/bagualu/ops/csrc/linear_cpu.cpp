@@ -20,7 +20,8 @@
 // against 170-265 packed; a batch-32 fp32 decode step of the ~110M Llama: 52 -> 44 ms). -DBGL_NO_AVX512
 // builds the AVX2 tiles. The one exception to the Hugging Face layout: on AVX512-BF16 CPUs a caller may
 // keep a copy of a bf16 weight repacked once for the BF16_PACKED tiles (see ptile), which the serving
-// engine does for its batched decode steps; what a per-call pack could not pay back, a kept one does.
+// engine does for its batched decode steps; what a per-call pack could not pay back, a kept one does. On a
+// CPU with AMX-BF16 those tiles run on the tile unit (namespace amx): same layout, same products.
 //
 // Build: compiled on first use by ops/native.py (-O3 -march=native). Without AVX2/FMA the same
 // loops compile to scalar code (correct, slower); Python checks shapes, dtypes and strides.
@@ -48,6 +49,12 @@
 #define BGL_DPBF16 1  // bf16-operand products in hardware (vdpbf16ps)
 #else
 #define BGL_DPBF16 0
+#endif
+#if BGL_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && !defined(BGL_NO_AMX)
+#define BGL_AMX 1  // the packed bf16 tiles on AMX (tdpbf16ps) where the OS grants the tile state
+#include <sys/syscall.h>
+#else
+#define BGL_AMX 0
 #endif
 
 namespace {
@@ -409,6 +416,182 @@ inline void prows(const BglGemm& g, int64_t t0, int64_t t1, bool last) {
   }
 }
 #endif
+
+#if BGL_AMX
+// The packed bf16 tiles on AMX. pack_bf16's layout is AMX's B operand as it stands: per 16 output columns,
+// each k pair's 16 (k, k+1) weight pairs in one 64-byte row, so 16 such rows (32 k, 1 KiB, contiguous) are
+// one B tile. The x rows, rounded to bf16 as for the vdpbf16ps tiles, are the A tiles (16 rows x 32 k, row
+// stride K), zero rows padding M to a multiple of 16. Per 16 x rows and 48-column packed tile: three
+// accumulator tiles (16 x 16 fp32 each), and per 32 k one A load and three B loads and tdpbf16ps. A
+// tdpbf16ps is 8192 multiply-adds (16 x 16 outputs, 32 k), so on a CPU with AMX a batched decode step is
+// bound by reading its weights, not by the 16-lane vdpbf16ps tiles. Same products as PkBf16 (bf16 x rounded
+// to nearest even, bf16 weights, fp32 accumulation), summed in the tile unit's order; a row's result does
+// not depend on the others in its batch. Needs K % 32 == 0 (a B tile past the last pair would read the next
+// block); other K take the vdpbf16ps tiles.
+namespace amx {
+struct alignas(64) Config {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Whether Linux lets this process use the tile data (asked once per process, for all its threads).
+inline bool granted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Every tile 16 rows x 64 bytes: accumulators 16 x 16 fp32, x rows 16 x 32 bf16, weights 16 k pairs x 16
+// columns (which tile holds which: block_rows, block_pair_rows).
+// The configuration is per thread, and other code (oneDNN under torch) loads its own: set at each chunk.
+inline void configure() {
+  Config c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// The first row group's pass streams the weights from memory: each block's lines kPrefetchSteps steps ahead
+// go to L1 (on a Xeon with AMX, 2 threads, the ~110M Llama's projections and LM head, bf16, in-process A/B
+// against none: 8 rows 10.4 -> 9.4 ms, 32 rows 13.1 -> 11.8; 8 and 16 steps ahead in between; from 64 rows
+// on, where a block's later row groups read it from L2, no change). Past a block's end it touches, harmlessly,
+// the next block or what lies beyond.
+constexpr int64_t kPrefetchSteps = 4;
+
+template <int NB_>
+inline void prefetch_ahead(const char* wb, int64_t block, int64_t s) {
+  for (int j = 0; j < NB_; ++j)
+    for (int l = 0; l < 1024; l += 64) _mm_prefetch(wb + j * block + (s + kPrefetchSteps) * 1024 + l, _MM_HINT_T0);
+}
+
+template <int NB_>
+inline void block_rows(const uint16_t* x, int64_t K, const char* wp, float* y, int64_t ldy, const float* bias,
+                       int64_t M, int64_t N, int64_t b0) {
+  const int64_t block = K * 32, steps = K / 32;  // bytes per 16-column block; 32 k per step
+  const char* wb = wp + b0 * block;
+  alignas(64) float out[NB_][16][16];
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    _tile_zero(0);
+    if constexpr (NB_ > 1) _tile_zero(1);
+    if constexpr (NB_ > 2) _tile_zero(2);
+    const uint16_t* xr = x + m0 * K;
+    for (int64_t s = 0; s < steps; ++s) {
+      if (m0 == 0) prefetch_ahead<NB_>(wb, block, s);
+      _tile_loadd(3, xr + s * 32, K * 2);
+      _tile_loadd(4, wb + s * 1024, 64);
+      _tile_dpbf16ps(0, 3, 4);
+      if constexpr (NB_ > 1) {
+        _tile_loadd(5, wb + block + s * 1024, 64);
+        _tile_dpbf16ps(1, 3, 5);
+      }
+      if constexpr (NB_ > 2) {
+        _tile_loadd(6, wb + 2 * block + s * 1024, 64);
+        _tile_dpbf16ps(2, 3, 6);
+      }
+    }
+    _tile_stored(0, out[0], 64);
+    if constexpr (NB_ > 1) _tile_stored(1, out[1], 64);
+    if constexpr (NB_ > 2) _tile_stored(2, out[2], 64);
+    const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+    for (int j = 0; j < NB_; ++j) {
+      const int64_t n0 = (b0 + j) * 16, left = N - n0;
+      const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < rows; ++i)
+        _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mk, _mm512_add_ps(_mm512_load_ps(out[j][i]), bv));
+    }
+  }
+}
+
+// Two 16-column blocks by 32 rows: accumulators 0, 1 (rows 0-15) and 2, 4 (rows 16-31; tile 3 is taken),
+// x tiles 3 and 7, weight tiles 5 and 6 -- each weight tile loaded once for both row groups. For M > 16.
+template <int NB_>
+inline void block_pair_rows(const uint16_t* x, int64_t K, const char* wp, float* y, int64_t ldy,
+                            const float* bias, int64_t M, int64_t N, int64_t b0) {
+  const int64_t block = K * 32, steps = K / 32;
+  const char* wb = wp + b0 * block;
+  alignas(64) float out[2][NB_][16][16];
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    const bool two = M - m0 > 16;
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (NB_ > 1) {
+      _tile_zero(1);
+      _tile_zero(4);
+    }
+    const uint16_t* xr = x + m0 * K;
+    for (int64_t s = 0; s < steps; ++s) {
+      if (m0 == 0) prefetch_ahead<NB_>(wb, block, s);
+      _tile_loadd(3, xr + s * 32, K * 2);
+      _tile_loadd(5, wb + s * 1024, 64);
+      _tile_dpbf16ps(0, 3, 5);
+      if (two) {
+        _tile_loadd(7, xr + 16 * K + s * 32, K * 2);
+        _tile_dpbf16ps(2, 7, 5);
+      }
+      if constexpr (NB_ > 1) {
+        _tile_loadd(6, wb + block + s * 1024, 64);
+        _tile_dpbf16ps(1, 3, 6);
+        if (two) _tile_dpbf16ps(4, 7, 6);
+      }
+    }
+    _tile_stored(0, out[0][0], 64);
+    _tile_stored(2, out[1][0], 64);
+    if constexpr (NB_ > 1) {
+      _tile_stored(1, out[0][1], 64);
+      _tile_stored(4, out[1][1], 64);
+    }
+    const int64_t rows = M - m0 < 32 ? M - m0 : 32;
+    for (int j = 0; j < NB_; ++j) {
+      const int64_t n0 = (b0 + j) * 16, left = N - n0;
+      const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < rows; ++i)
+        _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mk, _mm512_add_ps(_mm512_load_ps(out[i / 16][j][i % 16]), bv));
+    }
+  }
+}
+
+// Tiles [t0, t1) of NBP blocks, and with `last` the blocks no whole tile covers; x: the rounded rows, padded.
+inline void rows(const BglGemm& g, int64_t t0, int64_t t1, bool last) {
+  static_assert(NBP == 3, "three accumulator tiles");
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(g.x);
+  const char* wp = static_cast<const char*>(g.w);
+  configure();
+  const int64_t b1 = last ? (g.N + 15) / 16 : t1 * NBP;  // blocks [t0 * NBP, b1)
+  if (g.M <= 16) {
+    int64_t b = t0 * NBP;
+    for (; b + 3 <= b1; b += 3) block_rows<3>(x, g.K, wp, g.y, g.ldy, g.bias, g.M, g.N, b);
+    if (b1 - b == 2) block_rows<2>(x, g.K, wp, g.y, g.ldy, g.bias, g.M, g.N, b);
+    if (b1 - b == 1) block_rows<1>(x, g.K, wp, g.y, g.ldy, g.bias, g.M, g.N, b);
+  } else {
+    int64_t b = t0 * NBP;
+    for (; b + 2 <= b1; b += 2) block_pair_rows<2>(x, g.K, wp, g.y, g.ldy, g.bias, g.M, g.N, b);
+    if (b < b1) block_pair_rows<1>(x, g.K, wp, g.y, g.ldy, g.bias, g.M, g.N, b);
+  }
+  _tile_release();  // back to the initial state: a context switch then saves no tile data
+}
+}  // namespace amx
+#endif
+
+// Whether BF16_PACKED calls run on AMX: built with it, the OS grants it, not switched off (bgl_linear_set_amx).
+static bool g_amx_on = true;
+inline bool amx_active() {
+#if BGL_AMX
+  return g_amx_on && amx::granted();
+#else
+  return false;
+#endif
+}
+// ... and whether this problem does (K a multiple of 32).
+inline bool amx_for(int64_t K) { return K % 32 == 0 && amx_active(); }
+
 constexpr int64_t NBP_COLS = 48;  // columns per packed tile (NBP * 16)
 
 // One input row (a batch-1 decode step): 8 weight rows per tile, so 8 independent FMA chains hide the FMA
@@ -433,6 +616,12 @@ void run_chunk(const void* ctx, int64_t c) {
 #endif
 #if BGL_DPBF16
   if constexpr (WD == BF16_PACKED) {
+#if BGL_AMX
+    if (amx_for(j.K)) {
+      amx::rows(j, t0, t1, last);
+      return;
+    }
+#endif
     prows<PkBf16>(j, t0, t1, last);
     return;
   }
@@ -552,9 +741,11 @@ void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, in
 }
 
 // x [M, K] (row stride ldx) rounded to bf16 (nearest even) into buf from element offset `at` (in 4-byte
-// units), rows of K: bf16 words where the tiles multiply them (AVX512-BF16), else their fp32 values. Returns
-// the rows as the tiles take them (through a float pointer either way); row stride K.
-const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::vector<uint32_t>& buf, size_t at) {
+// units), rows of K: bf16 words where the tiles multiply them (AVX512-BF16), else their fp32 values; rows
+// M..Mp zero (the AMX tiles' padding: see packed_rows). Returns the rows as the tiles take them (through a
+// float pointer either way); row stride K.
+const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::vector<uint32_t>& buf, size_t at,
+                        int64_t Mp = 0) {
 #if BGL_DPBF16
   uint16_t* out = reinterpret_cast<uint16_t*>(buf.data() + at);
   for (int64_t i = 0; i < M; ++i) {
@@ -565,6 +756,7 @@ const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r + k)));
     for (; k < K; ++k) o[k] = bgl::f32_to_bf16(r[k]);
   }
+  if (Mp > M) std::memset(out + M * K, 0, (Mp - M) * K * sizeof(uint16_t));
   return reinterpret_cast<const float*>(out);
 #else
   float* out = reinterpret_cast<float*>(buf.data() + at);
@@ -576,6 +768,9 @@ const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::
 
 // 4-byte units that M rounded rows of K take (bf16 words pack two to a unit), plus a unit of slack
 int64_t rounded_units(int64_t M, int64_t K) { return BGL_DPBF16 ? (M * K + 1) / 2 + 1 : M * K; }
+
+// Rows a BF16_PACKED problem's rounded x takes: M, padded to whole 16-row A tiles where it runs on AMX.
+int64_t packed_rows(int64_t M, int64_t K) { return amx_for(K) ? (M + 15) / 16 * 16 : M; }
 
 // y = NaN: what a packed code gets from a build without its tiles (the Python side never packs for one), so a
 // misuse shows, never a silently wrong result.
@@ -592,6 +787,13 @@ extern "C" {
 
 // 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 with bf16 products in hardware (BF16_OPS at twice the fp32 rate)
 int bgl_linear_simd() { return BGL_SIMD + BGL_DPBF16; }
+
+// Whether BF16_PACKED calls run on AMX (built with it, granted by the OS, switched on); `on` >= 0 switches it
+// first (the tests compare the two tile kinds; both compute the same products).
+int bgl_linear_amx(int on) {
+  if (on >= 0) g_amx_on = on != 0;
+  return amx_active();
+}
 
 // This library's helper pool, for the other kernel libraries to adopt (helpers.h).
 void* bgl_helpers_pool() { return bgl::Helpers::handle(); }
@@ -625,8 +827,9 @@ void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const f
   if (w_dtype == BF16_PACKED) {  // x rounded to bf16, then the packed tiles whatever M (the layout is theirs)
 #if BGL_DPBF16
     if (M == 0) return;
-    if (t_rounded.size() < static_cast<size_t>(rounded_units(M, K))) t_rounded.resize(rounded_units(M, K));
-    x = round_rows(x, ldx, M, K, t_rounded, 0);
+    const int64_t Mp = packed_rows(M, K);
+    if (t_rounded.size() < static_cast<size_t>(rounded_units(Mp, K))) t_rounded.resize(rounded_units(Mp, K));
+    x = round_rows(x, ldx, M, K, t_rounded, 0, Mp);
     linear<BF16_PACKED>(x, K, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
 #else
     poison(y, ldy, M, N);
@@ -667,15 +870,17 @@ void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threa
     for (int64_t p = 0; p < n; ++p) poison(problems[p].y, problems[p].ldy, problems[p].M, problems[p].N);
 #endif
   } else {  // every problem's x rows rounded (one buffer), then the tiles
+    auto rows = [w_dtype](const BglGemm& q) { return w_dtype == BF16_PACKED ? packed_rows(q.M, q.K) : q.M; };
     int64_t units = 0;
-    for (int64_t i = 0; i < n; ++i) units += rounded_units(problems[i].M, problems[i].K);
+    for (int64_t i = 0; i < n; ++i) units += rounded_units(rows(problems[i]), problems[i].K);
     if (t_rounded.size() < static_cast<size_t>(units)) t_rounded.resize(units);
     std::vector<BglGemm> r(problems, problems + n);
     size_t at = 0;
     for (auto& q : r) {
-      q.x = round_rows(q.x, q.ldx, q.M, q.K, t_rounded, at);
+      const int64_t Mp = rows(q);
+      q.x = round_rows(q.x, q.ldx, q.M, q.K, t_rounded, at, Mp);
       q.ldx = q.K;
-      at += rounded_units(q.M, q.K);
+      at += rounded_units(Mp, q.K);
     }
 #if BGL_DPBF16
     if (w_dtype == BF16_PACKED) {
