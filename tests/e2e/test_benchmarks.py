@@ -74,7 +74,9 @@ def test_prefill_attention_benchmark_smoke(tmp_path):
 def test_serve_benchmark_smoke(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--tiny", "--no-hf-continuous", "--json", str(out)],
+    # (vLLM's peer has its own environment and test: tests/e2e/test_vllm_peer.py, where it exists)
+    p = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--tiny", "--no-hf-continuous", "--no-vllm", "--json",
+                        str(out)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "headline: bagualu / transformers static batch" in p.stdout
@@ -89,7 +91,8 @@ def test_serve_benchmark_smoke(tmp_path):
 def test_serve_benchmark_online_smoke(tmp_path):
     """--online: bagualu serve in a subprocess per engine mode, a Poisson load over HTTP, TTFT/TPOT."""
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--tiny", "--online", "--rates", "4", "--json", str(out)],
+    p = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--tiny", "--online", "--rates", "4", "--no-vllm",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads(out.read_text())["online"]

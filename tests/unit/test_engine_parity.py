@@ -182,13 +182,16 @@ def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fas
     ``FP32_ACTIVATION_ROWS`` tokens runs the layer operator with fp32 activations over the same bf16 weights
     (the decode GEMV reads them as stored). With every step that small (a 16-token budget) the engine computes
     what transformers computes in fp32 on the checkpoint's values, token for token. Larger steps run with half
-    operands where the platform multiplies them natively (see the next test), else in bf16."""
-    from bagualu.engine import attention, core
+    operands where the platform multiplies them natively (see the next test), else in bf16. (A platform that
+    multiplies them on a matrix unit runs every step so: test_bf16_model_mid_steps_round_projection_inputs; here
+    the policy of one without, on any CPU.)"""
+    from bagualu.engine import attention, core, runner
 
     if torch.bfloat16 not in linear_weight_dtypes():
         pytest.skip("the platform's linear does not read bf16 weights (no C++ compiler)")
     path, refs = bf16_case
     monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 16)
+    monkeypatch.setattr(runner, "linear_matrix_unit_dtypes", lambda: ())
     seen = []
     run_layers = attention.LocalAttention.run_layers
     monkeypatch.setattr(attention.LocalAttention, "run_layers", lambda self, i, stack, x, *a: seen.append(
@@ -239,15 +242,18 @@ def test_bf16_model_small_steps_without_the_operator_run_fp32_activations(bf16_c
     llm.close()
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fast_bf16_platform, packed):
+@pytest.mark.parametrize("packed,matrix_unit", [(True, False), (False, False), (True, True)],
+                         ids=["packed", "unpacked", "matrix-unit"])
+def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fast_bf16_platform, packed, matrix_unit):
     """Steps above ``FP32_ACTIVATION_ROWS`` (here all: 0) on a platform that multiplies bf16 operands natively
     run the layer operator with each projection's input rounded to bf16 (autocast's rule): the model
     transformers computes in fp32 on the checkpoint's values with every ``nn.Linear``'s input rounded to bf16.
     Compared on every prompt position's logprob (teacher-forced, so a near-tie cannot fork the text), in
     chunked and whole prefill steps, and far from the unrounded model's. (Forced here on any CPU: without
     AVX512-BF16 the kernel rounds, then widens.) ``packed_weights``: steps of ``PACKED_MIN_ROWS`` or more
-    multiply by the repacked projections and LM head where the CPU has the packed tiles — the same model."""
+    multiply by the repacked projections and LM head where the CPU has the packed tiles — the same model.
+    ``matrix_unit``: a platform that multiplies them on a matrix unit (AMX; forced here too) runs every step so,
+    with ``FP32_ACTIVATION_ROWS`` as shipped, on the packed copies from one token up (8-token steps here)."""
     import transformers
 
     from bagualu.engine import core, runner
@@ -265,13 +271,19 @@ def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fas
         rounded = [hf(torch.tensor([p])).logits[0].log_softmax(-1) for p in ps]
     for h in hooks:
         h.remove()
-    monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 0)
+    if matrix_unit:
+        monkeypatch.setattr(runner, "linear_matrix_unit_dtypes", lambda: (torch.bfloat16,))
+    else:
+        monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 0)
+        monkeypatch.setattr(runner, "linear_matrix_unit_dtypes", lambda: ())
     monkeypatch.setattr(runner, "linear_half_operand_dtypes", lambda: (torch.bfloat16,))
-    for budget in (24, 256):
+    for budget in ((8, 256) if matrix_unit else (24, 256)):
         llm = bagualu.LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=budget,
                           packed_weights=packed)
-        assert llm.engine.runner.half is not None
-        assert (llm.engine.runner.head_packed is not None) == (packed and linear_cpu.packed_available(torch.bfloat16))
+        r = llm.engine.runner
+        assert r.half is not None
+        assert (r.fp32_activation_rows, r.packed_min_rows) == ((0, 1) if matrix_unit else (0, runner.PACKED_MIN_ROWS))
+        assert (r.head_packed is not None) == (packed and linear_cpu.packed_available(torch.bfloat16))
         outs = llm.generate(ps, bagualu.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         for p, out, want, far in zip(ps, outs, rounded, plain):
             got = torch.tensor([out.prompt_logprobs[j][p[j]] for j in range(1, len(p))])

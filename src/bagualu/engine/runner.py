@@ -43,8 +43,8 @@ import torch
 from bagualu.engine.batch import StepInputs
 from bagualu.models.layers import Attention
 from bagualu.moe import MLP, MoE
-from bagualu.ops import (kernel, linear_fp32_on_own_threads, linear_half_operand_dtypes, linear_packer,
-                         linear_weight_dtypes)
+from bagualu.ops import (kernel, linear_fp32_on_own_threads, linear_half_operand_dtypes, linear_matrix_unit_dtypes,
+                         linear_packer, linear_weight_dtypes)
 from bagualu.ops.decoder_layers import ROUTERS as STACK_ROUTERS
 from bagualu.ops.decoder_layers import LayerWeights, LayerStack, MoEBlock
 from bagualu.utils.logging import get_logger
@@ -64,6 +64,12 @@ NATIVE_HALF_STEP_TOKENS = 256
 # 4.5, 16 7.5 -> 5.5, 32 12.0 -> 9.1, 64 21.7 -> 16.8; fp32 weights: 1 row 9.5 -> 10.5, 4 rows 11.5 -> 10.4,
 # 8 11.5 -> 10.3, 16 14.8 -> 12.3, 32 23.9 -> 16.7, 64 42.8 -> 30.4.
 PACKED_MIN_ROWS = 8
+# Where the platform multiplies the half operands on a matrix unit (``ops.linear_matrix_unit_dtypes``: AMX),
+# every step the operator runs takes half operands and the packed copies, from one token up. Measured on a
+# Xeon with AMX (2 threads, the same projections and head, bf16, from DRAM): packed on AMX 1 row 10.6 ms,
+# 8 rows 9.3, 32 rows 12.7, against the row tiles' 12.6 (half operands), 31 (8 rows, fp32 activations) and
+# 74 (32 rows).
+MATRIX_UNIT_PACKED_MIN_ROWS = 1
 
 
 class UnsupportedModelError(ValueError):
@@ -156,12 +162,18 @@ class ModelRunner:
         # per-layer loop), and the stack with half operands for its mid-size ones (module docstring);
         # fp32_activation_rows < 0: neither
         self.fp32_activation_rows = fp32_activation_rows
+        self.packed_min_rows = PACKED_MIN_ROWS
         self.wide = self.half = None
         if fp32_activation_steps(model, fp32_activation_rows):
             self.wide = (None if self.stack is None else widened_stack(self.stack), model.model.norm.weight.float())
-            if self.stack is not None and self.stack.layers[0].qkv_w.dtype in linear_half_operand_dtypes():
+            wdt = None if self.stack is None else self.stack.layers[0].qkv_w.dtype
+            if wdt in linear_half_operand_dtypes():
+                if packed_weights and wdt in linear_matrix_unit_dtypes():
+                    # half operands on the packed copies beat fp32 activations at every step size
+                    self.fp32_activation_rows = 0
+                    self.packed_min_rows = MATRIX_UNIT_PACKED_MIN_ROWS
                 self.half = dataclasses.replace(self.wide[0], half_operands=True, native={},
-                                                packed_min_rows=PACKED_MIN_ROWS if packed_weights else 0)
+                                                packed_min_rows=self.packed_min_rows if packed_weights else 0)
         # the LM head repacked likewise, for the logits rows of a half model's half steps or of an fp32 model's
         # steps (None: not packed here)
         pack = linear_packer() if packed_weights else None
@@ -169,7 +181,7 @@ class ModelRunner:
         if pack is not None and (self.half is not None or model.dtype is torch.float32):
             self.head_packed = pack(model.lm_head.weight, self.half is not None)
         if self.head_packed is not None:
-            log.info("engine: LM head repacked for steps of >= %d tokens, %.0f MiB more", PACKED_MIN_ROWS,
+            log.info("engine: LM head repacked for steps of >= %d tokens, %.0f MiB more", self.packed_min_rows,
                      getattr(self.head_packed, "nbytes", 0) / 2**20)
         self.layers = list(model.model.layers)
         # fp32 GEMMs of every size on the platform's own threads: a large fp32 step is the platform's kernels too.
@@ -252,7 +264,7 @@ class ModelRunner:
                 norm = m.model.norm
                 h = self.rms_norm(x, self.wide[1], norm.eps) if i in wide else norm(x)
                 half = wide.get(i) is not None and wide[i].half_operands  # the LM head's input as the layers' were
-                packed = self.head_packed is not None and n >= PACKED_MIN_ROWS and (
+                packed = self.head_packed is not None and n >= self.packed_min_rows and (
                     half if self.half is not None else i not in wide)
                 head = self.head_packed if packed else m.lm_head.weight
                 out[i] = (self.linear(h, head, half_operands=True) if half else self.linear(h, head)).float()

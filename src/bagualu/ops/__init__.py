@@ -4,8 +4,8 @@
 names one, else the reference from ``ops.reference``.
 """
 
-from bagualu.ops.registry import (kernel, linear_fp32_on_own_threads, linear_half_operand_dtypes, linear_packer,
-                                  linear_weight_dtypes, reference_names)
+from bagualu.ops.registry import (kernel, linear_fp32_on_own_threads, linear_half_operand_dtypes,
+                                  linear_matrix_unit_dtypes, linear_packer, linear_weight_dtypes, reference_names)
 
-__all__ = ["kernel", "linear_fp32_on_own_threads", "linear_half_operand_dtypes", "linear_packer", "linear_weight_dtypes",
-           "reference_names"]
+__all__ = ["kernel", "linear_fp32_on_own_threads", "linear_half_operand_dtypes", "linear_matrix_unit_dtypes",
+           "linear_packer", "linear_weight_dtypes", "reference_names"]

@@ -289,3 +289,11 @@ def _half_operand_dtypes() -> tuple[torch.dtype, ...]:
 
 # what ops.registry.linear_half_operand_dtypes reports: bf16 products in hardware (csrc: BF16_OPS)
 linear.half_operand_dtypes = _half_operand_dtypes
+
+
+def _matrix_unit_dtypes() -> tuple[torch.dtype, ...]:
+    return (torch.bfloat16,) if amx_tiles() else ()
+
+
+# what ops.registry.linear_matrix_unit_dtypes reports: packed bf16 weights multiplied on AMX tiles
+linear.matrix_unit_dtypes = _matrix_unit_dtypes

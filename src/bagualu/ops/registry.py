@@ -103,6 +103,15 @@ def linear_half_operand_dtypes(platform: str | None = None) -> tuple[torch.dtype
     return tuple(query()) if query is not None else ()
 
 
+def linear_matrix_unit_dtypes(platform: str | None = None) -> tuple[torch.dtype, ...]:
+    """Weight dtypes whose half-operand products the platform's ``linear`` runs on a matrix unit on repacked
+    weights (bf16 on CPUs with AMX): there a repacked weight is read at the memory's rate from one row up, so
+    a step of any size gains from half operands on the packed copies. A ``matrix_unit_dtypes`` attribute of
+    the platform's ``linear`` says so; none otherwise."""
+    query = getattr(kernel("linear", platform), "matrix_unit_dtypes", None)
+    return tuple(query()) if query is not None else ()
+
+
 def linear_packer(platform: str | None = None) -> Callable | None:
     """The platform's repacking of a weight for its ``linear``: a callable ``(weight, half_operands)`` returning
     what ``linear`` then takes as ``w`` (with the same ``half_operands``), or None for a weight it does not
