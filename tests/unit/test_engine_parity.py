@@ -295,6 +295,44 @@ def test_bf16_model_mid_steps_round_projection_inputs(tmp_path, monkeypatch, fas
         llm.close()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "llama"])
+def test_large_steps_on_a_matrix_unit(tmp_path, monkeypatch, fast_bf16_platform, arch):
+    """Where the platform multiplies half operands on a matrix unit (AMX; forced here on any CPU), an MoE model's
+    steps of every size run the layer operator with half operands, prefill steps above
+    ``NATIVE_HALF_STEP_TOKENS`` included; a dense model's larger steps run in bf16. The MoE model's one
+    whole-prompt prefill step computes what 16-token chunks compute: every prompt position's logprob."""
+    from bagualu.engine import attention, runner
+
+    if torch.bfloat16 not in linear_weight_dtypes():
+        pytest.skip("the platform's linear does not read bf16 weights (no C++ compiler)")
+    make_hf_model(hf_configs()[arch]).to(torch.bfloat16).save_pretrained(tmp_path)
+    byte_level_tokenizer().save(tmp_path)
+    monkeypatch.setattr(runner, "linear_matrix_unit_dtypes", lambda: (torch.bfloat16,))
+    monkeypatch.setattr(runner, "linear_half_operand_dtypes", lambda: (torch.bfloat16,))
+    seen = []
+    run_layers = attention.LocalAttention.run_layers
+    monkeypatch.setattr(attention.LocalAttention, "run_layers", lambda self, i, stack, x, *a: seen.append(
+        (x.shape[0], x.dtype, stack.half_operands)) or run_layers(self, i, stack, x, *a))
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (150, 200, 90)]  # 440 tokens in one step
+    params = bagualu.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    got = {}
+    for budget in (16, 1024):
+        seen.clear()
+        llm = bagualu.LLM(str(tmp_path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=budget)
+        assert llm.engine.runner.half_step_tokens == (None if arch == "mixtral" else runner.NATIVE_HALF_STEP_TOKENS)
+        outs = llm.generate(ps, params, use_tqdm=False)
+        got[budget] = [torch.tensor([o.prompt_logprobs[j][p[j]] for j in range(1, len(p))]) for p, o in zip(ps, outs)]
+        llm.close()
+        assert all(dt == torch.float32 and half for n, dt, half in seen if n <= runner.NATIVE_HALF_STEP_TOKENS)
+        if budget == 1024:
+            large = {(dt, half) for n, dt, half in seen if n > runner.NATIVE_HALF_STEP_TOKENS}
+            assert large == ({(torch.float32, True)} if arch == "mixtral" else {(torch.bfloat16, False)})
+    if arch == "mixtral":
+        for a, b in zip(got[16], got[1024]):
+            assert (a - b).abs().mean() < 2e-5 and (a - b).abs().max() < 5e-4
+
+
 @pytest.mark.parametrize("case", ["llama"], indirect=True)
 def test_large_fp32_steps_keep_torch_on_one_thread(case, monkeypatch):
     """An fp32 model's step above the layer operator's limit is still the platform's kernels (its reference

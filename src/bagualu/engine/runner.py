@@ -70,6 +70,12 @@ PACKED_MIN_ROWS = 8
 # 8 rows 9.3, 32 rows 12.7, against the row tiles' 12.6 (half operands), 31 (8 rows, fp32 activations) and
 # 74 (32 rows).
 MATRIX_UNIT_PACKED_MIN_ROWS = 1
+# ... and an MoE model's steps of every size run so too, where a larger one would otherwise run torch's bf16
+# ops: its experts' GEMMs get a new row count at every call, for which oneDNN JIT-compiles a new kernel
+# (perf: ~28% of a prefill in OpenMP waits, several % in its code generator), while the operator multiplies
+# all of a layer's experts as one job on the packed copies. Small Mixtral bf16, 32 prompts x 128 on the same
+# Xeon: prefill 1.2-2.1 s -> 0.96-1.15 s. A dense model keeps oneDNN above NATIVE_HALF_STEP_TOKENS (its
+# fixed-shape GEMMs run there at 600-1200 GFLOP/s, the packed AMX tiles at 300-500 from 2048 rows).
 
 
 class UnsupportedModelError(ValueError):
@@ -163,6 +169,7 @@ class ModelRunner:
         # fp32_activation_rows < 0: neither
         self.fp32_activation_rows = fp32_activation_rows
         self.packed_min_rows = PACKED_MIN_ROWS
+        self.half_step_tokens: int | None = NATIVE_HALF_STEP_TOKENS  # the largest half-operand step (None: any)
         self.wide = self.half = None
         if fp32_activation_steps(model, fp32_activation_rows):
             self.wide = (None if self.stack is None else widened_stack(self.stack), model.model.norm.weight.float())
@@ -172,6 +179,8 @@ class ModelRunner:
                     # half operands on the packed copies beat fp32 activations at every step size
                     self.fp32_activation_rows = 0
                     self.packed_min_rows = MATRIX_UNIT_PACKED_MIN_ROWS
+                    if any(ly.moe is not None for ly in self.stack.layers):
+                        self.half_step_tokens = None
                 self.half = dataclasses.replace(self.wide[0], half_operands=True, native={},
                                                 packed_min_rows=self.packed_min_rows if packed_weights else 0)
         # the LM head repacked likewise, for the logits rows of a half model's half steps or of an fp32 model's
@@ -211,7 +220,7 @@ class ModelRunner:
         """The stack a half model's step of ``tokens`` runs with fp32 activations; None: in its dtype."""
         if self.stack is not None and self._small_fp32(tokens):
             return self.wide[0]
-        if self.half is not None and tokens <= NATIVE_HALF_STEP_TOKENS:
+        if self.half is not None and (self.half_step_tokens is None or tokens <= self.half_step_tokens):
             return self.half
         return None
 
