@@ -66,7 +66,8 @@ class EngineConfig:
     packed_weights: bool = True
     """Where the platform's kernels have tiles for repacked weights — on CPU, fp32 weights on AVX-512, and bf16
     ones on AVX512-BF16 for a bf16 model's mid-size steps that multiply bf16 operands
-    (``LayerStack.half_operands``) — steps of at least ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of
+    (``LayerStack.half_operands``; with AMX, on its tile units, every step from one token up:
+    ``runner.MATRIX_UNIT_PACKED_MIN_ROWS``) — steps of at least ``runner.PACKED_MIN_ROWS`` tokens use a repacked copy of
     the layers' projections and of the LM head (``ops.linear_cpu.pack_bf16``, ``pack_f32``): no horizontal
     sums; at 32 rows, 1.3x (bf16) and 1.4x (fp32) the multiply rate. In an MoE layer (expert widths multiples
     of 16) every expert such a step routes rows to uses its packed copy (small Mixtral bf16: decode step at 64

@@ -28,6 +28,8 @@ rule: ``LayerStack.half_operands``); a larger step runs in the model's dtype. Th
 activations are rounded: fp32 everywhere, at the GEMMs' inputs, or after every op. Half-operand steps of at
 least ``PACKED_MIN_ROWS`` tokens multiply by repacked copies of the dense projections and the LM head where
 the platform has such a layout (``ops.linear_packer``; ``EngineConfig.packed_weights``): the same products.
+Where the platform multiplies those on a matrix unit (``ops.linear_matrix_unit_dtypes``: AMX) every step the
+operator runs takes them, from one token up, and an MoE model's steps of every size (``half_step_tokens``).
 Without the operator (attention in R-workers, or ``fused_layers=False``) a small step runs the model's own
 modules with fp32 activations the same way (they multiply through the platform's ``linear``, which reads the
 half weights).
