@@ -470,6 +470,16 @@ inline void prefetch_ahead(const char* wb, int64_t block, int64_t s) {
     for (int l = 0; l < 1024; l += 64) _mm_prefetch(wb + j * block + (s + kPrefetchSteps) * 1024 + l, _MM_HINT_T0);
 }
 
+// y[0:rows, block b's 16 columns] = the first `rows` rows of a stored 16 x 16 accumulator tile (+ bias); the
+// columns past N untouched.
+inline void store_block(const float (*acc)[16], int64_t rows, float* y, int64_t ldy, const float* bias, int64_t N,
+                        int64_t b) {
+  const int64_t n0 = b * 16, left = N - n0;
+  const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) _mm512_mask_storeu_ps(y + i * ldy + n0, mk, _mm512_add_ps(_mm512_load_ps(acc[i]), bv));
+}
+
 template <int NB_>
 inline void block_rows(const uint16_t* x, int64_t K, const char* wp, float* y, int64_t ldy, const float* bias,
                        int64_t M, int64_t N, int64_t b0) {
@@ -499,13 +509,7 @@ inline void block_rows(const uint16_t* x, int64_t K, const char* wp, float* y, i
     if constexpr (NB_ > 1) _tile_stored(1, out[1], 64);
     if constexpr (NB_ > 2) _tile_stored(2, out[2], 64);
     const int64_t rows = M - m0 < 16 ? M - m0 : 16;
-    for (int j = 0; j < NB_; ++j) {
-      const int64_t n0 = (b0 + j) * 16, left = N - n0;
-      const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-      const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
-      for (int64_t i = 0; i < rows; ++i)
-        _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mk, _mm512_add_ps(_mm512_load_ps(out[j][i]), bv));
-    }
+    for (int j = 0; j < NB_; ++j) store_block(out[j], rows, y + m0 * ldy, ldy, bias, N, b0 + j);
   }
 }
 
@@ -548,13 +552,9 @@ inline void block_pair_rows(const uint16_t* x, int64_t K, const char* wp, float*
       _tile_stored(4, out[1][1], 64);
     }
     const int64_t rows = M - m0 < 32 ? M - m0 : 32;
-    for (int j = 0; j < NB_; ++j) {
-      const int64_t n0 = (b0 + j) * 16, left = N - n0;
-      const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-      const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
-      for (int64_t i = 0; i < rows; ++i)
-        _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mk, _mm512_add_ps(_mm512_load_ps(out[i / 16][j][i % 16]), bv));
-    }
+    for (int h = 0; h < 2 && h * 16 < rows; ++h)
+      for (int jb = 0; jb < NB_; ++jb)
+        store_block(out[h][jb], rows - h * 16 < 16 ? rows - h * 16 : 16, y + (m0 + h * 16) * ldy, ldy, bias, N, b0 + jb);
   }
 }
 
@@ -592,7 +592,7 @@ inline void rows(const BglGemm& g, int64_t t0, int64_t t1, bool last) {
 }  // namespace amx
 #endif
 
-// Whether BF16_PACKED calls run on AMX: built with it, the OS grants it, not switched off (bgl_linear_set_amx).
+// Whether BF16_PACKED calls run on AMX: built with it, the OS grants it, not switched off (bgl_linear_amx).
 static bool g_amx_on = true;
 inline bool amx_active() {
 #if BGL_AMX
@@ -612,6 +612,7 @@ constexpr int NR1 = 8;
 
 struct Job : BglGemm {  // the problem and how it is cut
   int64_t tiles, per_chunk, nr;  // tiles of nr weight rows; chunk c covers tiles [c*per_chunk, ...)
+  bool amx;  // BF16_PACKED on AMX tiles (decided by the caller, who rounded x for them: round_rows)
 };
 
 // Chunk c: its tiles; the last chunk also takes the N % nr weight rows no tile covers.
@@ -629,7 +630,7 @@ void run_chunk(const void* ctx, int64_t c) {
 #if BGL_DPBF16
   if constexpr (WD == BF16_PACKED) {
 #if BGL_AMX
-    if (amx_for(j.K)) {
+    if (j.amx) {
       amx::rows(j, t0, t1, last);
       return;
     }
@@ -680,13 +681,13 @@ inline int64_t tiles_per_chunk(int64_t M, int64_t tiles, int64_t tile_work, int6
 
 template <int WD>
 void linear(const float* x, int64_t ldx, const void* w, const float* bias, float* y, int64_t ldy, int64_t M,
-            int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work) {
+            int64_t N, int64_t K, int threads, int64_t min_work, int64_t chunk_work, bool amx = false) {
   const int64_t work = M * N * K;
   const int64_t per = min_work > 0 ? min_work : 1;
   int nt = static_cast<int>(work / per < threads ? work / per : threads);
   if (nt < 1) nt = 1;
   const int64_t nr = WD == BF16_PACKED || WD == F32_PACKED ? NBP_COLS : M == 1 ? NR1 : NR;
-  Job j{{x, ldx, w, bias, y, ldy, M, N, K}, N / nr, 1, nr};
+  Job j{{x, ldx, w, bias, y, ldy, M, N, K}, N / nr, 1, nr, amx};
   const int64_t tile_work = M * nr * K;
   int64_t chunks = 1;
   if (nt > 1 && j.tiles > 1) {
@@ -720,7 +721,8 @@ void run_group_chunk(const void* ctx, int64_t c) {
 }
 
 template <int WD>
-void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, int64_t chunk_work) {
+void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, int64_t chunk_work,
+                  const std::vector<bool>* amx = nullptr) {  // amx: per problem, as linear()'s
   int64_t work = 0;
   for (int64_t i = 0; i < n; ++i) work += p[i].M * p[i].N * p[i].K;
   const int64_t per = min_work > 0 ? min_work : 1;
@@ -733,7 +735,7 @@ void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, in
     const BglGemm& q = p[i];
     if (q.M == 0) continue;
     const int64_t nr = WD == BF16_PACKED || WD == F32_PACKED ? NBP_COLS : q.M == 1 ? NR1 : NR;
-    Job j{q, q.N / nr, 1, nr};
+    Job j{q, q.N / nr, 1, nr, amx != nullptr && (*amx)[i]};
     int64_t chunks = 1;
     if (nt > 1 && j.tiles > 1) {
       j.per_chunk = tiles_per_chunk(q.M, j.tiles, q.M * nr * q.K, chunk_work, nt);
@@ -754,8 +756,8 @@ void linear_group(const BglGemm* p, int64_t n, int threads, int64_t min_work, in
 
 // x [M, K] (row stride ldx) rounded to bf16 (nearest even) into buf from element offset `at` (in 4-byte
 // units), rows of K: bf16 words where the tiles multiply them (AVX512-BF16), else their fp32 values; rows
-// M..Mp zero (the AMX tiles' padding: see packed_rows). Returns the rows as the tiles take them (through a
-// float pointer either way); row stride K.
+// M..Mp zero (the AMX tiles' padding). Returns the rows as the tiles take them (through a float pointer
+// either way); row stride K.
 const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::vector<uint32_t>& buf, size_t at,
                         int64_t Mp = 0) {
 #if BGL_DPBF16
@@ -771,6 +773,7 @@ const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::
   if (Mp > M) std::memset(out + M * K, 0, (Mp - M) * K * sizeof(uint16_t));
   return reinterpret_cast<const float*>(out);
 #else
+  (void)Mp;  // (the AMX tiles need AVX512-BF16)
   float* out = reinterpret_cast<float*>(buf.data() + at);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) out[i * K + k] = bf16_to_f32(bgl::f32_to_bf16(x[i * ldx + k]));
@@ -780,9 +783,6 @@ const float* round_rows(const float* x, int64_t ldx, int64_t M, int64_t K, std::
 
 // 4-byte units that M rounded rows of K take (bf16 words pack two to a unit), plus a unit of slack
 int64_t rounded_units(int64_t M, int64_t K) { return BGL_DPBF16 ? (M * K + 1) / 2 + 1 : M * K; }
-
-// Rows a BF16_PACKED problem's rounded x takes: M, padded to whole 16-row A tiles where it runs on AMX.
-int64_t packed_rows(int64_t M, int64_t K) { return amx_for(K) ? (M + 15) / 16 * 16 : M; }
 
 // y = NaN: what a packed code gets from a build without its tiles (the Python side never packs for one), so a
 // misuse shows, never a silently wrong result.
@@ -839,10 +839,11 @@ void bgl_linear(const float* x, int64_t ldx, const void* w, int w_dtype, const f
   if (w_dtype == BF16_PACKED) {  // x rounded to bf16, then the packed tiles whatever M (the layout is theirs)
 #if BGL_DPBF16
     if (M == 0) return;
-    const int64_t Mp = packed_rows(M, K);
+    const bool amx = amx_for(K);  // then the rows padded to whole A tiles
+    const int64_t Mp = amx ? (M + 15) / 16 * 16 : M;
     if (t_rounded.size() < static_cast<size_t>(rounded_units(Mp, K))) t_rounded.resize(rounded_units(Mp, K));
     x = round_rows(x, ldx, M, K, t_rounded, 0, Mp);
-    linear<BF16_PACKED>(x, K, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work);
+    linear<BF16_PACKED>(x, K, w, bias, y, ldy, M, N, K, threads, min_work, chunk_work, amx);
 #else
     poison(y, ldy, M, N);
 #endif
@@ -882,21 +883,26 @@ void bgl_linear_group(const BglGemm* problems, int64_t n, int w_dtype, int threa
     for (int64_t p = 0; p < n; ++p) poison(problems[p].y, problems[p].ldy, problems[p].M, problems[p].N);
 #endif
   } else {  // every problem's x rows rounded (one buffer), then the tiles
-    auto rows = [w_dtype](const BglGemm& q) { return w_dtype == BF16_PACKED ? packed_rows(q.M, q.K) : q.M; };
+    std::vector<bool> amx(n);  // which problems run on AMX tiles (their rows padded to whole A tiles)
+    std::vector<int64_t> rows(n);
     int64_t units = 0;
-    for (int64_t i = 0; i < n; ++i) units += rounded_units(rows(problems[i]), problems[i].K);
+    for (int64_t i = 0; i < n; ++i) {
+      amx[i] = w_dtype == BF16_PACKED && amx_for(problems[i].K);
+      rows[i] = amx[i] ? (problems[i].M + 15) / 16 * 16 : problems[i].M;
+      units += rounded_units(rows[i], problems[i].K);
+    }
     if (t_rounded.size() < static_cast<size_t>(units)) t_rounded.resize(units);
     std::vector<BglGemm> r(problems, problems + n);
     size_t at = 0;
-    for (auto& q : r) {
-      const int64_t Mp = rows(q);
-      q.x = round_rows(q.x, q.ldx, q.M, q.K, t_rounded, at, Mp);
+    for (int64_t i = 0; i < n; ++i) {
+      BglGemm& q = r[i];
+      q.x = round_rows(q.x, q.ldx, q.M, q.K, t_rounded, at, rows[i]);
       q.ldx = q.K;
-      at += rounded_units(Mp, q.K);
+      at += rounded_units(rows[i], q.K);
     }
 #if BGL_DPBF16
     if (w_dtype == BF16_PACKED) {
-      linear_group<BF16_PACKED>(r.data(), n, threads, min_work, chunk_work);
+      linear_group<BF16_PACKED>(r.data(), n, threads, min_work, chunk_work, &amx);
       return;
     }
 #else
