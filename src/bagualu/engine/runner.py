@@ -76,8 +76,9 @@ MATRIX_UNIT_PACKED_MIN_ROWS = 1
 # ops: its experts' GEMMs get a new row count at every call, for which oneDNN JIT-compiles a new kernel
 # (perf: ~28% of a prefill in OpenMP waits, several % in its code generator), while the operator multiplies
 # all of a layer's experts as one job on the packed copies. Small Mixtral bf16, 32 prompts x 128 on the same
-# Xeon: prefill 1.2-2.1 s -> 0.96-1.15 s. A dense model keeps oneDNN above NATIVE_HALF_STEP_TOKENS (its
-# fixed-shape GEMMs run there at 600-1200 GFLOP/s, the packed AMX tiles at 300-500 from 2048 rows).
+# Xeon: prefill 1.2-2.1 s -> 0.96-1.17 s. A dense model keeps oneDNN above NATIVE_HALF_STEP_TOKENS: its
+# fixed-shape GEMMs run there at 550-750 GFLOP/s at 2048 rows (the packed AMX tiles 530-650), and a 2048-token
+# Llama chunk through the operator measured slower (32 x 128 prefill 2.2-2.4 s against 1.0-1.6).
 
 
 class UnsupportedModelError(ValueError):
