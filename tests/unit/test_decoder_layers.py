@@ -83,6 +83,10 @@ class CountingDriver:
         self.calls += 1
         return self.drv.run(*a)
 
+    def halves(self, *a):
+        self.calls += 1
+        return self.drv.halves(*a)
+
     def __getattr__(self, name):  # the rest of the driver as it is
         return getattr(self.drv, name)
 
@@ -272,6 +276,81 @@ def test_many_rows_with_fp32_weights(counting):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for (kr, vr), (kn, vn) in zip(c_ref, c_nat):
         torch.testing.assert_close(kn, kr, rtol=1e-4, atol=1e-4)
+
+
+def halves_then_attention(stack, step, halves):
+    """The stack as the R-workers' runner drives it: ``halves`` (the S-part) around attention over the caches
+    computed apart, as a worker would (with the CPU's kernels), per layer. Returns the final x."""
+    write_kv, attend = kernel("write_kv", "cpu"), kernel("paged_attention", "cpu")
+    x, caches, cos, sin, bt, ctx, qsl, slots = step
+    x = x.clone()
+    o = None
+    for layer in range(-1, L):
+        post, pre = (None if layer < 0 else layer), (layer + 1 if layer + 1 < L else None)
+        x, q, k, v = halves(x, stack, post, o, pre, cos, sin)
+        if pre is not None:
+            k_cache, v_cache = caches[pre]
+            write_kv(k_cache, v_cache, k, v, slots)
+            o = attend(q, k_cache, v_cache, bt, ctx, qsl, stack.scale, stack.layers[pre].window)
+    return x
+
+
+@pytest.mark.parametrize("wdtype,moe,half,packed", [
+    (torch.float32, None, False, 0),
+    (torch.bfloat16, None, False, 0),
+    (torch.bfloat16, dict(Fs=16, shared_gate=True, fp32_gates=True), True, 0),
+    (torch.bfloat16, dict(Fe=48, Fs=16, shared_gate=True, fp32_gates=True), True, 1),
+    (torch.float32, dict(Fe=48, norm=False, K=3), False, 8),
+])
+def test_layer_halves_compose_to_the_operator(counting, wdtype, moe, half, packed):
+    """``decoder_layer_halves`` — the S-part around attention computed elsewhere, as FastDecode's R-workers
+    need it — natively (one call per layer boundary) and as the reference, composed with attention computed
+    apart, equals the whole operator: the same hidden states and the same keys and values written. With
+    ``packed_min_rows`` the halves multiply by the stack's packed projections as the operator does."""
+    import dataclasses
+
+    from bagualu.ops.decoder_layers import decoder_layer_halves
+
+    stack = dataclasses.replace(make_stack(wdtype, bias=True, moe=moe, seed=13), half_operands=half,
+                                packed_min_rows=packed)
+    step = make_step(new=(9, 3), past=(20, 0), Dr=8)
+    x, caches, cos, sin, bt, ctx, qsl, slots = step
+    c_op, c_nat, c_ref = clone_caches(caches), clone_caches(caches), clone_caches(caches)
+    with torch.inference_mode():
+        want = kernel("decoder_layers", "cpu")(x, stack, c_op, cos, sin, bt, ctx, qsl, slots)
+        counting.calls = 0
+        got = halves_then_attention(stack, (x, c_nat, *step[2:]), kernel("decoder_layer_halves", "cpu"))
+        assert counting.calls == L + 1
+        ref = halves_then_attention(stack, (x, c_ref, *step[2:]), decoder_layer_halves)
+    assert counting.calls == L + 1
+    tol = dict(rtol=1e-4, atol=1e-4) if half or packed else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ref, want, **tol)
+    assert torch.equal(got, want)  # natively the same kernels on the same weights in the same order: bit for bit
+    for (ko, vo), (kn, vn) in zip(c_op, c_nat):
+        assert torch.equal(kn, ko) and torch.equal(vn, vo)
+
+
+def test_layer_halves_uncovered_inputs_take_the_reference(counting):
+    """Outside inference mode, with bf16 activations, or an output of another dtype: the reference, the same
+    result."""
+    from bagualu.ops.decoder_layers import decoder_layer_halves
+
+    stack = make_stack(seed=2)
+    x, _, cos, sin, *_ = make_step(new=(2, 3))
+    o = torch.randn(5, H, Dh)
+    want = decoder_layer_halves(x.clone(), stack, 1, o, 2, cos, sin)
+    got = kernel("decoder_layer_halves", "cpu")(x.clone(), stack, 1, o, 2, cos, sin)
+    with torch.inference_mode():
+        got_bf16_o = kernel("decoder_layer_halves", "cpu")(x.clone(), stack, 1, o.bfloat16(), 2, cos, sin)
+        want_bf16_o = decoder_layer_halves(x.clone(), stack, 1, o.bfloat16(), 2, cos, sin)
+        native = kernel("decoder_layer_halves", "cpu")(x.clone(), stack, 1, o, 2, cos, sin)
+    assert counting.calls == 1
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(got_bf16_o, want_bf16_o):
+        assert torch.equal(a, b)
+    for a, b in zip(native, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 def test_moe_reference_is_the_moe_layer():

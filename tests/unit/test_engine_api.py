@@ -137,6 +137,19 @@ def test_engine_config_errors():
         bagualu.EngineConfig(admission="lifo")
 
 
+def test_r_worker_defaults_follow_where_the_s_part_runs():
+    """With the S-part on an accelerator, two micro-batches (S and R overlap) and R-workers on half the cores;
+    with it on the CPU, whose cores and memory both parts share, one micro-batch and every core for the workers
+    while the S-part waits. Explicit settings win."""
+    cfg = bagualu.EngineConfig(r_workers=2)
+    assert (cfg.num_micro_batches(False), cfg.num_micro_batches(True)) == (2, 1)
+    assert (cfg.r_worker_thread_count(False, 16), cfg.r_worker_thread_count(True, 16)) == (4, 8)
+    assert bagualu.EngineConfig(r_workers=4).r_worker_thread_count(False, 2) == 1
+    assert bagualu.EngineConfig().num_micro_batches(False) == 1  # in-process attention
+    cfg = bagualu.EngineConfig(r_workers=1, micro_batches=2, r_worker_threads=3)
+    assert (cfg.num_micro_batches(True), cfg.r_worker_thread_count(True, 16)) == (2, 3)
+
+
 def test_half_precision_models_keep_a_half_kv_cache(llm):
     from bagualu.moe.experts import gemm_via_fp32
 

@@ -48,7 +48,10 @@ MODES = {
     "chunked-prefill": dict(max_num_batched_tokens=16),
     "preemption": dict(num_kv_blocks=6, block_size=16),
     "steady": dict(admission="steady", num_kv_blocks=8),
-    "r-workers": dict(r_workers=2),
+    # two micro-batches ping-pong between the S-part and the workers (the default with the S-part on an
+    # accelerator; on CPU, one, as in the other R-worker modes)
+    "r-workers": dict(r_workers=2, micro_batches=2),
+    "r-workers-per-layer-loop": dict(r_workers=2, micro_batches=2, fused_layers=False),
     "r-workers-preemption": dict(r_workers=2, admission="greedy", num_kv_blocks=4, max_num_batched_tokens=32),
     # prompt-lookup speculation (one-token suffixes too, so random models' repetitive outputs draft a lot)
     "speculative": dict(speculative_tokens=4, prompt_lookup_min=1),
@@ -67,6 +70,9 @@ CASES = [("llama", m) for m in MODES] + [(a, m) for a in ARCHS[1:] for m in ("de
 def test_greedy_equals_transformers(case, mode):
     path, refs = case
     llm = bagualu.LLM(str(path), **MODES[mode])
+    r = llm.engine.runner
+    halves, run_halves = [], r.halves
+    r.halves = lambda *a: halves.append(a[0].shape[0]) or run_halves(*a)
     params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
     outs = llm.generate(prompts(), params, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs
@@ -81,9 +87,13 @@ def test_greedy_equals_transformers(case, mode):
         again = llm.generate(prompts()[-3:], params, use_tqdm=False)
         assert [o.token_ids for o in again] == refs[-3:]
         assert llm.engine.kv.hit_tokens - before == 32 + 32 + 16  # full 16-token blocks, last token recomputed
-    # with attention in-process the layers run as the decoder_layers operator (one native call per step on CPU)
-    # unless asked not to; every architecture here is covered (GQA, SwiGLU or MoE with a plain top-k router)
-    assert (llm.engine.runner.stack is not None) == (mode != "per-layer-loop" and not mode.startswith("r-workers"))
+    # the layers run as the decoder_layers operator (one native call per step on CPU) unless asked not to; every
+    # architecture here is covered (GQA, SwiGLU or MoE with a plain top-k router). With attention in R-workers,
+    # as the operator's halves around it: per micro-batch, one call before layer 0 and one after each layer
+    assert (r.stack is not None) == (not mode.endswith("per-layer-loop"))
+    assert bool(halves) == (mode.startswith("r-workers") and r.stack is not None)
+    if halves:
+        assert len(halves) % (len(r.layers) + 1) == 0
     if mode == "no-prefix-cache":
         assert llm.engine.kv.prefix_hit_rate() == 0
     # fp32 weights: steps of >= PACKED_MIN_ROWS tokens multiply by repacked copies where the CPU has the tiles
@@ -94,6 +104,7 @@ def test_greedy_equals_transformers(case, mode):
     assert m.num_running == 0 and m.kv_usage == 0
     if mode.startswith("r-workers"):
         assert llm.engine.config.attention_mode == "r_workers" and len(llm.engine.kv.pools) == 2
+        assert llm.engine.num_micro_batches == MODES[mode].get("micro_batches", 1)
         assert all(p.num_used == 0 for p in llm.engine.kv.pools)
     llm.close()
 
@@ -113,6 +124,7 @@ def bf16_case(request, tmp_path_factory):
 
 
 BF16_MODES = {"default": dict(), "per-layer-loop": dict(fused_layers=False), "r-workers": dict(r_workers=2),
+              "r-workers-per-layer-loop": dict(r_workers=2, fused_layers=False),
               "widened-fp32": dict(gemm_dtype="float32")}
 
 
@@ -176,16 +188,33 @@ def fast_bf16_platform(monkeypatch):
     yield from _bf16_speed(monkeypatch, 4)
 
 
-@pytest.mark.parametrize("bf16_case", ["llama", "mixtral", "qwen2_moe"], indirect=True)
-def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fast_bf16_platform):
+def record_stacks(monkeypatch, llm, seen: list) -> None:
+    """Append (tokens, activation dtype, half operands) for every micro-batch step the layer operator runs: in
+    process (``run_layers``) or as its halves around R-workers' attention (their first call of a step)."""
+    r = llm.engine.runner
+    if r.in_process_layers:
+        run_layers = r.backend.run_layers
+        monkeypatch.setattr(r.backend, "run_layers", lambda i, stack, x, *a: seen.append(
+            (x.shape[0], x.dtype, stack.half_operands)) or run_layers(i, stack, x, *a))
+    else:
+        halves = r.halves
+        monkeypatch.setattr(r, "halves", lambda x, stack, post, *a: (post is None and seen.append(
+            (x.shape[0], x.dtype, stack.half_operands))) or halves(x, stack, post, *a))
+
+
+@pytest.mark.parametrize("bf16_case,mode", [("llama", "default"), ("mixtral", "default"), ("qwen2_moe", "default"),
+                                             ("llama", "r-workers"), ("qwen2_moe", "r-workers")],
+                         indirect=["bf16_case"])
+def test_bf16_model_small_steps_run_fp32_activations(bf16_case, mode, monkeypatch, fast_bf16_platform):
     """A bf16 model on a platform with fast bf16 GEMMs runs in bf16, except that a step of at most
     ``FP32_ACTIVATION_ROWS`` tokens runs the layer operator with fp32 activations over the same bf16 weights
     (the decode GEMV reads them as stored). With every step that small (a 16-token budget) the engine computes
     what transformers computes in fp32 on the checkpoint's values, token for token. Larger steps run with half
     operands where the platform multiplies them natively (see the next test), else in bf16. (A platform that
     multiplies them on a matrix unit runs every step so: test_bf16_model_mid_steps_round_projection_inputs; here
-    the policy of one without, on any CPU.)"""
-    from bagualu.engine import attention, core, runner
+    the policy of one without, on any CPU.) With attention in R-workers the operator's halves run the same
+    policy around it (the workers then exchange fp32 q, k, v and outputs)."""
+    from bagualu.engine import core, runner
 
     if torch.bfloat16 not in linear_weight_dtypes():
         pytest.skip("the platform's linear does not read bf16 weights (no C++ compiler)")
@@ -193,18 +222,19 @@ def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fas
     monkeypatch.setattr(core, "FP32_ACTIVATION_ROWS", 16)
     monkeypatch.setattr(runner, "linear_matrix_unit_dtypes", lambda: ())
     seen = []
-    run_layers = attention.LocalAttention.run_layers
-    monkeypatch.setattr(attention.LocalAttention, "run_layers", lambda self, i, stack, x, *a: seen.append(
-        (x.shape[0], x.dtype, stack.half_operands)) or run_layers(self, i, stack, x, *a))
     params = bagualu.SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
-    llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=16)
+    llm = bagualu.LLM(str(path), dtype="bfloat16", kv_cache_dtype="float32", max_num_batched_tokens=16,
+                      **BF16_MODES[mode])
     assert llm.engine.model.dtype == torch.bfloat16 and llm.engine.runner.wide is not None
+    record_stacks(monkeypatch, llm, seen)
     outs = llm.generate(prompts(), params, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs
     assert seen and all(dt == torch.float32 and not half for _, dt, half in seen)
     llm.close()
     seen.clear()
-    llm = bagualu.LLM(str(path), dtype="bfloat16", max_num_batched_tokens=64)  # prefill steps above 16 tokens
+    # prefill steps above 16 tokens
+    llm = bagualu.LLM(str(path), dtype="bfloat16", max_num_batched_tokens=64, **BF16_MODES[mode])
+    record_stacks(monkeypatch, llm, seen)
     llm.generate(prompts()[:4], params, use_tqdm=False)
     native_half = llm.engine.runner.half is not None
     assert native_half == (torch.bfloat16 in linear_half_operand_dtypes())
@@ -217,13 +247,13 @@ def test_bf16_model_small_steps_run_fp32_activations(bf16_case, monkeypatch, fas
     llm.close()
 
 
-@pytest.mark.parametrize("bf16_case,mode", [("llama", "per-layer-loop"), ("llama", "r-workers"),
+@pytest.mark.parametrize("bf16_case,mode", [("llama", "per-layer-loop"), ("llama", "r-workers-per-layer-loop"),
                                              ("mixtral", "per-layer-loop"), ("qwen2_moe", "per-layer-loop"),
-                                             ("qwen2_moe", "r-workers")], indirect=["bf16_case"])
+                                             ("qwen2_moe", "r-workers-per-layer-loop")], indirect=["bf16_case"])
 def test_bf16_model_small_steps_without_the_operator_run_fp32_activations(bf16_case, mode, monkeypatch,
                                                                           fast_bf16_platform):
-    """Without the layer operator (the per-layer loop; attention in R-workers, which then exchange fp32 q, k, v
-    and outputs) a bf16 model's steps of at most ``FP32_ACTIVATION_ROWS`` tokens call its own modules with fp32
+    """Without the layer operator (the per-layer loop; with attention in process or in R-workers, which then
+    exchange fp32 q, k, v and outputs) a bf16 model's steps of at most ``FP32_ACTIVATION_ROWS`` tokens call its own modules with fp32
     activations over the bf16 weights (routers and Qwen2-MoE's shared-expert gate through the platform's
     ``linear`` too): what transformers computes in fp32 on the checkpoint's values, token for token."""
     from bagualu.engine import core

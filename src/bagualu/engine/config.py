@@ -48,15 +48,19 @@ class EngineConfig:
     r_workers: int = 0
     """0 = the R-part runs in-process on the device; N > 0 = N CPU worker processes own the KV cache."""
     r_worker_threads: int | None = None
-    """Threads per R-worker (None = an even share of the CPU cores not left to the S-part)."""
+    """Threads per R-worker (None: an even share of the CPU cores, of half of them where the S-part runs on an
+    accelerator and its driver needs the rest)."""
     micro_batches: int | None = None
-    """Micro-batches per step (None = 2 with R-workers, so S and R overlap, else 1)."""
+    """Micro-batches per step (None: 2 with R-workers and the S-part on an accelerator, so S and R overlap; else
+    1: where the S-part runs on the CPU too the two parts share its cores and memory bandwidth, and a second
+    micro-batch only reads the weights twice per step)."""
     seed: int = 0
     fused_layers: bool = True
     """With in-process attention and a model the ``decoder_layers`` operator covers (GQA attention, SwiGLU
     MLPs or MoE blocks with a plain top-k router: Llama, Mixtral, Qwen2-MoE), run each step's layers as that
-    operator — on CPU one native call per step instead of 25-40 Python-level calls per layer. False keeps
-    the per-layer loop (the two compute the same)."""
+    operator — on CPU one native call per step instead of 25-40 Python-level calls per layer; with attention
+    in R-workers, as the operator's halves around it (one native call per layer boundary). False keeps the
+    per-layer loop (the two compute the same)."""
     huge_pages: bool = True
     """On CPU, pack the model's weights into one buffer in the order a decode step reads them
     (``memory.weight_arena``) and back it with transparent huge pages (``memory.huge_pages``): a decode step
@@ -118,9 +122,13 @@ class EngineConfig:
     def attention_mode(self) -> str:
         return "r_workers" if self.r_workers else "in_process"
 
-    @property
-    def num_micro_batches(self) -> int:
-        return self.micro_batches or (2 if self.r_workers else 1)
+    def num_micro_batches(self, s_part_on_cpu: bool) -> int:
+        return self.micro_batches or (2 if self.r_workers and not s_part_on_cpu else 1)
+
+    def r_worker_thread_count(self, s_part_on_cpu: bool, cores: int) -> int:
+        if self.r_worker_threads is not None:
+            return self.r_worker_threads
+        return max(1, cores // (max(self.r_workers, 1) * (1 if s_part_on_cpu else 2)))
 
     def scheduler_config(self) -> SchedulerConfig:
         admission = self.admission or ("steady" if self.r_workers else "greedy")

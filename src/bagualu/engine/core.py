@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import dataclasses
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -178,13 +179,16 @@ class EngineCore:
         self.num_blocks = _num_blocks(model, cfg, num_pools, model.device)
         self.kv_spec = _kv_spec(model, cfg, self.num_blocks)
         fp32_rows = FP32_ACTIVATION_ROWS if cfg.gemm_dtype == "auto" else -1
+        s_on_cpu = model.device.type == "cpu"
+        self.num_micro_batches = cfg.num_micro_batches(s_on_cpu)
         if cfg.r_workers:
             from bagualu.engine.rworkers import RWorkerAttention
 
             self.backend = RWorkerAttention(
                 self.kv_spec, cfg.r_workers, heads=mc.num_heads, max_tokens=cfg.max_num_batched_tokens,
                 max_seqs=cfg.max_num_seqs, max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
-                micro_batches=cfg.num_micro_batches, threads=cfg.r_worker_threads, device=model.device,
+                micro_batches=self.num_micro_batches, threads=cfg.r_worker_thread_count(s_on_cpu, os.cpu_count() or 1),
+                device=model.device,
                 # fp32 q/k/v/out where a half model's small steps run with fp32 activations (exact either way)
                 act_dtype=torch.float32 if fp32_activation_steps(model, fp32_rows) else model.dtype)
         else:
@@ -340,7 +344,7 @@ class EngineCore:
         return self._collect(finished_only)
 
     def _micro_batches(self, batch: ScheduledBatch) -> list[StepInputs]:
-        n_mb = min(self.config.num_micro_batches, len(batch))
+        n_mb = min(self.num_micro_batches, len(batch))
         order = list(range(len(batch)))
         groups: list[list[int]] = [[] for _ in range(n_mb)]
         if n_mb == 1:

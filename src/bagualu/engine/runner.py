@@ -15,7 +15,10 @@ runner computes post(l, 0) and pre(l+1, 0) — FastDecode's ping-pong of S and R
 
 With the in-process back-end ``submit`` computes at once and one micro-batch is used. There, a model whose
 layers ``decoder_layers`` covers (Llama, Mixtral, Qwen2-MoE) runs them as one operator per micro-batch instead
-(``EngineConfig.fused_layers``): the same computation, which the CPU platform does in one native call.
+(``EngineConfig.fused_layers``): the same computation, which the CPU platform does in one native call. With
+attention in R-workers such a model's S-part runs as that operator's halves (``decoder_layer_halves``): each
+``post(l, m) pre(l+1, m)`` above is one call (native on CPU), on the same weights (packed copies included) and
+with the same activations policy as the operator.
 
 A half-precision model on a platform whose half GEMMs are fast (bf16 on CPUs with bf16 units) is bandwidth-
 bound in a small step and compute-bound in a large one, and the platform's fastest kernel differs between the
@@ -30,7 +33,7 @@ least ``PACKED_MIN_ROWS`` tokens multiply by repacked copies of the dense projec
 the platform has such a layout (``ops.linear_packer``; ``EngineConfig.packed_weights``): the same products.
 Where the platform multiplies those on a matrix unit (``ops.linear_matrix_unit_dtypes``: AMX) every step the
 operator runs takes them, from one token up, and an MoE model's steps of every size (``half_step_tokens``).
-Without the operator (attention in R-workers, or ``fused_layers=False``) a small step runs the model's own
+Without the operator (``fused_layers=False``, or layers it does not cover) a small step runs the model's own
 modules with fp32 activations the same way (they multiply through the platform's ``linear``, which reads the
 half weights).
 The model is only read (its modules are called); it knows nothing of paging.
@@ -163,8 +166,11 @@ class ModelRunner:
         self.model = model
         model.fuse_projections()  # q/k/v and gate/up as one GEMM each
         self.backend = backend
-        # a back-end that computes attention in this process can run the model's layers as one operator
-        self.stack = layer_stack(model) if fused_layers and hasattr(backend, "run_layers") else None
+        # the model's layers as one operator where attention is computed in this process (the back-end runs it
+        # with the cache), else as the operator's halves around the back-end's attention
+        self.stack = layer_stack(model) if fused_layers else None
+        self.in_process_layers = hasattr(backend, "run_layers")
+        self.halves = kernel("decoder_layer_halves")
         if self.stack is not None and packed_weights and model.dtype is torch.float32:
             self.stack = dataclasses.replace(self.stack, packed_min_rows=PACKED_MIN_ROWS)
         # (stack, final norm weight) with fp32 activations for a half model's small steps (stack None: the
@@ -236,6 +242,7 @@ class ModelRunner:
         xs: dict[int, torch.Tensor] = {}
         rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         wide: dict[int, LayerStack | None] = {}  # micro-batches run with fp32 activations, and their stack
+        halves: dict[int, LayerStack] = {}  # micro-batches whose stack runs as its halves, around the R-part
         for i in live:
             st = mbs[i]
             self.backend.prepare(i, st)
@@ -248,16 +255,26 @@ class ModelRunner:
                 wide[i] = None  # the per-layer loop, its modules called with fp32 activations
                 xs[i] = xs[i].float()
             rope[i] = m.rotary.rows(st.positions_T, xs[i].dtype, st.max_position + 1)
-            if stack is not None:
+            if stack is not None and self.in_process_layers:
                 xs[i] = self.backend.run_layers(i, stack, xs[i], *rope[i])
+            elif stack is not None:
+                halves[i] = stack
+                xs[i], q, k, v = self.halves(xs[i], stack, None, None, 0, *rope[i])
+                self.backend.submit(0, i, q, k, v)
             else:
                 self._pre(0, i, xs[i], rope[i])
-        layers = self.layers if self.stack is None else []  # the operator ran them all above
+        layers = [] if self.stack is not None and self.in_process_layers else self.layers  # []: the operator ran them
         L = len(layers)
         for l, layer in enumerate(layers):
             for i in live:
                 x = xs[i]
                 o_THDh = self.backend.wait(l, i).to(x.dtype)
+                if i in halves:
+                    nxt = l + 1 if l + 1 < L else None
+                    xs[i], q, k, v = self.halves(x, halves[i], l, o_THDh, nxt, *rope[i])
+                    if nxt is not None:
+                        self.backend.submit(nxt, i, q, k, v)
+                    continue
                 o_proj = layer.self_attn.o_proj
                 x = x + self.linear(o_THDh.reshape(x.shape[0], self.H * self.Dh), o_proj.weight, o_proj.bias)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))

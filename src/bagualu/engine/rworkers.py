@@ -126,13 +126,11 @@ class RWorkerAttention:
     """The R-part over ``num_workers`` CPU processes, each owning one KV pool of ``spec.num_blocks`` blocks."""
 
     def __init__(self, spec: KVSpec, num_workers: int, *, heads: int, max_tokens: int, max_seqs: int,
-                 max_blocks_per_seq: int, micro_batches: int = 2, threads: int | None = None,
+                 max_blocks_per_seq: int, micro_batches: int = 2, threads: int = 1,
                  device: torch.device | str = "cpu", act_dtype: torch.dtype | None = None):
         self.spec = spec
         self.device = torch.device(device)
         self.num_pools = num_workers
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // (2 * num_workers))
         G, Dh, dt = spec.num_kv_heads, spec.head_dim, act_dtype or spec.dtype  # q/k/v/out in the S-part's dtype
         T, S, M = max_tokens, max_seqs, max_blocks_per_seq
         shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}

@@ -12,6 +12,8 @@ SwiGLU MLPs (Llama) or MoE blocks with a plain top-k router (Mixtral, Qwen2-MoE)
 The reference below composes the platform's own kernels (``kernel(op)`` for each step), so on any platform
 it computes what the engine's per-layer path computes; a platform may replace the whole stack with one
 native call (the CPU's: ``ops/decoder_layers_cpu.py``), which removes the interpreter from the layer loop.
+``decoder_layer_halves`` is the same stack with the attention left out, for attention computed elsewhere
+(the serving engine's R-workers): a layer's half after attention, then the next layer's half before it.
 
 Legend: T tokens, D model dim, H heads, G KV heads, Dh head dim, Dr rotated features, F MLP width,
 S sequences, M block-table columns.
@@ -96,36 +98,69 @@ class LayerStack:
     same; their sums run in another order. 0: never."""
 
 
+class _Kernels:
+    """The platform's kernels a layer's halves compose (the linear one with half operands where the stack asks)."""
+
+    def __init__(self, stack: LayerStack):
+        from bagualu.ops.registry import kernel  # the registry imports this module for its reference table
+
+        self.lin, self.rms, self.rope = kernel("linear"), kernel("rms_norm"), kernel("apply_rope")
+        self.silu_mul = kernel("silu_mul")
+        if stack.half_operands:
+            self.lin = functools.partial(self.lin, half_operands=True)
+
+
+def _pre_attention(kn: _Kernels, stack: LayerStack, layer: LayerWeights, x: torch.Tensor, cos, sin):
+    """q [T, H, Dh], k, v [T, G, Dh] of ``layer`` for ``x`` (``cos``/``sin`` ``[T, 1, Dr]``)."""
+    H, G, Dh = stack.num_heads, stack.num_kv_heads, stack.head_dim
+    T = x.shape[0]
+    qkv = kn.lin(kn.rms(x, layer.input_norm, stack.eps), layer.qkv_w, layer.qkv_b)
+    q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
+    q, k = kn.rope(q.view(T, H, 1, Dh), k.view(T, G, 1, Dh), cos, sin)
+    return q.squeeze(2), k.squeeze(2), v.view(T, G, Dh)
+
+
+def _post_attention(kn: _Kernels, stack: LayerStack, layer: LayerWeights, x: torch.Tensor, o_THDh: torch.Tensor):
+    """The new ``x`` after ``layer``'s output projection of the attention's ``o`` and its MLP or MoE block."""
+    x = x + kn.lin(o_THDh.reshape(x.shape[0], -1), layer.o_w, layer.o_b)
+    h = kn.rms(x, layer.post_norm, stack.eps)
+    if layer.moe is not None:
+        return x + moe_block(h, layer.moe, kn.lin)
+    gate, up = kn.lin(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+    return x + kn.lin(kn.silu_mul(gate, up), layer.down_w, layer.down_b)
+
+
 def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
                  block_tables_SM: torch.Tensor, context_lens_S: torch.Tensor, query_start_loc_S1: torch.Tensor,
                  slot_mapping_T: torch.Tensor) -> torch.Tensor:
     """Run every layer of ``stack`` on ``x [T, D]``; ``caches[l]`` is layer l's ``(k_cache, v_cache)``.
     Writes this step's keys and values into the caches and returns the new ``x``."""
-    from bagualu.ops.registry import kernel  # the registry imports this module for its reference table
+    from bagualu.ops.registry import kernel
 
-    lin, rms, rope, silu_mul = kernel("linear"), kernel("rms_norm"), kernel("apply_rope"), kernel("silu_mul")
+    kn = _Kernels(stack)
     write_kv, attend = kernel("write_kv"), kernel("paged_attention")
-    H, G, Dh = stack.num_heads, stack.num_kv_heads, stack.head_dim
-    T = x_TD.shape[0]
     cos, sin = cos_TDr.unsqueeze(1), sin_TDr.unsqueeze(1)
     x = x_TD
-    if stack.half_operands:
-        lin = functools.partial(lin, half_operands=True)
     for layer, (k_cache, v_cache) in zip(stack.layers, caches, strict=True):
-        qkv = lin(rms(x, layer.input_norm, stack.eps), layer.qkv_w, layer.qkv_b)
-        q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
-        q, k = rope(q.view(T, H, 1, Dh), k.view(T, G, 1, Dh), cos, sin)
-        q, k, v = q.squeeze(2), k.squeeze(2), v.view(T, G, Dh)
+        q, k, v = _pre_attention(kn, stack, layer, x, cos, sin)
         write_kv(k_cache, v_cache, k, v, slot_mapping_T)
         o = attend(q, k_cache, v_cache, block_tables_SM, context_lens_S, query_start_loc_S1, stack.scale, layer.window)
-        x = x + lin(o.reshape(T, H * Dh), layer.o_w, layer.o_b)
-        h = rms(x, layer.post_norm, stack.eps)
-        if layer.moe is not None:
-            x = x + moe_block(h, layer.moe, lin)
-        else:
-            gate, up = lin(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-            x = x + lin(silu_mul(gate, up), layer.down_w, layer.down_b)
+        x = _post_attention(kn, stack, layer, x, o)
     return x
+
+
+def decoder_layer_halves(x_TD: torch.Tensor, stack: LayerStack, post: int | None, o_THDh: torch.Tensor | None,
+                         pre: int | None, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor):
+    """The S-part of ``stack`` around attention computed elsewhere (FastDecode's R-workers), for one
+    micro-batch: layer ``post``'s half after attention on its output ``o [T, H, Dh]``, then layer ``pre``'s half
+    before attention (None: skip either). Returns ``(x, q, k, v)``: the new ``x [T, D]`` (which may be ``x_TD``
+    itself, updated in place) and layer ``pre``'s ``q [T, H, Dh]``, ``k``, ``v [T, G, Dh]`` (None without
+    ``pre``). ``decoder_layers`` is this with attention over a local cache in between."""
+    kn = _Kernels(stack)
+    x = x_TD if post is None else _post_attention(kn, stack, stack.layers[post], x_TD, o_THDh)
+    if pre is None:
+        return x, None, None, None
+    return (x, *_pre_attention(kn, stack, stack.layers[pre], x, cos_TDr.unsqueeze(1), sin_TDr.unsqueeze(1)))
 
 
 def moe_block(h_TD: torch.Tensor, m: MoEBlock, experts_linear=None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The CPU platform's ``decoder_layers``: the layer loop in C (``csrc/decoder_layers_cpu.cpp``), one call per step.
+"""The CPU platform's ``decoder_layers``: the layer loop in C (``csrc/decoder_layers_cpu.cpp``), one call per step;
+and its ``decoder_layer_halves`` (the same layers around attention computed elsewhere), one call per layer boundary.
 
 The C driver calls the kernels the per-layer path calls — ``linear_cpu``, ``decode_ops_cpu`` (RMSNorm, rope,
 KV write), ``paged_attention_cpu`` and ``elementwise_cpu`` (the SwiGLU activation) — through function pointers
@@ -27,6 +28,7 @@ import torch
 
 from bagualu.ops import decode_ops_cpu, elementwise_cpu, gemm_cpu, linear_cpu, native, paged_attention_cpu
 from bagualu.ops.decoder_layers import ROUTERS, LayerStack
+from bagualu.ops.decoder_layers import decoder_layer_halves as halves_reference
 from bagualu.ops.decoder_layers import decoder_layers as reference
 from bagualu.ops.threads import kernel_threads
 from bagualu.utils.logging import get_logger
@@ -76,6 +78,9 @@ class _Driver:
         self.run = lib.bgl_decoder_layers
         self.run.restype = ctypes.c_int
         self.run.argtypes = [_p, _p, _i, _p, _p, _p, _p, _p]
+        self.halves = lib.bgl_decoder_layer_halves
+        self.halves.restype = None
+        self.halves.argtypes = [_p, _p, _p, _p, _p, _p, _i, _p, _i, _p, _p, _p]
         self.kernels = kernels
         # steps of up to this many tokens with fp32 weights: as many as with bf16 ones where the linear kernel
         # hands its many-row calls to the grouped GEMM (measured on a Zen 5, ~110M Llama fp32 decode, ms per
@@ -110,13 +115,14 @@ def _vec(t: torch.Tensor | None, n: int) -> bool:
 
 def _table(stack: LayerStack, caches) -> tuple | None:
     """(layer array, dims, weight dtype, scratch floats per token, the MoE structures the layer array points
-    into) for ``stack`` over ``caches``, built once per set of caches; None if not covered."""
-    key = tuple((k.data_ptr(), v.data_ptr()) for k, v in caches)
-    hit = stack.native.get("cpu")
+    into) for ``stack`` over ``caches``, built once per set of caches; None if not covered. ``caches`` None:
+    the layers without their attention (``decoder_layer_halves``)."""
+    key = None if caches is None else tuple((k.data_ptr(), v.data_ptr()) for k, v in caches)
+    hit = stack.native.get("cpu" if caches is not None else "cpu-halves")
     if hit is not None and hit[0] == key:
         return hit[1]
     table = _build(stack, caches)
-    stack.native["cpu"] = (key, table)
+    stack.native["cpu" if caches is not None else "cpu-halves"] = (key, table)
     return table
 
 
@@ -148,7 +154,7 @@ def _moe(m, wdt, D) -> tuple[_MoE, int] | None:
 
 
 def _build(stack: LayerStack, caches) -> tuple | None:
-    if not stack.layers or len(caches) != len(stack.layers):
+    if not stack.layers or (caches is not None and len(caches) != len(stack.layers)):
         return None
     H, G, Dh = stack.num_heads, stack.num_kv_heads, stack.head_dim
     first = stack.layers[0]
@@ -156,6 +162,9 @@ def _build(stack: LayerStack, caches) -> tuple | None:
     mlps = [ly for ly in stack.layers if ly.moe is None]
     F = mlps[0].down_w.shape[1] if mlps and mlps[0].down_w is not None and mlps[0].down_w.dim() == 2 else 0
     wdt = first.qkv_w.dtype
+    if caches is None:  # no attention here: the layers' weights alone
+        k0 = torch.empty(0, G, 1, Dh)
+        caches = [(k0, k0)] * len(stack.layers)
     k0 = caches[0][0]
     if wdt not in _W_DTYPES or k0.dtype not in (torch.float32, torch.bfloat16) or k0.dim() != 4 or H % G:
         return None
@@ -262,6 +271,36 @@ def _packed_layers(stack: LayerStack, rows: list, code: int, moes: list) -> tupl
     return (_Layer * len(out))(*out), keep, dataclasses.replace(stack, layers=tuple(ref_layers), native={})
 
 
+def _rows_ok(x_TD: torch.Tensor, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor, dims: _Dims) -> bool:
+    """The step's hidden states and rotary rows are what the C driver takes."""
+    T, Dr = x_TD.shape[0] if x_TD.dim() == 2 else -1, cos_TDr.shape[-1]
+    return (T >= 1 and x_TD.dtype is torch.float32 and x_TD.is_cpu and x_TD.shape[1] == dims.D
+            and all(c.dtype is torch.float32 and c.is_cpu and c.is_contiguous() and c.shape == (T, Dr)
+                    for c in (cos_TDr, sin_TDr))
+            and 0 < Dr <= dims.Dh and Dr % 2 == 0)
+
+
+def _native_rows(drv: _Driver, wdt: torch.dtype) -> int:
+    return linear_cpu.MAX_ROWS_BF16 if wdt is torch.bfloat16 else drv.max_rows_fp32
+
+
+def _scratch(T: int, sizes) -> tuple[torch.Tensor, _Scratch]:
+    """One fp32 buffer carved into the driver's scratch regions for ``T`` tokens (64-byte aligned)."""
+    spans = [-(-T * n // 16) * 16 for n in sizes]
+    buf = torch.empty(sum(spans), dtype=torch.float32)
+    ptrs, off = [], buf.data_ptr()
+    for n in spans:
+        ptrs.append(off)
+        off += n * 4
+    return buf, _Scratch(*ptrs)
+
+
+def _step_dims(dims: _Dims, Dr: int) -> _Dims:
+    dims = _Dims.from_buffer_copy(dims)  # the stack's copy stays as built
+    dims.Dr, dims.threads = Dr, kernel_threads()
+    return dims
+
+
 def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
                  block_tables_SM: torch.Tensor, context_lens_S: torch.Tensor, query_start_loc_S1: torch.Tensor,
                  slot_mapping_T: torch.Tensor) -> torch.Tensor:
@@ -279,38 +318,64 @@ def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch
     if packed_step:
         layers = packed[0]
     S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
-    Dr = cos_TDr.shape[-1]
-    ok = (T >= 1 and x_TD.dtype is torch.float32 and x_TD.is_cpu and x_TD.shape[1] == dims.D
-          and all(c.dtype is torch.float32 and c.is_cpu and c.is_contiguous() and c.shape == (T, Dr)
-                  for c in (cos_TDr, sin_TDr))
-          and 0 < Dr <= dims.Dh and Dr % 2 == 0
+    ok = (_rows_ok(x_TD, cos_TDr, sin_TDr, dims)
           and slot_mapping_T.dtype is torch.int64 and slot_mapping_T.shape == (T,) and slot_mapping_T.is_cpu
           and all(t.dtype is torch.int32 and t.is_cpu for t in (block_tables_SM, context_lens_S, query_start_loc_S1))
           and block_tables_SM.dim() == 2 and block_tables_SM.shape[0] == S and query_start_loc_S1.shape == (S + 1,))
     if not ok:
         return reference(*args)
-    if T > (linear_cpu.MAX_ROWS_BF16 if wdt is torch.bfloat16 else drv.max_rows_fp32):
+    if T > _native_rows(drv, wdt):
         # above the operator's row limit the reference composes the same kernels per layer, multiplying by
         # the packed projections where they exist (fp32 at 2048 rows, 2 threads, Zen 5: ~450 GFLOP/s
         # against the grouped GEMM's ~395)
         return reference(x_TD, packed[2], *args[2:]) if packed_step else reference(*args)
-    dims = _Dims.from_buffer_copy(dims)  # the stack's copy stays as built
-    dims.Dr, dims.threads = Dr, kernel_threads()
-    spans = [-(-T * n // 16) * 16 for n in sizes]  # 64-byte aligned regions
-    scratch = torch.empty(sum(spans), dtype=torch.float32)
-    ptrs, off = [], scratch.data_ptr()
-    for n in spans:
-        ptrs.append(off)
-        off += n * 4
+    dims = _step_dims(dims, cos_TDr.shape[-1])
+    _buf, scratch = _scratch(T, sizes)  # _buf: alive until the call returns
     x = x_TD.contiguous().clone()
     bt, cl, qsl, slots = (t.contiguous() for t in (block_tables_SM, context_lens_S, query_start_loc_S1, slot_mapping_T))
     step = _Step(T, S, bt.shape[1], cos_TDr.data_ptr(), sin_TDr.data_ptr(), slots.data_ptr(), bt.data_ptr(),
                  cl.data_ptr(), qsl.data_ptr())
     err = (_i * 4)()
     code = drv.run(ctypes.byref(drv.kernels), layers, len(layers), ctypes.byref(dims), ctypes.byref(step),
-                   ctypes.byref(_Scratch(*ptrs)), x.data_ptr(), err)
+                   ctypes.byref(scratch), x.data_ptr(), err)
     if code == 1:
         raise decode_ops_cpu.slot_error(err[0], err[1], dims.N * dims.Bs)
     if code:
         raise ValueError(paged_attention_cpu.index_error_message(code - 10, list(err)[:3], T, bt.shape[1], dims.N))
     return x
+
+
+def decoder_layer_halves(x_TD: torch.Tensor, stack: LayerStack, post: int | None, o_THDh: torch.Tensor | None,
+                         pre: int | None, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor):
+    """``ops.decoder_layers.decoder_layer_halves`` in one C call where covered (as ``decoder_layers``, without
+    the caches); ``x_TD`` is then updated in place when it is contiguous."""
+    args = (x_TD, stack, post, o_THDh, pre, cos_TDr, sin_TDr)
+    drv = driver() if torch.is_inference_mode_enabled() else None
+    table = _table(stack, None) if drv is not None else None
+    if table is None:
+        return halves_reference(*args)
+    layers, dims, wdt, sizes, _, packed = table
+    T = x_TD.shape[0] if x_TD.dim() == 2 else -1
+    packed_step = packed is not None and T >= stack.packed_min_rows
+    L = len(layers)
+    ok = (_rows_ok(x_TD, cos_TDr, sin_TDr, dims) and (post is not None or pre is not None)
+          and (post is None or (0 <= post < L and o_THDh is not None and o_THDh.dtype is torch.float32
+                                and o_THDh.is_cpu and o_THDh.numel() == T * dims.H * dims.Dh))
+          and (pre is None or 0 <= pre < L))
+    if not ok:
+        return halves_reference(*args)
+    if T > _native_rows(drv, wdt):  # as decoder_layers: the reference on the packed projections where they exist
+        return halves_reference(x_TD, packed[2], *args[2:]) if packed_step else halves_reference(*args)
+    if packed_step:
+        layers = packed[0]
+    dims = _step_dims(dims, cos_TDr.shape[-1])
+    _buf, scratch = _scratch(T, sizes)  # _buf: alive until the call returns
+    x = x_TD if x_TD.is_contiguous() else x_TD.contiguous()
+    o = None if post is None else o_THDh.contiguous()
+    H, G, Dh = dims.H, dims.G, dims.Dh
+    q, k, v = ((torch.empty(T, n, Dh) for n in (H, G, G)) if pre is not None else (None,) * 3)
+    step = _Step(T, 0, 0, cos_TDr.data_ptr(), sin_TDr.data_ptr(), None, None, None, None)
+    drv.halves(ctypes.byref(drv.kernels), layers, ctypes.byref(dims), ctypes.byref(step), ctypes.byref(scratch),
+               x.data_ptr(), -1 if post is None else post, None if o is None else o.data_ptr(),
+               -1 if pre is None else pre, *(None if t is None else t.data_ptr() for t in (q, k, v)))
+    return x, q, k, v

@@ -35,6 +35,7 @@ _REFERENCE: dict[str, Callable] = {
     "write_kv": paged_kv.write_kv,
     "paged_attention": paged_kv.paged_attention,
     "decoder_layers": decoder_layers.decoder_layers,
+    "decoder_layer_halves": decoder_layers.decoder_layer_halves,
     "argmax_rows": reference.argmax_rows,
 }
 

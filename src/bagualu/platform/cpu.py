@@ -82,6 +82,7 @@ class CpuPlatform(Platform):
         "write_kv": "bagualu.ops.decode_ops_cpu:write_kv",
         "argmax_rows": "bagualu.ops.decode_ops_cpu:argmax_rows",
         "decoder_layers": "bagualu.ops.decoder_layers_cpu:decoder_layers",
+        "decoder_layer_halves": "bagualu.ops.decoder_layers_cpu:decoder_layer_halves",
         "compiler_codegen": "bagualu.compiler.codegen.cpu:CppCodegen",
     }
 

@@ -18,6 +18,10 @@
 //   order; plus an optional shared SwiGLU MLP, optionally scaled by sigmoid(h @ wsg).
 // The products and sums round as in the Python path; the SwiGLU activation is the platform's silu_mul
 // kernel (elementwise_cpu.cpp), the one the Python path calls.
+//
+// bgl_decoder_layer_halves runs the same two halves of a layer (pre_attention, post_attention) around
+// attention computed elsewhere: FastDecode's R-workers, which own the KV cache. One call per layer boundary
+// of a micro-batch: post(l) then pre(l + 1).
 
 #include <cmath>
 #include <cstdint>
@@ -221,6 +225,38 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
   }
 }
 
+// The pre-attention half of layer ly: h = rms_norm(x); qkv = h @ Wqkv^T (+b); q, k = rope(q, k) into q_out
+// [T, H, Dh] and k_out [T, G, Dh] (v stays in sc->qkv, columns (H + G) Dh.., row stride Q).
+void pre_attention(const BglKernels* kn, const BglLayerWeights& ly, const BglDims* d, const BglStep* st,
+                   const BglScratch* sc, const float* x, float* q_out, float* k_out) {
+  const int64_t T = st->T, D = d->D, H = d->H, G = d->G, Dh = d->Dh, Q = (H + 2 * G) * Dh;
+  kn->rms_norm(x, D, ly.ln1, sc->h, T, D, (float)d->eps);
+  kn->linear(sc->h, D, ly.qkv_w, (int)ly.w_dtype, ly.qkv_b, sc->qkv, Q, T, Q, D, (int)d->threads, d->min_work,
+             d->chunk_work);
+  // q [T, H, 1, Dh] and k [T, G, 1, Dh] as strided views of qkv; cos/sin [T, 1, Dr]
+  kn->rope(sc->qkv, H, Q, Dh, Dh, sc->qkv + H * Dh, G, Q, Dh, Dh, T, 1, Dh, st->cos, st->sin, d->Dr, d->Dr, d->Dr,
+           q_out, k_out);
+}
+
+// The post-attention half of layer ly, on the attention's output o [T, H Dh]: x += o @ Wo^T (+b);
+// h = rms_norm(x); x += the MLP or MoE block of h.
+void post_attention(const BglKernels* kn, const BglLayerWeights& ly, const BglDims* d, const BglStep* st,
+                    const BglScratch* sc, const float* o, float* x) {
+  const int64_t T = st->T, D = d->D, HD = d->H * d->Dh, F = d->F;
+  const int th = (int)d->threads, wd = (int)ly.w_dtype;
+  kn->linear(o, HD, ly.o_w, wd, ly.o_b, sc->y, D, T, D, HD, th, d->min_work, d->chunk_work);
+  for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
+  kn->rms_norm(x, D, ly.ln2, sc->h, T, D, (float)d->eps);
+  if (ly.moe) {
+    moe_block(kn, *ly.moe, wd, wd == 0 || wd == 4 ? 4 : 2, d, T, sc, sc->y);  // codes 0, 4: fp32 elements
+  } else {
+    kn->linear(sc->h, D, ly.gu_w, wd, ly.gu_b, sc->gu, 2 * F, T, 2 * F, D, th, d->min_work, d->chunk_work);
+    for (int64_t t = 0; t < T; ++t) kn->silu_mul(sc->gu + t * 2 * F, sc->gu + t * 2 * F + F, sc->a + t * F, F, 0, 1);
+    kn->linear(sc->a, F, ly.down_w, wd, ly.down_b, sc->y, D, T, D, F, th, d->min_work, d->chunk_work);
+  }
+  for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
+}
+
 }  // namespace
 
 // Returns 0; or, with nothing of that layer's attention computed: 1 when a slot lies outside the cache
@@ -228,38 +264,37 @@ void moe_block(const BglKernels* kn, const BglMoE& m, int wd, int64_t esz, const
 // reports). err[3] is the layer.
 int bgl_decoder_layers(const BglKernels* kn, const BglLayerWeights* layers, int64_t L, const BglDims* d,
                      const BglStep* st, const BglScratch* sc, float* x, int64_t* err) {
-  const int64_t T = st->T, D = d->D, H = d->H, G = d->G, Dh = d->Dh, F = d->F;
+  const int64_t T = st->T, H = d->H, G = d->G, Dh = d->Dh;
   const int64_t Q = (H + 2 * G) * Dh;
-  const int th = (int)d->threads;
   for (int64_t l = 0; l < L; ++l) {
     const BglLayerWeights& ly = layers[l];
-    const int wd = (int)ly.w_dtype;
     err[3] = l;
-    kn->rms_norm(x, D, ly.ln1, sc->h, T, D, (float)d->eps);
-    kn->linear(sc->h, D, ly.qkv_w, wd, ly.qkv_b, sc->qkv, Q, T, Q, D, th, d->min_work, d->chunk_work);
-    // q [T, H, 1, Dh] and k [T, G, 1, Dh] as strided views of qkv; cos/sin [T, 1, Dr]
-    kn->rope(sc->qkv, H, Q, Dh, Dh, sc->qkv + H * Dh, G, Q, Dh, Dh, T, 1, Dh, st->cos, st->sin, d->Dr, d->Dr,
-             d->Dr, sc->q, sc->k);
+    pre_attention(kn, ly, d, st, sc, x, sc->q, sc->k);
     if (kn->write_kv(sc->k, G * Dh, Dh, sc->qkv + (H + G) * Dh, Q, Dh, ly.k_cache, ly.v_cache, (int)d->kv_bf16,
                      st->slots, T, G, Dh, d->N, d->Bs, err))
       return 1;
     if (const int c = kn->attention(sc->q, ly.k_cache, ly.v_cache, sc->o, 0, (int)d->kv_bf16, H * Dh, H * Dh, T,
                                     st->S, H, G, Dh, d->N, d->Bs, st->M, st->block_tables, st->context_lens,
-                                    st->qsl, (float)d->scale, ly.window, th, err))
+                                    st->qsl, (float)d->scale, ly.window, (int)d->threads, err))
       return 10 + c;
-    kn->linear(sc->o, H * Dh, ly.o_w, wd, ly.o_b, sc->y, D, T, D, H * Dh, th, d->min_work, d->chunk_work);
-    for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
-    kn->rms_norm(x, D, ly.ln2, sc->h, T, D, (float)d->eps);
-    if (ly.moe) {
-      moe_block(kn, *ly.moe, wd, wd == 0 || wd == 4 ? 4 : 2, d, T, sc, sc->y);  // codes 0, 4: fp32 elements
-    } else {
-      kn->linear(sc->h, D, ly.gu_w, wd, ly.gu_b, sc->gu, 2 * F, T, 2 * F, D, th, d->min_work, d->chunk_work);
-      for (int64_t t = 0; t < T; ++t) kn->silu_mul(sc->gu + t * 2 * F, sc->gu + t * 2 * F + F, sc->a + t * F, F, 0, 1);
-      kn->linear(sc->a, F, ly.down_w, wd, ly.down_b, sc->y, D, T, D, F, th, d->min_work, d->chunk_work);
-    }
-    for (int64_t i = 0; i < T * D; ++i) x[i] = x[i] + sc->y[i];
+    post_attention(kn, ly, d, st, sc, sc->o, x);
   }
   return 0;
+}
+
+// The S-part around attention computed elsewhere (FastDecode's R-workers), for one micro-batch: the
+// post-attention half of layer `post` on o [T, H Dh] (x updated in place), then the pre-attention half of
+// layer `pre` into q [T, H, Dh], k and v [T, G, Dh]. A negative index skips that half. Only st->T, cos and
+// sin of the step are read.
+void bgl_decoder_layer_halves(const BglKernels* kn, const BglLayerWeights* layers, const BglDims* d,
+                              const BglStep* st, const BglScratch* sc, float* x, int64_t post, const float* o,
+                              int64_t pre, float* q, float* k, float* v) {
+  if (post >= 0) post_attention(kn, layers[post], d, st, sc, o, x);
+  if (pre < 0) return;
+  pre_attention(kn, layers[pre], d, st, sc, x, q, k);
+  const int64_t T = st->T, H = d->H, G = d->G, Dh = d->Dh, Q = (H + 2 * G) * Dh;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < G * Dh; ++c) v[t * G * Dh + c] = sc->qkv[t * Q + (H + G) * Dh + c];
 }
 
 }  // extern "C"
