@@ -301,20 +301,26 @@ def _step_dims(dims: _Dims, Dr: int) -> _Dims:
     return dims
 
 
+def _native(stack: LayerStack, caches, x_TD: torch.Tensor) -> tuple | None:
+    """(driver, the stack's table, T, whether this step takes the packed layers), in inference mode where the
+    driver builds and the stack is covered; else None (the reference)."""
+    drv = driver() if torch.is_inference_mode_enabled() else None
+    table = _table(stack, caches) if drv is not None else None
+    if table is None:
+        return None
+    T = x_TD.shape[0] if x_TD.dim() == 2 else -1
+    return drv, table, T, table[-1] is not None and T >= stack.packed_min_rows
+
+
 def decoder_layers(x_TD: torch.Tensor, stack: LayerStack, caches, cos_TDr: torch.Tensor, sin_TDr: torch.Tensor,
                  block_tables_SM: torch.Tensor, context_lens_S: torch.Tensor, query_start_loc_S1: torch.Tensor,
                  slot_mapping_T: torch.Tensor) -> torch.Tensor:
     """``ops.decoder_layers.decoder_layers`` in one C call where covered (see the module docstring)."""
     args = (x_TD, stack, caches, cos_TDr, sin_TDr, block_tables_SM, context_lens_S, query_start_loc_S1, slot_mapping_T)
-    if not torch.is_inference_mode_enabled():
+    got = _native(stack, caches, x_TD)
+    if got is None:
         return reference(*args)
-    drv = driver()
-    table = _table(stack, caches) if drv is not None else None
-    if table is None:
-        return reference(*args)
-    layers, dims, wdt, sizes, _, packed = table
-    T = x_TD.shape[0] if x_TD.dim() == 2 else -1
-    packed_step = packed is not None and T >= stack.packed_min_rows
+    drv, (layers, dims, wdt, sizes, _, packed), T, packed_step = got
     if packed_step:
         layers = packed[0]
     S = context_lens_S.shape[0] if context_lens_S.dim() == 1 else -1
@@ -350,13 +356,10 @@ def decoder_layer_halves(x_TD: torch.Tensor, stack: LayerStack, post: int | None
     """``ops.decoder_layers.decoder_layer_halves`` in one C call where covered (as ``decoder_layers``, without
     the caches); ``x_TD`` is then updated in place when it is contiguous."""
     args = (x_TD, stack, post, o_THDh, pre, cos_TDr, sin_TDr)
-    drv = driver() if torch.is_inference_mode_enabled() else None
-    table = _table(stack, None) if drv is not None else None
-    if table is None:
+    got = _native(stack, None, x_TD)
+    if got is None:
         return halves_reference(*args)
-    layers, dims, wdt, sizes, _, packed = table
-    T = x_TD.shape[0] if x_TD.dim() == 2 else -1
-    packed_step = packed is not None and T >= stack.packed_min_rows
+    drv, (layers, dims, wdt, sizes, _, packed), T, packed_step = got
     L = len(layers)
     ok = (_rows_ok(x_TD, cos_TDr, sin_TDr, dims) and (post is not None or pre is not None)
           and (post is None or (0 <= post < L and o_THDh is not None and o_THDh.dtype is torch.float32
