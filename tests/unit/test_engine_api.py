@@ -150,6 +150,20 @@ def test_r_worker_defaults_follow_where_the_s_part_runs():
     assert (cfg.num_micro_batches(True), cfg.r_worker_thread_count(True, 16)) == (2, 3)
 
 
+def test_r_workers_take_the_cores_this_process_may_use(llm, monkeypatch):
+    """The workers' default thread count follows the process's affinity mask (a container's share), not the
+    host's core count: here the S-part is on the CPU, so one worker takes all of them."""
+    import os
+
+    path = llm.engine.model.source_dir
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    for cores in ({0}, {0, 1, 2}):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(cores))
+        eng = bagualu.LLM(str(path), r_workers=1, num_kv_blocks=16)
+        assert (eng.engine.backend.threads, eng.engine.num_micro_batches) == (len(cores), 1)
+        eng.close()
+
+
 def test_half_precision_models_keep_a_half_kv_cache(llm):
     from bagualu.moe.experts import gemm_via_fp32
 

@@ -48,8 +48,8 @@ class EngineConfig:
     r_workers: int = 0
     """0 = the R-part runs in-process on the device; N > 0 = N CPU worker processes own the KV cache."""
     r_worker_threads: int | None = None
-    """Threads per R-worker (None: an even share of the CPU cores, of half of them where the S-part runs on an
-    accelerator and its driver needs the rest)."""
+    """Threads per R-worker (None: an even share of the cores this process may run on, its affinity mask; of half
+    of them where the S-part runs on an accelerator and its driver needs the rest)."""
     micro_batches: int | None = None
     """Micro-batches per step (None: 2 with R-workers and the S-part on an accelerator, so S and R overlap; else
     1: where the S-part runs on the CPU too the two parts share its cores and memory bandwidth, and a second

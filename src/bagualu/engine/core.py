@@ -167,6 +167,15 @@ def _score_prompt(logits_QV: torch.Tensor, spans) -> None:
         q += c
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or ``taskset``'s share), not the
+    host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class EngineCore:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.config = cfg = config or EngineConfig()
@@ -187,7 +196,7 @@ class EngineCore:
             self.backend = RWorkerAttention(
                 self.kv_spec, cfg.r_workers, heads=mc.num_heads, max_tokens=cfg.max_num_batched_tokens,
                 max_seqs=cfg.max_num_seqs, max_blocks_per_seq=-(-self.max_model_len // cfg.block_size),
-                micro_batches=self.num_micro_batches, threads=cfg.r_worker_thread_count(s_on_cpu, os.cpu_count() or 1),
+                micro_batches=self.num_micro_batches, threads=cfg.r_worker_thread_count(s_on_cpu, _usable_cores()),
                 device=model.device,
                 # fp32 q/k/v/out where a half model's small steps run with fp32 activations (exact either way)
                 act_dtype=torch.float32 if fp32_activation_steps(model, fp32_rows) else model.dtype)

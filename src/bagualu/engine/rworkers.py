@@ -131,6 +131,7 @@ class RWorkerAttention:
         self.spec = spec
         self.device = torch.device(device)
         self.num_pools = num_workers
+        self.threads = threads  # per worker
         G, Dh, dt = spec.num_kv_heads, spec.head_dim, act_dtype or spec.dtype  # q/k/v/out in the S-part's dtype
         T, S, M = max_tokens, max_seqs, max_blocks_per_seq
         shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
