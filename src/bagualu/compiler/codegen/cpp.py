@@ -172,6 +172,7 @@ class _KernelWriter(TopkEmitter):
         if tiles:
             self.emit_tiles(gnames)
         else:
+            self.declare_topk_blocks()
             if par:
                 chunk = f", {self.m.row_block}" if self.m.row_block else ""
                 self.w(f"#pragma omp for schedule(static{chunk})")

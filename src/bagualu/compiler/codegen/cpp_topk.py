@@ -1,9 +1,12 @@
 """Row top-k for the C code generator's kernel writer (``cpp._KernelWriter`` mixes this in).
 
-The row's values go to a local buffer in one vectorised loop — or, when they are an fp32 input's contiguous
-row, are read where they lie; small k on fp32 (MoE routers: 6 of 64) then runs
-``pf_topk8_f32`` from the prelude, anything else (or a row holding a NaN) one exact insertion pass.
-Results are sorted, ties go to the lower index and NaN counts as largest, as in ATen.
+Where the row is an fp32 or bf16 input's contiguous row at a constant stride from one row to the next
+(MoE routers: 6 of 64 logits), AVX-512 CPUs take the top-k of 16 rows at once, a row per lane
+(``pf_topk_rows16``), when the first of them comes up; each row then copies its slots. Otherwise the row's
+values go to a local buffer in one vectorised loop — or, when they are an fp32 input's contiguous row, are
+read where they lie; small k on fp32 then runs ``pf_topk8_f32`` from the prelude, anything else (or a row
+holding a NaN) one exact insertion pass. Results are sorted, ties go to the lower index and NaN counts as
+largest, as in ATen.
 """
 
 from __future__ import annotations
@@ -15,15 +18,55 @@ from bagualu.compiler.ir import Value
 
 
 class TopkEmitter:
-    """Needs the writer's ``k``, ``m``, ``w``, ``ind``, ``spans``, ``mat_done``, ``uses_err``, ``ensure_row``,
+    """Needs the writer's ``k``, ``m``, ``w``, ``ind``, ``spans``, ``passes``, ``mat_done``, ``uses_err``, ``ensure_row``,
     ``define`` and ``leaf``."""
 
     BOUNDED_MAX_K = 8  # pf_topk8_f32 (a lane-maxima bound, then few candidates) handles k up to 8
+    ROWS = 16  # pf_topk_rows16: a row per AVX-512 lane
+
+    def row_block(self, p: sch.Pass) -> tuple[str, int, bool] | None:
+        """(the first row's pointer, the row stride in elements, bf16) where ``p``'s top-k can run 16 rows at a
+        time: largest k <= 8 of a plain fp32 or bf16 load, contiguous and in bounds along the row, whose row
+        start is affine in the kernel's one outer variable (then that variable is the row loop's ``p``)."""
+        it = p.items[0]
+        t = it.obj
+        k, (var,) = t.attrs["k"], t.attrs["space"].vars
+        v = it.value
+        if (k > self.BOUNDED_MAX_K or not t.attrs["largest"] or CT[t.dtype] != "float" or len(self.k.outer) != 1
+                or self.m.parallel == "tiles" or v.op != "load" or v.args
+                or v.attrs["storage"] not in ("f32", "bf16")):
+            return None
+        e, kb = v.attrs["expr"], v.attrs["buf"]
+        if e.coeff(var) != 1 or not e.linear_in(var) or sch.may_leave(e, self.spans[kb]):
+            return None
+        row, o = e.subs({var: ix.const(0)}), self.k.outer[0]
+        bf16 = v.attrs["storage"] == "bf16"
+        stride = row.coeff(o)
+        if row.atoms() - {o} or not row.linear_in(o) or not 0 <= stride * self.ROWS * 4 < 2**31 \
+                or (bf16 and (var.size % 2 or var.size > 65536)):
+            return None
+        return f"in{kb} + ({c_expr(row, {})})", stride, bf16
+
+    def declare_topk_blocks(self) -> None:
+        """Each row-blocked top-k's slots for 16 rows and the first row they hold, per thread (before the row
+        loop; a thread's first row, wherever its share starts, computes a block)."""
+        blocked = [p for p in self.passes if p.items[0].kind == "topk" and self.row_block(p)]
+        if not blocked:
+            return
+        self.w("#ifdef __AVX512F__")
+        for p in blocked:
+            i, k = p.items[0].obj.id, p.items[0].obj.attrs["k"]
+            self.w(f"int64_t tbr{i} = INT64_MIN; uint32_t tbn{i} = 0;")
+            self.w(f"float tbv{i}[{self.ROWS * k}] __attribute__((aligned(64))); "
+                   f"int64_t tbi{i}[{self.ROWS * k}] __attribute__((aligned(64)));")
+        self.w("#endif")
 
     def emit_topk(self, p: sch.Pass, names: dict[int, str]) -> None:
         """Row top-k into local buffers, sorted, ties to the lower index, NaN largest (as ATen).
 
-        The row's values go to a local buffer in one vectorised loop (negated for smallest-k). Small k
+        Row-blocked (``row_block``) on AVX-512: the row's slots come from its block's, computed when the
+        block's first row comes up; a row holding a NaN takes the path below. Otherwise the row's values go
+        to a local buffer in one vectorised loop (negated for smallest-k). Small k
         on fp32 (MoE routers: 6 of 64): ``pf_topk8_f32`` bounds the k-th value by the lane-wise maxima
         and insertion-sorts the few candidates above the bound. Otherwise, or for a row holding a NaN:
         one insertion pass over the row (branchy, exact in every case).
@@ -40,12 +83,35 @@ class TopkEmitter:
         bounded = k <= self.BOUNDED_MAX_K and n >= 8 and T == "float"
         neg = bounded and not largest
         self.w(f"{T} {lv_.name}[{k}]; int64_t {li.name}[{k}];")
+        blk = self.row_block(p)
+        if blk is not None:  # this row's slots from its block of 16; a row holding a NaN goes on below
+            first, stride, bf16 = blk
+            i, R = t.id, self.ROWS
+            self.w("#ifdef __AVX512F__")
+            self.w(f"if (p < tbr{i} || p >= tbr{i} + {R}) {{ tbr{i} = p; tbn{i} = pf_topk_rows16({first}, {stride}, "
+                   f"{int(bf16)}, {self.k.rows} - p < {R} ? {self.k.rows} - p : {R}, {n}, {k}, tbv{i}, tbi{i}); }}")
+            self.w(f"if (!((tbn{i} >> (p - tbr{i})) & 1u)) {{")
+            self.w(f"  for (int64_t j = 0; j < {k}; ++j) {{ {lv_.name}[j] = tbv{i}[{R} * j + p - tbr{i}]; "
+                   f"{li.name}[j] = tbi{i}[{R} * j + p - tbr{i}]; }}")
+            self.w("} else")
+            self.w("#endif")
+            self.w("{")
+            self.ind += 1
+        self._emit_topk_row(t, it, var, n, k, T, bounded, largest, neg, names)
+        if blk is not None:
+            self.ind -= 1
+            self.w("}")
+        names[t.id] = lv_.name
+
+    def _emit_topk_row(self, t: Value, it: sch.Item, var, n: int, k: int, T: str, bounded: bool, largest: bool,
+                       neg: bool, names: dict[int, str]) -> None:
+        """The row-at-a-time top-k into the slots ``emit_topk`` declared."""
+        lv_, sp = t.attrs["vals"], t.attrs["space"]
         buf = f"tb{t.id}"
         row = self._contiguous_row(it.value, var) if bounded and not neg else None
         if row is not None:  # the row as it lies in the input, no copy
             self.w(f"const float* __restrict {buf} = {row};")
             self.emit_topk_select(t, buf, n, k, largest, T, bounded, nan_first=True)
-            names[t.id] = lv_.name
             return
         self.w(f"{T} {buf}[{n}] __attribute__((aligned(64)));")
         self.w("#pragma omp simd" + (" reduction(|:err)" if self.uses_err else ""))
@@ -65,7 +131,6 @@ class TopkEmitter:
         self.emit_topk_select(t, buf, n, k, largest or neg, T, bounded, nan_first=not neg)
         if neg:
             self.w(f"for (int64_t j = 0; j < {k}; ++j) {lv_.name}[j] = -{lv_.name}[j];")
-        names[t.id] = lv_.name
 
     def emit_topk_select(self, t: Value, buf: str, n: int, k: int, largest: bool, T: str, bounded: bool,
                          nan_first: bool) -> None:
